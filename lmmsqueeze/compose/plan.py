@@ -1,0 +1,212 @@
+"""The compiler: a pipeline spec + a model geometry -> a validated :class:`Plan`.
+
+Every refusal is a :class:`~lmmsqueeze.errors.PipelineError` whose one-line message names the
+stage, the bad value, the valid range and the fix. No tensors are touched here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import PipelineError
+from ..reducers.base import Grids, Reducer
+from ..reducers.registry import build_reducer, reducer_params
+from .geometry import ModelGeometry, geometry_from_config, preset
+from .spec import PipelineSpec, StageSpec, parse_pipeline
+
+PLACEMENT_ORDER = {"vision": 0, "projector": 1, "llm": 2}
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """One validated stage with its resolved placement and token counts."""
+
+    position: int  # 1-based position in the pipeline
+    reducer: Reducer
+    spec: StageSpec  # canonical: every parameter, sorted, defaults filled
+    placement: str  # vision | projector | llm
+    layer: int | None  # decoder layer for llm placement
+    tokens_in: int  # per image (vision/projector) or per single-image sample (llm)
+    tokens_out: int
+    grids_in: Grids
+    grids_out: Grids
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def label(self) -> str:
+        where = f"llm@{self.layer}" if self.placement == "llm" else self.placement
+        return f"{self.spec.format()} [{where}]"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A compiled pipeline: stages in execution order and the image tokens entering every layer."""
+
+    spec: PipelineSpec
+    stages: tuple[PlannedStage, ...]
+    geometry: ModelGeometry
+
+    @property
+    def canonical(self) -> str:
+        """The pipeline's identity: every parameter filled in, keys sorted."""
+        return self.spec.format()
+
+    @property
+    def is_vanilla(self) -> bool:
+        return not self.stages
+
+    def at(self, placement: str) -> list[PlannedStage]:
+        return [s for s in self.stages if s.placement == placement]
+
+    @property
+    def llm_image_tokens(self) -> int:
+        """Image tokens (per single-image sample) that enter decoder layer 0."""
+        pre = [s for s in self.stages if s.placement != "llm"]
+        return pre[-1].tokens_out if pre else self.geometry.image_tokens
+
+    def tokens_per_layer(self) -> list[int]:
+        """Image tokens entering each decoder layer, for a single-image sample."""
+        counts, current = [], self.llm_image_tokens
+        llm = {s.layer: s for s in self.at("llm")}
+        for layer in range(self.geometry.num_layers):
+            if layer in llm:
+                current = llm[layer].tokens_out
+            counts.append(current)
+        return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        per_layer = self.tokens_per_layer()
+        return {
+            "pipeline": self.canonical,
+            "model": self.geometry.name,
+            "image_tokens": self.geometry.image_tokens,
+            "stages": [
+                {
+                    "position": s.position,
+                    "stage": s.spec.format(),
+                    "name": s.name,
+                    "family": s.reducer.family,
+                    "placement": s.placement,
+                    "layer": s.layer,
+                    "tokens_in": s.tokens_in,
+                    "tokens_out": s.tokens_out,
+                    "keeps_grid": s.grids_out is not None,
+                }
+                for s in self.stages
+            ],
+            "layers": [{"layer": i, "image_tokens": n} for i, n in enumerate(per_layer)],
+            "image_tokens_avg": sum(per_layer) / len(per_layer) if per_layer else 0.0,
+        }
+
+
+def canonical_stage(reducer: Reducer) -> StageSpec:
+    """Every parameter of a reducer, defaults filled, keys sorted, unset (None) ones left out."""
+    params = {}
+    for name in sorted(reducer_params(type(reducer))):
+        value = getattr(reducer, name)
+        if value is not None:
+            params[name] = value
+    return StageSpec(reducer.name, params)
+
+
+def resolve_geometry(model_or_config: Any) -> ModelGeometry:
+    """A geometry from a model, a transformers config, a geometry, a preset name or None (LLaVA-1.5-7B)."""
+    if model_or_config is None:
+        return preset("llava-1.5-7b")
+    if isinstance(model_or_config, ModelGeometry):
+        return model_or_config
+    if isinstance(model_or_config, str):
+        return preset(model_or_config)
+    config = getattr(model_or_config, "config", model_or_config)
+    return geometry_from_config(config, name=getattr(config, "_name_or_path", "") or "")
+
+
+def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any = None) -> Plan:
+    """Parse, validate and plan a pipeline for a model.
+
+    Args:
+        pipeline: pipeline text, ``@file.yaml|json``, a :class:`PipelineSpec`, or None (vanilla).
+        model_or_config: a transformers model or config, a :class:`ModelGeometry`, a preset name,
+            or None for the LLaVA-1.5-7B geometry.
+
+    Raises:
+        PipelineError: with a one-line reason, for any refused pipeline.
+    """
+    spec = parse_pipeline(pipeline)
+    geometry = resolve_geometry(model_or_config)
+    if spec.has_lists:
+        raise PipelineError(
+            f"pipeline {spec.format()!r} holds a list of values; lists expand into several pipelines "
+            "only in `lmmsqueeze sweep`"
+        )
+    stages: list[PlannedStage] = []
+    tokens, grids = geometry.image_tokens, geometry.grids
+    last_rank, last_layer = -1, -1
+    for pos, stage in enumerate(spec.stages, 1):
+        where = f"stage {pos} ({stage.name})"
+        reducer = build_reducer(stage.name, stage.params, where)
+        layer = reducer.placement_layer
+        if layer is not None:
+            if "llm" not in reducer.placements:
+                raise PipelineError(
+                    f"{where}: {stage.name} does not run inside the LLM (placements: "
+                    f"{', '.join(reducer.placements)}); remove layer={layer}"
+                )
+            placement = "llm"
+            if layer >= geometry.num_layers:
+                raise PipelineError(
+                    f"{where}: layer={layer} is beyond the model: {geometry.name or 'it'} has "
+                    f"{geometry.num_layers} decoder layers (0..{geometry.num_layers - 1})"
+                )
+        else:
+            placement = next((p for p in reducer.placements if p != "llm"), None)
+            if placement is None:
+                raise PipelineError(f"{where}: {stage.name} runs inside the LLM only; give layer=K")
+        rank = PLACEMENT_ORDER[placement]
+        if rank < last_rank:
+            raise PipelineError(
+                f"{where}: a {placement} stage cannot follow an llm stage; order stages as they run: "
+                "vision, projector, then llm layers in increasing order"
+            )
+        if placement == "llm":
+            if layer <= last_layer:
+                raise PipelineError(
+                    f"{where}: layer={layer} does not come after the previous stage's layer={last_layer}; "
+                    "llm layers must strictly increase along the pipeline"
+                )
+            last_layer = layer
+        last_rank = rank
+        missing = sorted(reducer.needs - geometry.signals)
+        if missing:
+            raise PipelineError(
+                f"{where}: {stage.name} needs {', '.join(missing)}, which {geometry.name or 'this model'} "
+                "cannot provide; pick a reducer that does not read it"
+            )
+        if getattr(reducer, "requires_grid", False) and grids is None:
+            raise PipelineError(
+                f"{where}: {stage.name} needs the token grid, but an earlier stage broke it; "
+                "move it before that stage"
+            )
+        keep = getattr(reducer, "keep", None)
+        if isinstance(keep, int) and keep > tokens:
+            raise PipelineError(
+                f"{where}: keep={keep} is more than the {tokens} image tokens this stage receives; "
+                f"give keep <= {tokens} or a fraction in (0, 1]"
+            )
+        try:
+            out = reducer.output_count(tokens, grids)
+            out_grids = reducer.output_grids(grids)
+        except ValueError as exc:
+            raise PipelineError(f"{where}: {exc}") from None
+        stages.append(
+            PlannedStage(pos, reducer, canonical_stage(reducer), placement, layer, tokens, out, grids, out_grids)
+        )
+        tokens, grids = out, out_grids
+    canonical = PipelineSpec(tuple(s.spec for s in stages))
+    return Plan(canonical, tuple(stages), geometry)
+
+
+__all__ = ["Plan", "PlannedStage", "canonical_stage", "compile_pipeline", "resolve_geometry"]

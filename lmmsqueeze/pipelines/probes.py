@@ -1,0 +1,66 @@
+"""Signal probes: one-query attention recomputed from a layer's own projections.
+
+Neither probe switches a layer to eager attention or materialises an attention matrix: each
+computes the single softmax row it needs, O(N * d), so they work under sdpa and flash-attn.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: [B, H, N, hd]; cos/sin: [B, N, hd]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def last_query_attention(
+    attn: nn.Module,
+    hidden_states: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    key_padding: Tensor | None = None,
+) -> Tensor:
+    """Head-mean softmax attention of the last position to every position, as the layer computes it.
+
+    Args:
+        attn: a decoder self-attention module with ``q_proj``, ``k_proj``, ``head_dim``,
+            ``scaling`` and ``num_key_value_groups`` (Llama, Mistral, Qwen2, ...).
+        hidden_states: ``[B, N, D]`` the (normed) input of the attention module.
+        position_embeddings: RoPE ``(cos, sin)``, each ``[B, N, head_dim]``.
+        key_padding: ``[B, N]`` bool, True for real tokens (False columns get no attention).
+
+    Returns:
+        ``[B, N]`` float32 attention weights of the last query, averaged over heads.
+    """
+    b, n, _ = hidden_states.shape
+    hd = attn.head_dim
+    cos, sin = position_embeddings
+    q = attn.q_proj(hidden_states[:, -1:]).view(b, 1, -1, hd).transpose(1, 2)
+    k = attn.k_proj(hidden_states).view(b, n, -1, hd).transpose(1, 2)
+    q = _rope(q, cos[:, -1:], sin[:, -1:])
+    k = repeat_kv(_rope(k, cos, sin), attn.num_key_value_groups)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling  # [B, H, 1, N]
+    if key_padding is not None:
+        logits = logits.masked_fill(~key_padding[:, None, None, :].to(torch.bool), float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def cls_query_attention(attn: nn.Module, hidden_states: Tensor) -> Tensor:
+    """Head-mean attention of token 0 ([CLS]) to every token in a ViT attention layer (CLIP-style).
+
+    Args:
+        attn: a vision self-attention module with ``q_proj``, ``k_proj``, ``head_dim`` and ``scale``.
+        hidden_states: ``[B, T, D]`` the (normed) input of the attention module.
+
+    Returns:
+        ``[B, T]`` float32 weights (column 0 is [CLS] attending to itself).
+    """
+    b, t, _ = hidden_states.shape
+    hd = attn.head_dim
+    q = attn.q_proj(hidden_states[:, :1]).view(b, 1, -1, hd).transpose(1, 2)
+    k = attn.k_proj(hidden_states).view(b, t, -1, hd).transpose(1, 2)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]

@@ -1,0 +1,520 @@
+"""The prefill runtime: executes a compiled :class:`~lmmsqueeze.compose.Plan` on a transformers model.
+
+All intervention happens through module hooks installed by one :class:`~.hooks.HookSet`:
+
+* a pre-hook on the multimodal base model detects a prefill with images, encodes the images
+  (running ``vision``/``projector`` stages inside the projector hooks), rewrites each image's
+  placeholder run to its reduced length and, on later decode steps, keeps the attention mask and
+  position ids consistent with the shorter prompt;
+* a pre-hook on the projector runs ``vision`` stages, a forward hook runs ``projector`` stages;
+* pre-hooks on decoder layers >= K run ``llm`` stages at layer K and slice hidden states, RoPE
+  cos/sin, position ids and the attention mask for every later layer (prefill) or the mask's key
+  columns (decode), so each layer's KV cache holds exactly the tokens that reached it;
+* forward hooks on attention modules measure one-query signals (see :mod:`.probes`).
+
+Positions: a ``projector`` reduction renumbers the prompt (the placeholder run is shorter); an
+``llm`` reduction keeps every survivor's original position (RoPE stays consistent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..compose.plan import Plan, PlannedStage, compile_pipeline
+from ..compose.spec import PipelineSpec
+from ..errors import ModelError
+from ..reducers.base import Signals, TokenState
+from .adapters import ModelAdapter, adapter_for
+from .hooks import HookSet
+from .probes import cls_query_attention, last_query_attention
+
+
+@dataclass
+class _ImageRecord:
+    """One image's tokens through the pre-LLM stages."""
+
+    state: TokenState
+    cls_attention: Tensor | None  # [n_original] aligned with the original features
+    trace: list[Tensor] = field(default_factory=list)  # surviving original indices after each stage
+    groups: list[Tensor] = field(default_factory=list)  # slot of every original token after each stage
+
+
+@dataclass
+class _Sample:
+    """One sample's image tokens inside the decoder (hidden states live in the sequence)."""
+
+    slots: Tensor  # [n] position of each current image token in the current sequence
+    meta: TokenState  # index/sizes/crops/grids/assign of the current tokens (hidden is a placeholder)
+    cls_attention: Tensor | None  # [n_original] over the sample's original image tokens
+
+
+@dataclass
+class _Segment:
+    """Layers from an llm stage's layer to the next: which prefill columns they hold."""
+
+    stage: PlannedStage
+    keep: Tensor  # [B, n] columns of the prefill sequence kept from this layer on
+    mask: Any = None
+    position_embeddings: tuple[Tensor, Tensor] | None = None
+    position_ids: Tensor | None = None
+
+
+@dataclass
+class _Prefill:
+    """State of the current generation: set at prefill, read by every later decode step."""
+
+    batch: int
+    length: int  # prefill length after any placeholder rewrite
+    padding: Tensor  # [B, length] True for real tokens
+    source_columns: Tensor  # [B, length] input column of every prefill column (-1: added padding)
+    rewritten: bool
+    new_mask: Tensor | None  # [B, length] the prompt's 2-D mask after the rewrite
+    input_length: int  # prompt length as the caller sees it
+    removed: Tensor  # [B] prompt tokens removed by the rewrite
+    samples: list[_Sample]
+    segments: list[_Segment] = field(default_factory=list)
+    text_attention: dict[int, Tensor] = field(default_factory=dict)  # llm layer K -> [B, N at K-1]
+    decoding: bool = False
+
+    def segment_for(self, layer: int) -> _Segment | None:
+        seg = None
+        for s in self.segments:
+            if s.stage.layer <= layer:
+                seg = s
+        return seg
+
+    def current_padding(self, layer: int) -> Tensor:
+        seg = self.segment_for(layer)
+        return self.padding if seg is None else self.padding.gather(1, seg.keep)
+
+
+class PipelineRun:
+    """A plan installed on a model. Yielded by :func:`apply`; read it after a forward or generate.
+
+    Attributes:
+        plan: the compiled plan being executed.
+        trace: after a prefill, ``trace[stage][sample]`` is a LongTensor of the original indices
+            (``0..N-1`` over the sample's image tokens) of the tokens that survive that stage;
+            for merged tokens, the index of each group's representative.
+        groups: after a prefill, ``groups[stage][sample]`` is ``[N]``: the output token each
+            original image token belongs to after that stage (-1 if dropped).
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan, adapter: ModelAdapter):
+        self.model = model
+        self.plan = plan
+        self.adapter = adapter
+        self.trace: list[list[Tensor]] = []
+        self.groups: list[list[Tensor]] = []
+        self.image_tokens_per_layer: list[int] = []
+        self._prefill: _Prefill | None = None
+        self._images: list[_ImageRecord] = []
+        self._cls: Tensor | None = None
+        self._pre_llm = [s for s in plan.stages if s.placement in ("vision", "projector")]
+        self._llm = plan.at("llm")
+
+    # ------------------------------------------------------------------ public helpers
+    @property
+    def output_positions(self) -> Tensor | None:
+        """``[B, L_out]``: for each row of the last prefill's logits, the column of the caller's
+        ``input_ids`` it belongs to (-1 for padding the runtime added)."""
+        p = self._prefill
+        if p is None:
+            return None
+        if not p.segments:
+            return p.source_columns
+        return p.source_columns.gather(1, p.segments[-1].keep)
+
+    # ------------------------------------------------------------------ installation
+    def install(self, hooks: HookSet) -> None:
+        if self.plan.is_vanilla:
+            return
+        a = self.adapter
+        hooks.pre(a.base, self._base_pre)
+        if a.vision_attention is not None and any("cls_attention" in s.reducer.needs for s in self.plan.stages):
+            hooks.post(a.vision_attention, self._vision_probe)
+        hooks.pre(a.projector, self._projector_pre)
+        hooks.post(a.projector, self._projector_post)
+        if self._llm:
+            first = self._llm[0].layer
+            for i in range(first, len(a.layers)):
+                hooks.pre(a.layers[i], self._make_layer_hook(i))
+            for stage in self._llm:
+                if "text_attention" in stage.reducer.needs:
+                    hooks.post(a.layers[stage.layer - 1].self_attn, self._make_text_probe(stage.layer))
+
+    # ------------------------------------------------------------------ vision side
+    def _vision_probe(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self._cls = cls_query_attention(module, hidden)
+
+    def _cls_for_features(self, i: int) -> Tensor | None:
+        if self._cls is None:
+            return None
+        row = self._cls[i]
+        return row if self.adapter.features_have_cls else row[1:]
+
+    def _projector_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        feats = args[0] if args else kwargs["image_features"]
+        self._images = []
+        grids = self.plan.geometry.grids
+        for i in range(feats.shape[0]):
+            state = TokenState.initial(feats[i], grids if grids and feats.shape[1] == self.plan.geometry.image_tokens
+                                       else None)
+            self._images.append(_ImageRecord(state, self._cls_for_features(i)))
+        stages = [s for s in self._pre_llm if s.placement == "vision"]
+        if not stages:
+            return None
+        out = self._run_image_stages(stages)
+        return ((out, *args[1:]), kwargs) if args else (args, {**kwargs, "image_features": out})
+
+    def _projector_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Any:
+        for rec, hidden in zip(self._images, output):
+            rec.state = rec.state.with_hidden(hidden)
+        stages = [s for s in self._pre_llm if s.placement == "projector"]
+        return self._run_image_stages(stages) if stages else None
+
+    def _run_image_stages(self, stages: list[PlannedStage]) -> Tensor | list[Tensor]:
+        for rec in self._images:
+            for stage in stages:
+                signals = Signals()
+                if "cls_attention" in stage.reducer.needs:
+                    signals.cls_attention = rec.cls_attention[rec.state.index]
+                rec.state = _checked_reduce(stage, rec.state, signals)
+                rec.trace.append(rec.state.index)
+                rec.groups.append(rec.state.assign)
+        outs = [rec.state.hidden for rec in self._images]
+        if len({o.shape[0] for o in outs}) == 1:
+            return torch.stack(outs)
+        return outs
+
+    # ------------------------------------------------------------------ base model: prefill / decode
+    def _base_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if args:
+            kwargs = {**kwargs, "input_ids": args[0]}
+            args = ()
+        encoder_outputs = kwargs.get("mm_encoder_outputs") or {}
+        has_images = kwargs.get("pixel_values") is not None or encoder_outputs.get("image") is not None
+        cache = kwargs.get("cache")
+        past = cache.get_seq_length() if cache is not None else 0
+        if not has_images:
+            if past > 0 and self._prefill is not None:
+                return args, self._decode_kwargs(kwargs, past)
+            self._prefill = None
+            return None
+        if past > 0:
+            raise ModelError(
+                "a pipeline reduces tokens at prefill, but this call continues a filled cache; "
+                "start a new conversation (fresh cache) for each image prompt"
+            )
+        if kwargs.get("pixel_values") is not None:
+            features = self.adapter.image_features(kwargs)
+            kwargs = {**kwargs, "pixel_values": None, "mm_encoder_outputs": {**encoder_outputs, "image": features}}
+            encoder_outputs = kwargs["mm_encoder_outputs"]
+        n_images = len(encoder_outputs["image"].pooler_output)
+        if len(self._images) < n_images:
+            raise ModelError(
+                "image features were computed outside this pipeline's hooks; pass pixel_values "
+                "(or encode images inside the `apply` block)"
+            )
+        images, self._images = self._images[-n_images:], []
+        return args, self._start_prefill(kwargs, images)
+
+    def _start_prefill(self, kwargs: dict, images: list[_ImageRecord]) -> dict:
+        a = self.adapter
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        is_image = a.image_token_mask(ids, embeds)
+        batch, length = is_image.shape
+        mask2d = kwargs.get("attention_mask")
+        real = torch.ones(batch, length, dtype=torch.bool, device=is_image.device) if mask2d is None else mask2d.bool()
+        n_orig = [rec.state.n_original for rec in images]
+        n_new = [rec.state.n for rec in images]
+        # assign images to samples in reading order
+        per_sample: list[list[int]] = []
+        cursor = 0
+        for b in range(batch):
+            want, have, mine = int(is_image[b].sum()), 0, []
+            while have < want and cursor < len(images):
+                mine.append(cursor)
+                have += n_orig[cursor]
+                cursor += 1
+            if have != want:
+                raise ModelError(
+                    f"sample {b} has {want} image placeholder tokens but its images give {have} features; "
+                    "build the prompt with the model's processor"
+                )
+            per_sample.append(mine)
+        rewritten = n_orig != n_new
+        keep_cols = []
+        for b in range(batch):
+            keep = ~is_image[b]
+            pos = torch.nonzero(is_image[b]).flatten()
+            start = 0
+            for j in per_sample[b]:
+                keep[pos[start: start + n_new[j]]] = True
+                start += n_orig[j]
+            keep_cols.append(torch.nonzero(keep).flatten())
+        new_len = max(int(k.numel()) for k in keep_cols)
+        source = torch.full((batch, new_len), -1, dtype=torch.long, device=is_image.device)
+        for b, cols in enumerate(keep_cols):
+            source[b, new_len - cols.numel():] = cols
+        present = source >= 0
+        safe = source.clamp(min=0)
+        padding = real.gather(1, safe) & present
+        removed = real.sum(1) - padding.sum(1)
+        new_mask = None
+        if rewritten:
+            if ids is not None:
+                kwargs["input_ids"] = ids.gather(1, safe).masked_fill(~present, a.pad_token_id)
+            if embeds is not None:
+                kwargs["inputs_embeds"] = embeds.gather(1, safe[..., None].expand(-1, -1, embeds.shape[-1]))
+            new_mask = padding.long()
+            if mask2d is not None or not bool(padding.all()):
+                kwargs["attention_mask"] = new_mask.to(mask2d.dtype if mask2d is not None else torch.long)
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = (new_mask.cumsum(-1) - 1).clamp(min=0)
+            is_image = is_image.gather(1, safe) & present
+        samples = self._samples(is_image, per_sample, images)
+        self.trace = [[] for _ in self.plan.stages]
+        self.groups = [[] for _ in self.plan.stages]
+        for si in range(len(self._pre_llm)):
+            for mine in per_sample:
+                index_off = slot_off = 0
+                trace, groups = [], []
+                for j in mine:
+                    rec = images[j]
+                    trace.append(rec.trace[si] + index_off)
+                    groups.append(torch.where(rec.groups[si] >= 0, rec.groups[si] + slot_off, rec.groups[si]))
+                    index_off += rec.state.n_original
+                    slot_off += rec.trace[si].numel()
+                self.trace[si].append(torch.cat(trace))
+                self.groups[si].append(torch.cat(groups))
+        self._prefill = _Prefill(
+            batch=batch, length=new_len, padding=padding, source_columns=source.masked_fill(~present, -1),
+            rewritten=rewritten, new_mask=new_mask, input_length=length, removed=removed, samples=samples,
+        )
+        self.image_tokens_per_layer = [int(samples[0].slots.numel())] * len(a.layers) if samples else []
+        return kwargs
+
+    def _samples(self, is_image: Tensor, per_sample: list[list[int]], images: list[_ImageRecord]) -> list[_Sample]:
+        out = []
+        for b, mine in enumerate(per_sample):
+            slots = torch.nonzero(is_image[b]).flatten()
+            states = [images[j].state for j in mine]
+            index_off = slot_off = 0
+            index, assign, crops, sizes, grids = [], [], [], [], []
+            for t, s in enumerate(states):
+                index.append(s.index + index_off)
+                assign.append(torch.where(s.assign >= 0, s.assign + slot_off, s.assign))
+                crops.append(torch.full_like(s.crop_ids, t))
+                sizes.append(s.sizes)
+                grids.append(s.grids)
+                index_off += s.n_original
+                slot_off += s.n
+            cat_grids = None if any(g is None for g in grids) else tuple(g for gs in grids for g in gs)
+            device = slots.device
+            meta = TokenState(
+                hidden=torch.empty(slots.numel(), 0, device=device),
+                index=torch.cat(index) if index else torch.empty(0, dtype=torch.long, device=device),
+                sizes=torch.cat(sizes) if sizes else torch.empty(0, device=device),
+                crop_ids=torch.cat(crops) if crops else torch.empty(0, dtype=torch.long, device=device),
+                grids=cat_grids,
+                assign=torch.cat(assign) if assign else torch.empty(0, dtype=torch.long, device=device),
+            )
+            cls = [images[j].cls_attention for j in mine]
+            cls_all = torch.cat(cls) if cls and all(c is not None for c in cls) else None
+            out.append(_Sample(slots, meta, cls_all))
+        return out
+
+    def _decode_kwargs(self, kwargs: dict, past: int) -> dict:
+        p = self._prefill
+        p.decoding = True
+        if not p.rewritten:
+            return kwargs
+        mask = kwargs.get("attention_mask")
+        q = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[1]
+        if mask is not None:
+            if mask.shape[1] == p.input_length + (past - p.length) + q:
+                mask = torch.cat([p.new_mask.to(mask.dtype), mask[:, p.input_length:]], dim=1)
+            kwargs = {**kwargs, "attention_mask": mask}
+        elif not bool(p.padding.all()):
+            tail = torch.ones(p.batch, past - p.length + q, dtype=torch.long, device=p.padding.device)
+            kwargs = {**kwargs, "attention_mask": torch.cat([p.new_mask, tail], dim=1)}
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            kwargs = {**kwargs, "position_ids": pos - p.removed.to(pos.device)[:, None]}
+        return kwargs
+
+    # ------------------------------------------------------------------ decoder side
+    def _make_text_probe(self, stage_layer: int):
+        def probe(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            p = self._prefill
+            if p is None or p.decoding:
+                return
+            pad = p.current_padding(stage_layer - 1)
+            p.text_attention[stage_layer] = last_query_attention(
+                module, kwargs["hidden_states"], kwargs["position_embeddings"], None if bool(pad.all()) else pad
+            )
+
+        return probe
+
+    def _make_layer_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            p = self._prefill
+            if p is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if not p.decoding:
+                stage = next((s for s in self._llm if s.layer == layer), None)
+                if stage is not None:
+                    hidden = self._run_llm_stage(stage, hidden, kwargs)
+                seg = p.segment_for(layer)
+                if seg is None:
+                    return None
+                self._slice_prefill_kwargs(seg, kwargs)
+                new = {**kwargs, "attention_mask": seg.mask, "position_embeddings": seg.position_embeddings,
+                       "position_ids": seg.position_ids}
+            else:
+                seg = p.segment_for(layer)
+                if seg is None:
+                    return None
+                new = {**kwargs, "attention_mask": _slice_key_columns(kwargs.get("attention_mask"), seg.keep, p.length)}
+            if args:
+                return (hidden, *args[1:]), new
+            return args, {**new, "hidden_states": hidden}
+
+        return hook
+
+    def _run_llm_stage(self, stage: PlannedStage, hidden: Tensor, kwargs: dict) -> Tensor:
+        p = self._prefill
+        prev = p.segment_for(stage.layer - 1)
+        current_len = hidden.shape[1]
+        stage_idx = self.plan.stages.index(stage)
+        keeps, new_hidden_rows = [], []
+        for b, sample in enumerate(p.samples):
+            state = sample.meta.with_hidden(hidden[b, sample.slots]) if sample.slots.numel() else None
+            if state is None:
+                keeps.append(torch.arange(current_len, device=hidden.device))
+                new_hidden_rows.append(hidden[b])
+                self.trace[stage_idx].append(torch.empty(0, dtype=torch.long))
+                self.groups[stage_idx].append(torch.empty(0, dtype=torch.long))
+                continue
+            signals = Signals()
+            if "text_attention" in stage.reducer.needs:
+                signals.text_attention = p.text_attention[stage.layer][b, sample.slots]
+            if "cls_attention" in stage.reducer.needs:
+                signals.cls_attention = sample.cls_attention[state.index]
+            new = _checked_reduce(stage, state, signals)
+            lookup = torch.full((state.n_original,), -1, dtype=torch.long, device=hidden.device)
+            lookup[state.index] = torch.arange(state.n, device=hidden.device)
+            local = lookup[new.index]
+            if bool((local < 0).any()):
+                raise ModelError(f"{stage.name}: an output token's representative is not one of its input tokens")
+            image_cols = sample.slots[local]
+            text = torch.ones(current_len, dtype=torch.bool, device=hidden.device)
+            text[sample.slots] = False
+            keep = torch.sort(torch.cat([torch.nonzero(text).flatten(), image_cols])).values
+            row = hidden[b, keep].clone()
+            new_slots = torch.searchsorted(keep, image_cols)
+            row[new_slots] = new.hidden.to(row.dtype)
+            keeps.append(keep)
+            new_hidden_rows.append(row)
+            sample.slots = new_slots
+            sample.meta = new.with_hidden(torch.empty(new.n, 0, device=hidden.device))
+            self.trace[stage_idx].append(new.index)
+            self.groups[stage_idx].append(new.assign)
+        lengths = {int(k.numel()) for k in keeps}
+        if len(lengths) != 1:
+            raise ModelError(
+                f"{stage.name} at layer {stage.layer} keeps a different number of tokens in each sample of the "
+                "batch; run samples with different image-token counts in separate batches"
+            )
+        local_keep = torch.stack(keeps)
+        keep = local_keep if prev is None else prev.keep.gather(1, local_keep)
+        p.segments.append(_Segment(stage, keep))
+        count = int(p.samples[0].slots.numel())
+        for i in range(stage.layer, len(self.image_tokens_per_layer)):
+            self.image_tokens_per_layer[i] = count
+        return torch.stack(new_hidden_rows)
+
+    def _slice_prefill_kwargs(self, seg: _Segment, kwargs: dict) -> None:
+        if seg.position_embeddings is not None:
+            return
+        keep = seg.keep
+        cos, sin = kwargs["position_embeddings"]
+        idx = keep[..., None].expand(-1, -1, cos.shape[-1])
+        seg.position_embeddings = (cos.gather(1, idx), sin.gather(1, idx))
+        pos = kwargs.get("position_ids")
+        seg.position_ids = None if pos is None else pos.expand(keep.shape[0], -1).gather(1, keep)
+        seg.mask = _slice_square_mask(kwargs.get("attention_mask"), keep)
+
+
+def _checked_reduce(stage: PlannedStage, state: TokenState, signals: Signals) -> TokenState:
+    new = stage.reducer.reduce(state, signals)
+    expected = stage.reducer.output_count(state.n, state.grids)
+    if new.n != expected:
+        raise ModelError(f"{stage.name} returned {new.n} tokens, but its output_count promises {expected}")
+    return new
+
+
+def _slice_square_mask(mask: Any, keep: Tensor) -> Any:
+    """Restrict a prefill mask to the kept columns (queries and keys)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise ModelError(f"attention masks of type {type(mask).__name__} are not supported; use sdpa, eager "
+                         "or flash_attention_2")
+    if mask.dim() == 2:
+        return mask.gather(1, keep)
+    b, h = mask.shape[0], mask.shape[1]
+    n = keep.shape[1]
+    rows = mask.expand(keep.shape[0], -1, -1, -1).gather(2, keep[:, None, :, None].expand(-1, h, -1, mask.shape[3]))
+    return rows.gather(3, keep[:, None, None, :].expand(-1, h, n, -1))
+
+
+def _slice_key_columns(mask: Any, keep: Tensor, prefill_length: int) -> Any:
+    """Restrict a decode-step mask's key columns to the kept prefill columns plus all later ones."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise ModelError(f"attention masks of type {type(mask).__name__} are not supported; use sdpa, eager "
+                         "or flash_attention_2")
+    total = mask.shape[-1]
+    tail = torch.arange(prefill_length, total, device=keep.device).expand(keep.shape[0], -1)
+    cols = torch.cat([keep, tail], dim=1)
+    if mask.dim() == 2:
+        return mask.gather(1, cols)
+    b, h, q = mask.shape[:3]
+    return mask.expand(keep.shape[0], -1, -1, -1).gather(3, cols[:, None, None, :].expand(-1, h, q, -1))
+
+
+def compile_for(model: nn.Module, pipeline: str | PipelineSpec | Plan | None) -> tuple[Plan, ModelAdapter]:
+    """Compile a pipeline against a loaded model's geometry."""
+    adapter = adapter_for(model)
+    plan = pipeline if isinstance(pipeline, Plan) else compile_pipeline(pipeline, adapter.geometry)
+    return plan, adapter
+
+
+@contextlib.contextmanager
+def apply(model: nn.Module, pipeline: str | PipelineSpec | Plan | None) -> Iterator[PipelineRun]:
+    """Install a pipeline on a transformers model for the duration of a ``with`` block.
+
+    Inside the block, ``model(...)`` and ``model.generate(...)`` run with the plan's reductions;
+    on exit every hook is removed, whatever happened inside.
+
+    Example::
+
+        with lmmsqueeze.apply(model, "pool | fastv(layer=2, keep=0.5)") as run:
+            out = model.generate(**inputs, max_new_tokens=8)
+        run.trace  # surviving original indices, per stage and sample
+    """
+    plan, adapter = compile_for(model, pipeline)
+    run = PipelineRun(model, plan, adapter)
+    with HookSet() as hooks:
+        run.install(hooks)
+        yield run

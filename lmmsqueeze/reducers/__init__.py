@@ -1,0 +1,34 @@
+"""Visual token reducers: the registry and the built-in plugins (one per module)."""
+
+from . import fastv, pool, random  # noqa: F401  (import registers the built-ins)
+from .base import Reducer, ScoredPruner, Signals, TokenState, check_keep, resolve_keep, top_k_slots
+from .registry import (
+    ENTRY_POINT_GROUP,
+    create_reducer,
+    get_reducer,
+    list_reducers,
+    load_plugins,
+    reducer_info,
+    reducer_params,
+    register_reducer,
+    unregister_reducer,
+)
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Reducer",
+    "ScoredPruner",
+    "Signals",
+    "TokenState",
+    "check_keep",
+    "create_reducer",
+    "get_reducer",
+    "list_reducers",
+    "load_plugins",
+    "reducer_info",
+    "reducer_params",
+    "register_reducer",
+    "resolve_keep",
+    "top_k_slots",
+    "unregister_reducer",
+]

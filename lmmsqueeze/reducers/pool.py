@@ -1,0 +1,62 @@
+"""Average pooling over each crop's token grid (LLaVA-NeXT-Video's 2x2 pooling)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .base import Grids, Reducer, Signals, TokenState
+from .registry import register_reducer
+
+
+@register_reducer(
+    "pool",
+    family="pooling",
+    placements=("projector",),
+    keeps_grid=True,
+    cite="Uniform 2x2 average pooling, as get_2dPool in LLaVA-NeXT-Video / LLaVA-OneVision",
+)
+@dataclass(frozen=True)
+class PoolReducer(Reducer):
+    """Average every ``size`` x ``size`` window of each crop's grid into one token (576 -> 144 for 2x2).
+
+    Windows at a ragged border average the tokens they hold; a pooled token sits at its window's
+    top-left token. Needs an intact grid.
+    """
+
+    size: int = 2
+    requires_grid: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"size={self.size} must be an integer >= 1 (2 pools 2x2 windows)")
+
+    def output_grids(self, grids: Grids) -> Grids:
+        if grids is None:
+            raise ValueError("pool needs the token grid, but an earlier stage broke it")
+        return tuple((math.ceil(h / self.size), math.ceil(w / self.size)) for h, w in grids)
+
+    def output_count(self, n: int, grids: Grids) -> int:
+        return sum(h * w for h, w in self.output_grids(grids))
+
+    def reduce(self, state: TokenState, signals: Signals) -> TokenState:
+        out_grids = self.output_grids(state.grids)
+        device = state.hidden.device
+        targets, offset = [], 0
+        for (h, w), (oh, ow) in zip(state.grids, out_grids):
+            rows = torch.arange(h, device=device).repeat_interleave(w) // self.size
+            cols = torch.arange(w, device=device).repeat(h) // self.size
+            targets.append(offset + rows * ow + cols)
+            offset += oh * ow
+        target = torch.cat(targets)
+        counts = torch.zeros(offset, device=device).index_add_(0, target, torch.ones_like(target, dtype=torch.float))
+        summed = torch.zeros(offset, state.hidden.shape[1], dtype=torch.float32, device=device)
+        summed.index_add_(0, target, state.hidden.float())
+        hidden = (summed / counts[:, None]).to(state.hidden.dtype)
+        # the first slot that lands in each window is its top-left token
+        first = torch.full((offset,), state.n, dtype=torch.long, device=device)
+        first.scatter_reduce_(0, target, torch.arange(state.n, device=device), reduce="amin")
+        return state.regroup(target, hidden, first, out_grids)

@@ -1,0 +1,40 @@
+"""Random pruning: the baseline every paper should beat (and many do not)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import ScoredPruner, Signals, TokenState, check_layer
+from .registry import register_reducer
+
+
+@register_reducer(
+    "random",
+    family="pruning",
+    placements=("projector", "llm"),
+    keeps_grid=False,
+    cite="Uniform random subset; the baseline of UniPruneBench (arXiv 2511.02650) and FastV with K=0",
+)
+@dataclass(frozen=True)
+class RandomReducer(ScoredPruner):
+    """Keep a uniformly random subset of ``keep`` tokens, drawn from ``seed`` (same seed, same tokens).
+
+    Runs before the LLM by default, or at the input of decoder layer ``layer``.
+    """
+
+    keep: int | float = 0.5
+    seed: int = 0
+    layer: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_layer(self.layer)
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0")
+
+    def score(self, state: TokenState, signals: Signals) -> Tensor:
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.rand(state.n, generator=generator).to(state.hidden.device)

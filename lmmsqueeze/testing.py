@@ -1,0 +1,93 @@
+"""Tiny random LLaVA models built from transformers configs, for tests and plugin authors.
+
+Nothing here downloads anything: the tokenizer is a word-level ``tokenizers`` model built in
+memory and the image processor is transformers' PIL backend.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+WORDS = (
+    "USER ASSISTANT : what is the colour of cell at row column left right top bottom a an "
+    "red green blue yellow black white one two three four five six yes no how many ? . , "
+    "describe image picture symbol there"
+).split()
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer with ``<image>`` as a special token (id 4)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(dict.fromkeys(WORDS)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    fast.padding_side = "left"
+    return fast
+
+
+def tiny_llava(
+    attn: str = "sdpa",
+    seed: int = 0,
+    image_size: int = 48,
+    patch_size: int = 8,
+    layers: int = 4,
+    strategy: str = "default",
+):
+    """A random ``LlavaForConditionalGeneration`` and its ``LlavaProcessor``.
+
+    With the defaults an image gives a 6x6 grid of 36 image tokens and the decoder has 4 layers
+    (hidden 64, 4 heads, 2 KV heads: grouped-query attention).
+    """
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = tiny_tokenizer()
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=image_size, patch_size=patch_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )
+    side = image_size // patch_size
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=4, image_seq_length=side * side,
+        vision_feature_layer=-2, vision_feature_select_strategy=strategy, pad_token_id=0,
+    )
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy=strategy, num_additional_image_tokens=1,
+        chat_template=None,
+    )
+    return model, processor
+
+
+def random_image(seed: int = 0, size: int = 48) -> Image.Image:
+    """A reproducible RGB noise image."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
