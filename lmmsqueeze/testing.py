@@ -76,6 +76,8 @@ def tiny_llava(
     config._attn_implementation = attn
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = None  # random weights: decode a fixed number of tokens
+    model.generation_config.pad_token_id = 0
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
     )
@@ -91,3 +93,19 @@ def random_image(seed: int = 0, size: int = 48) -> Image.Image:
     """A reproducible RGB noise image."""
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+PROMPTS = (
+    "USER: <image>\nwhat is the colour of the cell ? ASSISTANT:",
+    "USER: <image>\nhow many ? ASSISTANT:",
+    "USER: <image>\ndescribe ASSISTANT:",
+)
+
+
+def tiny_inputs(processor, batch: int = 1, image_size: int = 48):
+    """Processor outputs for batch 1, or a left-padded batch of prompts of different lengths."""
+    images = [random_image(i, image_size) for i in range(batch)]
+    texts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    if batch == 1:
+        return processor(images=images[0], text=texts[0], return_tensors="pt")
+    return processor(images=images, text=texts, return_tensors="pt", padding=True)

@@ -446,7 +446,8 @@ class PipelineRun:
         if seg.position_embeddings is not None:
             return
         keep = seg.keep
-        cos, sin = kwargs["position_embeddings"]
+        batch = keep.shape[0]
+        cos, sin = (t.expand(batch, -1, -1) for t in kwargs["position_embeddings"])
         idx = keep[..., None].expand(-1, -1, cos.shape[-1])
         seg.position_embeddings = (cos.gather(1, idx), sin.gather(1, idx))
         pos = kwargs.get("position_ids")

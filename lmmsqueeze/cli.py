@@ -1,0 +1,176 @@
+"""The ``lmmsqueeze`` command line (Typer + rich). Commands parse arguments, call the library and
+render plain dicts; no tensor code lives here.
+
+Known errors print one line (``error: ...``) and exit with code 2; set ``LMMSQUEEZE_DEBUG=1`` to
+see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import LmmsqueezeError
+
+app = typer.Typer(
+    name="lmmsqueeze",
+    help="Composable visual-token reducers and ProxyV for LLaVA-style models: run, explain, measure.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="A local Hugging Face model directory, or `bundled`.")]
+PipelineOpt = Annotated[
+    str, typer.Option("--pipeline", "-p", help='Pipeline, e.g. "pool | fastv(layer=2, keep=0.5)", or @file.yaml.')
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn known errors into one line on stderr and exit code 2."""
+    try:
+        yield
+    except (LmmsqueezeError, FileNotFoundError) as exc:
+        if os.environ.get("LMMSQUEEZE_DEBUG"):
+            raise
+        message = str(exc) if isinstance(exc, LmmsqueezeError) else f"file not found: {exc.filename or exc}"
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def emit(data: Any, as_json: bool, render: Any = None) -> None:
+    """The one output sink: JSON on stdout, or a rich rendering."""
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    elif render is not None:
+        render(data)
+    else:
+        console.print(data)
+
+
+@app.command("reducers")
+def reducers_cmd(
+    family: Annotated[Optional[str], typer.Option(help="Only this family: pruning, merging or pooling.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the registered reducers (built-in and plugins) with their parameters."""
+    from .reducers import list_reducers, load_plugins, reducer_info
+
+    with user_errors():
+        rows = [reducer_info(n) for n in list_reducers(family=family)]
+        broken = load_plugins()
+
+    def render(rows: list[dict]) -> None:
+        table = Table(title=f"{len(rows)} reducers", show_lines=False)
+        for col in ("name", "family", "placements", "needs", "parameters", "paper"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            params = ", ".join(f"{k}={_fmt(v['default'])}" for k, v in r["params"].items())
+            table.add_row(r["name"], r["family"], ", ".join(r["placements"]), ", ".join(r["needs"]) or "-",
+                          params, r["cite"])
+        console.print(table)
+        for name, why in broken.items():
+            err_console.print(f"[yellow]warning:[/] plugin {name!r} failed to load: {why}")
+
+    emit(rows, as_json, render)
+
+
+def _fmt(value: Any) -> str:
+    from .compose import format_value
+
+    return "-" if value is None else format_value(value)
+
+
+def _geometry(model: Optional[str], model_config: Optional[str]) -> Any:
+    from .compose import geometry_from_path, preset
+
+    if model and model_config:
+        raise typer.BadParameter("give either --model or --model-config, not both")
+    if model_config:
+        return preset(model_config)
+    if model:
+        if model == "bundled":
+            from .bundled import WEIGHTS_DIR
+
+            return geometry_from_path(WEIGHTS_DIR)
+        return geometry_from_path(model)
+    return preset("llava-1.5-7b")
+
+
+@app.command("explain")
+def explain_cmd(
+    pipeline: Annotated[str, typer.Argument(help='Pipeline text, e.g. "fastv(layer=2, keep=0.5)", or @file.yaml.')],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model directory, its config.json, or `bundled`.")] = None,
+    model_config: Annotated[Optional[str], typer.Option(help="A built-in geometry preset, e.g. llava-1.5-7b.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate a pipeline and print its plan: stages, placements, image tokens entering every layer."""
+    from .compose import compile_pipeline
+
+    with user_errors():
+        plan = compile_pipeline(pipeline, _geometry(model, model_config))
+    data = plan.to_dict()
+
+    def render(d: dict) -> None:
+        console.print(f"[bold]{d['pipeline']}[/] on {d['model']} ({d['image_tokens']} image tokens per image)")
+        table = Table()
+        for col in ("#", "stage", "family", "placement", "tokens in", "tokens out", "grid kept"):
+            table.add_column(col)
+        for s in d["stages"]:
+            where = f"llm @ layer {s['layer']}" if s["placement"] == "llm" else s["placement"]
+            table.add_row(str(s["position"]), s["stage"], s["family"], where, str(s["tokens_in"]),
+                          str(s["tokens_out"]), "yes" if s["keeps_grid"] else "no")
+        if d["stages"]:
+            console.print(table)
+        spans, start = [], 0
+        layers = d["layers"]
+        for i in range(1, len(layers) + 1):
+            if i == len(layers) or layers[i]["image_tokens"] != layers[start]["image_tokens"]:
+                span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
+                spans.append(f"layers {span}: {layers[start]['image_tokens']}")
+                start = i
+        console.print("image tokens entering each decoder layer: " + "; ".join(spans))
+        console.print(f"layer-averaged image tokens: {d['image_tokens_avg']:.1f}")
+
+    emit(data, as_json, render)
+
+
+@app.command("run")
+def run_cmd(
+    model: ModelOpt,
+    image: Annotated[Path, typer.Option("--image", "-i", help="Image file.")],
+    prompt: Annotated[str, typer.Option(help="The question about the image.")],
+    pipeline: PipelineOpt = "none",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate (greedy).")] = 32,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: cuda when present).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Answer one question about one image (greedy decoding) with a pipeline installed."""
+    from .pipelines.generation import answer
+
+    with user_errors():
+        if not image.is_file():
+            raise LmmsqueezeError(f"image file {str(image)!r} does not exist")
+        result = answer(model, image, prompt, pipeline, max_new_tokens=max_new_tokens, device=device)
+    emit(result, as_json, lambda r: console.print(r["answer"], highlight=False))
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""Everything that touches a transformers model: adapters, hooks, probes, the prefill runtime."""
+
+from .adapters import LlavaAdapter, ModelAdapter, adapter_for
+from .hooks import HookSet, count_hooks
+from .loading import build_prompt, load_model, pick_device
+from .runtime import PipelineRun, apply, compile_for
+
+__all__ = [
+    "HookSet",
+    "LlavaAdapter",
+    "ModelAdapter",
+    "PipelineRun",
+    "adapter_for",
+    "apply",
+    "build_prompt",
+    "compile_for",
+    "count_hooks",
+    "load_model",
+    "pick_device",
+]

@@ -1,0 +1,46 @@
+"""One-shot greedy answering, shared by the CLI's `run` and the evaluation runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import LmmsqueezeError
+from .loading import build_prompt, load_model
+from .runtime import apply
+
+
+def open_image(path: str | Path) -> Image.Image:
+    try:
+        return Image.open(path).convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise LmmsqueezeError(f"cannot read image {str(path)!r}: {exc}") from None
+
+
+@torch.no_grad()
+def generate_answer(model: Any, processor: Any, image: Image.Image, question: str, pipeline: Any,
+                    max_new_tokens: int = 32) -> dict[str, Any]:
+    """Greedy answer of ``model`` with ``pipeline`` installed, plus what the pipeline did."""
+    text = build_prompt(processor, question)
+    inputs = processor(images=image, text=text, return_tensors="pt").to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with apply(model, pipeline) as run:
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new_tokens = out[0, inputs["input_ids"].shape[1]:]
+    return {
+        "answer": processor.decode(new_tokens, skip_special_tokens=True).strip(),
+        "pipeline": run.plan.canonical,
+        "image_tokens_per_layer": run.image_tokens_per_layer,
+        "kept_per_stage": [len(t[0]) for t in run.trace] if run.trace else [],
+    }
+
+
+def answer(model_ref: str, image_path: str | Path, question: str, pipeline: Any, max_new_tokens: int = 32,
+           device: str | None = None) -> dict[str, Any]:
+    """Load a model and answer one question about one image file."""
+    model, processor = load_model(model_ref, device=device)
+    return generate_answer(model, processor, open_image(image_path), question, pipeline, max_new_tokens)

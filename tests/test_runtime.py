@@ -1,0 +1,163 @@
+"""The prefill runtime against independent references: the unmodified model, eager attention
+weights, and no-cache forwards over the same kept tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmmsqueeze
+from lmmsqueeze.pipelines import count_hooks
+
+from lmmsqueeze.testing import tiny_inputs as make_inputs
+
+pytestmark = pytest.mark.usefixtures("no_grad")
+
+
+@pytest.mark.parametrize("pipeline", ["", "none", "random(keep=1.0)", "random(keep=1.0, layer=1)",
+                                      "random(keep=1.0, layer=3)"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_identity_pipelines_are_bit_identical(tiny, pipeline, batch):
+    model, processor = tiny
+    inputs = make_inputs(processor, batch)
+    reference = model(**inputs).logits
+    with lmmsqueeze.apply(model, pipeline):
+        logits = model(**inputs).logits
+    assert torch.equal(logits, reference)
+
+
+def test_hooks_are_removed_even_on_error(tiny_sdpa):
+    model, processor = tiny_sdpa
+    before = count_hooks(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with lmmsqueeze.apply(model, "pool | fastv(layer=2, keep=0.5)"):
+            assert count_hooks(model) > before
+            raise RuntimeError("boom")
+    assert count_hooks(model) == before
+
+
+@pytest.mark.parametrize("layer", [1, 2, 3])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fastv_keeps_top_k_of_eager_attention(tiny, layer, batch):
+    """The kept set equals the top-k of the head-mean last-token attention that an eager
+    forward with output_attentions=True returns at layer K-1."""
+    model, processor = tiny
+    inputs = make_inputs(processor, batch)
+    keep = 9
+    with lmmsqueeze.apply(model, f"fastv(layer={layer}, keep={keep})") as run:
+        model(**inputs)
+    original = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        attentions = model(**inputs, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation(original)
+    image = inputs["input_ids"] == model.config.image_token_id
+    for b in range(batch):
+        row = attentions[layer - 1][b, :, -1].mean(0)[image[b]]  # [36] over this sample's image tokens
+        expected = torch.sort(torch.topk(row, keep).indices).values
+        assert torch.equal(run.trace[0][b], expected)
+
+
+def _reference_positions(mask):
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cached_generate_matches_no_cache_forward_after_llm_reduction(tiny, batch):
+    model, processor = tiny
+    inputs = make_inputs(processor, batch)
+    pipeline, layer, new_tokens = "random(layer=2, keep=0.5, seed=3)", 2, 5
+    prompt_len = inputs["input_ids"].shape[1]
+    with lmmsqueeze.apply(model, pipeline) as run:
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True)
+    kept_image = run.trace[0][0].numel()
+    dropped = 36 - kept_image
+    # per-layer KV cache: full prompt below layer K, the kept tokens from K on (+ generated tokens)
+    lengths = [out.cache.layers[i].keys.shape[-2] for i in range(4)]
+    full = prompt_len + new_tokens - 1
+    assert lengths == [full] * layer + [full - dropped] * (4 - layer)
+
+    sequences = out.sequences
+    mask = torch.cat([inputs["attention_mask"], torch.ones(batch, new_tokens, dtype=torch.long)], 1)
+    with lmmsqueeze.apply(model, pipeline) as ref_run:
+        logits = model(input_ids=sequences, pixel_values=inputs["pixel_values"], attention_mask=mask,
+                       position_ids=_reference_positions(mask), use_cache=False).logits
+    for b in range(batch):
+        assert torch.equal(ref_run.trace[0][b], run.trace[0][b])
+    rows = ref_run.output_positions
+    for step in range(new_tokens):
+        column = prompt_len + step - 1
+        for b in range(batch):
+            row = int(torch.nonzero(rows[b] == column))
+            diff = (logits[b, row] - out.logits[step][b]).abs().max().item()
+            assert diff < 1e-4, (step, b, diff)
+
+
+@pytest.mark.parametrize("pipeline", ["pool", "random(keep=10, seed=1)", "pool | random(layer=2, keep=4)"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_projector_reduction_generate_equals_forward_loop(tiny, pipeline, batch):
+    model, processor = tiny
+    inputs = make_inputs(processor, batch)
+    steps = 5
+    with lmmsqueeze.apply(model, pipeline):
+        generated = model.generate(**inputs, max_new_tokens=steps, do_sample=False)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        for _ in range(steps):
+            logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=mask,
+                           position_ids=_reference_positions(mask), use_cache=False).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    assert torch.equal(generated, ids)
+
+
+def test_pool_trace_is_the_top_left_of_each_window(tiny_sdpa):
+    model, processor = tiny_sdpa
+    inputs = make_inputs(processor, 1)
+    with lmmsqueeze.apply(model, "pool") as run:
+        logits = model(**inputs).logits
+    # 6x6 grid -> 3x3; window (r, c) starts at original row 2r, column 2c: index 12r + 2c
+    assert run.trace[0][0].tolist() == [12 * r + 2 * c for r in range(3) for c in range(3)]
+    assert run.groups[0][0].tolist() == [(i // 6 // 2) * 3 + (i % 6) // 2 for i in range(36)]
+    # the prompt shrank by 27 placeholder tokens
+    assert logits.shape[1] == inputs["input_ids"].shape[1] - 27
+    assert run.image_tokens_per_layer == [9, 9, 9, 9]
+
+
+def test_pooled_features_are_window_means(tiny_sdpa):
+    """The LLM receives the mean of each 2x2 window of projected features (independent recompute)."""
+    model, processor = tiny_sdpa
+    inputs = make_inputs(processor, 1)
+    feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]  # [36, D]
+    grid = feats.view(3, 2, 3, 2, -1)
+    expected = grid.mean(dim=(1, 3)).reshape(9, -1)
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"]
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with lmmsqueeze.apply(model, "pool"):
+            model(**inputs)
+    finally:
+        handle.remove()
+    ids = inputs["input_ids"][0]
+    first = int(torch.nonzero(ids == model.config.image_token_id)[0])
+    assert torch.allclose(captured["embeds"][0, first:first + 9], expected, atol=1e-6)
+
+
+def test_stage_trace_composes_original_indices(tiny_sdpa):
+    model, processor = tiny_sdpa
+    inputs = make_inputs(processor, 1)
+    with lmmsqueeze.apply(model, "random(keep=20, seed=5) | random(layer=1, keep=10, seed=2)") as run:
+        model(**inputs)
+    first, second = run.trace[0][0], run.trace[1][0]
+    assert first.numel() == 20 and second.numel() == 10
+    assert set(second.tolist()) <= set(first.tolist())
+    # the second stage's choice, replayed by hand: the seed-2 top-10 of the 20 survivors
+    scores = torch.rand(20, generator=torch.Generator().manual_seed(2))
+    expected = torch.sort(first[torch.sort(scores, descending=True, stable=True).indices[:10]]).values
+    assert torch.equal(second, expected)
