@@ -65,6 +65,9 @@ class TrainConfig:
     warmup: int = 200
     weight_decay: float = 0.01
     aux_weight: float = 0.5
+    attn_weight: float = 0.0
+    attn_layer: int = 1
+    attn_heads: int = 2
     eval_every: int = 100
     eval_size: int = 500
     seed: int = 0
@@ -100,6 +103,76 @@ def cell_targets(scene: Scene) -> np.ndarray:
     return out.reshape(GRID * GRID, 4)
 
 
+def attention_targets(scene: Scene, qtype: str, key: str) -> list[int]:
+    """Prefix positions (0 = ``<s>``, 1 + cell index = image token) a question should attend to.
+
+    Symbol questions look at the key symbol's cell (``exists`` questions about an absent symbol
+    get no target); ``count`` spreads attention over ``<s>`` and every cell of the key colour,
+    so the share left on ``<s>``, 1 / (count + 1), encodes the count.
+    """
+    if qtype == "count":
+        return [0] + [1 + r * GRID + c for r, row in enumerate(scene.colors) for c, color in enumerate(row) if color == key]
+    if key in scene.symbols:
+        r, c = scene.symbols[key]
+        return [1 + r * GRID + c]
+    return []
+
+
+@dataclass
+class Batch:
+    """One training batch; ``query_*`` and ``attn_target`` describe where each answer should look."""
+
+    pixel_values: torch.Tensor
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    aux_targets: torch.Tensor
+    query_rows: torch.Tensor
+    query_pos: torch.Tensor
+    attn_target: torch.Tensor
+
+
+class AttentionProbe:
+    """Recomputes the attention of a few heads of one decoder layer from the answer positions.
+
+    A forward hook on the layer's ``self_attn`` reads its (normed) input and rotary embeddings;
+    ``loss`` is the cross-entropy between those heads' attention over the prefix and the
+    target cells (attention supervision, a training-only signal).
+    """
+
+    def __init__(self, model, layer: int, heads: int) -> None:
+        self.attn = model.model.language_model.layers[layer].self_attn
+        self.heads = heads
+        self.inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.handle = self.attn.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, output) -> None:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cos, sin = kwargs["position_embeddings"]
+        self.inputs = (hidden, cos, sin)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Mean cross-entropy of the probed heads' attention against ``batch.attn_target``."""
+        hidden, cos, sin = self.inputs
+        cos, sin = cos.expand(hidden.shape[0], -1, -1), sin.expand(hidden.shape[0], -1, -1)
+        rows, pos = batch.query_rows, batch.query_pos
+        d = self.attn.head_dim
+        q = self.attn.q_proj(hidden[rows, pos])[:, : self.heads * d].view(len(rows), self.heads, d)
+        q = self._rotate(q, cos[rows, pos].unsqueeze(1), sin[rows, pos].unsqueeze(1))
+        k = self.attn.k_proj(hidden)[..., : self.heads * d].view(*hidden.shape[:2], self.heads, d)
+        k = self._rotate(k, cos.unsqueeze(2), sin.unsqueeze(2))[rows]
+        logits = torch.einsum("nhd,nlhd->nhl", q, k) * self.attn.scaling
+        future = torch.arange(hidden.shape[1]).unsqueeze(0) > pos.unsqueeze(1)
+        logp = logits.masked_fill(future.unsqueeze(1), float("-inf")).log_softmax(-1)
+        prefix = logp[:, :, : 1 + IMAGE_TOKENS]
+        return -(prefix * batch.attn_target.unsqueeze(1)).sum(-1).mean()
+
+
 class Batches:
     """Endless stream of multi-turn training batches from the "train" split."""
 
@@ -112,19 +185,23 @@ class Batches:
         """Token ids of a whitespace-separated string."""
         return [self.vocab[w] for w in text.split()]
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(pixel_values, input_ids, labels, aux_targets)``; labels are -100 except where an answer or ``</s>`` follows."""
-        images, seqs, labels, aux = [], [], [], []
-        for _ in range(self.cfg.batch):
+    def next(self) -> Batch:
+        """The next batch of ``cfg.batch`` images with ``cfg.turns`` question/answer turns each."""
+        images, seqs, labels, aux, where = [], [], [], [], []
+        for b in range(self.cfg.batch):
             rng = scene_rng("train", self.index, self.cfg.seed)
             self.index += 1
             scene = random_scene(rng)
             ids = [BOS_ID] + [IMAGE_ID] * IMAGE_TOKENS
             lab = [-100] * len(ids)
             for _ in range(self.cfg.turns):
-                question, answer = ask(scene, QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))], rng)
+                qtype = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
+                question, answer = ask(scene, qtype, rng)
                 q = self.words(question)
                 a = self.vocab[answer]
+                cells = attention_targets(scene, qtype, question.split()[-1])
+                if cells:
+                    where.append((b, len(ids) + len(q) - 1, cells))
                 ids += q + [a, EOS_ID]
                 lab += [-100] * (len(q) - 1) + [a, EOS_ID, -100]
             images.append(render(scene))
@@ -137,7 +214,18 @@ class Batches:
         for i, (s, lab) in enumerate(zip(seqs, labels)):
             input_ids[i, : len(s)] = torch.tensor(s)
             label_ids[i, : len(lab)] = torch.tensor(lab)
-        return pixels(np.stack(images)), input_ids, label_ids, torch.from_numpy(np.stack(aux))
+        attn_target = torch.zeros(len(where), 1 + IMAGE_TOKENS)
+        for i, (_, _, cells) in enumerate(where):
+            attn_target[i, cells] = 1.0 / len(cells)
+        return Batch(
+            pixel_values=pixels(np.stack(images)),
+            input_ids=input_ids,
+            labels=label_ids,
+            aux_targets=torch.from_numpy(np.stack(aux)),
+            query_rows=torch.tensor([w[0] for w in where], dtype=torch.long),
+            query_pos=torch.tensor([w[1] for w in where], dtype=torch.long),
+            attn_target=attn_target,
+        )
 
 
 def hidden_states(model, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,12 +303,13 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log: Path, quiet: 
         betas=(0.9, 0.98),
     )
     batches = Batches(processor.tokenizer.get_vocab(), cfg)
+    probe = AttentionProbe(model, cfg.attn_layer, cfg.attn_heads) if cfg.attn_weight > 0 else None
     evaluate = Evaluator(processor, cfg.eval_size)
     out.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     best: dict = {"overall": -1.0}
     start = time.time()
-    sums = {"loss": 0.0, "aux": 0.0, "n": 0}
+    sums = {"loss": 0.0, "aux": 0.0, "attn": 0.0, "n": 0}
     columns = (
         TextColumn("[bold]train"),
         BarColumn(),
@@ -235,13 +324,18 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log: Path, quiet: 
         for step in range(cfg.steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            pixel_values, input_ids, labels, targets = batches.next()
-            hidden, feats = hidden_states(model, pixel_values, input_ids)
-            keep = labels != -100
-            loss = F.cross_entropy(model.lm_head(hidden[keep]), labels[keep])
-            aux_loss = aux.loss(feats, targets)
+            batch = batches.next()
+            hidden, feats = hidden_states(model, batch.pixel_values, batch.input_ids)
+            keep = batch.labels != -100
+            loss = F.cross_entropy(model.lm_head(hidden[keep]), batch.labels[keep])
+            aux_loss = aux.loss(feats, batch.aux_targets)
+            total = loss + cfg.aux_weight * aux_loss
+            if probe is not None:
+                attn_loss = probe.loss(batch)
+                total = total + cfg.attn_weight * attn_loss
+                sums["attn"] += attn_loss.item()
             opt.zero_grad(set_to_none=True)
-            (loss + cfg.aux_weight * aux_loss).backward()
+            total.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sums["loss"] += loss.item()
@@ -256,12 +350,13 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log: Path, quiet: 
                     "answers": batches.index * cfg.turns,
                     "loss": sums["loss"] / sums["n"],
                     "aux_loss": sums["aux"] / sums["n"],
+                    "attn_loss": sums["attn"] / sums["n"],
                     "lr": lr_at(step, cfg),
                     "val": result["overall"],
                     "val_per_type": result["per_type"],
                     "elapsed_s": round(time.time() - start, 1),
                 }
-                sums = {"loss": 0.0, "aux": 0.0, "n": 0}
+                sums = {"loss": 0.0, "aux": 0.0, "attn": 0.0, "n": 0}
                 if result["overall"] > best["overall"]:
                     best = {**result, "step": step + 1}
                     model.save_pretrained(out)

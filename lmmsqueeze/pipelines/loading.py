@@ -47,6 +47,9 @@ def load_model(ref: str | Path, device: str | None = None, dtype: torch.dtype | 
             "save_pretrained, or `bundled`"
         )
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if config.model_type != "llava":

@@ -1,0 +1,104 @@
+"""Reducers and TokenState against hand-computed selections; parametrised over the registry."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import lmmsqueeze
+from lmmsqueeze.reducers import Signals, TokenState, create_reducer, list_reducers, reducer_params
+from lmmsqueeze.reducers.base import resolve_keep
+
+
+def _state(n=16, d=4, grid=(4, 4)):
+    hidden = torch.arange(n * d, dtype=torch.float32).view(n, d)
+    return TokenState.initial(hidden, grids=(grid,) if grid else None)
+
+
+def _signals(n):
+    g = torch.Generator().manual_seed(0)
+    return Signals(text_attention=torch.rand(n, generator=g), cls_attention=torch.rand(n, generator=g))
+
+
+@pytest.mark.parametrize("name", list_reducers())
+def test_every_reducer_honours_its_declared_count_and_grid(name):
+    """Whatever a reducer does, it returns output_count tokens, valid indices and consistent groups."""
+    state = _state()
+    reducer = create_reducer(name)
+    out = reducer.reduce(state, _signals(state.n))
+    assert out.n == reducer.output_count(state.n, state.grids)
+    assert out.hidden.shape == (out.n, 4)
+    assert ((out.index >= 0) & (out.index < 16)).all()
+    assert (out.grids is not None) == reducer.keeps_grid
+    alive = out.assign >= 0
+    # every output token's group contains its representative, and sizes count the group members
+    assert torch.equal(out.assign[out.index], torch.arange(out.n))
+    assert torch.equal(torch.bincount(out.assign[alive], minlength=out.n).float(), out.sizes)
+
+
+@pytest.mark.parametrize("name", list_reducers())
+def test_every_reducer_is_a_frozen_dataclass_with_defaults(name):
+    reducer = create_reducer(name)
+    assert dataclasses.is_dataclass(reducer)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(reducer, next(iter(reducer_params(name))), 1)
+    assert reducer.cite and (type(reducer).__doc__ or "").strip()
+
+
+def test_fastv_keeps_highest_attention_in_original_order():
+    state = _state(6, grid=None)
+    att = torch.tensor([0.1, 0.5, 0.05, 0.3, 0.02, 0.03])
+    out = create_reducer("fastv", keep=3).reduce(state, Signals(text_attention=att))
+    assert out.index.tolist() == [0, 1, 3]
+    assert torch.equal(out.hidden, state.hidden[[0, 1, 3]])
+
+
+def test_random_is_seeded_and_uniform():
+    state = _state(100, grid=None)
+    a = create_reducer("random", keep=0.3, seed=7).reduce(state, Signals())
+    b = create_reducer("random", keep=0.3, seed=7).reduce(state, Signals())
+    c = create_reducer("random", keep=0.3, seed=8).reduce(state, Signals())
+    assert torch.equal(a.index, b.index) and not torch.equal(a.index, c.index)
+    assert a.n == 30 and a.index.unique().numel() == 30
+    # chi-square-ish sanity: over many seeds every token is kept about 30% of the time
+    counts = torch.zeros(100)
+    for seed in range(300):
+        counts[create_reducer("random", keep=30, seed=seed).reduce(state, Signals()).index] += 1
+    assert counts.min() > 50 and counts.max() < 130
+
+
+def test_pool_hand_computed_on_a_3x3_grid_with_ragged_border():
+    hidden = torch.arange(9, dtype=torch.float32).view(9, 1)
+    state = TokenState.initial(hidden, grids=((3, 3),))
+    out = create_reducer("pool").reduce(state, Signals())
+    # windows: {0,1,3,4} {2,5} {6,7} {8}
+    assert out.hidden.flatten().tolist() == [2.0, 3.5, 6.5, 8.0]
+    assert out.index.tolist() == [0, 2, 6, 8]
+    assert out.sizes.tolist() == [4, 2, 2, 1]
+    assert out.grids == ((2, 2),)
+
+
+def test_keep_resolution():
+    assert resolve_keep(0.5, 576) == 288
+    assert resolve_keep(0.25, 10) == 3  # 2.5 rounds half up
+    assert resolve_keep(1.0, 7) == 7
+    assert resolve_keep(64, 576) == 64
+    assert resolve_keep(0.001, 10) == 1
+
+
+def test_select_and_regroup_compose_original_indices():
+    state = _state(8, grid=None)
+    first = state.select(torch.tensor([6, 1, 3, 7]))
+    assert first.index.tolist() == [1, 3, 6, 7]
+    # merge slots {0,1} -> new 0 (represented by slot 1), drop slot 2, keep slot 3 as new 1
+    merged = first.regroup(torch.tensor([0, 0, -1, 1]), torch.zeros(2, 4), torch.tensor([1, 3]))
+    assert merged.index.tolist() == [3, 7]
+    assert merged.assign.tolist() == [-1, 0, -1, 0, -1, -1, -1, 1]
+    assert merged.sizes.tolist() == [2, 1]
+
+
+def test_public_api_names_the_registry():
+    assert {"fastv", "pool", "random"} <= set(lmmsqueeze.list_reducers())
+    assert lmmsqueeze.get_reducer("fastv").family == "pruning"
