@@ -68,7 +68,8 @@ class LlavaAdapter(ModelAdapter):
         base = model.model
         vision_attention = None
         layer = config.vision_feature_layer
-        encoder = getattr(getattr(base.vision_tower, "vision_model", None), "encoder", None)
+        tower = base.vision_tower
+        encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)  # CLIPVisionModel(Transformer)
         if isinstance(layer, int) and encoder is not None:
             n = len(encoder.layers)
             idx = layer if layer >= 0 else n + 1 + layer  # hidden_states[idx] is the output of layers[idx-1]

@@ -1,0 +1,117 @@
+"""Signal probes against eager attention weights, and signals delivered to reducers at run time."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import lmmsqueeze
+from lmmsqueeze import PipelineError, ScoredPruner, register_reducer
+from lmmsqueeze.compose import preset
+from lmmsqueeze.pipelines.probes import cls_query_attention, last_query_attention
+from lmmsqueeze.reducers import unregister_reducer
+from lmmsqueeze.testing import tiny_inputs
+
+pytestmark = pytest.mark.usefixtures("no_grad")
+
+
+@pytest.fixture(scope="module")
+def cls_pruner():
+    @register_reducer("test_cls_top", family="pruning", placements=("projector", "llm"),
+                      needs=("cls_attention",), keeps_grid=False, cite="test")
+    @dataclass(frozen=True)
+    class ClsTop(ScoredPruner):
+        """Keep the tokens the [CLS] token attends to most."""
+
+        keep: int | float = 0.5
+        layer: int | None = None
+
+        def score(self, state, signals):
+            return signals.require("cls_attention")
+
+    yield "test_cls_top"
+    unregister_reducer("test_cls_top")
+
+
+def _eager_vision_cls_row(model, pixel_values):
+    vision = model.model.vision_tower
+    original = vision.config._attn_implementation
+    vision.set_attn_implementation("eager")
+    try:
+        out = vision(pixel_values, output_attentions=True, output_hidden_states=True)
+    finally:
+        vision.set_attn_implementation(original)
+    # vision_feature_layer=-2 on a 2-layer tower selects hidden_states[1], the output of layers[0]
+    return out.attentions[0][:, :, 0].mean(1)  # [images, 1 + patches]
+
+
+def test_cls_probe_matches_eager_weights(tiny_sdpa):
+    model, processor = tiny_sdpa
+    inputs = tiny_inputs(processor, 2)
+    layer = model.model.vision_tower.encoder.layers[0]
+    captured = {}
+
+    def grab(module, args, kwargs, output):
+        captured["h"] = kwargs["hidden_states"]
+
+    handle = layer.self_attn.register_forward_hook(grab, with_kwargs=True)
+    try:
+        model.model.vision_tower(inputs["pixel_values"])
+    finally:
+        handle.remove()
+    probe = cls_query_attention(layer.self_attn, captured["h"])
+    assert torch.allclose(probe, _eager_vision_cls_row(model, inputs["pixel_values"]), atol=1e-6)
+
+
+def test_last_query_probe_matches_eager_weights_with_padding(tiny_sdpa):
+    model, processor = tiny_sdpa
+    inputs = tiny_inputs(processor, 2)
+    attn = model.model.language_model.layers[1].self_attn
+    captured = {}
+
+    def grab(module, args, kwargs, output):
+        captured.update(kwargs)
+
+    handle = attn.register_forward_hook(grab, with_kwargs=True)
+    try:
+        model(**inputs)
+    finally:
+        handle.remove()
+    probe = last_query_attention(attn, captured["hidden_states"], captured["position_embeddings"],
+                                 inputs["attention_mask"].bool())
+    model.set_attn_implementation("eager")
+    try:
+        eager = model(**inputs, output_attentions=True).attentions[1][:, :, -1].mean(1)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert torch.allclose(probe, eager, atol=1e-6)
+
+
+@pytest.mark.parametrize("placement", ["", ", layer=2"])
+def test_cls_attention_reaches_reducers_at_every_placement(tiny, cls_pruner, placement):
+    model, processor = tiny
+    inputs = tiny_inputs(processor, 2)
+    with lmmsqueeze.apply(model, f"{cls_pruner}(keep=7{placement})") as run:
+        model(**inputs)
+    rows = _eager_vision_cls_row(model, inputs["pixel_values"])[:, 1:]  # drop [CLS] itself
+    for b in range(2):
+        expected = torch.sort(torch.topk(rows[b], 7).indices).values
+        assert torch.equal(run.trace[0][b], expected)
+
+
+def test_tiny_llava_provides_both_signals(tiny_sdpa):
+    from lmmsqueeze.pipelines import adapter_for
+
+    adapter = adapter_for(tiny_sdpa[0])
+    assert adapter.geometry.signals == {"text_attention", "cls_attention"}
+    assert adapter.vision_attention is tiny_sdpa[0].model.vision_tower.encoder.layers[0].self_attn
+
+
+def test_a_need_the_model_cannot_provide_is_refused(cls_pruner):
+    geometry = dataclasses.replace(preset("llava-1.5-7b"), name="siglip-llava",
+                                   signals=frozenset({"text_attention"}))
+    with pytest.raises(PipelineError, match="needs cls_attention, which siglip-llava cannot provide"):
+        lmmsqueeze.compile(f"{cls_pruner}(keep=0.5)", geometry)
