@@ -106,7 +106,7 @@ def test_tiny_llava_provides_both_signals(tiny_sdpa):
     from lmmsqueeze.pipelines import adapter_for
 
     adapter = adapter_for(tiny_sdpa[0])
-    assert adapter.geometry.signals == {"text_attention", "cls_attention"}
+    assert {"text_attention", "cls_attention", "vision_keys", "llm_keys"} <= adapter.geometry.signals
     assert adapter.vision_attention is tiny_sdpa[0].model.vision_tower.encoder.layers[0].self_attn
 
 
@@ -115,3 +115,81 @@ def test_a_need_the_model_cannot_provide_is_refused(cls_pruner):
                                    signals=frozenset({"text_attention"}))
     with pytest.raises(PipelineError, match="needs cls_attention, which siglip-llava cannot provide"):
         lmmsqueeze.compile(f"{cls_pruner}(keep=0.5)", geometry)
+
+
+RECORDED: list = []
+
+
+@pytest.fixture(scope="module")
+def recorder():
+    @register_reducer("test_recorder", family="pruning", placements=("projector", "llm"),
+                      needs=("text_attention", "text_image_attention", "llm_keys", "vision_keys"),
+                      keeps_grid=True, cite="test")
+    @dataclass(frozen=True)
+    class Recorder(ScoredPruner):
+        """Keep everything; record the signals."""
+
+        keep: int | float = 1.0
+        layer: int | None = 2
+
+        def score(self, state, signals):
+            RECORDED.append(signals)
+            return torch.zeros(state.n)
+
+    yield "test_recorder"
+    unregister_reducer("test_recorder")
+
+
+def test_llm_and_vision_signals_match_independent_recomputation(tiny_sdpa, recorder):
+    model, processor = tiny_sdpa
+    inputs = tiny_inputs(processor, 2)
+    RECORDED.clear()
+    captured = {}
+    lm_layer = model.model.language_model.layers[1]
+    vis_attn = model.model.vision_tower.encoder.layers[0].self_attn
+    def keep_first(name):
+        def hook(module, args, output):
+            if name not in captured:  # the first call is the full-length prefill
+                captured[name] = output.detach().clone()
+
+        return hook
+
+    handles = [lm_layer.self_attn.k_proj.register_forward_hook(keep_first("k")),
+               vis_attn.k_proj.register_forward_hook(keep_first("vk"))]
+    try:
+        with lmmsqueeze.apply(model, f"{recorder}(layer=2, keep=35)"):  # < 36, so score() runs
+            model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    model.set_attn_implementation("eager")
+    try:
+        attn = model(**inputs, output_attentions=True).attentions[1].mean(1)  # [B, L, L]
+    finally:
+        model.set_attn_implementation("sdpa")
+    image = inputs["input_ids"] == model.config.image_token_id
+    assert len(RECORDED) == 2
+    for b, signals in enumerate(RECORDED):
+        cols = torch.nonzero(image[b]).flatten()
+        after = torch.arange(int(cols.max()) + 1, image.shape[1])
+        assert torch.allclose(signals.text_image_attention, attn[b][after][:, cols], atol=1e-6)
+        assert torch.allclose(signals.text_attention, attn[b, -1, cols], atol=1e-6)
+        assert torch.allclose(signals.llm_keys, captured["k"][b, cols], atol=1e-6)
+        assert torch.allclose(signals.vision_keys, captured["vk"][b, 1:], atol=1e-6)
+
+
+def test_llm_signals_are_refused_before_the_llm():
+    @register_reducer("test_text_scorer", family="pruning", placements=("projector", "llm"),
+                      needs=("text_attention",), keeps_grid=False, cite="test")
+    @dataclass(frozen=True)
+    class TextScorer(ScoredPruner):
+        """Reads text attention."""
+
+        layer: int | None = None
+
+    try:
+        assert lmmsqueeze.compile("test_text_scorer(layer=3)").stages[0].placement == "llm"
+        with pytest.raises(PipelineError, match="reads text_attention, which exists only inside the LLM"):
+            lmmsqueeze.compile("test_text_scorer")
+    finally:
+        unregister_reducer("test_text_scorer")

@@ -81,7 +81,7 @@ def geometry_from_config(config: Any, name: str = "") -> ModelGeometry:
         tokens, grids = side * side + (1 if has_cls else 0), (None if has_cls else ((side, side),))
     else:
         tokens, grids = side * side, ((side, side),)
-    signals = {"text_attention"}
+    signals = {"text_attention", "text_image_attention", "llm_keys", "vision_keys"}
     if has_cls:
         signals.add("cls_attention")
     return ModelGeometry(
@@ -109,17 +109,19 @@ def geometry_from_path(path: str | Path) -> ModelGeometry:
     return geometry_from_config(config, name=str(path))
 
 
+LLAVA_SIGNALS = frozenset({"text_attention", "text_image_attention", "llm_keys", "cls_attention", "vision_keys"})
+
 #: Built-in geometries of published backbones, for `explain --model-config` and cost tables.
 PRESETS: dict[str, ModelGeometry] = {
     "llava-1.5-7b": ModelGeometry(
         name="llava-1.5-7b", family="llava", num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=32,
         head_dim=128, intermediate_size=11008, vocab_size=32064, gated_ffn=True, image_tokens=576,
-        grids=((24, 24),), signals=frozenset({"text_attention", "cls_attention"}),
+        grids=((24, 24),), signals=LLAVA_SIGNALS,
     ),
     "llava-1.5-13b": ModelGeometry(
         name="llava-1.5-13b", family="llava", num_layers=40, hidden_size=5120, num_heads=40, num_kv_heads=40,
         head_dim=128, intermediate_size=13824, vocab_size=32064, gated_ffn=True, image_tokens=576,
-        grids=((24, 24),), signals=frozenset({"text_attention", "cls_attention"}),
+        grids=((24, 24),), signals=LLAVA_SIGNALS,
     ),
 }
 

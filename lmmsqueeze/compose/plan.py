@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import PipelineError
-from ..reducers.base import Grids, Reducer
+from ..reducers.base import LLM_SIGNALS, Grids, Reducer
 from ..reducers.registry import build_reducer, reducer_params
 from .geometry import ModelGeometry, geometry_from_config, preset
 from .spec import PipelineSpec, StageSpec, parse_pipeline
@@ -31,6 +31,7 @@ class PlannedStage:
     tokens_out: int
     grids_in: Grids
     grids_out: Grids
+    part: tuple[int, int] | None = None  # (i, n) when a stage runs as n parts (e.g. PyramidDrop's layers)
 
     @property
     def name(self) -> str:
@@ -38,7 +39,8 @@ class PlannedStage:
 
     def label(self) -> str:
         where = f"llm@{self.layer}" if self.placement == "llm" else self.placement
-        return f"{self.spec.format()} [{where}]"
+        part = f" part {self.part[0]}/{self.part[1]}" if self.part else ""
+        return f"{self.spec.format()}{part} [{where}]"
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class Plan:
                     "tokens_in": s.tokens_in,
                     "tokens_out": s.tokens_out,
                     "keeps_grid": s.grids_out is not None,
+                    "part": list(s.part) if s.part else None,
                 }
                 for s in self.stages
             ],
@@ -145,67 +148,80 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any =
     stages: list[PlannedStage] = []
     tokens, grids = geometry.image_tokens, geometry.grids
     last_rank, last_layer = -1, -1
+    canonical_specs: list[StageSpec] = []
     for pos, stage in enumerate(spec.stages, 1):
         where = f"stage {pos} ({stage.name})"
-        reducer = build_reducer(stage.name, stage.params, where)
-        layer = reducer.placement_layer
-        if layer is not None:
-            if "llm" not in reducer.placements:
+        parent = build_reducer(stage.name, stage.params, where)
+        canonical_specs.append(canonical_stage(parent))
+        parts = parent.substages() or [parent]
+        for part, reducer in enumerate(parts, 1):
+            if len(parts) > 1:
+                where = f"stage {pos} ({stage.name}, part {part} of {len(parts)})"
+            layer = reducer.placement_layer
+            if layer is not None:
+                if "llm" not in reducer.placements:
+                    raise PipelineError(
+                        f"{where}: {stage.name} does not run inside the LLM (placements: "
+                        f"{', '.join(reducer.placements)}); remove layer={layer}"
+                    )
+                placement = "llm"
+                if layer >= geometry.num_layers:
+                    raise PipelineError(
+                        f"{where}: layer={layer} is beyond the model: {geometry.name or 'it'} has "
+                        f"{geometry.num_layers} decoder layers (0..{geometry.num_layers - 1})"
+                    )
+            else:
+                placement = next((p for p in reducer.placements if p != "llm"), None)
+                if placement is None:
+                    raise PipelineError(f"{where}: {stage.name} runs inside the LLM only; give layer=K")
+            rank = PLACEMENT_ORDER[placement]
+            if rank < last_rank:
                 raise PipelineError(
-                    f"{where}: {stage.name} does not run inside the LLM (placements: "
-                    f"{', '.join(reducer.placements)}); remove layer={layer}"
+                    f"{where}: a {placement} stage cannot follow an llm stage; order stages as they run: "
+                    "vision, projector, then llm layers in increasing order"
                 )
-            placement = "llm"
-            if layer >= geometry.num_layers:
+            if placement == "llm":
+                if layer <= last_layer:
+                    raise PipelineError(
+                        f"{where}: layer={layer} does not come after the previous stage's layer={last_layer}; "
+                        "llm layers must strictly increase along the pipeline"
+                    )
+                last_layer = layer
+            last_rank = rank
+            inside = sorted(reducer.needs & LLM_SIGNALS)
+            if inside and placement != "llm":
                 raise PipelineError(
-                    f"{where}: layer={layer} is beyond the model: {geometry.name or 'it'} has "
-                    f"{geometry.num_layers} decoder layers (0..{geometry.num_layers - 1})"
+                    f"{where}: {stage.name} reads {', '.join(inside)}, which exists only inside the LLM; "
+                    "give layer=K to run it at decoder layer K"
                 )
-        else:
-            placement = next((p for p in reducer.placements if p != "llm"), None)
-            if placement is None:
-                raise PipelineError(f"{where}: {stage.name} runs inside the LLM only; give layer=K")
-        rank = PLACEMENT_ORDER[placement]
-        if rank < last_rank:
-            raise PipelineError(
-                f"{where}: a {placement} stage cannot follow an llm stage; order stages as they run: "
-                "vision, projector, then llm layers in increasing order"
-            )
-        if placement == "llm":
-            if layer <= last_layer:
+            missing = sorted(reducer.needs - geometry.signals)
+            if missing:
                 raise PipelineError(
-                    f"{where}: layer={layer} does not come after the previous stage's layer={last_layer}; "
-                    "llm layers must strictly increase along the pipeline"
+                    f"{where}: {stage.name} needs {', '.join(missing)}, which {geometry.name or 'this model'} "
+                    "cannot provide; pick a reducer that does not read it"
                 )
-            last_layer = layer
-        last_rank = rank
-        missing = sorted(reducer.needs - geometry.signals)
-        if missing:
-            raise PipelineError(
-                f"{where}: {stage.name} needs {', '.join(missing)}, which {geometry.name or 'this model'} "
-                "cannot provide; pick a reducer that does not read it"
+            if getattr(reducer, "requires_grid", False) and grids is None:
+                raise PipelineError(
+                    f"{where}: {stage.name} needs the token grid, but an earlier stage broke it; "
+                    "move it before that stage"
+                )
+            keep = getattr(reducer, "keep", None)
+            if isinstance(keep, int) and keep > tokens:
+                raise PipelineError(
+                    f"{where}: keep={keep} is more than the {tokens} image tokens this stage receives; "
+                    f"give keep <= {tokens} or a fraction in (0, 1]"
+                )
+            try:
+                out = reducer.output_count(tokens, grids)
+                out_grids = reducer.output_grids(grids)
+            except ValueError as exc:
+                raise PipelineError(f"{where}: {exc}") from None
+            stages.append(
+                PlannedStage(pos, reducer, canonical_stage(parent), placement, layer, tokens, out, grids, out_grids,
+                             (part, len(parts)) if len(parts) > 1 else None)
             )
-        if getattr(reducer, "requires_grid", False) and grids is None:
-            raise PipelineError(
-                f"{where}: {stage.name} needs the token grid, but an earlier stage broke it; "
-                "move it before that stage"
-            )
-        keep = getattr(reducer, "keep", None)
-        if isinstance(keep, int) and keep > tokens:
-            raise PipelineError(
-                f"{where}: keep={keep} is more than the {tokens} image tokens this stage receives; "
-                f"give keep <= {tokens} or a fraction in (0, 1]"
-            )
-        try:
-            out = reducer.output_count(tokens, grids)
-            out_grids = reducer.output_grids(grids)
-        except ValueError as exc:
-            raise PipelineError(f"{where}: {exc}") from None
-        stages.append(
-            PlannedStage(pos, reducer, canonical_stage(reducer), placement, layer, tokens, out, grids, out_grids)
-        )
-        tokens, grids = out, out_grids
-    canonical = PipelineSpec(tuple(s.spec for s in stages))
+            tokens, grids = out, out_grids
+    canonical = PipelineSpec(tuple(canonical_specs))
     return Plan(canonical, tuple(stages), geometry)
 
 

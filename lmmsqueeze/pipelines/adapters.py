@@ -77,7 +77,7 @@ class LlavaAdapter(ModelAdapter):
                 vision_attention = encoder.layers[idx - 1].self_attn
         geometry = geometry_from_config(config, name=getattr(config, "_name_or_path", "") or "llava")
         if vision_attention is None:
-            geometry = ModelGeometry(**{**geometry.__dict__, "signals": geometry.signals - {"cls_attention"}})
+            geometry = ModelGeometry(**{**geometry.__dict__, "signals": geometry.signals - {"cls_attention", "vision_keys"}})
         text = config.get_text_config()
         pad = getattr(config, "pad_token_id", None)
         if pad is None:

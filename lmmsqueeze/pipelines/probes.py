@@ -35,17 +35,37 @@ def last_query_attention(
     Returns:
         ``[B, N]`` float32 attention weights of the last query, averaged over heads.
     """
+    last = torch.tensor([hidden_states.shape[1] - 1], device=hidden_states.device)
+    return rows_attention(attn, hidden_states, position_embeddings, last, key_padding)[:, 0]
+
+
+def rows_attention(
+    attn: nn.Module,
+    hidden_states: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    rows: Tensor,
+    key_padding: Tensor | None = None,
+) -> Tensor:
+    """Head-mean causal attention of the queries at ``rows`` to every position (one sample or a batch
+    sharing ``rows``), computed as the layer does.
+
+    Returns:
+        ``[B, R, N]`` float32 weights; row r attends to positions ``<= rows[r]``.
+    """
     b, n, _ = hidden_states.shape
     hd = attn.head_dim
     cos, sin = position_embeddings
-    q = attn.q_proj(hidden_states[:, -1:]).view(b, 1, -1, hd).transpose(1, 2)
+    q = attn.q_proj(hidden_states[:, rows]).view(b, rows.numel(), -1, hd).transpose(1, 2)
     k = attn.k_proj(hidden_states).view(b, n, -1, hd).transpose(1, 2)
-    q = _rope(q, cos[:, -1:], sin[:, -1:])
+    q = _rope(q, cos[:, rows], sin[:, rows])
     k = repeat_kv(_rope(k, cos, sin), attn.num_key_value_groups)
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling  # [B, H, 1, N]
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling  # [B, H, R, N]
+    allowed = torch.arange(n, device=rows.device)[None, :] <= rows[:, None]  # causal
+    allowed = allowed[None, None].expand(b, 1, -1, -1)
     if key_padding is not None:
-        logits = logits.masked_fill(~key_padding[:, None, None, :].to(torch.bool), float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+        allowed = allowed & key_padding[:, None, None, :].to(torch.bool)
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)
 
 
 def cls_query_attention(attn: nn.Module, hidden_states: Tensor) -> Tensor:

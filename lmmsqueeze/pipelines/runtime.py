@@ -28,10 +28,10 @@ from torch import Tensor, nn
 from ..compose.plan import Plan, PlannedStage, compile_pipeline
 from ..compose.spec import PipelineSpec
 from ..errors import ModelError
-from ..reducers.base import Signals, TokenState
+from ..reducers.base import LLM_SIGNALS, VISION_SIGNALS, Signals, TokenState
 from .adapters import ModelAdapter, adapter_for
 from .hooks import HookSet
-from .probes import cls_query_attention, last_query_attention
+from .probes import cls_query_attention, last_query_attention, rows_attention
 
 
 @dataclass
@@ -39,7 +39,7 @@ class _ImageRecord:
     """One image's tokens through the pre-LLM stages."""
 
     state: TokenState
-    cls_attention: Tensor | None  # [n_original] aligned with the original features
+    vision: dict[str, Tensor]  # vision signals, first dim aligned with the original features
     trace: list[Tensor] = field(default_factory=list)  # surviving original indices after each stage
     groups: list[Tensor] = field(default_factory=list)  # slot of every original token after each stage
 
@@ -50,7 +50,7 @@ class _Sample:
 
     slots: Tensor  # [n] position of each current image token in the current sequence
     meta: TokenState  # index/sizes/crops/grids/assign of the current tokens (hidden is a placeholder)
-    cls_attention: Tensor | None  # [n_original] over the sample's original image tokens
+    vision: dict[str, Tensor]  # vision signals over the sample's original image tokens
 
 
 @dataclass
@@ -78,7 +78,7 @@ class _Prefill:
     removed: Tensor  # [B] prompt tokens removed by the rewrite
     samples: list[_Sample]
     segments: list[_Segment] = field(default_factory=list)
-    text_attention: dict[int, Tensor] = field(default_factory=dict)  # llm layer K -> [B, N at K-1]
+    llm_signals: dict[int, dict[str, Any]] = field(default_factory=dict)  # stage layer K -> probes at K-1
     decoding: bool = False
 
     def segment_for(self, layer: int) -> _Segment | None:
@@ -114,7 +114,9 @@ class PipelineRun:
         self.image_tokens_per_layer: list[int] = []
         self._prefill: _Prefill | None = None
         self._images: list[_ImageRecord] = []
-        self._cls: Tensor | None = None
+        self._vision: dict[str, Tensor] = {}
+        needs = set().union(*(s.reducer.needs for s in plan.stages)) if plan.stages else set()
+        self._vision_needs = needs & VISION_SIGNALS
         self._pre_llm = [s for s in plan.stages if s.placement in ("vision", "projector")]
         self._llm = plan.at("llm")
 
@@ -136,7 +138,7 @@ class PipelineRun:
             return
         a = self.adapter
         hooks.pre(a.base, self._base_pre)
-        if a.vision_attention is not None and any("cls_attention" in s.reducer.needs for s in self.plan.stages):
+        if a.vision_attention is not None and self._vision_needs:
             hooks.post(a.vision_attention, self._vision_probe)
         hooks.pre(a.projector, self._projector_pre)
         hooks.post(a.projector, self._projector_post)
@@ -145,19 +147,21 @@ class PipelineRun:
             for i in range(first, len(a.layers)):
                 hooks.pre(a.layers[i], self._make_layer_hook(i))
             for stage in self._llm:
-                if "text_attention" in stage.reducer.needs:
-                    hooks.post(a.layers[stage.layer - 1].self_attn, self._make_text_probe(stage.layer))
+                if stage.reducer.needs & LLM_SIGNALS:
+                    hooks.post(a.layers[stage.layer - 1].self_attn, self._make_llm_probe(stage))
 
     # ------------------------------------------------------------------ vision side
     def _vision_probe(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        self._cls = cls_query_attention(module, hidden)
+        self._vision = {}
+        if "cls_attention" in self._vision_needs:
+            self._vision["cls_attention"] = cls_query_attention(module, hidden)
+        if "vision_keys" in self._vision_needs:
+            self._vision["vision_keys"] = module.k_proj(hidden)
 
-    def _cls_for_features(self, i: int) -> Tensor | None:
-        if self._cls is None:
-            return None
-        row = self._cls[i]
-        return row if self.adapter.features_have_cls else row[1:]
+    def _vision_for_features(self, i: int) -> dict[str, Tensor]:
+        start = 0 if self.adapter.features_have_cls else 1
+        return {name: value[i, start:] for name, value in self._vision.items()}
 
     def _projector_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         feats = args[0] if args else kwargs["image_features"]
@@ -166,7 +170,7 @@ class PipelineRun:
         for i in range(feats.shape[0]):
             state = TokenState.initial(feats[i], grids if grids and feats.shape[1] == self.plan.geometry.image_tokens
                                        else None)
-            self._images.append(_ImageRecord(state, self._cls_for_features(i)))
+            self._images.append(_ImageRecord(state, self._vision_for_features(i)))
         stages = [s for s in self._pre_llm if s.placement == "vision"]
         if not stages:
             return None
@@ -182,9 +186,7 @@ class PipelineRun:
     def _run_image_stages(self, stages: list[PlannedStage]) -> Tensor | list[Tensor]:
         for rec in self._images:
             for stage in stages:
-                signals = Signals()
-                if "cls_attention" in stage.reducer.needs:
-                    signals.cls_attention = rec.cls_attention[rec.state.index]
+                signals = _signals(stage, rec.state, rec.vision)
                 rec.state = _checked_reduce(stage, rec.state, signals)
                 rec.trace.append(rec.state.index)
                 rec.groups.append(rec.state.assign)
@@ -326,9 +328,9 @@ class PipelineRun:
                 grids=cat_grids,
                 assign=torch.cat(assign) if assign else torch.empty(0, dtype=torch.long, device=device),
             )
-            cls = [images[j].cls_attention for j in mine]
-            cls_all = torch.cat(cls) if cls and all(c is not None for c in cls) else None
-            out.append(_Sample(slots, meta, cls_all))
+            vision = {name: torch.cat([images[j].vision[name] for j in mine])
+                      for name in (images[mine[0]].vision if mine else {})}
+            out.append(_Sample(slots, meta, vision))
         return out
 
     def _decode_kwargs(self, kwargs: dict, past: int) -> dict:
@@ -351,15 +353,30 @@ class PipelineRun:
         return kwargs
 
     # ------------------------------------------------------------------ decoder side
-    def _make_text_probe(self, stage_layer: int):
+    def _make_llm_probe(self, stage: PlannedStage):
+        needs = stage.reducer.needs
+
         def probe(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             p = self._prefill
             if p is None or p.decoding:
                 return
-            pad = p.current_padding(stage_layer - 1)
-            p.text_attention[stage_layer] = last_query_attention(
-                module, kwargs["hidden_states"], kwargs["position_embeddings"], None if bool(pad.all()) else pad
-            )
+            hidden = kwargs["hidden_states"]
+            rope = tuple(t.expand(hidden.shape[0], -1, -1) for t in kwargs["position_embeddings"])
+            pad = p.current_padding(stage.layer - 1)
+            signals: dict[str, Any] = {}
+            if "text_attention" in needs:
+                signals["text_attention"] = last_query_attention(module, hidden, rope, None if bool(pad.all()) else pad)
+            if "llm_keys" in needs:
+                signals["llm_keys"] = module.k_proj(hidden)
+            if "text_image_attention" in needs:
+                rows = []
+                for b, sample in enumerate(p.samples):
+                    first = int(sample.slots.max()) + 1 if sample.slots.numel() else 0
+                    query = torch.arange(first, hidden.shape[1], device=hidden.device)
+                    rows.append(rows_attention(module, hidden[b:b + 1], (rope[0][b:b + 1], rope[1][b:b + 1]),
+                                               query, pad[b:b + 1])[0])
+                signals["text_image_attention"] = rows
+            p.llm_signals[stage.layer] = signals
 
         return probe
 
@@ -394,7 +411,7 @@ class PipelineRun:
         p = self._prefill
         prev = p.segment_for(stage.layer - 1)
         current_len = hidden.shape[1]
-        stage_idx = self.plan.stages.index(stage)
+        stage_idx = next(i for i, s in enumerate(self.plan.stages) if s is stage)
         keeps, new_hidden_rows = [], []
         for b, sample in enumerate(p.samples):
             state = sample.meta.with_hidden(hidden[b, sample.slots]) if sample.slots.numel() else None
@@ -404,11 +421,7 @@ class PipelineRun:
                 self.trace[stage_idx].append(torch.empty(0, dtype=torch.long))
                 self.groups[stage_idx].append(torch.empty(0, dtype=torch.long))
                 continue
-            signals = Signals()
-            if "text_attention" in stage.reducer.needs:
-                signals.text_attention = p.text_attention[stage.layer][b, sample.slots]
-            if "cls_attention" in stage.reducer.needs:
-                signals.cls_attention = sample.cls_attention[state.index]
+            signals = _signals(stage, state, sample.vision, p.llm_signals.get(stage.layer), b, sample.slots)
             new = _checked_reduce(stage, state, signals)
             lookup = torch.full((state.n_original,), -1, dtype=torch.long, device=hidden.device)
             lookup[state.index] = torch.arange(state.n, device=hidden.device)
@@ -453,6 +466,21 @@ class PipelineRun:
         pos = kwargs.get("position_ids")
         seg.position_ids = None if pos is None else pos.expand(keep.shape[0], -1).gather(1, keep)
         seg.mask = _slice_square_mask(kwargs.get("attention_mask"), keep)
+
+
+def _signals(stage: PlannedStage, state: TokenState, vision: dict[str, Tensor],
+             llm: dict[str, Any] | None = None, b: int = 0, slots: Tensor | None = None) -> Signals:
+    """The signals a stage declared, aligned with the slots of ``state``."""
+    signals = Signals()
+    for name in stage.reducer.needs:
+        if name in VISION_SIGNALS:
+            value = vision[name][state.index]
+        elif name == "text_image_attention":
+            value = llm[name][b][:, slots]
+        else:
+            value = llm[name][b, slots]
+        setattr(signals, name, value)
+    return signals
 
 
 def _checked_reduce(stage: PlannedStage, state: TokenState, signals: Signals) -> TokenState:

@@ -20,13 +20,20 @@ Grids = tuple[Grid, ...] | None
 PLACEMENTS = ("vision", "projector", "llm")
 FAMILIES = ("pruning", "merging", "pooling")
 
-#: Signals the runtime knows how to provide. A reducer lists the ones it reads in ``needs``.
+#: Signals the runtime knows how to provide. A reducer lists the ones it reads in ``needs``;
+#: each arrives aligned with the slots of the state it is given.
 SIGNALS = {
-    "text_attention": "head-mean attention of the last prompt token to each image token, "
-    "at decoder layer K-1 (llm placement only)",
-    "cls_attention": "head-mean attention of the vision tower's [CLS] token to each patch, "
-    "at the vision feature layer",
+    "text_attention": "[N] head-mean attention of the last prompt token to each image token at decoder "
+    "layer K-1 (llm placement)",
+    "text_image_attention": "[T, N] head-mean attention of each prompt token after the image to each image "
+    "token at decoder layer K-1 (llm placement)",
+    "llm_keys": "[N, d_kv] key projections (before RoPE) of the image tokens at decoder layer K-1 (llm placement)",
+    "cls_attention": "[N] head-mean attention of the vision tower's [CLS] token to each patch at the vision "
+    "feature layer (any placement)",
+    "vision_keys": "[N, d_vision] key projections of each patch at the vision feature layer (any placement)",
 }
+LLM_SIGNALS = frozenset({"text_attention", "text_image_attention", "llm_keys"})
+VISION_SIGNALS = frozenset({"cls_attention", "vision_keys"})
 
 
 @dataclass(frozen=True)
@@ -149,11 +156,15 @@ def _remap(assign: Tensor, new_slot: Tensor) -> Tensor:
 class Signals:
     """What the runtime measured for the tokens of one state, aligned with its slots.
 
-    Only the signals a reducer lists in ``needs`` are filled in; reading another raises.
+    Only the signals a reducer lists in ``needs`` are filled in (see :data:`SIGNALS`); reading
+    another raises.
     """
 
     text_attention: Tensor | None = None
+    text_image_attention: Tensor | None = None
+    llm_keys: Tensor | None = None
     cls_attention: Tensor | None = None
+    vision_keys: Tensor | None = None
 
     def require(self, name: str) -> Tensor:
         value = getattr(self, name, None)
@@ -216,6 +227,17 @@ class Reducer:
         """Map a state to the reduced state. Must return ``output_count(state.n, state.grids)`` tokens."""
         raise NotImplementedError
 
+    def cost_macs(self, n: int, dim: int, grids: Grids) -> int:
+        """Multiply-accumulates of the matrix products this reducer performs on ``n`` tokens of width
+        ``dim`` (e.g. a similarity matrix: ``n * n * dim``). The cost model adds it to the plan and a
+        test checks it against ``torch.utils.flop_counter``; elementwise work is not counted."""
+        return 0
+
+    def substages(self) -> list["Reducer"] | None:
+        """For a method that acts at several places (e.g. PyramidDrop at layers 8, 16, 24): the reducers
+        to run in order, each with its own placement. None for a single-placement reducer."""
+        return None
+
     @property
     def placement_layer(self) -> int | None:
         """The decoder layer this stage runs at, when its parameters name one."""
@@ -255,7 +277,9 @@ def check_layer(layer: int | None, minimum: int = 0, why: str = "") -> None:
 
 __all__ = [
     "FAMILIES",
+    "LLM_SIGNALS",
     "PLACEMENTS",
+    "VISION_SIGNALS",
     "SIGNALS",
     "Grid",
     "Grids",
