@@ -93,44 +93,64 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else format_value(value)
 
 
-def _geometry(model: Optional[str], model_config: Optional[str]) -> Any:
+def _geometry(model: Optional[str], model_config: Optional[str], vision_tokens: Optional[int] = None) -> Any:
     from .compose import geometry_from_path, preset
+    from .compose.geometry import with_tokens
 
     if model and model_config:
-        raise typer.BadParameter("give either --model or --model-config, not both")
+        raise LmmsqueezeError("give either --model or --model-config, not both")
     if model_config:
-        return preset(model_config)
-    if model:
+        geometry = preset(model_config)
+    elif model:
         if model == "bundled":
             from .bundled import WEIGHTS_DIR
 
-            return geometry_from_path(WEIGHTS_DIR)
-        return geometry_from_path(model)
-    return preset("llava-1.5-7b")
+            model = str(WEIGHTS_DIR)
+        geometry = geometry_from_path(model)
+    else:
+        geometry = preset("llava-1.5-7b")
+    return geometry if vision_tokens is None else with_tokens(geometry, vision_tokens)
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f}"
 
 
 @app.command("explain")
 def explain_cmd(
     pipeline: Annotated[str, typer.Argument(help='Pipeline text, e.g. "fastv(layer=2, keep=0.5)", or @file.yaml.')],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model directory, its config.json, or `bundled`.")] = None,
-    model_config: Annotated[Optional[str], typer.Option(help="A built-in geometry preset, e.g. llava-1.5-7b.")] = None,
+    model_config: Annotated[Optional[str], typer.Option(help="A built-in geometry: llava-1.5-7b, llava-1.5-13b, vicuna-7b, vicuna-13b, llama3-8b, qwen2-7b, phi3-mini.")] = None,
+    vision_tokens: Annotated[Optional[int], typer.Option(help="Image tokens per image (default: the model's).")] = None,
+    text_tokens: Annotated[int, typer.Option(help="Non-image prompt tokens, for the cost.")] = 64,
+    convention: Annotated[str, typer.Option(help="FLOPs convention: exact or fastv.")] = "exact",
     as_json: JsonOpt = False,
 ) -> None:
-    """Validate a pipeline and print its plan: stages, placements, image tokens entering every layer."""
+    """Validate a pipeline and print its plan: stages, placements, image tokens and FLOPs of every layer."""
     from .compose import compile_pipeline
+    from .compose.flops import CONVENTIONS
 
     with user_errors():
-        plan = compile_pipeline(pipeline, _geometry(model, model_config))
-    data = plan.to_dict()
+        if text_tokens < 0:
+            raise LmmsqueezeError(f"--text-tokens {text_tokens} must be >= 0")
+        if convention not in CONVENTIONS:
+            raise LmmsqueezeError(f"--convention {convention!r} is not one of {', '.join(CONVENTIONS)}")
+        plan = compile_pipeline(pipeline, _geometry(model, model_config, vision_tokens))
+        data = plan.to_dict(text_tokens=text_tokens, convention=convention)
 
     def render(d: dict) -> None:
-        console.print(f"[bold]{d['pipeline']}[/] on {d['model']} ({d['image_tokens']} image tokens per image)")
+        console.print(f"[bold]{d['pipeline']}[/] on {d['model']} ({d['image_tokens']} image tokens per image, "
+                      f"{d['text_tokens']} text tokens)", highlight=False)
         table = Table()
         for col in ("#", "stage", "family", "placement", "tokens in", "tokens out", "grid kept"):
             table.add_column(col)
         for s in d["stages"]:
             where = f"llm @ layer {s['layer']}" if s["placement"] == "llm" else s["placement"]
-            table.add_row(str(s["position"]), s["stage"], s["family"], where, str(s["tokens_in"]),
+            part = f" ({s['part'][0]}/{s['part'][1]})" if s.get("part") else ""
+            table.add_row(str(s["position"]), s["stage"] + part, s["family"], where, str(s["tokens_in"]),
                           str(s["tokens_out"]), "yes" if s["keeps_grid"] else "no")
         if d["stages"]:
             console.print(table)
@@ -141,8 +161,12 @@ def explain_cmd(
                 span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
                 spans.append(f"layers {span}: {layers[start]['image_tokens']}")
                 start = i
-        console.print("image tokens entering each decoder layer: " + "; ".join(spans))
-        console.print(f"layer-averaged image tokens: {d['image_tokens_avg']:.1f}")
+        console.print("image tokens entering each decoder layer: " + "; ".join(spans), highlight=False)
+        console.print(f"layer-averaged image tokens: {d['image_tokens_avg']:.1f}", highlight=False)
+        parts = ", ".join(f"{k} {_si(v)}" for k, v in d["parts_flops"].items())
+        console.print(f"prefill FLOPs ({d['convention']}): {_si(d['prefill_flops'])} vs vanilla "
+                      f"{_si(d['vanilla_prefill_flops'])}: saving {100 * d['saving']:.1f}%", highlight=False)
+        console.print(f"by part: {parts}", highlight=False)
 
     emit(data, as_json, render)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ class ModelGeometry:
     image_tokens: int  # per image, as the LLM receives them
     grids: Grids  # (h, w) per crop of one image; None when the features are not a grid
     signals: frozenset[str]  # signals the runtime can measure on this model
+    vision_hidden_size: int = 0  # width of the vision feature layer
+    vision_tokens: int = 0  # tokens per image in the vision tower, [CLS] included
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -90,6 +93,8 @@ def geometry_from_config(config: Any, name: str = "") -> ModelGeometry:
         image_tokens=tokens,
         grids=grids,
         signals=frozenset(signals),
+        vision_hidden_size=int(vision.hidden_size),
+        vision_tokens=side * side + (1 if has_cls else 0),
         **text_geometry(config.get_text_config()),
     )
 
@@ -111,19 +116,42 @@ def geometry_from_path(path: str | Path) -> ModelGeometry:
 
 LLAVA_SIGNALS = frozenset({"text_attention", "text_image_attention", "llm_keys", "cls_attention", "vision_keys"})
 
-#: Built-in geometries of published backbones, for `explain --model-config` and cost tables.
-PRESETS: dict[str, ModelGeometry] = {
-    "llava-1.5-7b": ModelGeometry(
-        name="llava-1.5-7b", family="llava", num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=32,
-        head_dim=128, intermediate_size=11008, vocab_size=32064, gated_ffn=True, image_tokens=576,
-        grids=((24, 24),), signals=LLAVA_SIGNALS,
-    ),
-    "llava-1.5-13b": ModelGeometry(
-        name="llava-1.5-13b", family="llava", num_layers=40, hidden_size=5120, num_heads=40, num_kv_heads=40,
-        head_dim=128, intermediate_size=13824, vocab_size=32064, gated_ffn=True, image_tokens=576,
-        grids=((24, 24),), signals=LLAVA_SIGNALS,
-    ),
+#: Decoder shapes of published backbones: (layers, hidden, heads, kv heads, ffn, vocab).
+_DECODERS = {
+    "vicuna-7b": (32, 4096, 32, 32, 11008, 32000),
+    "vicuna-13b": (40, 5120, 40, 40, 13824, 32000),
+    "llama3-8b": (32, 4096, 32, 8, 14336, 128256),
+    "qwen2-7b": (28, 3584, 28, 4, 18944, 152064),
+    "phi3-mini": (32, 3072, 32, 32, 8192, 32064),
 }
+
+
+def _clip_l336_llava(name: str, decoder: str, vocab: int | None = None) -> ModelGeometry:
+    layers, hidden, heads, kv, ffn, voc = _DECODERS[decoder]
+    return ModelGeometry(
+        name=name, family="llava", num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv,
+        head_dim=hidden // heads, intermediate_size=ffn, vocab_size=vocab or voc, gated_ffn=True,
+        image_tokens=576, grids=((24, 24),), signals=LLAVA_SIGNALS, vision_hidden_size=1024, vision_tokens=577,
+    )
+
+
+#: Built-in geometries of published backbones (CLIP ViT-L/14-336, 576 tokens per image), for
+#: `explain --model-config` and cost tables.
+PRESETS: dict[str, ModelGeometry] = {
+    "llava-1.5-7b": _clip_l336_llava("llava-1.5-7b", "vicuna-7b", vocab=32064),
+    "llava-1.5-13b": _clip_l336_llava("llava-1.5-13b", "vicuna-13b", vocab=32064),
+    **{name: _clip_l336_llava(name, name) for name in _DECODERS},
+}
+
+
+def with_tokens(geometry: ModelGeometry, vision_tokens: int) -> ModelGeometry:
+    """The geometry with ``vision_tokens`` image tokens per image (a multiple of a crop keeps the grid)."""
+    if isinstance(vision_tokens, bool) or not isinstance(vision_tokens, int) or vision_tokens < 1:
+        raise ModelError(f"--vision-tokens {vision_tokens} must be a positive integer, e.g. 576")
+    crop = geometry.grids[0] if geometry.grids else None
+    per_crop = crop[0] * crop[1] if crop else 0
+    grids = (crop,) * (vision_tokens // per_crop) if per_crop and vision_tokens % per_crop == 0 else None
+    return dataclasses.replace(geometry, image_tokens=vision_tokens, grids=grids)
 
 
 def preset(name: str) -> ModelGeometry:

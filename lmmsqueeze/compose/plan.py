@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import PipelineError
 from ..reducers.base import LLM_SIGNALS, Grids, Reducer
 from ..reducers.registry import build_reducer, reducer_params
+from .flops import Cost, plan_cost
 from .geometry import ModelGeometry, geometry_from_config, preset
 from .spec import PipelineSpec, StageSpec, parse_pipeline
 
@@ -79,8 +80,13 @@ class Plan:
             counts.append(current)
         return counts
 
-    def to_dict(self) -> dict[str, Any]:
+    def cost(self, text_tokens: int = 64, convention: str = "exact", **kwargs: Any) -> Cost:
+        """The analytic prefill cost of this plan for one sample (see :mod:`lmmsqueeze.compose.flops`)."""
+        return plan_cost(self, text_tokens=text_tokens, convention=convention, **kwargs)
+
+    def to_dict(self, text_tokens: int = 64, convention: str = "exact") -> dict[str, Any]:
         per_layer = self.tokens_per_layer()
+        cost = self.cost(text_tokens, convention)
         return {
             "pipeline": self.canonical,
             "model": self.geometry.name,
@@ -100,8 +106,20 @@ class Plan:
                 }
                 for s in self.stages
             ],
-            "layers": [{"layer": i, "image_tokens": n} for i, n in enumerate(per_layer)],
             "image_tokens_avg": sum(per_layer) / len(per_layer) if per_layer else 0.0,
+            "text_tokens": text_tokens,
+            "convention": convention,
+            "prefill_flops": cost.prefill_flops,
+            "vanilla_prefill_flops": cost.vanilla_prefill_flops,
+            "saving": cost.saving,
+            "lm_head_flops": 2 * cost.lm_head,
+            "parts_flops": {k: 2 * v for k, v in cost.parts().items()},
+            "layers": [
+                {"layer": lc.layer, "image_tokens": lc.image_tokens, "tokens": lc.tokens, "flops": lc.flops,
+                 "macs": lc.macs, "projections_macs": lc.projections, "attention_macs": lc.attention,
+                 "ffn_macs": lc.ffn, "overhead_macs": lc.overhead}
+                for lc in cost.layers
+            ],
         }
 
 

@@ -1,0 +1,220 @@
+"""Analytic prefill cost of a compiled plan: MACs and FLOPs per decoder layer, by part.
+
+Two conventions:
+
+* ``exact`` (default): what the decoder really multiplies, per layer with ``n`` query tokens and
+  ``c`` key positions (prefill: ``c = n``), hidden ``d``, KV width ``d_kv`` (GQA), FFN width ``m``::
+
+      projections  n * (2 d^2 + 2 d d_kv)         Q, O: n d^2 each; K, V: n d d_kv each
+      attention    2 n c d                         Q K^T and A V over every key position
+      ffn          3 n d m  (gated) | 2 n d m      gate/up/down or up/down
+
+  plus the reducers' own matrix products and the signal probes' one-query recomputations.
+* ``fastv``: the FastV paper's ``4 n d^2 + 2 n^2 d + 2 n d m`` per layer (MAC-like; no GQA, a
+  two-matrix FFN, no overhead), to reproduce the numbers papers print.
+
+FLOPs are 2 x MACs. "Prefill FLOPs" cover the decoder layers (and overhead) and exclude the
+LM head, as papers do; the LM head on the last position is reported apart. Softmax, norms and
+other elementwise work are not counted (neither does ``torch.utils.flop_counter``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .geometry import ModelGeometry
+
+CONVENTIONS = ("exact", "fastv")
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """MACs of one decoder layer at prefill."""
+
+    layer: int
+    image_tokens: int
+    tokens: int  # query tokens
+    keys: int  # key positions
+    projections: int
+    attention: int
+    ffn: int
+    overhead: int = 0  # reducer work at this layer's input, probes at this layer, ProxyV's light MLP
+
+    @property
+    def macs(self) -> int:
+        return self.projections + self.attention + self.ffn + self.overhead
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Prefill cost of a plan for one sample."""
+
+    convention: str
+    text_tokens: int
+    layers: tuple[LayerCost, ...]
+    pre_llm_overhead: int  # MACs of vision-side probes and vision/projector reducers
+    lm_head: int  # MACs of the LM head on the last position (not part of prefill_macs)
+    vanilla_macs: int
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def prefill_macs(self) -> int:
+        return sum(layer.macs for layer in self.layers) + self.pre_llm_overhead
+
+    @property
+    def prefill_flops(self) -> int:
+        return 2 * self.prefill_macs
+
+    @property
+    def vanilla_prefill_flops(self) -> int:
+        return 2 * self.vanilla_macs
+
+    @property
+    def saving(self) -> float:
+        """Fraction of the vanilla prefill FLOPs that the plan saves."""
+        return 1.0 - self.prefill_macs / self.vanilla_macs if self.vanilla_macs else 0.0
+
+    def parts(self) -> dict[str, int]:
+        """MACs split by part, summed over layers."""
+        return {
+            "projections": sum(lc.projections for lc in self.layers),
+            "attention": sum(lc.attention for lc in self.layers),
+            "ffn": sum(lc.ffn for lc in self.layers),
+            "overhead": sum(lc.overhead for lc in self.layers) + self.pre_llm_overhead,
+            "lm_head": self.lm_head,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "convention": self.convention,
+            "text_tokens": self.text_tokens,
+            "prefill_macs": self.prefill_macs,
+            "prefill_flops": self.prefill_flops,
+            "vanilla_prefill_flops": self.vanilla_prefill_flops,
+            "saving": self.saving,
+            "lm_head_flops": 2 * self.lm_head,
+            "parts_flops": {k: 2 * v for k, v in self.parts().items()},
+            "notes": list(self.notes),
+            "layers": [{**asdict(lc), "macs": lc.macs, "flops": lc.flops} for lc in self.layers],
+        }
+
+
+def layer_macs(g: ModelGeometry, n: int, c: int | None = None, convention: str = "exact") -> tuple[int, int, int]:
+    """(projections, attention, ffn) MACs of an ordinary decoder layer with ``n`` queries over ``c`` keys."""
+    c = n if c is None else c
+    d, m = g.hidden_size, g.intermediate_size
+    if convention == "fastv":
+        return 4 * n * d * d, 2 * n * c * d, 2 * n * d * m
+    d_kv = g.num_kv_heads * g.head_dim
+    d_q = g.num_heads * g.head_dim
+    projections = n * d * d_q + 2 * n * d * d_kv + n * d_q * d
+    attention = 2 * n * c * d_q
+    ffn = (3 if g.gated_ffn else 2) * n * d * m
+    return projections, attention, ffn
+
+
+def probe_macs(g: ModelGeometry, needs: frozenset[str], n: int, text_after_image: int) -> int:
+    """MACs of the decoder-side signal probes at a layer holding ``n`` tokens."""
+    d = g.hidden_size
+    d_q = g.num_heads * g.head_dim
+    d_kv = g.num_kv_heads * g.head_dim
+    macs = 0
+    if "text_attention" in needs:  # q of one row, k of all rows, one row of Q K^T
+        macs += d * d_q + n * d * d_kv + n * d_q
+    if "text_image_attention" in needs:
+        r = text_after_image
+        macs += r * d * d_q + n * d * d_kv + r * n * d_q
+    if "llm_keys" in needs:
+        macs += n * d * d_kv
+    return macs
+
+
+def vision_probe_macs(g: ModelGeometry, needs: frozenset[str]) -> int:
+    """MACs of the vision-side probes for one image."""
+    t, dv = g.vision_tokens, g.vision_hidden_size
+    if not t or not dv:
+        return 0
+    macs = 0
+    if "cls_attention" in needs:  # q of [CLS], k of every token, one row of Q K^T
+        macs += dv * dv + t * dv * dv + t * dv
+    if "vision_keys" in needs:
+        macs += t * dv * dv
+    return macs
+
+
+def plan_cost(plan: Any, text_tokens: int = 64, convention: str = "exact", text_after_image: int | None = None,
+              images: int = 1) -> Cost:
+    """The prefill cost of a :class:`~lmmsqueeze.compose.plan.Plan` for one sample.
+
+    Args:
+        plan: the compiled plan (its geometry gives the shapes, its stages the token counts).
+        text_tokens: non-image tokens of the prompt (system prompt, question, chat markup).
+        convention: ``exact`` or ``fastv``.
+        text_after_image: prompt tokens after the last image token (for probes reading every text
+            query); defaults to ``text_tokens``.
+        images: images in the prompt (token counts scale with it).
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention {convention!r} is not one of {', '.join(CONVENTIONS)}")
+    g = plan.geometry
+    after = text_tokens if text_after_image is None else text_after_image
+    exact = convention == "exact"
+    tokens_per_layer = [images * t for t in plan.tokens_per_layer()]
+
+    overhead_at: dict[int, int] = {}
+    pre_llm = 0
+    needs_all = frozenset().union(*(s.reducer.needs for s in plan.stages)) if plan.stages else frozenset()
+    if exact:
+        pre_llm += images * vision_probe_macs(g, needs_all)
+        for stage in plan.stages:
+            if stage.placement == "llm":
+                n_at_probe = text_tokens + tokens_per_layer[stage.layer - 1] if stage.layer > 0 else 0
+                macs = probe_macs(g, stage.reducer.needs, n_at_probe, after)
+                macs += images * stage.reducer.cost_macs(stage.tokens_in, g.hidden_size, stage.grids_in)
+                overhead_at[stage.layer] = overhead_at.get(stage.layer, 0) + macs
+            else:
+                dim = g.vision_hidden_size if stage.placement == "vision" else g.hidden_size
+                pre_llm += images * stage.reducer.cost_macs(stage.tokens_in, dim, stage.grids_in)
+
+    layers = []
+    for i, image_tokens in enumerate(tokens_per_layer):
+        n = text_tokens + image_tokens
+        proj, attn, ffn = layer_macs(g, n, n, convention)
+        layers.append(LayerCost(i, image_tokens, n, n, proj, attn, ffn, overhead_at.get(i, 0)))
+
+    n0 = text_tokens + images * g.image_tokens
+    vanilla = g.num_layers * sum(layer_macs(g, n0, n0, convention))
+    notes = []
+    if convention == "fastv":
+        notes.append("fastv convention: 4nd^2 + 2n^2d + 2ndm per layer, no overhead")
+    return Cost(convention, text_tokens, tuple(layers), pre_llm, g.hidden_size * g.vocab_size, vanilla,
+                tuple(notes))
+
+
+def proxyv_layer_macs(g: ModelGeometry, image_tokens: int, proxies: int, other_tokens: int, mlp_hidden: int,
+                      splat: bool = False) -> tuple[int, int, int, int]:
+    """(projections, attention, ffn, light-MLP) MACs of one ProxyV layer.
+
+    ``nq = proxies + other_tokens`` queries (proxies, newlines, text); keys and values over every
+    image token too (``nkv = image_tokens + nq``); the FFN runs on the ``nq`` queries only; each
+    image token is updated by the light MLP (two d->h inputs, 2h->h, h->d), whose guidance
+    projection runs on the proxies (and, for the non-spatial variant, a splat of the proxies back
+    to every image token: ``image_tokens * proxies * d``).
+    """
+    d, m, h = g.hidden_size, g.intermediate_size, mlp_hidden
+    d_q = g.num_heads * g.head_dim
+    d_kv = g.num_kv_heads * g.head_dim
+    nq = proxies + other_tokens
+    nkv = image_tokens + nq
+    projections = nq * 2 * d * d_q + nkv * 2 * d * d_kv
+    attention = 2 * nq * nkv * d_q
+    ffn = (3 if g.gated_ffn else 2) * nq * d * m
+    light = image_tokens * (d * h + 2 * h * h + h * d) + proxies * d * h
+    if splat:
+        light += image_tokens * proxies * d
+    return projections, attention, ffn, light

@@ -1,0 +1,153 @@
+"""The analytic cost model against torch.utils.flop_counter on real prefills, and against papers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import lmmsqueeze
+from lmmsqueeze.compose.flops import layer_macs, proxyv_layer_macs
+from lmmsqueeze.compose.geometry import preset, with_tokens
+from lmmsqueeze.errors import ModelError
+from lmmsqueeze.pipelines import adapter_for
+from lmmsqueeze.reducers import get_reducer, list_reducers
+from lmmsqueeze.testing import tiny_inputs, tiny_llava
+
+#: parameters that make a reducer fit the tiny model (36 image tokens, 4 layers); defaults otherwise
+TINY_PARAMS: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module")
+def eager_tiny():
+    # on CPU the counter does not see sdpa's kernel, so count with eager attention
+    return tiny_llava(attn="eager")
+
+
+def _count(fn) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _pipelines():
+    for name in list_reducers():
+        cls = get_reducer(name)
+        params = TINY_PARAMS.get(name, "")
+        for placement in cls.placements:
+            if placement == "llm":
+                args = ", ".join(a for a in (params, "layer=2") if a)
+                yield f"{name}({args})"
+            elif placement == next(p for p in cls.placements if p != "llm"):
+                yield f"{name}({params})" if params else name
+
+
+@pytest.mark.parametrize("pipeline", ["none", "pool", "fastv", "random(layer=1, keep=0.25)", *_pipelines()])
+def test_analytic_prefill_flops_match_the_counter(eager_tiny, pipeline):
+    model, processor = eager_tiny
+    inputs = tiny_inputs(processor, 1)
+    try:
+        plan = lmmsqueeze.compile(pipeline, model)
+    except lmmsqueeze.PipelineError as exc:
+        pytest.fail(f"{pipeline} does not fit the tiny model ({exc}); add parameters to TINY_PARAMS")
+    g = adapter_for(model).geometry
+    text = inputs["input_ids"].shape[1] - g.image_tokens
+    with lmmsqueeze.apply(model, plan):
+        total = _count(lambda: model(**inputs, logits_to_keep=1))
+    vision = _count(lambda: model.model.vision_tower(inputs["pixel_values"]))
+    projector_tokens = plan.at("vision")[-1].tokens_out if plan.at("vision") else g.image_tokens
+    dv, d = g.vision_hidden_size, g.hidden_size
+    projector = 2 * projector_tokens * (dv * d + d * d)
+    cost = plan.cost(text_tokens=text)
+    measured = total - vision - projector - 2 * cost.lm_head
+    assert abs(measured - cost.prefill_flops) <= 0.01 * cost.prefill_flops, (measured, cost.prefill_flops)
+
+
+def test_decoder_layer_matches_the_counter_exactly(eager_tiny):
+    """n(2d^2 + 2d d_kv) + 2n^2 d + 3ndm MACs per layer, to the unit."""
+    model, _ = eager_tiny
+    layer = model.model.language_model.layers[0]
+    rotary = model.model.language_model.rotary_emb
+    n = 50
+    hidden = torch.randn(1, n, 64)
+    pos = torch.arange(n)[None]
+    flops = _count(lambda: layer(hidden, attention_mask=None, position_embeddings=rotary(hidden, pos),
+                                 position_ids=pos))
+    # d=64, d_kv=32, m=128: 50*(2*64*64 + 2*64*32) + 2*50*50*64 + 3*50*64*128
+    #                      = 614,400 + 320,000 + 1,228,800 = 2,163,200 MACs
+    assert sum(layer_macs(adapter_for(model).geometry, n)) == 2_163_200
+    assert flops == 2 * 2_163_200
+
+
+def test_fastv_paper_numbers():
+    """FastV K=2, R=50% on LLaVA-1.5-7B, FastV's formula with 74 text tokens (reducers.md 6.4)."""
+    vanilla = lmmsqueeze.compile("none", "llava-1.5-7b").cost(text_tokens=74, convention="fastv")
+    fastv = lmmsqueeze.compile("fastv(layer=2, keep=0.5)", "llava-1.5-7b").cost(text_tokens=74, convention="fastv")
+    assert vanilla.prefill_macs == pytest.approx(3.38e12, rel=2e-3)
+    assert fastv.prefill_macs == pytest.approx(1.95e12, rel=2e-3)
+    assert fastv.saving == pytest.approx(1 - 0.577, abs=0.002)
+
+
+@pytest.mark.parametrize("backbone, starts, reported", [
+    ("vicuna-7b", (12, 16), (46, 36)),
+    ("vicuna-13b", (16, 20), (43, 36)),
+    ("llama3-8b", (16, 20), (42, 32)),
+    ("qwen2-7b", (16, 20), (37, 25)),
+])
+def test_proxyv_paper_savings(backbone, starts, reported):
+    """ProxyV: 2880 image + 50 text + 5 newline tokens, 180 proxies, light MLP width d/4."""
+    g = with_tokens(preset(backbone), 2880)
+    n = 2880 + 55
+    base = sum(layer_macs(g, n))
+    proxy = sum(proxyv_layer_macs(g, image_tokens=2880, proxies=180, other_tokens=55, mlp_hidden=g.hidden_size // 4))
+    for start, expected in zip(starts, reported):
+        total = start * base + (g.num_layers - start) * proxy
+        assert 100 * (1 - total / (g.num_layers * base)) == pytest.approx(expected, abs=1.0)
+
+
+def test_explain_json_carries_costs():
+    from typer.testing import CliRunner
+
+    from lmmsqueeze.cli import app
+
+    result = CliRunner().invoke(app, ["explain", "fastv(layer=2, keep=0.5)", "--model-config", "llava-1.5-7b",
+                                      "--text-tokens", "74", "--convention", "fastv", "--json"])
+    import json
+
+    data = json.loads(result.stdout)
+    assert data["saving"] == pytest.approx(0.423, abs=0.001)
+    assert data["prefill_flops"] == sum(layer["flops"] for layer in data["layers"])
+    assert data["vanilla_prefill_flops"] > data["prefill_flops"]
+    assert [layer["image_tokens"] for layer in data["layers"][:3]] == [576, 576, 288]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model-config", "llava-99b"], "unknown model config 'llava-99b'"),
+    (["--vision-tokens", "-5"], "--vision-tokens -5 must be a positive integer"),
+    (["--text-tokens", "-1"], "--text-tokens -1 must be >= 0"),
+])
+def test_bad_geometry_is_one_line(args, message):
+    from typer.testing import CliRunner
+
+    from lmmsqueeze.cli import app
+
+    result = CliRunner().invoke(app, ["explain", "pool", *args])
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("config, message", [
+    ('{"architectures": ["Foo"]}', "cannot read the config"),
+    ('{"model_type": "llama", "hidden_size": 64}', "model type 'llama' is not supported"),
+    ("{not json", "cannot read the config"),
+])
+def test_bad_model_configs_are_one_line(tmp_path, config, message):
+    from typer.testing import CliRunner
+
+    from lmmsqueeze.cli import app
+    from lmmsqueeze.compose import geometry_from_path
+
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(ModelError, match=message):
+        geometry_from_path(tmp_path)
+    result = CliRunner().invoke(app, ["explain", "pool", "--model", str(tmp_path)])
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
