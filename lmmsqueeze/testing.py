@@ -43,11 +43,18 @@ def tiny_llava(
     patch_size: int = 8,
     layers: int = 4,
     strategy: str = "default",
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    ffn: int = 128,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
 ):
     """A random ``LlavaForConditionalGeneration`` and its ``LlavaProcessor``.
 
     With the defaults an image gives a 6x6 grid of 36 image tokens and the decoder has 4 layers
-    (hidden 64, 4 heads, 2 KV heads: grouped-query attention).
+    (hidden 64, 4 heads, 2 KV heads: grouped-query attention). Larger shapes (e.g. a
+    LLaVA-1.5-like 336 px / patch 14 = 576 tokens) serve benchmarks.
     """
     from transformers import (
         CLIPImageProcessorPil,
@@ -60,12 +67,12 @@ def tiny_llava(
 
     tokenizer = tiny_tokenizer()
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=image_size, patch_size=patch_size,
+        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
+        num_attention_heads=4, image_size=image_size, patch_size=patch_size,
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
         pad_token_id=0, bos_token_id=2, eos_token_id=3,
     )
     side = image_size // patch_size

@@ -151,3 +151,38 @@ def test_bad_model_configs_are_one_line(tmp_path, config, message):
         geometry_from_path(tmp_path)
     result = CliRunner().invoke(app, ["explain", "pool", "--model", str(tmp_path)])
     assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bench_runs_on_a_local_model_directory(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lmmsqueeze.cli import app
+
+    model, processor = tiny_llava()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    result = CliRunner().invoke(app, ["bench", "--model", str(tmp_path), "-p", "pool", "-p", "fastv(keep=4)",
+                                      "--runs", "2", "--warmup", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["pipeline"] for r in rows] == ["none", "pool(size=2)", "fastv(keep=4, layer=2)"]
+    assert rows[0]["analytic_saving"] == 0 and rows[1]["analytic_saving"] > 0.5
+    assert all(r["latency_ms"] > 0 and r["peak_memory_mb"] > 0 for r in rows)
+    # pooling 36 -> 9 image tokens must lower the peak of live tensors
+    assert rows[1]["peak_memory_mb"] < rows[0]["peak_memory_mb"]
+    bad = CliRunner().invoke(app, ["bench", "--model", str(tmp_path), "-p", "fastv(layer=9)"])
+    assert bad.exit_code == 2 and "layer=9 is beyond the model" in bad.stderr
+
+
+def test_peak_tensor_memory_counts_live_bytes():
+    from lmmsqueeze.pipelines.measure import PeakTensorMemory
+
+    with PeakTensorMemory() as mode:
+        a = torch.ones(1000)  # 4,000 bytes
+        b = a * 2  # +4,000 -> 8,000 live
+        del a, b
+        c = torch.zeros(250)  # 1,000 bytes after both were freed
+        del c
+    assert mode.peak == 8000 and mode.live == 0

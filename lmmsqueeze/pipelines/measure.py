@@ -1,0 +1,179 @@
+"""Measuring prefill: latency (whole forward and decoder only) and peak tensor memory.
+
+Timings are interleaved across pipelines (A B C A B C ...) after warm-up so that machine noise
+hits every pipeline alike; on CUDA they use CUDA events. Peak memory is CUDA's allocator peak on
+GPU, and on CPU the peak of live tensor bytes allocated during the call, tracked by a dispatch
+mode (weights and other tensors that existed before the call are not counted).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .hooks import HookSet
+from .runtime import apply
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Tracks the peak of live tensor bytes created while it is active (CPU or any device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._refs: dict[tuple[int, int], int] = defaultdict(int)
+
+    def _release(self, key: tuple[int, int], nbytes: int) -> None:
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            del self._refs[key]
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key, nbytes = (storage.data_ptr(), storage.device.index or 0), storage.nbytes()
+                if nbytes == 0:
+                    continue
+                if key not in self._refs:
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                self._refs[key] += 1
+                weakref.finalize(t, self._release, key, nbytes)
+        return out
+
+
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes of tensors allocated while ``fn`` runs."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    mode = PeakTensorMemory()
+    with mode:
+        fn()
+    return mode.peak
+
+
+class _Clock:
+    """Wall time on CPU, CUDA events on GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def elapsed_ms(self, start: Any, end: Any) -> float:
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end)
+        return (end - start) * 1000.0
+
+
+@dataclass
+class Timing:
+    """Per-pipeline samples of prefill latency (ms) for the whole forward and the decoder only."""
+
+    total: list[float] = field(default_factory=list)
+    decoder: list[float] = field(default_factory=list)
+
+    @staticmethod
+    def summary(values: list[float]) -> dict[str, float]:
+        if not values:
+            return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "iqr": float("nan")}
+        q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        return {"median": statistics.median(values), "min": min(values), "max": max(values), "iqr": q[2] - q[0]}
+
+
+def time_prefills(model: Any, inputs: dict, plans: list[Any], runs: int = 5, warmup: int = 1) -> list[Timing]:
+    """Interleaved prefill timings of each plan on the same inputs (rotating the order every round)."""
+    device = next(model.parameters()).device
+    clock = _Clock(device)
+    decoder = model.model.language_model
+    timings = [Timing() for _ in plans]
+    marks: dict[str, Any] = {}
+
+    with HookSet() as hooks, torch.no_grad():
+        hooks.pre(decoder, lambda m, a, k: marks.__setitem__("lm_start", clock.mark()))
+        hooks.post(decoder, lambda m, a, k, o: marks.__setitem__("lm_end", clock.mark()))
+        for r in range(warmup + runs):
+            order = list(range(len(plans)))
+            shift = r % len(plans)
+            for i in order[shift:] + order[:shift]:
+                with apply(model, plans[i]):
+                    start = clock.mark()
+                    model(**inputs, logits_to_keep=1, use_cache=True)
+                    end = clock.mark()
+                if r >= warmup:
+                    timings[i].total.append(clock.elapsed_ms(start, end))
+                    timings[i].decoder.append(clock.elapsed_ms(marks["lm_start"], marks["lm_end"]))
+    return timings
+
+
+def peak_prefill_memory(model: Any, inputs: dict, plan: Any) -> int:
+    """Peak tensor bytes of one prefill with ``plan`` installed."""
+    device = next(model.parameters()).device
+    with apply(model, plan), torch.no_grad():
+        return peak_memory_bytes(lambda: model(**inputs, logits_to_keep=1, use_cache=True), device)
+
+
+def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: str, runs: int = 5,
+          warmup: int = 1) -> list[dict[str, Any]]:
+    """Vanilla and each pipeline on the same input: latency, peak memory, measured vs analytic saving.
+
+    ``realized_fraction`` is the measured decoder-time saving over the analytic FLOPs saving (1.0:
+    the FLOPs saving turned fully into time).
+    """
+    from .loading import build_prompt
+    from .runtime import compile_for
+
+    text = build_prompt(processor, prompt)
+    inputs = processor(images=image, text=text, return_tensors="pt").to(next(model.parameters()).device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+    plans = [compile_for(model, p)[0] for p in ["none", *pipelines]]
+    image_tokens = int((inputs["input_ids"] == compile_for(model, "none")[1].image_token_id).sum())
+    text_tokens = inputs["input_ids"].shape[1] - image_tokens
+    timings = time_prefills(model, dict(inputs), plans, runs=runs, warmup=warmup)
+    base_total = Timing.summary(timings[0].total)["median"]
+    base_decoder = Timing.summary(timings[0].decoder)["median"]
+    rows = []
+    for plan, timing in zip(plans, timings):
+        total, dec = Timing.summary(timing.total), Timing.summary(timing.decoder)
+        analytic = plan.cost(text_tokens=text_tokens).saving
+        measured = 1.0 - dec["median"] / base_decoder
+        rows.append({
+            "pipeline": plan.canonical,
+            "latency_ms": total["median"],
+            "latency_iqr_ms": total["iqr"],
+            "latency_min_ms": total["min"],
+            "latency_max_ms": total["max"],
+            "decoder_ms": dec["median"],
+            "decoder_iqr_ms": dec["iqr"],
+            "peak_memory_mb": peak_prefill_memory(model, dict(inputs), plan) / 2**20,
+            "measured_saving": measured,
+            "total_saving": 1.0 - total["median"] / base_total,
+            "analytic_saving": analytic,
+            "realized_fraction": measured / analytic if analytic > 0 else None,
+            "runs": runs,
+        })
+    return rows
