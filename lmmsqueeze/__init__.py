@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import reducers  # noqa: F401  (registers the built-in reducers)
+from . import proxyv, reducers  # noqa: F401  (registers the built-in reducers and the proxyv stage)
 from .compose import ModelGeometry, PipelineSpec, Plan, compile_pipeline, parse_pipeline
 from .errors import LmmsqueezeError, ModelError, PipelineError, RegistryError
 from .pipelines import apply, load_model

@@ -15,7 +15,10 @@ from lmmsqueeze.reducers import get_reducer, list_reducers
 from lmmsqueeze.testing import tiny_inputs, tiny_llava
 
 #: parameters that make a reducer fit the tiny model (36 image tokens, 4 layers); defaults otherwise
-TINY_PARAMS: dict[str, str] = {}
+TINY_PARAMS: dict[str, str] = {
+    "pdrop": "layer=1, step=1, stages=3",
+    "sparsevlm": 'layer=1, more_layers="2,3"',
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,7 @@ def _pipelines():
         params = TINY_PARAMS.get(name, "")
         for placement in cls.placements:
             if placement == "llm":
-                args = ", ".join(a for a in (params, "layer=2") if a)
+                args = ", ".join(a for a in (params, "" if "layer=" in params else "layer=2") if a)
                 yield f"{name}({args})"
             elif placement == next(p for p in cls.placements if p != "llm"):
                 yield f"{name}({params})" if params else name

@@ -16,7 +16,7 @@ from .flops import Cost, plan_cost
 from .geometry import ModelGeometry, geometry_from_config, preset
 from .spec import PipelineSpec, StageSpec, parse_pipeline
 
-PLACEMENT_ORDER = {"vision": 0, "projector": 1, "llm": 2}
+PLACEMENT_ORDER = {"vision": 0, "projector": 1, "llm": 2, "proxyv": 3}
 
 
 @dataclass(frozen=True)
@@ -61,13 +61,19 @@ class Plan:
     def is_vanilla(self) -> bool:
         return not self.stages
 
+    @property
+    def proxyv(self) -> PlannedStage | None:
+        """The ProxyV stage, when it starts at a real layer."""
+        stage = next((s for s in self.stages if s.placement == "proxyv"), None)
+        return stage if stage is not None and stage.layer < self.geometry.num_layers else None
+
     def at(self, placement: str) -> list[PlannedStage]:
         return [s for s in self.stages if s.placement == placement]
 
     @property
     def llm_image_tokens(self) -> int:
         """Image tokens (per single-image sample) that enter decoder layer 0."""
-        pre = [s for s in self.stages if s.placement != "llm"]
+        pre = [s for s in self.stages if s.placement in ("vision", "projector")]
         return pre[-1].tokens_out if pre else self.geometry.image_tokens
 
     def tokens_per_layer(self) -> list[int]:
@@ -166,6 +172,7 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any =
     stages: list[PlannedStage] = []
     tokens, grids = geometry.image_tokens, geometry.grids
     last_rank, last_layer = -1, -1
+    proxyv_layer: int | None = None
     canonical_specs: list[StageSpec] = []
     for pos, stage in enumerate(spec.stages, 1):
         where = f"stage {pos} ({stage.name})"
@@ -176,7 +183,29 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any =
             if len(parts) > 1:
                 where = f"stage {pos} ({stage.name}, part {part} of {len(parts)})"
             layer = reducer.placement_layer
-            if layer is not None:
+            if "proxyv" in reducer.placements:
+                placement = "proxyv"
+                if not 0 <= layer <= geometry.num_layers:
+                    raise PipelineError(
+                        f"{where}: layer={layer} is beyond the model: ProxyV starts at a layer in "
+                        f"0..{geometry.num_layers} ({geometry.num_layers} means no ProxyV layer)"
+                    )
+                if proxyv_layer is not None:
+                    raise PipelineError(f"{where}: a pipeline holds at most one proxyv stage")
+                if last_layer >= layer:
+                    raise PipelineError(
+                        f"{where}: an llm reducer at layer {last_layer} >= {layer} cannot run with ProxyV from "
+                        f"layer {layer}, which keeps every image token there; move the reducer below layer {layer} "
+                        "or start ProxyV later"
+                    )
+                proxyv_layer = layer
+            elif layer is not None:
+                if proxyv_layer is not None and layer >= proxyv_layer:
+                    raise PipelineError(
+                        f"{where}: an llm reducer at layer {layer} >= {proxyv_layer} cannot run with ProxyV from "
+                        f"layer {proxyv_layer}, which keeps every image token there; move the reducer below "
+                        f"layer {proxyv_layer} or start ProxyV later"
+                    )
                 if "llm" not in reducer.placements:
                     raise PipelineError(
                         f"{where}: {stage.name} does not run inside the LLM (placements: "
@@ -194,9 +223,10 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any =
                     raise PipelineError(f"{where}: {stage.name} runs inside the LLM only; give layer=K")
             rank = PLACEMENT_ORDER[placement]
             if rank < last_rank:
+                after = "the proxyv stage" if last_rank == PLACEMENT_ORDER["proxyv"] else "an llm stage"
                 raise PipelineError(
-                    f"{where}: a {placement} stage cannot follow an llm stage; order stages as they run: "
-                    "vision, projector, then llm layers in increasing order"
+                    f"{where}: a {placement} stage cannot follow {after}; order stages as they run: "
+                    "vision, projector, llm layers in increasing order, then proxyv"
                 )
             if placement == "llm":
                 if layer <= last_layer:
@@ -219,10 +249,8 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any =
                     "cannot provide; pick a reducer that does not read it"
                 )
             if getattr(reducer, "requires_grid", False) and grids is None:
-                raise PipelineError(
-                    f"{where}: {stage.name} needs the token grid, but an earlier stage broke it; "
-                    "move it before that stage"
-                )
+                fix = getattr(reducer, "grid_fix", "move it before that stage")
+                raise PipelineError(f"{where}: {stage.name} needs the token grid, but an earlier stage broke it; {fix}")
             keep = getattr(reducer, "keep", None)
             if isinstance(keep, int) and keep > tokens:
                 raise PipelineError(

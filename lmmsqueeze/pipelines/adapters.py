@@ -22,6 +22,7 @@ class ModelAdapter:
         model: the full model (e.g. ``LlavaForConditionalGeneration``).
         base: the multimodal base whose forward receives ``input_ids`` and image inputs.
         layers: the decoder layers.
+        rotary: the decoder's rotary embedding (positions -> cos, sin).
         projector: the module mapping vision features to LLM embeddings (hooked for
             ``vision``/``projector`` placements).
         vision_attention: the self-attention of the vision feature layer, for [CLS] attention.
@@ -34,6 +35,7 @@ class ModelAdapter:
     model: nn.Module
     base: nn.Module
     layers: nn.ModuleList
+    rotary: nn.Module
     projector: nn.Module
     vision_attention: nn.Module | None
     features_have_cls: bool
@@ -86,6 +88,7 @@ class LlavaAdapter(ModelAdapter):
             model=model,
             base=base,
             layers=base.language_model.layers,
+            rotary=base.language_model.rotary_emb,
             projector=base.multi_modal_projector,
             vision_attention=vision_attention,
             features_have_cls=config.vision_feature_select_strategy == "full",

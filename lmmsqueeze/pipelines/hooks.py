@@ -9,7 +9,8 @@ from torch.utils.hooks import RemovableHandle
 
 
 class HookSet:
-    """Registers forward hooks and pre-hooks on modules and removes all of them on exit.
+    """Registers forward hooks and pre-hooks on modules (and temporary stand-ins for decoder layers)
+    and removes all of them on exit.
 
     Use as a context manager; hooks are removed even when the body raises::
 
@@ -20,6 +21,7 @@ class HookSet:
 
     def __init__(self) -> None:
         self._handles: list[RemovableHandle] = []
+        self._swaps: list[tuple[nn.ModuleList, int, nn.Module]] = []
 
     def pre(self, module: nn.Module, fn: Callable[..., Any]) -> None:
         """``fn(module, args, kwargs) -> None | (args, kwargs)`` runs before ``module.forward``."""
@@ -29,12 +31,20 @@ class HookSet:
         """``fn(module, args, kwargs, output) -> None | output`` runs after ``module.forward``."""
         self._handles.append(module.register_forward_hook(fn, with_kwargs=True))
 
+    def swap(self, container: nn.ModuleList, index: int, module: nn.Module) -> None:
+        """Put ``module`` at ``container[index]`` (this instance only) until the set is removed."""
+        self._swaps.append((container, index, container[index]))
+        container[index] = module
+
     def __len__(self) -> int:
-        return len(self._handles)
+        return len(self._handles) + len(self._swaps)
 
     def remove(self) -> None:
         while self._handles:
             self._handles.pop().remove()
+        while self._swaps:
+            container, index, original = self._swaps.pop()
+            container[index] = original
 
     def __enter__(self) -> "HookSet":
         return self

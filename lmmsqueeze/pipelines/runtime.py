@@ -105,10 +105,12 @@ class PipelineRun:
             original image token belongs to after that stage (-1 if dropped).
     """
 
-    def __init__(self, model: nn.Module, plan: Plan, adapter: ModelAdapter):
+    def __init__(self, model: nn.Module, plan: Plan, adapter: ModelAdapter, proxyv_adapter: Any = None):
         self.model = model
         self.plan = plan
         self.adapter = adapter
+        self.proxyv_adapter = proxyv_adapter
+        self._proxyv_state: Any = None
         self.trace: list[list[Tensor]] = []
         self.groups: list[list[Tensor]] = []
         self.image_tokens_per_layer: list[int] = []
@@ -142,6 +144,12 @@ class PipelineRun:
             hooks.post(a.vision_attention, self._vision_probe)
         hooks.pre(a.projector, self._projector_pre)
         hooks.post(a.projector, self._projector_post)
+        pv = self.plan.proxyv
+        if pv is not None:
+            from ..proxyv.layer import ProxyVDecoderLayer
+
+            for i in range(pv.layer, len(a.layers)):
+                hooks.swap(a.layers, i, ProxyVDecoderLayer(a.layers[i], self, i))
         if self._llm:
             first = self._llm[0].layer
             for i in range(first, len(a.layers)):
@@ -296,6 +304,7 @@ class PipelineRun:
                     slot_off += rec.trace[si].numel()
                 self.trace[si].append(torch.cat(trace))
                 self.groups[si].append(torch.cat(groups))
+        self._proxyv_state = None
         self._prefill = _Prefill(
             batch=batch, length=new_len, padding=padding, source_columns=source.masked_fill(~present, -1),
             rewritten=rewritten, new_mask=new_mask, input_length=length, removed=removed, samples=samples,
@@ -455,6 +464,38 @@ class PipelineRun:
             self.image_tokens_per_layer[i] = count
         return torch.stack(new_hidden_rows)
 
+    def proxyv_state(self, layer: int, hidden: Tensor, kwargs: dict) -> Any:
+        """The ProxyV state for decoder layer ``layer`` at prefill (made at the first ProxyV layer), or
+        None when the layer should run as usual (decode steps, calls without images)."""
+        p = self._prefill
+        if p is None or p.decoding:
+            return None
+        if self._proxyv_state is None:
+            self._proxyv_state = self._begin_proxyv(hidden, kwargs)
+        return self._proxyv_state
+
+    def _begin_proxyv(self, hidden: Tensor, kwargs: dict) -> Any:
+        from ..proxyv.layer import ProxyVState, make_proxies
+
+        p, stage = self._prefill, self.plan.proxyv
+        batch, length, _ = hidden.shape
+        counts = {int(s.slots.numel()) for s in p.samples}
+        if len(counts) != 1 or 0 in counts:
+            raise ModelError("ProxyV needs the same (non-zero) number of image tokens in every sample of a batch")
+        image = torch.stack([s.slots for s in p.samples])
+        is_other = torch.ones(batch, length, dtype=torch.bool, device=hidden.device).scatter(1, image, False)
+        others = torch.stack([torch.nonzero(row).flatten() for row in is_other])
+        pos = kwargs.get("position_ids")
+        positions = (torch.arange(length, device=hidden.device)[None] if pos is None else pos).expand(batch, -1)
+        meta = p.samples[0].meta
+        tokens = hidden.gather(1, image[..., None].expand(-1, -1, hidden.shape[-1]))
+        proxies, assign, splat = make_proxies(stage.reducer, self.proxyv_adapter, tokens, meta.grids, meta.crop_ids)
+        start = positions.gather(1, image).min(dim=1, keepdim=True).values
+        proxy_positions = start + torch.arange(proxies.shape[1], device=hidden.device)[None]
+        rope = self.adapter.rotary(proxies, proxy_positions)
+        return ProxyVState(image, others, positions, p.current_padding(stage.layer), proxies, proxy_positions,
+                           rope, assign, splat)
+
     def _slice_prefill_kwargs(self, seg: _Segment, kwargs: dict) -> None:
         if seg.position_embeddings is not None:
             return
@@ -530,11 +571,18 @@ def compile_for(model: nn.Module, pipeline: str | PipelineSpec | Plan | None) ->
 
 
 @contextlib.contextmanager
-def apply(model: nn.Module, pipeline: str | PipelineSpec | Plan | None) -> Iterator[PipelineRun]:
+def apply(model: nn.Module, pipeline: str | PipelineSpec | Plan | None, adapter: Any = None) -> Iterator[PipelineRun]:
     """Install a pipeline on a transformers model for the duration of a ``with`` block.
 
     Inside the block, ``model(...)`` and ``model.generate(...)`` run with the plan's reductions;
     on exit every hook is removed, whatever happened inside.
+
+    Args:
+        model: a supported transformers model (``LlavaForConditionalGeneration``).
+        pipeline: pipeline text, a spec, or a compiled plan.
+        adapter: trained ProxyV weights (a :class:`~lmmsqueeze.proxyv.ProxyVAdapter` or its
+            directory) for a pipeline with a ``proxyv`` stage; without it the ProxyV modules are
+            freshly initialised (seed 0).
 
     Example::
 
@@ -542,8 +590,11 @@ def apply(model: nn.Module, pipeline: str | PipelineSpec | Plan | None) -> Itera
             out = model.generate(**inputs, max_new_tokens=8)
         run.trace  # surviving original indices, per stage and sample
     """
-    plan, adapter = compile_for(model, pipeline)
-    run = PipelineRun(model, plan, adapter)
+    from ..proxyv.attach import resolve_adapter
+
+    plan, model_adapter = compile_for(model, pipeline)
+    proxyv_adapter = resolve_adapter(model, plan, adapter)
+    run = PipelineRun(model, plan, model_adapter, proxyv_adapter)
     with HookSet() as hooks:
         run.install(hooks)
         yield run

@@ -17,8 +17,8 @@ from torch import Tensor
 Grid = tuple[int, int]
 Grids = tuple[Grid, ...] | None
 
-PLACEMENTS = ("vision", "projector", "llm")
-FAMILIES = ("pruning", "merging", "pooling")
+PLACEMENTS = ("vision", "projector", "llm", "proxyv")
+FAMILIES = ("pruning", "merging", "pooling", "proxy")
 
 #: Signals the runtime knows how to provide. A reducer lists the ones it reads in ``needs``;
 #: each arrives aligned with the slots of the state it is given.

@@ -1,0 +1,62 @@
+"""Matching ProxyV adapters to a model and a plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from .modules import ProxyVAdapter, ProxyVConfig
+
+#: adapters shipped with the bundled model, addressable as `bundled:<name>`
+BUNDLED_ADAPTERS = ("proxyv-spatial", "proxyv-nonspatial")
+
+
+def adapter_path(ref: str | Path) -> Path:
+    """A directory for an adapter reference: a path, or ``bundled:<name>``."""
+    ref = str(ref)
+    if ref.startswith("bundled:"):
+        from ..bundled import WEIGHTS_DIR
+
+        name = ref.split(":", 1)[1]
+        if name not in BUNDLED_ADAPTERS:
+            raise ModelError(f"unknown bundled adapter {name!r}; shipped: {', '.join(BUNDLED_ADAPTERS)}")
+        return Path(WEIGHTS_DIR).parent / "adapters" / name
+    return Path(ref)
+
+
+def config_for(model: nn.Module, plan: Any) -> ProxyVConfig:
+    """The adapter config a plan's ProxyV stage needs on ``model``."""
+    stage = plan.proxyv
+    text = model.config.get_text_config()
+    g = plan.geometry
+    return ProxyVConfig(
+        layer=stage.layer, variant=stage.reducer.variant, factor=stage.reducer.factor,
+        proxies=stage.reducer.proxies, hidden_size=g.hidden_size, width=stage.reducer.width(g.hidden_size),
+        num_layers=g.num_layers, rms_norm_eps=float(getattr(text, "rms_norm_eps", 1e-6)),
+        base_model=g.name, pipeline=plan.canonical,
+    )
+
+
+def resolve_adapter(model: nn.Module, plan: Any, adapter: Any) -> ProxyVAdapter | None:
+    """The ProxyV modules for a plan: the given adapter (checked), or fresh ones (seed 0)."""
+    if plan.proxyv is None:
+        if adapter is not None and not any(s.placement == "proxyv" for s in plan.stages):
+            raise ModelError(f"an adapter was given, but pipeline {plan.canonical!r} has no proxyv stage; "
+                             "add one, or omit the pipeline to use the adapter's own")
+        return None
+    needed = config_for(model, plan)
+    if adapter is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            module = ProxyVAdapter(needed)
+    else:
+        module = adapter if isinstance(adapter, ProxyVAdapter) else ProxyVAdapter.load(adapter_path(adapter))
+        problem = module.config.mismatch(needed)
+        if problem:
+            raise ModelError(f"the ProxyV adapter does not fit this pipeline or model: {problem}")
+    param = next(model.parameters())
+    return module.to(device=param.device, dtype=param.dtype)

@@ -1,0 +1,159 @@
+"""The ProxyV decoder layer at prefill, computed with the LLM's own weights.
+
+Queries are the proxies and every non-image token; keys and values are the image tokens, the
+proxies and every non-image token. Masks: causal by position, proxies never see image tokens,
+text never sees proxies. The FFN runs on the queries only. Image tokens skip attention-as-query
+and the FFN: the layer's VisionMLP updates them from their own state and their proxy's output.
+Only the sequence tokens' keys and values enter the KV cache, so decode steps are ordinary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
+
+from .modules import ProxyVAdapter, VisionMLP
+from .stage import ProxyV
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def _rows(x: Tensor, index: Tensor) -> Tensor:
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+@dataclass
+class ProxyVState:
+    """What the ProxyV layers of one prefill share (batch-first tensors)."""
+
+    image: Tensor  # [B, n] slots of the image tokens in the sequence
+    others: Tensor  # [B, t] slots of every other token
+    positions: Tensor  # [B, N] position of every sequence token
+    padding: Tensor  # [B, N] True for real tokens
+    proxies: Tensor  # [B, P, d] proxy states entering the next layer
+    proxy_positions: Tensor  # [B, P]
+    proxy_rope: tuple[Tensor, Tensor]  # cos/sin [B, P, head_dim]
+    assign: Tensor | None  # [n] proxy of each image token (spatial)
+    splat: Tensor | None  # [B, n, P] splat weights (non-spatial)
+
+
+def make_proxies(stage: ProxyV, adapter: ProxyVAdapter, image: Tensor, grids: Any, groups: Tensor
+                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Proxies from the image tokens entering the first ProxyV layer.
+
+    Args:
+        image: ``[B, n, d]`` image tokens in state order.
+        grids: per-crop grids while the order is a grid (spatial needs them).
+        groups: ``[n]`` group of each token (crop, or image once crops are gone) for non-spatial.
+
+    Returns:
+        proxies ``[B, P, d]``, assign ``[n]`` (spatial) or None, splat ``[B, n, P]`` (non-spatial) or None.
+    """
+    b, n, d = image.shape
+    if stage.variant == "spatial":
+        proxies, assign, start, offset = [], [], 0, 0
+        for (h, w), (oh, ow) in zip(grids, stage.proxy_grids(grids)):
+            crop = image[:, start:start + h * w].reshape(b, h, w, d).permute(0, 3, 1, 2)
+            small = F.interpolate(crop.float(), size=(oh, ow), mode="bilinear", align_corners=False)
+            proxies.append(small.to(image.dtype).permute(0, 2, 3, 1).reshape(b, oh * ow, d))
+            rows = torch.arange(h, device=image.device).repeat_interleave(w) * oh // h
+            cols = torch.arange(w, device=image.device).repeat(h) * ow // w
+            assign.append(offset + rows * ow + cols)
+            start += h * w
+            offset += oh * ow
+        return torch.cat(proxies, 1), torch.cat(assign), None
+    proxies, blocks = [], []
+    ids = torch.unique(groups)
+    total = stage.proxies * ids.numel()
+    splat = image.new_zeros(b, n, total)
+    for j, g in enumerate(ids):
+        members = torch.nonzero(groups == g).flatten()
+        p, s = adapter.initializer(image[:, members])  # [B, k, d], [B, m, k]
+        proxies.append(p)
+        cols = slice(j * stage.proxies, (j + 1) * stage.proxies)
+        splat[:, members, cols] = s
+    return torch.cat(proxies, 1), None, splat
+
+
+def proxyv_layer(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Tensor,
+                 rope: tuple[Tensor, Tensor], cache: Any) -> Tensor:
+    """One decoder layer >= L at prefill. Returns the new sequence hidden states (same shape)."""
+    b, n_seq, d = hidden.shape
+    p = st.proxies.shape[1]
+    attn = layer.self_attn
+    hd = attn.head_dim
+    full = torch.cat([hidden, st.proxies], 1)  # rows: sequence, then proxies
+    normed = layer.input_layernorm(full)
+    proxy_rows = (n_seq + torch.arange(p, device=hidden.device)).expand(b, -1)
+    q_rows = torch.cat([proxy_rows, st.others], 1)  # [B, nq]
+    nq, nk = q_rows.shape[1], n_seq + p
+    cos = torch.cat([rope[0].expand(b, -1, -1), st.proxy_rope[0]], 1)
+    sin = torch.cat([rope[1].expand(b, -1, -1), st.proxy_rope[1]], 1)
+    q = attn.q_proj(_rows(normed, q_rows)).view(b, nq, -1, hd).transpose(1, 2)
+    k = attn.k_proj(normed).view(b, nk, -1, hd).transpose(1, 2)
+    v = attn.v_proj(normed).view(b, nk, -1, hd).transpose(1, 2)
+    q = _rope(q, _rows(cos, q_rows), _rows(sin, q_rows))
+    k = _rope(k, cos, sin)
+    if cache is not None:
+        cache.update(k[:, :, :n_seq], v[:, :, :n_seq], attn.layer_idx)
+    allowed = proxyv_mask(st, q_rows, n_seq)
+    out = F.scaled_dot_product_attention(
+        q, repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups),
+        attn_mask=allowed[:, None], scale=attn.scaling,
+    )
+    out = attn.o_proj(out.transpose(1, 2).reshape(b, nq, -1))
+    h = _rows(full, q_rows) + out
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    new_proxies, new_others = h[:, :p], h[:, p:]
+    image_in = _rows(hidden, st.image)
+    if st.assign is not None:
+        context = mlp.context_proj(new_proxies)[:, st.assign]
+    else:
+        context = mlp.context_proj(st.splat @ new_proxies)
+    image_out = mlp(image_in, context)
+    st.proxies = new_proxies
+    seq = hidden.scatter(1, st.others[..., None].expand(-1, -1, d), new_others)
+    return seq.scatter(1, st.image[..., None].expand(-1, -1, d), image_out)
+
+
+def proxyv_mask(st: ProxyVState, q_rows: Tensor, n_seq: int) -> Tensor:
+    """``[B, nq, N+P]`` True where a query may attend: causal by position over real tokens, no
+    proxy -> image, no text -> proxy (every query sees itself)."""
+    b, p = st.proxies.shape[:2]
+    device = q_rows.device
+    key_pos = torch.cat([st.positions, st.proxy_positions], 1)
+    query_pos = key_pos.gather(1, q_rows)
+    key_real = torch.cat([st.padding, torch.ones(b, p, dtype=torch.bool, device=device)], 1)
+    key_image = torch.zeros(b, n_seq + p, dtype=torch.bool, device=device).scatter(1, st.image, True)
+    key_proxy = (torch.arange(n_seq + p, device=device) >= n_seq)[None, None, :]
+    query_proxy = (torch.arange(q_rows.shape[1], device=device) < p)[None, :, None]
+    allowed = (key_pos[:, None, :] <= query_pos[:, :, None]) & key_real[:, None, :]
+    allowed &= ~(query_proxy & key_image[:, None, :])
+    allowed &= ~(~query_proxy & key_proxy)
+    return allowed | (torch.arange(n_seq + p, device=device)[None, None, :] == q_rows[:, :, None])
+
+
+class ProxyVDecoderLayer(nn.Module):
+    """Stands in for decoder layer ``index`` while a ProxyV plan is applied: ProxyV at prefill,
+    the original layer otherwise (decode steps, text-only calls)."""
+
+    def __init__(self, inner: nn.Module, run: Any, index: int):
+        super().__init__()
+        self.inner = inner
+        self.index = index
+        object.__setattr__(self, "_run", run)  # not a submodule
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        state = self._run.proxyv_state(self.index, hidden_states, kwargs)
+        if state is None:
+            return self.inner(hidden_states, *args, **kwargs)
+        mlp = self._run.proxyv_adapter.mlp(self.index)
+        return proxyv_layer(self.inner, mlp, state, hidden_states, kwargs["position_embeddings"], kwargs.get("cache"))

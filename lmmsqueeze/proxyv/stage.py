@@ -1,0 +1,78 @@
+"""The `proxyv` pipeline stage: its parameters, validation and proxy counts (no tensors)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from ..reducers.base import Grids, Reducer, Signals, TokenState
+from ..reducers.registry import register_reducer
+
+
+@register_reducer(
+    "proxyv",
+    family="proxy",
+    placements=("proxyv",),
+    keeps_grid=True,
+    cite="Wu, Lu, Liu, Streamline Without Sacrifice: Squeeze out Computation Redundancy in LMM, ICML 2025",
+)
+@dataclass(frozen=True)
+class ProxyV(Reducer):
+    """From decoder layer ``layer`` on, a few proxy tokens take the image tokens' attention queries and
+    FFN; every image token stays (text attends to all of them) and is updated by a light MLP guided by
+    its proxy.
+
+    ``spatial`` proxies resize each crop's grid by ``factor`` (bilinear); ``nonspatial`` proxies are
+    ``proxies`` learned queries per crop (per image once crops are gone) pooling the image tokens,
+    so they can follow any reducer. ``mlp_hidden=0`` picks the paper's width (d/4, or d/2 below
+    d=1024). Needs trained weights (``--adapter``); without them the modules are freshly initialised.
+    """
+
+    layer: int = 12
+    variant: Literal["spatial", "nonspatial"] = "spatial"
+    factor: int = 4
+    proxies: int = 36
+    mlp_hidden: int = 0
+
+    def __post_init__(self) -> None:
+        if self.factor < 1:
+            raise ValueError(f"factor={self.factor} must be an integer >= 1 (4 resizes 24x24 to 6x6)")
+        if self.proxies < 1:
+            raise ValueError(f"proxies={self.proxies} must be an integer >= 1")
+        if self.mlp_hidden < 0:
+            raise ValueError(f"mlp_hidden={self.mlp_hidden} must be >= 0 (0 = the paper's width)")
+        if self.layer < 0:
+            raise ValueError(f"layer={self.layer} must be an integer >= 0")
+
+    @property
+    def requires_grid(self) -> bool:  # type: ignore[override]
+        return self.variant == "spatial"
+
+    @property
+    def grid_fix(self) -> str:
+        return "use variant=nonspatial, which needs no grid"
+
+    def output_count(self, n: int, grids: Grids) -> int:
+        return n
+
+    def reduce(self, state: TokenState, signals: Signals) -> TokenState:
+        return state
+
+    def proxy_grids(self, grids: Grids) -> tuple[tuple[int, int], ...]:
+        """Side of the proxy grid of every crop (spatial variant)."""
+        if grids is None:
+            raise ValueError("spatial ProxyV needs the token grid")
+        return tuple((math.ceil(h / self.factor), math.ceil(w / self.factor)) for h, w in grids)
+
+    def proxy_count(self, n: int, grids: Grids, groups: int = 1) -> int:
+        """Proxies made from ``n`` image tokens (``groups``: crops or images when the grid is gone)."""
+        if self.variant == "spatial":
+            return sum(h * w for h, w in self.proxy_grids(grids))
+        return self.proxies * (len(grids) if grids else groups)
+
+    def width(self, hidden_size: int) -> int:
+        """Hidden width of the light MLP."""
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        return hidden_size // 4 if hidden_size >= 1024 else hidden_size // 2
