@@ -16,6 +16,7 @@ from lmmsqueeze.testing import tiny_inputs, tiny_llava
 
 #: parameters that make a reducer fit the tiny model (36 image tokens, 4 layers); defaults otherwise
 TINY_PARAMS: dict[str, str] = {
+    "proxyv": "layer=2, factor=2",
     "pdrop": "layer=1, step=1, stages=3",
     "sparsevlm": 'layer=1, more_layers="2,3"',
 }
@@ -45,7 +46,12 @@ def _pipelines():
                 yield f"{name}({params})" if params else name
 
 
-@pytest.mark.parametrize("pipeline", ["none", "pool", "fastv", "random(layer=1, keep=0.25)", *_pipelines()])
+@pytest.mark.parametrize("pipeline", [
+    "none", "pool", "fastv", "random(layer=1, keep=0.25)", *_pipelines(),
+    "proxyv(layer=1, variant=nonspatial, proxies=4)",
+    "pool | proxyv(layer=2, factor=3)",
+    "random(keep=0.5) | fastv(layer=1, keep=6) | proxyv(layer=2, variant=nonspatial, proxies=5)",
+])
 def test_analytic_prefill_flops_match_the_counter(eager_tiny, pipeline):
     model, processor = eager_tiny
     inputs = tiny_inputs(processor, 1)
@@ -98,7 +104,8 @@ def test_fastv_paper_numbers():
     ("qwen2-7b", (16, 20), (37, 25)),
 ])
 def test_proxyv_paper_savings(backbone, starts, reported):
-    """ProxyV: 2880 image + 50 text + 5 newline tokens, 180 proxies, light MLP width d/4."""
+    """ProxyV: 2880 image tokens (5 crops of 24x24) + 50 text + 5 newline tokens, 180 proxies, light MLP
+    width d/4; the formula alone and the same through a compiled plan."""
     g = with_tokens(preset(backbone), 2880)
     n = 2880 + 55
     base = sum(layer_macs(g, n))
@@ -106,6 +113,9 @@ def test_proxyv_paper_savings(backbone, starts, reported):
     for start, expected in zip(starts, reported):
         total = start * base + (g.num_layers - start) * proxy
         assert 100 * (1 - total / (g.num_layers * base)) == pytest.approx(expected, abs=1.0)
+        plan = lmmsqueeze.compile(f"proxyv(layer={start})", g)
+        assert plan.proxyv.grids_in == ((24, 24),) * 5
+        assert 100 * plan.cost(text_tokens=55).saving == pytest.approx(expected, abs=1.0)
 
 
 def test_explain_json_carries_costs():

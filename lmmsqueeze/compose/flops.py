@@ -181,9 +181,23 @@ def plan_cost(plan: Any, text_tokens: int = 64, convention: str = "exact", text_
                 dim = g.vision_hidden_size if stage.placement == "vision" else g.hidden_size
                 pre_llm += images * stage.reducer.cost_macs(stage.tokens_in, dim, stage.grids_in)
 
+    pv = plan.proxyv
     layers = []
     for i, image_tokens in enumerate(tokens_per_layer):
         n = text_tokens + image_tokens
+        if pv is not None and i >= pv.layer:
+            stage = pv.reducer
+            groups = images * (len(pv.grids_in) if pv.grids_in else 1)
+            proxies = images * stage.proxy_count(pv.tokens_in, pv.grids_in, groups=1) if stage.variant == "spatial" \
+                else stage.proxies * groups
+            width = stage.width(g.hidden_size)
+            nonspatial = stage.variant == "nonspatial"
+            proj, attn, ffn, light = proxyv_layer_macs(g, image_tokens, proxies, text_tokens, width, splat=nonspatial)
+            if nonspatial and i == pv.layer:  # the initializer: keys, logits, pooling
+                light += image_tokens * g.hidden_size * width + proxies * (image_tokens // groups) * (width + g.hidden_size)
+            layers.append(LayerCost(i, image_tokens, proxies + text_tokens, image_tokens + proxies + text_tokens,
+                                    proj, attn, ffn, overhead_at.get(i, 0) + (light if exact else 0)))
+            continue
         proj, attn, ffn = layer_macs(g, n, n, convention)
         layers.append(LayerCost(i, image_tokens, n, n, proj, attn, ffn, overhead_at.get(i, 0)))
 
@@ -204,7 +218,8 @@ def proxyv_layer_macs(g: ModelGeometry, image_tokens: int, proxies: int, other_t
     image token too (``nkv = image_tokens + nq``); the FFN runs on the ``nq`` queries only; each
     image token is updated by the light MLP (two d->h inputs, 2h->h, h->d), whose guidance
     projection runs on the proxies (and, for the non-spatial variant, a splat of the proxies back
-    to every image token: ``image_tokens * proxies * d``).
+    to every image token, ``image_tokens * proxies * d``, with the guidance projection then on every
+    image token).
     """
     d, m, h = g.hidden_size, g.intermediate_size, mlp_hidden
     d_q = g.num_heads * g.head_dim
@@ -214,7 +229,9 @@ def proxyv_layer_macs(g: ModelGeometry, image_tokens: int, proxies: int, other_t
     projections = nq * 2 * d * d_q + nkv * 2 * d * d_kv
     attention = 2 * nq * nkv * d_q
     ffn = (3 if g.gated_ffn else 2) * nq * d * m
-    light = image_tokens * (d * h + 2 * h * h + h * d) + proxies * d * h
-    if splat:
-        light += image_tokens * proxies * d
+    light = image_tokens * (d * h + 2 * h * h + h * d)
+    if splat:  # guidance = splat @ proxies for every image token, then the d->h guidance projection
+        light += image_tokens * proxies * d + image_tokens * d * h
+    else:  # the guidance projection runs on the proxies, then each token takes its proxy's
+        light += proxies * d * h
     return projections, attention, ffn, light

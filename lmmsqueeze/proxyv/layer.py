@@ -104,11 +104,14 @@ def proxyv_layer(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Tens
     k = _rope(k, cos, sin)
     if cache is not None:
         cache.update(k[:, :, :n_seq], v[:, :, :n_seq], attn.layer_idx)
-    allowed = proxyv_mask(st, q_rows, n_seq)
-    out = F.scaled_dot_product_attention(
-        q, repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups),
-        attn_mask=allowed[:, None], scale=attn.scaling,
-    )
+    allowed = proxyv_mask(st, q_rows, n_seq)[:, None]
+    k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
+    if getattr(attn.config, "_attn_implementation", "sdpa") == "eager":  # plain matmuls, as eager layers do
+        logits = (q @ k.transpose(-1, -2)) * attn.scaling
+        weights = logits.masked_fill(~allowed, float("-inf")).float().softmax(dim=-1).to(q.dtype)
+        out = weights @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=attn.scaling)
     out = attn.o_proj(out.transpose(1, 2).reshape(b, nq, -1))
     h = _rows(full, q_rows) + out
     h = h + layer.mlp(layer.post_attention_layernorm(h))

@@ -1,0 +1,164 @@
+"""ProxyV: identity at layer=num_layers, mask semantics, cache, training and adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmmsqueeze
+from lmmsqueeze.errors import ModelError, PipelineError
+from lmmsqueeze.proxyv import ProxyVAdapter
+from lmmsqueeze.proxyv.attach import config_for
+from lmmsqueeze.testing import tiny_inputs, tiny_llava
+
+VARIANTS = ["proxyv(layer=2, factor=2)", "proxyv(layer=1, variant=nonspatial, proxies=4)",
+            "random(keep=0.5) | proxyv(layer=2, variant=nonspatial, proxies=3)"]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_no_proxyv_layer_is_bit_identical(tiny, batch):
+    model, processor = tiny
+    inputs = tiny_inputs(processor, batch)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with lmmsqueeze.apply(model, "proxyv(layer=4)"):
+            assert torch.equal(model(**inputs).logits, reference)
+
+
+def test_mask_semantics_on_the_attention_inputs(tiny_sdpa, monkeypatch):
+    """Capture what a ProxyV layer hands to attention and check every block against the rules,
+    computed independently from token kinds and positions."""
+    model, processor = tiny_sdpa
+    inputs = tiny_inputs(processor, 2)
+    seen = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append((q.shape, k.shape, attn_mask))
+        return real_sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    real = inputs["attention_mask"].bool()
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), lmmsqueeze.apply(model, "proxyv(layer=3, factor=2)"):
+        model(**inputs, position_ids=positions)
+    ours = [s for s in seen if s[2] is not None and s[2].dtype == torch.bool and s[0][2] != s[1][2]]
+    assert ours, "the ProxyV layer did not call attention"
+    q_shape, k_shape, mask = ours[0]
+    n_seq, p = inputs["input_ids"].shape[1], 9  # 6x6 grid / factor 2 = 3x3 proxies
+    assert k_shape[2] == n_seq + p
+    image = inputs["input_ids"] == model.config.image_token_id
+    for b in range(2):
+        others = torch.nonzero(~image[b]).flatten()
+        first_image = int(positions[b][image[b]].min())
+        kinds = ["proxy"] * p + ["text"] * len(others)  # query order: proxies, then every other token
+        q_pos = [first_image + i for i in range(p)] + positions[b, others].tolist()
+        q_row = list(range(n_seq, n_seq + p)) + others.tolist()
+        k_kind = ["image" if image[b, j] else "text" for j in range(n_seq)] + ["proxy"] * p
+        k_pos = positions[b].tolist() + [first_image + i for i in range(p)]
+        k_real = real[b].tolist() + [True] * p
+        for qi in range(len(kinds)):
+            for kj in range(n_seq + p):
+                expected = k_pos[kj] <= q_pos[qi] and k_real[kj]
+                if kinds[qi] == "proxy" and k_kind[kj] == "image":
+                    expected = False
+                if kinds[qi] == "text" and k_kind[kj] == "proxy":
+                    expected = False
+                expected = expected or kj == q_row[qi]
+                assert bool(mask[b, 0, qi, kj]) == expected, (b, qi, kj)
+        # text after the image sees every image token; proxies see none
+        last = len(kinds) - 1
+        assert bool(mask[b, 0, last, :n_seq][image[b]].all())
+        assert not bool(mask[b, 0, :p, :n_seq][:, image[b]].any())
+
+
+@pytest.mark.parametrize("pipeline", VARIANTS)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cached_generate_matches_no_cache_reference(tiny, pipeline, batch):
+    model, processor = tiny
+    inputs = tiny_inputs(processor, batch)
+    steps = 4
+    with torch.no_grad(), lmmsqueeze.apply(model, pipeline) as run:
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        kept = run.image_tokens_per_layer[-1]
+        mask = torch.cat([inputs["attention_mask"], torch.ones(batch, steps, dtype=torch.long)], 1)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        logits = model(input_ids=out.sequences, pixel_values=inputs["pixel_values"], attention_mask=mask,
+                       position_ids=positions, use_cache=False).logits
+        rows = run.output_positions
+    prompt = inputs["input_ids"].shape[1]
+    # no proxy entries in the cache: every layer holds the (reduced) prompt + generated tokens
+    dropped = 36 - kept
+    assert {layer.keys.shape[-2] for layer in out.cache.layers} == {prompt - dropped + steps - 1}
+    for step in range(steps):
+        for b in range(batch):
+            row = int(torch.nonzero(rows[b] == prompt + step - 1))
+            assert (logits[b, row] - out.logits[step][b]).abs().max() < 1e-4
+
+
+def test_frozen_llm_gradients_reach_only_proxyv_parameters(tiny_sdpa):
+    model, processor = tiny_sdpa
+    inputs = tiny_inputs(processor, 2)
+    plan = lmmsqueeze.compile("proxyv(layer=1, variant=nonspatial, proxies=4)", model)
+    adapter = ProxyVAdapter(config_for(model, plan))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with lmmsqueeze.apply(model, plan, adapter=adapter):
+        loss = model(**inputs).logits.float().pow(2).mean()
+    loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    grads = {name: p.grad for name, p in adapter.named_parameters()}
+    assert all(g is not None and g.abs().sum() > 0 for name, g in grads.items()
+               if not name.startswith("mlps.2.")), [n for n, g in grads.items() if g is None]
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def test_adapter_round_trip_gives_identical_logits(tiny_sdpa, tmp_path):
+    model, processor = tiny_sdpa
+    inputs = tiny_inputs(processor, 1)
+    plan = lmmsqueeze.compile("pool | proxyv(layer=2, variant=nonspatial, proxies=3)", model)
+    torch.manual_seed(1)
+    adapter = ProxyVAdapter(config_for(model, plan))
+    adapter.save(tmp_path / "adapter")
+    with torch.no_grad():
+        with lmmsqueeze.apply(model, plan, adapter=adapter):
+            a = model(**inputs).logits
+        with lmmsqueeze.apply(model, plan, adapter=str(tmp_path / "adapter")):
+            b = model(**inputs).logits
+        with lmmsqueeze.apply(model, plan):  # fresh weights differ
+            c = model(**inputs).logits
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_adapter_mismatch_is_named(tiny_sdpa, tmp_path):
+    model, _ = tiny_sdpa
+    plan = lmmsqueeze.compile("proxyv(layer=2, factor=2)", model)
+    ProxyVAdapter(config_for(model, plan)).save(tmp_path / "a")
+    with pytest.raises(ModelError, match="layer: the adapter has 2, the pipeline/model needs 1"):
+        with lmmsqueeze.apply(model, "proxyv(layer=1, factor=2)", adapter=str(tmp_path / "a")):
+            pass
+    with pytest.raises(ModelError, match="variant: the adapter has spatial"):
+        with lmmsqueeze.apply(model, "proxyv(layer=2, variant=nonspatial)", adapter=str(tmp_path / "a")):
+            pass
+    other, _ = tiny_llava(hidden=32, heads=2, kv_heads=1, ffn=64)
+    with pytest.raises(ModelError, match="hidden_size: the adapter has 64, the pipeline/model needs 32"):
+        with lmmsqueeze.apply(other, "proxyv(layer=2, factor=2)", adapter=str(tmp_path / "a")):
+            pass
+
+
+@pytest.mark.parametrize("pipeline, message", [
+    ("random(keep=0.5) | proxyv(layer=2)", "needs the token grid, but an earlier stage broke it; use variant=nonspatial"),
+    ("fastv(layer=2) | proxyv(layer=2)", "an llm reducer at layer 2 >= 2 cannot run with ProxyV from layer 2"),
+    ("proxyv(layer=1) | fastv(layer=2)", "an llm reducer at layer 2 >= 1 cannot run with ProxyV"),
+    ("proxyv(layer=2) | fastv(layer=1)", "cannot follow the proxyv stage"),
+    ("proxyv(layer=5)", "ProxyV starts at a layer in 0..4"),
+    ("proxyv(variant=diagonal)", "variant='diagonal' is not a valid one of spatial|nonspatial"),
+    ("proxyv(layer=2) | proxyv(layer=3)", "at most one proxyv stage"),
+])
+def test_refusals(tiny_sdpa, pipeline, message):
+    with pytest.raises(PipelineError) as err:
+        lmmsqueeze.compile(pipeline, tiny_sdpa[0])
+    assert message in str(err.value) and "\n" not in str(err.value)
