@@ -19,7 +19,9 @@ def _state(n=16, d=4, grid=(4, 4)):
 
 def _signals(n):
     g = torch.Generator().manual_seed(0)
-    return Signals(text_attention=torch.rand(n, generator=g), cls_attention=torch.rand(n, generator=g))
+    return Signals(text_attention=torch.rand(n, generator=g), cls_attention=torch.rand(n, generator=g),
+                   text_image_attention=torch.rand(3, n, generator=g), llm_keys=torch.randn(n, 6, generator=g),
+                   vision_keys=torch.randn(n, 5, generator=g))
 
 
 @pytest.mark.parametrize("name", list_reducers())

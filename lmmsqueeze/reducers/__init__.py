@@ -1,6 +1,22 @@
 """Visual token reducers: the registry and the built-in plugins (one per module)."""
 
-from . import fastv, pool, random  # noqa: F401  (import registers the built-ins)
+from . import (  # noqa: F401  (import registers the built-ins)
+    bilinear,
+    dart,
+    divprune,
+    fastervlm,
+    fastv,
+    maxpool,
+    pdrop,
+    pool,
+    prumerge,
+    random,
+    sparsevlm,
+    stride,
+    tome,
+    visionzip,
+    vispruner,
+)
 from .base import Reducer, ScoredPruner, Signals, TokenState, check_keep, resolve_keep, top_k_slots
 from .registry import (
     ENTRY_POINT_GROUP,

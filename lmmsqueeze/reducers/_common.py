@@ -1,0 +1,57 @@
+"""Small helpers shared by the built-in reducers (not part of the public API)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from .base import Reducer, Signals, TokenState
+
+
+def unit_rows(x: Tensor) -> Tensor:
+    """Rows of ``x`` scaled to unit L2 norm, in float32 (cosine similarity is then ``a @ b.T``)."""
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def without_grid(state: TokenState) -> TokenState:
+    """The same tokens, marked as no longer forming a grid (for reducers declared ``keeps_grid=False``)."""
+    return state if state.grids is None else dataclasses.replace(state, grids=None)
+
+
+def weighted_means(target: Tensor, hidden: Tensor, weights: Tensor, m: int) -> Tensor:
+    """``[m, D]`` float32 weighted mean of the rows of ``hidden`` sent to each new slot by ``target``
+    (rows with ``target == -1`` are left out)."""
+    alive = target >= 0
+    w = weights.float()[alive]
+    num = torch.zeros(m, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    num.index_add_(0, target[alive], hidden.float()[alive] * w[:, None])
+    den = torch.zeros(m, dtype=torch.float32, device=hidden.device).index_add_(0, target[alive], w)
+    return num / den.clamp_min(1e-12)[:, None]
+
+
+def realign(signals: Signals, before: TokenState, after: TokenState) -> Signals:
+    """Signals of ``before`` restricted to the tokens of ``after`` (each new token reads the signal
+    of its representative), so a multi-part reducer can run its parts back to back."""
+    lookup = torch.full((before.n_original,), -1, dtype=torch.long, device=before.index.device)
+    lookup[before.index] = torch.arange(before.n, device=before.index.device)
+    slots = lookup[after.index]
+    out = Signals()
+    for field in dataclasses.fields(Signals):
+        value = getattr(signals, field.name)
+        if value is not None:
+            value = value[:, slots] if field.name == "text_image_attention" else value[slots]
+        setattr(out, field.name, value)
+    return out
+
+
+def run_parts(parts: list[Reducer], state: TokenState, signals: Signals) -> TokenState:
+    """Apply single-placement reducers in order on one state (what the runtime does layer by layer,
+    except that later parts see the first part's signals, not fresh ones)."""
+    for part in parts:
+        new = part.reduce(state, signals)
+        signals = realign(signals, state, new)
+        state = new
+    return state

@@ -1,0 +1,161 @@
+"""Pictures of what a pipeline keeps: the image with the surviving patches of every stage highlighted.
+
+:func:`render_stages` is a pure function (image + grid + per-stage traces/groups -> a PIL image);
+:func:`show_pipeline` runs a model once to get those traces and draws them (what ``lmmsqueeze show``
+calls). Only PIL is used.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .errors import LmmsqueezeError
+
+DROPPED_SHADE = 0.25  # brightness left to a dropped patch
+GROUP_TINT = 0.55  # opacity of a merge group's colour
+TITLE_HEIGHT = 34
+MARGIN = 8
+
+
+@dataclass(frozen=True)
+class StageView:
+    """What one stage did to one image's tokens.
+
+    Attributes:
+        title: the panel's caption (e.g. ``"pool(size=2) [projector]"``).
+        kept: original indices of the tokens that survive the stage (merge representatives).
+        groups: for every original token, the output token it belongs to (-1: dropped).
+    """
+
+    title: str
+    kept: Sequence[int]
+    groups: Sequence[int]
+
+
+def group_colour(group: int) -> tuple[int, int, int]:
+    """A distinct, saturated colour for a merge group (golden-ratio hues)."""
+    r, g, b = colorsys.hsv_to_rgb((group * 0.618033988749895) % 1.0, 0.85, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def model_view(image: Image.Image) -> Image.Image:
+    """The centred square of ``image`` that a CLIP-style processor (resize the short side, centre
+    crop) turns into patches."""
+    image = image.convert("RGB")
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def _cell(index: int, grid: tuple[int, int], size: int) -> tuple[int, int, int, int]:
+    h, w = grid
+    r, c = divmod(index, w)
+    return (c * size // w, r * size // h, (c + 1) * size // w, (r + 1) * size // h)
+
+
+def _panel(image: Image.Image, grid: tuple[int, int], view: StageView | None, size: int) -> Image.Image:
+    base = image.resize((size, size), Image.BILINEAR)
+    n = grid[0] * grid[1]
+    if view is None:
+        return base
+    if len(view.groups) != n:
+        raise LmmsqueezeError(f"stage {view.title!r} has {len(view.groups)} groups but the grid holds {n} tokens")
+    dark = Image.blend(base, Image.new("RGB", base.size), 1.0 - DROPPED_SHADE)
+    out = base.copy()
+    members: dict[int, int] = {}
+    for g in view.groups:
+        if g >= 0:
+            members[g] = members.get(g, 0) + 1
+    for i, g in enumerate(view.groups):
+        box = _cell(i, grid, size)
+        if g < 0:
+            out.paste(dark.crop(box), box[:2])
+        elif members[g] > 1:
+            tint = Image.new("RGB", (box[2] - box[0], box[3] - box[1]), group_colour(g))
+            out.paste(Image.blend(base.crop(box), tint, GROUP_TINT), box[:2])
+    draw = ImageDraw.Draw(out)
+    for i in view.kept:
+        x0, y0, x1, y1 = _cell(int(i), grid, size)
+        g = view.groups[int(i)]
+        colour = group_colour(g) if g >= 0 and members.get(g, 0) > 1 else (255, 255, 255)
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colour, width=max(1, size // (8 * max(grid))))
+    return out
+
+
+def render_stages(image: Image.Image, grid: tuple[int, int], stages: Sequence[StageView],
+                  panel_size: int = 256) -> Image.Image:
+    """One panel for the input and one per stage, side by side.
+
+    In a stage's panel, dropped patches are darkened, patches merged into a token of more than one
+    patch are tinted with that token's colour, and the patch that carries each surviving token (its
+    representative) is outlined (white for unmerged tokens).
+
+    Args:
+        image: the image as the model sees it (see :func:`model_view`).
+        grid: ``(rows, cols)`` of the image's tokens; token ``i`` covers row ``i // cols``, column ``i % cols``.
+        stages: per stage, the surviving original indices and the group of every original token.
+        panel_size: side of each panel in pixels.
+    """
+    font = ImageFont.load_default()
+    panels = [("input", grid[0] * grid[1], None)] + [(s.title, len(s.kept), s) for s in stages]
+    width = len(panels) * (panel_size + MARGIN) + MARGIN
+    canvas = Image.new("RGB", (width, panel_size + TITLE_HEIGHT + 2 * MARGIN), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for k, (title, count, view) in enumerate(panels):
+        x = MARGIN + k * (panel_size + MARGIN)
+        canvas.paste(_panel(image.convert("RGB"), grid, view, panel_size), (x, MARGIN + TITLE_HEIGHT))
+        caption = title if len(title) * 6 <= panel_size else title[: panel_size // 6 - 1] + "…"
+        draw.text((x, MARGIN), caption, fill=(0, 0, 0), font=font)
+        draw.text((x, MARGIN + 14), f"{count} tokens", fill=(90, 90, 90), font=font)
+    return canvas
+
+
+def trace_pipeline(model: Any, processor: Any, image: Image.Image, question: str, pipeline: Any) -> list[StageView]:
+    """Run one prefill of ``model`` with ``pipeline`` installed and return what each stage kept."""
+    import torch
+
+    from .pipelines import apply, build_prompt
+
+    inputs = processor(images=image, text=build_prompt(processor, question), return_tensors="pt").to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.no_grad(), apply(model, pipeline) as run:
+        model(**inputs)
+    return [StageView(stage.label(), run.trace[i][0].tolist(), run.groups[i][0].tolist())
+            for i, stage in enumerate(run.plan.stages)]
+
+
+def show_pipeline(model: Any, processor: Any, image: Image.Image, question: str, pipeline: Any,
+                  panel_size: int = 256) -> tuple[Image.Image, list[StageView]]:
+    """The picture of ``pipeline`` on ``image`` (one panel per stage) and the stage views drawn in it."""
+    from .pipelines import compile_for
+
+    plan, _ = compile_for(model, pipeline)
+    grids = plan.geometry.grids
+    if not grids or len(grids) != 1:
+        raise LmmsqueezeError("show needs the image tokens to form one grid; this model's features do not "
+                              "(e.g. vision_feature_select_strategy='full' keeps [CLS])")
+    views = trace_pipeline(model, processor, image, question, plan)
+    return render_stages(model_view(image), grids[0], views, panel_size), views
+
+
+def save_picture(picture: Image.Image, out: str | Path) -> Path:
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise LmmsqueezeError(f"cannot write {str(out)!r}: the folder {str(out.parent)!r} does not exist")
+    try:
+        picture.save(out)
+    except (ValueError, OSError) as exc:
+        raise LmmsqueezeError(f"cannot write {str(out)!r}: {exc}") from None
+    return out
+
+
+__all__ = ["StageView", "group_colour", "model_view", "render_stages", "save_picture", "show_pipeline",
+           "trace_pipeline"]

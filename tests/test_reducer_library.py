@@ -1,0 +1,490 @@
+"""The reducer library against independent references: every method's rule recomputed by hand or by
+a plain loop, every reducer end to end on a tiny LLaVA at every placement it declares, and every
+ordered pair of reducers either run end to end or refused in one line."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+from typer.testing import CliRunner
+
+import lmmsqueeze
+from lmmsqueeze import PipelineError
+from lmmsqueeze.cli import app
+from lmmsqueeze.reducers import Signals, TokenState, create_reducer, get_reducer, list_reducers
+from lmmsqueeze.reducers.sparsevlm import SCHEDULES, SparseVLMLayer
+from lmmsqueeze.testing import tiny_inputs, tiny_llava
+
+#: the token reducers of the library (the registry also holds ProxyV, which is tested on its own)
+REDUCERS = [n for n in list_reducers() if get_reducer(n).family in ("pruning", "merging", "pooling")]
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _state(n, d=4, seed=0, grid=None):
+    g = torch.Generator().manual_seed(seed)
+    return TokenState.initial(torch.randn(n, d, generator=g), grids=(grid,) if grid else None)
+
+
+def _cos(a, b):
+    return float(F.cosine_similarity(a.double()[None], b.double()[None])[0])
+
+
+def _members(out, slot):
+    return sorted(torch.nonzero(out.assign == slot).flatten().tolist())
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+def test_at_least_15_reducers_across_the_three_families():
+    names = REDUCERS
+    assert len(names) >= 15
+    assert {get_reducer(n).family for n in names} == {"pruning", "merging", "pooling"}
+    result = CliRunner().invoke(app, ["reducers", "--json"])
+    rows = [r for r in json.loads(result.stdout) if r["name"] in names]
+    assert len(rows) >= 15 and all(r["cite"] and r["summary"] for r in rows)
+
+
+def test_paper_default_plans_on_llava_1_5_7b():
+    def per_layer(p):
+        return lmmsqueeze.compile(p).tokens_per_layer()
+
+    # PyramidDrop: lambda = 0.5 at layers 8, 16, 24
+    assert per_layer("pdrop") == [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8
+    # SparseVLM without recycling follows the released schedule exactly: 66 / 30 / 17 at layers 2 / 6 / 15
+    assert per_layer("sparsevlm(budget=64, recycle=false)") == [576] * 2 + [66] * 4 + [30] * 9 + [17] * 17
+    # with recycling every layer adds m // 10 + 1 merged tokens, m = 30% of the dropped (276 -> 83 -> 9)
+    assert per_layer("sparsevlm")[2:7] == [309, 309, 309, 309, 210]
+    assert per_layer("visionzip") == [64] * 32  # 54 dominant + 10 contextual
+    assert per_layer("dart") == [576] * 2 + [128] * 30  # reduction 0.778
+    assert per_layer("divprune") == [56] * 32  # 0.098 of 576
+    assert per_layer("bilinear") == [144] * 32 and per_layer("stride") == [144] * 32
+    assert per_layer("prumerge") == [144] * 32 and per_layer("tome") == [288] * 32
+    assert per_layer("fastervlm") == [58] * 32 and per_layer("vispruner") == [58] * 32
+
+
+@pytest.mark.parametrize("name", REDUCERS)
+def test_every_reducer_runs_in_bfloat16(name):
+    state = TokenState.initial(torch.randn(36, 8).bfloat16(), grids=((6, 6),))
+    g = torch.Generator().manual_seed(1)
+    signals = Signals(text_attention=torch.rand(36, generator=g).bfloat16(),
+                      text_image_attention=torch.rand(4, 36, generator=g).bfloat16(),
+                      llm_keys=torch.randn(36, 8, generator=g).bfloat16(),
+                      cls_attention=torch.rand(36, generator=g).bfloat16(),
+                      vision_keys=torch.randn(36, 6, generator=g).bfloat16())
+    reducer = create_reducer(name, **SMALL.get(name, {}))
+    out = reducer.reduce(state, signals)
+    assert out.hidden.dtype == torch.bfloat16 and out.n == reducer.output_count(36, state.grids)
+
+
+# ----------------------------------------------------------------------------- pruning
+
+
+def test_fastervlm_keeps_the_top_cls_attention_in_order():
+    state = _state(6)
+    cls = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.02, 0.13])
+    out = create_reducer("fastervlm", keep=3).reduce(state, Signals(cls_attention=cls))
+    assert out.index.tolist() == [1, 3, 5]  # 0.4, 0.3, 0.13
+
+
+def test_pdrop_is_fastv_repeated_at_each_stage():
+    state = _state(16)
+    att = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.8, 0.2, 0.7, 0.05, 0.6, 0.4, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65])
+    reducer = create_reducer("pdrop", keep=0.5, layer=2, step=3, stages=3)
+    assert [p.layer for p in reducer.substages()] == [2, 5, 8]
+    out = reducer.reduce(state, Signals(text_attention=att))
+    # 16 -> 8 -> 4 -> 2; with one score per token every stage keeps the overall best: 0.9 (0) and 0.8 (4)
+    assert out.index.tolist() == [0, 4]
+    plan = lmmsqueeze.compile("pdrop(layer=2, step=3, stages=3)")
+    assert [(s.layer, s.tokens_out, s.part) for s in plan.stages] == [(2, 288, (1, 3)), (5, 144, (2, 3)),
+                                                                       (8, 72, (3, 3))]
+
+
+def test_sparsevlm_raters_and_schedule_by_hand():
+    state = _state(6)
+    rows = torch.tensor([[0.30, 0.10, 0.05, 0.20, 0.05, 0.10],  # mass 0.80: a rater
+                         [0.01, 0.01, 0.01, 0.01, 0.01, 0.05],  # mass 0.10: not a rater
+                         [0.10, 0.25, 0.05, 0.10, 0.02, 0.28]])  # mass 0.80: a rater
+    # rater mean: [0.20, 0.175, 0.05, 0.15, 0.035, 0.19] -> the top 3 are tokens 0, 5, 1
+    layer = SparseVLMLayer(layer=2, keep=0.5, recycle=False)
+    assert layer.reduce(state, Signals(text_image_attention=rows)).index.tolist() == [0, 1, 5]
+    parts = create_reducer("sparsevlm", budget=128).substages()
+    assert [p.layer for p in parts] == [2, 6, 15]
+    counts = [576]
+    for p in parts:
+        counts.append(math.floor(counts[-1] * p.keep + 0.5))
+    assert counts[1:] == list(SCHEDULES[128])
+
+
+def _dpc_knn_reference(x, c, knn=5):
+    m, width = x.shape
+    dist = [[math.sqrt(float(((x[i] - x[j]) ** 2).sum()) / width) for j in range(m)] for i in range(m)]
+    k = min(knn, m - 1)
+    rho = [math.exp(-sum(d * d for d in sorted(dist[i][:i] + dist[i][i + 1:])[:k]) / k) for i in range(m)]
+    delta = []
+    for i in range(m):
+        higher = [dist[i][j] for j in range(m) if rho[j] > rho[i] or (rho[j] == rho[i] and j < i)]
+        delta.append(min(higher) if higher else max(dist[i]))
+    score = [rho[i] * delta[i] for i in range(m)]
+    centres = sorted(sorted(range(m), key=lambda i: -score[i])[:c])
+    cluster = [min(range(c), key=lambda j: dist[i][centres[j]]) for i in range(m)]
+    return centres, cluster
+
+
+def test_sparsevlm_recycles_dropped_tokens_by_dpc_knn():
+    state = _state(40, d=3, seed=4)
+    g = torch.Generator().manual_seed(5)
+    rows = torch.rand(2, 40, generator=g)
+    layer = SparseVLMLayer(layer=2, keep=0.25, recycle=True)
+    out = layer.reduce(state, Signals(text_image_attention=rows))
+    mass = rows.sum(1)
+    score = rows[mass > mass.mean()].mean(0)
+    order = sorted(range(40), key=lambda i: -float(score[i]))
+    kept, dropped = sorted(order[:10]), order[10:]
+    recycled = dropped[: math.floor(0.3 * 30 + 0.5)]  # 9 tokens -> 9 // 10 + 1 = 1 cluster
+    assert out.n == 11 == layer.output_count(40, None)
+    assert out.index[:10].tolist() == kept
+    centres, _ = _dpc_knn_reference(state.hidden[recycled], 1)
+    assert out.index[10] == recycled[centres[0]]
+    assert _members(out, 10) == sorted(recycled)
+    assert torch.allclose(out.hidden[10], state.hidden[recycled].mean(0), atol=1e-6)
+
+    # several clusters: 60 recycled tokens -> 7 centres, against the loop reference
+    big = _state(70, d=3, seed=6)
+    centres, cluster = _dpc_knn_reference(big.hidden, 7)
+    from lmmsqueeze.reducers.sparsevlm import dpc_knn
+
+    got_centres, got_cluster = dpc_knn(big.hidden, 7)
+    assert got_centres.tolist() == centres and got_cluster.tolist() == cluster
+
+
+def test_dart_matches_a_loop_reference():
+    state = _state(30, d=5, seed=2)
+    keys = torch.randn(30, 6, generator=torch.Generator().manual_seed(3))
+    out = create_reducer("dart", keep=11, pivots=3).reduce(state, Signals(llm_keys=keys))
+    norms = keys.abs().sum(1).tolist()
+    pivots = sorted(range(30), key=lambda i: -norms[i])[:3]
+    chosen = set(pivots)
+    for p, take in zip(pivots, (3, 3, 2)):  # (11 - 3) split over 3 pivots, the first ones get the extra
+        free = [i for i in range(30) if i not in chosen]
+        free.sort(key=lambda i: _cos(state.hidden[p], state.hidden[i]))
+        chosen.update(free[:take])
+    assert out.index.tolist() == sorted(chosen)
+
+
+def test_divprune_matches_a_naive_greedy_loop():
+    state = _state(25, d=4, seed=7)
+    out = create_reducer("divprune", keep=6).reduce(state, Signals())
+    x = state.hidden
+    dist = [[1 - _cos(x[i], x[j]) for j in range(25)] for i in range(25)]
+    first = max(range(25), key=lambda i: min(dist[i][j] for j in range(25) if j != i))
+    picked = [first]
+    while len(picked) < 6:
+        picked.append(max((i for i in range(25) if i not in picked), key=lambda i: min(dist[i][s] for s in picked)))
+    assert out.index.tolist() == sorted(picked)
+
+
+def test_vispruner_matches_a_loop_reference():
+    state = _state(40, d=4, seed=8)
+    cls = torch.rand(40, generator=torch.Generator().manual_seed(9))
+    out = create_reducer("vispruner", keep=14, important=0.5, r=3).reduce(state, Signals(cls_attention=cls))
+    important = sorted(range(40), key=lambda i: -float(cls[i]))[:7]
+    rest = [i for i in range(40) if i not in important]
+    while len(rest) > 7:
+        a, b = rest[0::2], rest[1::2]
+        dup = {i: max(_cos(state.hidden[i], state.hidden[j]) for j in b) for i in a}
+        drop = sorted(a, key=lambda i: -dup[i])[: min(3, len(rest) - 7)]
+        rest = [i for i in rest if i not in drop]
+    assert out.index.tolist() == sorted(important + rest)
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def test_visionzip_dominant_and_contextual_by_hand():
+    hidden = torch.arange(8, dtype=torch.float32)[:, None].repeat(1, 2)  # token i holds [i, i]
+    state = TokenState.initial(hidden)
+    cls = torch.tensor([0.30, 0.01, 0.02, 0.25, 0.03, 0.04, 0.20, 0.05])
+    # dominant = 0, 3, 6; the rest is 1, 2, 4, 5, 7 -> targets 1 and 4 (step 5 // 2 = 2)
+    keys = torch.tensor([[1.0, 0], [1, 0], [0, 1], [1, 0], [0, 1], [0.9, 0.1], [1, 0], [0.1, 0.9]])
+    out = create_reducer("visionzip", dominant=3, contextual=2).reduce(
+        state, Signals(cls_attention=cls, vision_keys=keys))
+    assert out.index.tolist() == [0, 3, 6, 1, 4]
+    # target 1 takes 5 (keys close to [1, 0]); target 4 takes 2 and 7
+    assert _members(out, 3) == [1, 5] and _members(out, 4) == [2, 4, 7]
+    assert out.hidden[3].tolist() == [1 + 5, 1 + 5]  # target + mean of assigned
+    assert out.hidden[4].tolist() == [4 + 4.5, 4 + 4.5]
+    assert out.sizes.tolist() == [1, 1, 1, 2, 3]
+    dominant_only = create_reducer("visionzip", dominant=3, contextual=0).reduce(
+        state, Signals(cls_attention=cls, vision_keys=keys))
+    assert dominant_only.index.tolist() == [0, 3, 6] and (dominant_only.assign >= 0).sum() == 3
+
+
+def _tome_round_reference(hidden, metric, sizes, r):
+    """One bipartite round written as loops over pairs."""
+    n = len(hidden)
+    a_side, b_side = list(range(0, n, 2)), list(range(1, n, 2))
+    matches = []
+    for a in a_side:
+        sims = [_cos(metric[a], metric[b]) for b in b_side]
+        j = max(range(len(b_side)), key=lambda t: (sims[t], -t))
+        matches.append((sims[j], a, b_side[j]))
+    order = sorted(range(len(matches)), key=lambda t: -matches[t][0])
+    dest = list(range(n))
+    for t in order[:r]:
+        dest[matches[t][1]] = matches[t][2]
+    survivors = sorted(set(dest))
+    groups = [[i for i in range(n) if dest[i] == s] for s in survivors]
+    w = [sum(float(sizes[i]) for i in g) for g in groups]
+    merged = torch.stack([sum(hidden[i].double() * float(sizes[i]) for i in g) / wt for g, wt in zip(groups, w)])
+    merged_metric = torch.stack([sum(metric[i].double() * float(sizes[i]) for i in g) / wt
+                                 for g, wt in zip(groups, w)])
+    return survivors, groups, merged, merged_metric
+
+
+@pytest.mark.parametrize("keep", [9, 4])  # one round (13 -> 9), then three rounds (13 -> 7 -> 4)
+def test_tome_matches_brute_force_bipartite_matching_with_sizes(keep):
+    base = _state(16, d=3, seed=11)
+    # start from uneven sizes: originals (0, 1), (2, 3), (4, 5) already merged
+    target = torch.tensor([0, 0, 1, 1, 2, 2, *range(3, 13)])
+    state = base.regroup(target, torch.randn(13, 3, generator=torch.Generator().manual_seed(12)),
+                         torch.tensor([0, 2, 4, *range(6, 16)]))
+    keys = torch.randn(13, 5, generator=torch.Generator().manual_seed(13))
+    out = create_reducer("tome", keep=keep).reduce(state, Signals(vision_keys=keys))
+    hidden, metric, sizes = state.hidden, keys, state.sizes
+    index = state.index.tolist()
+    n = 13
+    while n > keep:
+        r = min(n - keep, n // 2)
+        survivors, groups, hidden, metric = _tome_round_reference(hidden, metric, sizes, r)
+        sizes = torch.tensor([sum(float(sizes[i]) for i in g) for g in groups])
+        index = [index[s] for s in survivors]
+        n = len(survivors)
+    assert out.n == keep and out.index.tolist() == index
+    assert torch.allclose(out.hidden.double(), hidden, atol=1e-5)
+    assert out.sizes.tolist() == sizes.tolist()
+
+
+def test_prumerge_matches_a_loop_reference():
+    state = _state(30, d=3, seed=14)
+    g = torch.Generator().manual_seed(15)
+    cls = torch.rand(30, generator=g) * 0.02
+    cls[[4, 17]] = torch.tensor([0.4, 0.3])  # two clear outliers
+    keys = torch.randn(30, 4, generator=g)
+    out = create_reducer("prumerge", keep=6, neighbors=3).reduce(state, Signals(cls_attention=cls, vision_keys=keys))
+    q1, q3 = np.percentile(cls.numpy(), [25, 75])
+    outliers = [i for i in range(30) if cls[i] > q3 + 1.5 * (q3 - q1)]
+    assert sorted(outliers) == [4, 17]
+    rest = [i for i in range(30) if i not in outliers]
+    spatial = [rest[(2 * t + 1) * len(rest) // (2 * 4)] for t in range(4)]  # 4 evenly spaced samples
+    kept = sorted(outliers + spatial)
+    assert out.index.tolist() == kept
+    for slot, i in enumerate(kept):
+        others = sorted((j for j in range(30) if j != i), key=lambda j: -_cos(keys[i], keys[j]))[:3]
+        expected = state.hidden[i] + sum(cls[j] * state.hidden[j] for j in others)
+        assert torch.allclose(out.hidden[slot], expected, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- pooling
+
+
+def _bilinear_reference(grid, oh, ow):
+    """Half-pixel-centre bilinear resize of an [h, w, D] grid, written out."""
+    h, w, _ = grid.shape
+    out = torch.zeros(oh, ow, grid.shape[2], dtype=torch.float64)
+    for i in range(oh):
+        for j in range(ow):
+            y = max((i + 0.5) * h / oh - 0.5, 0.0)
+            x = max((j + 0.5) * w / ow - 0.5, 0.0)
+            y0, x0 = int(y), int(x)
+            y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+            wy, wx = y - y0, x - x0
+            out[i, j] = ((1 - wy) * (1 - wx) * grid[y0, x0] + (1 - wy) * wx * grid[y0, x1]
+                         + wy * (1 - wx) * grid[y1, x0] + wy * wx * grid[y1, x1])
+    return out
+
+
+@pytest.mark.parametrize("params, out_grid", [({}, (3, 3)), ({"side": 4}, (4, 4)), ({"scale": 0.34}, (3, 3))])
+def test_bilinear_matches_the_written_out_formula(params, out_grid):
+    state = _state(36, d=2, seed=16, grid=(6, 6))
+    out = create_reducer("bilinear", **params).reduce(state, Signals())
+    expected = _bilinear_reference(state.hidden.double().view(6, 6, 2), *out_grid).view(-1, 2)
+    assert out.grids == (out_grid,)
+    assert torch.allclose(out.hidden.double(), expected, atol=1e-6)
+    oh, ow = out_grid
+    for i in range(36):  # groups: floor(r * oh / 6), floor(c * ow / 6)
+        r, c = divmod(i, 6)
+        assert int(out.assign[i]) == (r * oh // 6) * ow + c * ow // 6
+
+
+def test_bilinear_halving_an_even_grid_is_2x2_averaging():
+    state = _state(16, d=2, seed=17, grid=(4, 4))
+    out = create_reducer("bilinear").reduce(state, Signals())
+    pooled = create_reducer("pool").reduce(state, Signals())
+    assert torch.allclose(out.hidden, pooled.hidden, atol=1e-6) and torch.equal(out.assign, pooled.assign)
+
+
+def test_stride_by_hand():
+    state = _state(25, grid=(5, 5))
+    out = create_reducer("stride").reduce(state, Signals())
+    assert out.index.tolist() == [0, 2, 4, 10, 12, 14, 20, 22, 24] and out.grids == ((3, 3),)
+    assert (out.assign >= 0).sum() == 9
+    assert create_reducer("stride", stride=3).reduce(state, Signals()).index.tolist() == [0, 3, 15, 18]
+
+
+def test_maxpool_by_hand_on_a_3x3_grid_with_ragged_border():
+    hidden = torch.tensor([[5.0, 0], [1, 7], [2, 2], [0, 9], [3, 3], [4, 1], [8, 0], [6, 6], [1, 5]])
+    out = create_reducer("maxpool").reduce(TokenState.initial(hidden, grids=((3, 3),)), Signals())
+    # windows: {0,1,3,4} {2,5} {6,7} {8}
+    assert out.hidden.tolist() == [[5, 9], [4, 2], [8, 6], [1, 5]]
+    assert out.index.tolist() == [0, 2, 6, 8] and out.sizes.tolist() == [4, 2, 2, 1]
+
+
+# ----------------------------------------------------------------------------- costs
+
+
+@pytest.mark.parametrize("name, params", [
+    ("divprune", {"keep": 5}), ("tome", {"keep": 7}), ("visionzip", {"dominant": 4, "contextual": 3}),
+    ("vispruner", {"keep": 8, "r": 2}), ("dart", {"keep": 9}), ("prumerge", {"keep": 6, "neighbors": 3}),
+    ("sparsevlm", {"layer": 1, "more_layers": "2"}),
+])
+def test_cost_macs_equals_the_flop_counter(name, params):
+    """The declared matmul MACs equal what torch's flop counter sees (FLOPs = 2 x MACs)."""
+    n, d = 30, 8
+    state = _state(n, d=d, seed=18)
+    g = torch.Generator().manual_seed(19)
+    signals = Signals(text_attention=torch.rand(n, generator=g), text_image_attention=torch.rand(3, n, generator=g),
+                      llm_keys=torch.randn(n, d, generator=g), cls_attention=torch.rand(n, generator=g),
+                      vision_keys=torch.randn(n, d, generator=g))
+    reducer = create_reducer(name, **params)
+    with FlopCounterMode(display=False) as counter:
+        reducer.reduce(state, signals)
+    assert counter.get_total_flops() == 2 * reducer.cost_macs(n, d, None) > 0
+
+
+# ----------------------------------------------------------------------------- end to end
+
+#: parameters that fit the tiny model's 36 image tokens (6x6) and 6 decoder layers
+SMALL = {
+    "fastv": {"keep": 0.5},
+    "random": {"keep": 0.5, "seed": 1},
+    "visionzip": {"dominant": 0.3, "contextual": 0.1},
+    "fastervlm": {"keep": 0.3},
+    "vispruner": {"keep": 0.3},
+    "dart": {"keep": 0.3},
+    "divprune": {"keep": 0.3},
+    "tome": {"keep": 0.5},
+    "prumerge": {"keep": 0.25, "neighbors": 4},
+}
+
+
+def _default_placement(name):
+    cls = get_reducer(name)
+    return next((p for p in cls.placements if p != "llm"), "llm")
+
+
+def _stage(name, placement, start):
+    """Pipeline text of ``name`` at ``placement`` (llm stages from layer ``start``) and the next free layer."""
+    params = dict(SMALL.get(name, {}))
+    used = 0
+    if placement == "llm":
+        if name == "pdrop":
+            params.update(layer=start, step=1, stages=2)
+            used = 2
+        elif name == "sparsevlm":
+            params.update(layer=start, more_layers=str(start + 1))
+            used = 2
+        else:
+            params["layer"] = start
+            used = 1
+    text = ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={str(v).lower()}" for k, v in params.items())
+    return (f"{name}({text})" if text else name), start + used
+
+
+def _options(name):
+    default = _default_placement(name)
+    extra = ["llm"] if default != "llm" and "llm" in get_reducer(name).placements else []
+    return [default, *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny6():
+    model, processor = tiny_llava(layers=6)
+    return model, processor, tiny_inputs(processor, 1), tiny_inputs(processor, 2)
+
+
+def _check_run_matches_plan(model, pipeline, inputs, generate):
+    plan = lmmsqueeze.compile(pipeline, model)
+    with torch.no_grad(), lmmsqueeze.apply(model, plan) as run:
+        if generate:
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        else:
+            model(**inputs)
+    assert run.image_tokens_per_layer == plan.tokens_per_layer(), pipeline
+    batch = inputs["input_ids"].shape[0]
+    for i, stage in enumerate(plan.stages):
+        assert [t.numel() for t in run.trace[i]] == [stage.tokens_out] * batch, (pipeline, stage.label())
+    return plan, run
+
+
+CASES = [(n, p) for n in REDUCERS for p in get_reducer(n).placements]
+
+
+@pytest.mark.parametrize("name, placement", CASES, ids=[f"{n}@{p}" for n, p in CASES])
+def test_every_reducer_generates_at_every_placement_it_declares(tiny6, name, placement):
+    model, _, _, inputs2 = tiny6
+    pipeline, _ = _stage(name, placement, 1)
+    plan, run = _check_run_matches_plan(model, pipeline, inputs2, generate=True)
+    assert {s.placement for s in plan.stages} == {placement}
+    assert run.image_tokens_per_layer[-1] < 36  # it did reduce something
+
+
+PAIRS = [((a, pa), (b, pb)) for a, b in itertools.product(REDUCERS, repeat=2)
+         for pa in _options(a) for pb in _options(b)]
+
+
+@pytest.mark.parametrize("first, second", PAIRS, ids=[f"{a}@{pa}|{b}@{pb}" for (a, pa), (b, pb) in PAIRS])
+def test_every_pair_runs_or_is_refused_in_one_line(tiny6, first, second):
+    model, _, inputs1, _ = tiny6
+    text_a, free = _stage(*first, 1)
+    text_b, _ = _stage(*second, free)
+    pipeline = f"{text_a} | {text_b}"
+    try:
+        lmmsqueeze.compile(pipeline, model)
+    except PipelineError as exc:
+        message = str(exc)
+        assert message and "\n" not in message, message
+        assert "stage 2" in message or "stage 1" in message
+        return
+    generate = PAIRS.index((first, second)) % 10 == 0
+    _check_run_matches_plan(model, pipeline, inputs1, generate)
+
+
+def test_the_refused_pairs_are_the_expected_ones(tiny6):
+    """Refusals come from the rules, not from a reducer: grid readers after grid breakers, and a
+    pre-LLM stage after an llm one."""
+    model = tiny6[0]
+    refused = []
+    for (a, pa), (b, pb) in PAIRS:
+        text_a, free = _stage(a, pa, 1)
+        text_b, _ = _stage(b, pb, free)
+        try:
+            lmmsqueeze.compile(f"{text_a} | {text_b}", model)
+        except PipelineError as exc:
+            refused.append((a, pa, b, pb, str(exc)))
+    rank = {"vision": 0, "projector": 1, "llm": 2}
+    for a, pa, b, pb, message in refused:
+        breaks = not get_reducer(a).keeps_grid
+        needs_grid = getattr(get_reducer(b), "requires_grid", False)
+        if rank[pb] < rank[pa]:
+            assert "cannot follow" in message
+        else:
+            assert breaks and needs_grid and "needs the token grid" in message, message
