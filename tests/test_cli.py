@@ -27,6 +27,8 @@ BAD_PIPELINES = {
     "fastv(layer=5) | random(layer=3)": "layer=3 does not come after the previous stage's layer=5",
     "fastv(layer=3) | fastv(layer=3)": "layer=3 does not come after",
     "fastv | pool": "a projector stage cannot follow an llm stage",
+    "stride | fastervlm": "a vision stage cannot follow a projector stage",
+    "tome(at=llm)": "is not a placement of tome before the LLM",
     "random | pool": "pool needs the token grid, but an earlier stage broke it",
     "pool(layer=2)": "pool does not run inside the LLM",
     "random(keep=600)": "keep=600 is more than the 576 image tokens",

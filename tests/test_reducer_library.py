@@ -405,6 +405,8 @@ def _stage(name, placement, start):
         else:
             params["layer"] = start
             used = 1
+    elif placement != _default_placement(name):
+        params["at"] = placement  # a second pre-LLM placement is chosen with `at`
     text = ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={str(v).lower()}" for k, v in params.items())
     return (f"{name}({text})" if text else name), start + used
 

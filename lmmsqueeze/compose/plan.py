@@ -176,8 +176,23 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any =
     canonical_specs: list[StageSpec] = []
     for pos, stage in enumerate(spec.stages, 1):
         where = f"stage {pos} ({stage.name})"
-        parent = build_reducer(stage.name, stage.params, where)
-        canonical_specs.append(canonical_stage(parent))
+        params = dict(stage.params)
+        at = params.pop("at", None)
+        parent = build_reducer(stage.name, params, where)
+        if at is not None:
+            before_llm = [p for p in parent.placements if p in ("vision", "projector")]
+            if at not in before_llm:
+                raise PipelineError(
+                    f"{where}: at={at!r} is not a placement of {stage.name} before the LLM (valid: "
+                    f"{', '.join(before_llm) or 'none'}); use layer=K to run it inside the LLM"
+                )
+            if parent.placement_layer is not None:
+                raise PipelineError(f"{where}: give either at={at} or layer={parent.placement_layer}, not both")
+        canonical = canonical_stage(parent)
+        default_at = next((p for p in parent.placements if p in ("vision", "projector")), None)
+        if at is not None and at != default_at:
+            canonical = StageSpec(canonical.name, dict(sorted({**canonical.params, "at": at}.items())))
+        canonical_specs.append(canonical)
         parts = parent.substages() or [parent]
         for part, reducer in enumerate(parts, 1):
             if len(parts) > 1:
@@ -217,13 +232,16 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any =
                         f"{where}: layer={layer} is beyond the model: {geometry.name or 'it'} has "
                         f"{geometry.num_layers} decoder layers (0..{geometry.num_layers - 1})"
                     )
+            elif at is not None:
+                placement = at
             else:
                 placement = next((p for p in reducer.placements if p != "llm"), None)
                 if placement is None:
                     raise PipelineError(f"{where}: {stage.name} runs inside the LLM only; give layer=K")
             rank = PLACEMENT_ORDER[placement]
             if rank < last_rank:
-                after = "the proxyv stage" if last_rank == PLACEMENT_ORDER["proxyv"] else "an llm stage"
+                after = {v: k for k, v in PLACEMENT_ORDER.items()}[last_rank]
+                after = {"proxyv": "the proxyv stage", "llm": "an llm stage"}.get(after, f"a {after} stage")
                 raise PipelineError(
                     f"{where}: a {placement} stage cannot follow {after}; order stages as they run: "
                     "vision, projector, llm layers in increasing order, then proxyv"
@@ -263,7 +281,7 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any =
             except ValueError as exc:
                 raise PipelineError(f"{where}: {exc}") from None
             stages.append(
-                PlannedStage(pos, reducer, canonical_stage(parent), placement, layer, tokens, out, grids, out_grids,
+                PlannedStage(pos, reducer, canonical, placement, layer, tokens, out, grids, out_grids,
                              (part, len(parts)) if len(parts) > 1 else None)
             )
             tokens, grids = out, out_grids

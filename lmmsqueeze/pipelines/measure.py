@@ -104,8 +104,10 @@ class Timing:
         return {"median": statistics.median(values), "min": min(values), "max": max(values), "iqr": q[2] - q[0]}
 
 
-def time_prefills(model: Any, inputs: dict, plans: list[Any], runs: int = 5, warmup: int = 1) -> list[Timing]:
+def time_prefills(model: Any, inputs: dict, plans: list[Any], runs: int = 5, warmup: int = 1,
+                  adapters: list[Any] | None = None) -> list[Timing]:
     """Interleaved prefill timings of each plan on the same inputs (rotating the order every round)."""
+    adapters = adapters or [None] * len(plans)
     device = next(model.parameters()).device
     clock = _Clock(device)
     decoder = model.model.language_model
@@ -119,7 +121,7 @@ def time_prefills(model: Any, inputs: dict, plans: list[Any], runs: int = 5, war
             order = list(range(len(plans)))
             shift = r % len(plans)
             for i in order[shift:] + order[:shift]:
-                with apply(model, plans[i]):
+                with apply(model, plans[i], adapter=adapters[i]):
                     start = clock.mark()
                     model(**inputs, logits_to_keep=1, use_cache=True)
                     end = clock.mark()
@@ -129,10 +131,10 @@ def time_prefills(model: Any, inputs: dict, plans: list[Any], runs: int = 5, war
     return timings
 
 
-def peak_prefill_memory(model: Any, inputs: dict, plan: Any) -> int:
-    """Peak tensor bytes of one prefill with ``plan`` installed."""
+def peak_prefill_memory(model: Any, inputs: dict, plan: Any, adapter: Any = None) -> int:
+    """Peak tensor bytes of one prefill with ``plan`` (and a ProxyV ``adapter``) installed."""
     device = next(model.parameters()).device
-    with apply(model, plan), torch.no_grad():
+    with apply(model, plan, adapter=adapter), torch.no_grad():
         return peak_memory_bytes(lambda: model(**inputs, logits_to_keep=1, use_cache=True), device)
 
 

@@ -15,7 +15,7 @@ from .registry import register_reducer
 @register_reducer(
     "tome",
     family="merging",
-    placements=("vision", "llm"),
+    placements=("vision", "projector", "llm"),
     needs=("vision_keys",),
     keeps_grid=False,
     cite="Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023",

@@ -1,0 +1,124 @@
+"""Evaluating one (model, pipeline, adapter, task) combination: answers, accuracy, cost, latency, memory."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+from ..pipelines.hooks import HookSet
+from ..pipelines.loading import build_prompt
+from ..pipelines.measure import peak_prefill_memory
+from ..pipelines.runtime import apply, compile_for
+from .tasks import Task
+
+#: samples whose prefill peak memory is measured (median reported); memory tracking is slow on CPU
+MEMORY_SAMPLES = 3
+
+
+def _inputs(processor: Any, model: Any, items: list[Any]) -> Any:
+    texts = [build_prompt(processor, item.question) for item in items]
+    images = [item.image for item in items]
+    batch = processor(images=images if len(items) > 1 else images[0], text=texts if len(items) > 1 else texts[0],
+                      return_tensors="pt", padding=len(items) > 1)
+    param = next(model.parameters())
+    batch = batch.to(param.device)
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
+    return batch
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    processor: Any,
+    pipeline: Any,
+    task: Task,
+    limit: int | None = None,
+    seed: int = 0,
+    adapter: Any = None,
+    batch_size: int = 1,
+    on_progress: Callable[[int, int], None] | None = None,
+    measure_memory: bool = True,
+) -> dict[str, Any]:
+    """Answer ``limit`` test samples of ``task`` greedily with ``pipeline`` installed.
+
+    Returns a dict with the canonical pipeline, accuracy and per-type accuracy, the analytic
+    prefill FLOPs and saving (for the prompts' mean text length), median per-sample prefill
+    latency (ms) and peak memory (MB), the image tokens entering each layer, and the per-sample
+    answers (``uid``, ``qtype``, ``prediction``, ``answer``, ``score``).
+    """
+    n = task.size if limit is None else min(limit, task.size)
+    items = task.samples("test", n, seed)
+    plan, model_adapter = compile_for(model, pipeline)
+    base = model_adapter.base
+    answers: list[dict[str, Any]] = []
+    latencies: list[float] = []
+    text_tokens: list[int] = []
+    tokens_per_layer: list[int] = []
+    marks: dict[str, float] = {}
+
+    def start(module: Any, args: tuple, kwargs: dict) -> None:
+        if "prefill" not in marks:
+            marks["prefill"] = time.perf_counter()
+
+    def end(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        if "prefill_end" not in marks:
+            if next(model.parameters()).device.type == "cuda":
+                torch.cuda.synchronize()
+            marks["prefill_end"] = time.perf_counter()
+
+    with HookSet() as timers, apply(model, plan, adapter=adapter) as run:
+        timers.pre(base, start)
+        timers.post(base, end)
+        for lo in range(0, n, batch_size):
+            chunk = items[lo:lo + batch_size]
+            inputs = _inputs(processor, model, chunk)
+            marks.clear()
+            out = model.generate(**inputs, max_new_tokens=task.max_new_tokens, do_sample=False)
+            latencies.append(1000.0 * (marks["prefill_end"] - marks["prefill"]) / len(chunk))
+            prompt_len = inputs["input_ids"].shape[1]
+            image = inputs["input_ids"] == model_adapter.image_token_id
+            real = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones_like(image)
+            text_tokens += (real & ~image).sum(1).tolist()
+            tokens_per_layer = list(run.image_tokens_per_layer)
+            for item, row in zip(chunk, out[:, prompt_len:]):
+                prediction = processor.decode(row, skip_special_tokens=True).strip()
+                answers.append({"uid": item.uid, "qtype": item.qtype, "prediction": prediction,
+                                "answer": item.answer, "score": task.score(prediction, item.answer)})
+            if on_progress:
+                on_progress(len(answers), n)
+
+    memory = []
+    if measure_memory:
+        for item in items[:MEMORY_SAMPLES]:
+            memory.append(peak_prefill_memory(model, dict(_inputs(processor, model, [item])), plan, adapter) / 2**20)
+    summary = task.summarize((a["qtype"], a["score"]) for a in answers)
+    cost = plan.cost(text_tokens=round(statistics.mean(text_tokens)) if text_tokens else 0)
+    return {
+        "pipeline": plan.canonical,
+        "task": task.name,
+        "metric": task.metric,
+        "n": len(answers),
+        "accuracy": summary["overall"],
+        "per_type": summary["per_type"],
+        "prefill_flops": cost.prefill_flops,
+        "vanilla_prefill_flops": cost.vanilla_prefill_flops,
+        "saving": cost.saving,
+        "latency_ms": statistics.median(latencies) if latencies else None,
+        "peak_memory_mb": statistics.median(memory) if memory else None,
+        "image_tokens_per_layer": tokens_per_layer,
+        "image_tokens_avg": sum(tokens_per_layer) / len(tokens_per_layer) if tokens_per_layer else None,
+        "answers": answers,
+    }
+
+
+def loyalty(answers: list[dict[str, Any]], reference: list[dict[str, Any]]) -> float | None:
+    """Share of samples whose prediction equals the reference run's on the same sample."""
+    ref = {a["uid"]: a["prediction"] for a in reference}
+    shared = [a for a in answers if a["uid"] in ref]
+    if not shared:
+        return None
+    return sum(a["prediction"] == ref[a["uid"]] for a in shared) / len(shared)
