@@ -27,7 +27,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="A local Hugging Face model directory, or `bundled`.")]
@@ -233,15 +233,6 @@ def bench_cmd(
     emit(rows, as_json, render)
 
 
-def main() -> None:
-    """Console entry point."""
-    app()
-
-
-if __name__ == "__main__":
-    main()
-
-
 # --- show (reducer library) ---
 @app.command("show")
 def show_cmd(
@@ -278,3 +269,15 @@ def show_cmd(
 
     emit(data, as_json, render)
 # --- show (reducer library) ---
+
+
+from . import cli_eval  # noqa: E402,F401  (registers eval, sweep and pareto on `app`)
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -65,6 +65,8 @@ class TrainConfig:
     warmup: int = 200
     weight_decay: float = 0.01
     aux_weight: float = 0.5
+    say_weight: float = 0.0
+    value_weight: float = 0.0
     attn_weight: float = 0.0
     attn_layer: int = 1
     attn_heads: int = 2
@@ -134,16 +136,22 @@ class Batch:
 class AttentionProbe:
     """Recomputes the attention of a few heads of one decoder layer from the answer positions.
 
-    A forward hook on the layer's ``self_attn`` reads its (normed) input and rotary embeddings;
-    ``loss`` is the cross-entropy between those heads' attention over the prefix and the
-    target cells (attention supervision, a training-only signal).
+    A forward hook on the layer's ``self_attn`` reads its (normed) input and rotary embeddings,
+    and one on its ``o_proj`` reads the per-head outputs. ``loss`` is the cross-entropy between
+    those heads' attention over the prefix and the target cells (attention supervision, a
+    training-only signal); ``values`` are the heads' outputs at the answer positions.
     """
 
     def __init__(self, model, layer: int, heads: int) -> None:
         self.attn = model.model.language_model.layers[layer].self_attn
         self.heads = heads
         self.inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.handle = self.attn.register_forward_hook(self._hook, with_kwargs=True)
+        self.head_out: torch.Tensor | None = None
+        self.attn.register_forward_hook(self._hook, with_kwargs=True)
+        self.attn.o_proj.register_forward_pre_hook(self._out_hook)
+
+    def _out_hook(self, module, args) -> None:
+        self.head_out = args[0]
 
     def _hook(self, module, args, kwargs, output) -> None:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -171,6 +179,14 @@ class AttentionProbe:
         logp = logits.masked_fill(future.unsqueeze(1), float("-inf")).log_softmax(-1)
         prefix = logp[:, :, : 1 + IMAGE_TOKENS]
         return -(prefix * batch.attn_target.unsqueeze(1)).sum(-1).mean()
+
+    def values(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probed heads' outputs ``(n, heads * head_dim)`` at answers about one cell, and those cells' targets ``(n, 4)``."""
+        single = batch.attn_target[:, 1:].max(-1).values == 1.0
+        rows, pos = batch.query_rows[single], batch.query_pos[single]
+        cells = batch.attn_target[single, 1:].argmax(-1)
+        out = self.head_out[rows, pos][:, : self.heads * self.attn.head_dim]
+        return out, batch.aux_targets[rows, cells]
 
 
 class Batches:
@@ -294,7 +310,8 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log: Path, quiet: 
     processor = build_processor()
     model = build_model(model_cfg, seed=cfg.seed)
     aux = AuxHead(model_cfg.text_hidden)
-    params = list(model.parameters()) + list(aux.parameters())
+    value_head = AuxHead(cfg.attn_heads * model_cfg.text_hidden // model_cfg.text_heads)
+    params = list(model.parameters()) + list(aux.parameters()) + list(value_head.parameters())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -303,6 +320,8 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log: Path, quiet: 
         betas=(0.9, 0.98),
     )
     batches = Batches(processor.tokenizer.get_vocab(), cfg)
+    vocab = processor.tokenizer.get_vocab()
+    color_words = torch.tensor([-100] + [vocab[c] for c in COLORS])
     probe = AttentionProbe(model, cfg.attn_layer, cfg.attn_heads) if cfg.attn_weight > 0 else None
     evaluate = Evaluator(processor, cfg.eval_size)
     out.mkdir(parents=True, exist_ok=True)
@@ -330,10 +349,19 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log: Path, quiet: 
             loss = F.cross_entropy(model.lm_head(hidden[keep]), batch.labels[keep])
             aux_loss = aux.loss(feats, batch.aux_targets)
             total = loss + cfg.aux_weight * aux_loss
+            if cfg.say_weight > 0:
+                say = color_words[batch.aux_targets[..., 0]]
+                coloured = say != -100
+                image_hidden = hidden[:, 1 : 1 + IMAGE_TOKENS][coloured]
+                total = total + cfg.say_weight * F.cross_entropy(model.lm_head(image_hidden), say[coloured])
             if probe is not None:
                 attn_loss = probe.loss(batch)
                 total = total + cfg.attn_weight * attn_loss
                 sums["attn"] += attn_loss.item()
+                if cfg.value_weight > 0:
+                    values, value_targets = probe.values(batch)
+                    value_loss = value_head.loss(values.unsqueeze(1), value_targets.unsqueeze(1))
+                    total = total + cfg.value_weight * value_loss
             opt.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -83,7 +83,8 @@ def evaluate(
             image = inputs["input_ids"] == model_adapter.image_token_id
             real = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones_like(image)
             text_tokens += (real & ~image).sum(1).tolist()
-            tokens_per_layer = list(run.image_tokens_per_layer)
+            tokens_per_layer = list(run.image_tokens_per_layer) or [
+                int(image[0].sum())] * len(model_adapter.layers)  # vanilla: nothing changes along the layers
             for item, row in zip(chunk, out[:, prompt_len:]):
                 prediction = processor.decode(row, skip_special_tokens=True).strip()
                 answers.append({"uid": item.uid, "qtype": item.qtype, "prediction": prediction,

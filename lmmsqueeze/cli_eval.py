@@ -1,0 +1,206 @@
+"""CLI commands of the evaluation product: `eval`, `sweep`, `pareto` (registered on the main app)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .cli import JsonOpt, app, console, emit, err_console, user_errors
+from .errors import LmmsqueezeError
+
+ResultsOpt = Annotated[Path, typer.Option("--results", help="SQLite results file.")]
+DEFAULT_RESULTS = Path("lmmsqueeze-results.db")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err_console, transient=False)
+
+
+def _run_grid(grid: Any, results: Path, batch_size: int, device: Optional[str]) -> list[dict]:
+    from .evaluation.sweep import run_sweep
+    from .evaluation.tasks import get_task
+
+    for name in grid.tasks:  # refuse a bad task before the progress display starts
+        get_task(name)
+    total = len(grid.tasks) * (1 + len(grid.items))
+    with _progress() as progress:
+        overall = progress.add_task("sweep", total=total)
+        current = progress.add_task("", total=1, visible=False)
+
+        def on_event(kind: str, info: dict) -> None:
+            label = f"{info['task']}: {info['item']}"
+            if kind == "start":
+                progress.reset(current, total=info["samples"], description=label, visible=True)
+            elif kind == "progress":
+                progress.update(current, completed=info["done"])
+            elif kind in ("done", "skip", "failed"):
+                progress.advance(overall)
+                if kind == "failed":
+                    progress.console.print(f"[red]failed[/] {label}: {info['error']}", highlight=False)
+                if kind == "skip":
+                    progress.console.print(f"[dim]stored already[/] {label}", highlight=False)
+
+        return run_sweep(grid, results, batch_size=batch_size, device=device, on_event=on_event)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="A local model directory, or `bundled`.")] = "bundled",
+    pipeline: Annotated[str, typer.Option("--pipeline", "-p", help="The pipeline to evaluate.")] = "none",
+    task: Annotated[str, typer.Option(help="Task name.")] = "bundled",
+    adapter: Annotated[Optional[str], typer.Option(help="ProxyV adapter directory or bundled:<name>.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N test samples.")] = None,
+    seed: Annotated[int, typer.Option(help="Sample seed.")] = 0,
+    results: ResultsOpt = DEFAULT_RESULTS,
+    batch_size: Annotated[int, typer.Option(min=1)] = 1,
+    device: Annotated[Optional[str], typer.Option()] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate one pipeline (and the vanilla model, for loyalty) and store the row."""
+    from .evaluation.sweep import Grid, GridItem, adapter_pipeline
+    from .evaluation.store import Key, ResultStore
+    from .evaluation.tasks import get_task
+    from .pipelines.loading import load_model
+    from .pipelines.runtime import compile_for
+
+    with user_errors():
+        t = get_task(task)
+        if adapter and pipeline == "none":
+            pipeline = adapter_pipeline(adapter)
+        n = min(limit or t.size, t.size)
+        grid = Grid(model=model, tasks=[task], limit=n, seed=seed, items=[GridItem(pipeline, adapter)])
+        loaded, _ = load_model(model, device=device)
+        canonical = compile_for(loaded, pipeline)[0].canonical
+        key = Key(model, canonical, adapter or "", task, n, seed)
+        with ResultStore(results) as store:
+            if store.has(key) and canonical != "none":  # eval always re-measures the pipeline asked for
+                store.db.execute("DELETE FROM runs WHERE id IN (SELECT id FROM runs WHERE model=? AND pipeline=? "
+                                 "AND adapter=? AND task=? AND limit_n=? AND seed=?)",
+                                 (key.model, key.pipeline, key.adapter, key.task, key.limit, key.seed))
+                store.db.commit()
+        del loaded
+        out = _run_grid(grid, results, batch_size, device)
+        with ResultStore(results) as store:
+            row = next(r for r in store.rows(task=task, model=model)
+                       if r["pipeline"] == canonical and r["adapter"] == (adapter or "") and r["limit"] == n
+                       and r["seed"] == seed)
+        if row["status"] != "ok":
+            raise LmmsqueezeError(f"evaluation of {canonical!r} failed: {row['error']}")
+    del out
+    row.pop("answers", None)
+
+    def render(r: dict) -> None:
+        table = Table(title=f"{r['pipeline']} on {r['model']} / {r['task']} ({r['n']} samples)", show_header=False)
+        table.add_column("metric")
+        table.add_column("value")
+        table.add_row("accuracy", f"{100 * r['accuracy']:.1f}%")
+        for q, acc in r["per_type"].items():
+            table.add_row(f"  {q}", f"{100 * acc:.1f}%")
+        table.add_row("loyalty", "-" if r["loyalty"] is None else f"{100 * r['loyalty']:.1f}%")
+        table.add_row("prefill FLOPs", f"{r['prefill_flops'] / 1e9:.3f} G (saving {100 * r['saving']:.1f}%)")
+        table.add_row("latency (median/sample)", f"{r['latency_ms']:.2f} ms")
+        table.add_row("peak memory", f"{r['peak_memory_mb']:.2f} MB")
+        table.add_row("image tokens (layer avg)", f"{r['image_tokens_avg']:.1f}")
+        console.print(table)
+
+    emit(row, as_json, render)
+
+
+@app.command("sweep")
+def sweep_cmd(
+    pipeline: Annotated[Optional[list[str]], typer.Option("--pipeline", "-p", help="A pipeline; list values expand (repeat the option).")] = None,
+    grid_file: Annotated[Optional[Path], typer.Option("--grid", help="YAML/JSON grid file.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model directory or `bundled`.")] = None,
+    task: Annotated[Optional[list[str]], typer.Option("--task", help="Task name (repeat for several).")] = None,
+    adapter: Annotated[Optional[str], typer.Option(help="ProxyV adapter for every -p pipeline.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Samples per run (default 200).")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    results: ResultsOpt = DEFAULT_RESULTS,
+    batch_size: Annotated[int, typer.Option(min=1)] = 1,
+    device: Annotated[Optional[str], typer.Option()] = None,
+    plot_file: Annotated[Optional[Path], typer.Option("--plot", help="Pareto plot to write after the sweep.")] = None,
+) -> None:
+    """Evaluate a grid of pipelines into the results store (resumable), then print the Pareto table.
+
+    With no arguments: the default grid on the bundled model, then `pareto.png`.
+    """
+    from .evaluation.sweep import Grid, default_items, expand_item, load_grid
+
+    with user_errors():
+        if grid_file is not None:
+            grid = load_grid(grid_file)
+        else:
+            grid = Grid()
+            items = [i for p in (pipeline or []) for i in expand_item(p, adapter)]
+            grid.items = items if pipeline else default_items()
+            if plot_file is None and not pipeline:
+                plot_file = Path("pareto.png")
+        if model:
+            grid.model = model
+        if task:
+            grid.tasks = list(task)
+        if limit:
+            grid.limit = limit
+        if seed is not None:
+            grid.seed = seed
+        _run_grid(grid, results, batch_size, device)
+    pareto_cmd(results=results, task=None, x="flops", fmt="table", plot_file=plot_file, model=grid.model)
+
+
+@app.command("pareto")
+def pareto_cmd(
+    results: ResultsOpt = DEFAULT_RESULTS,
+    task: Annotated[Optional[str], typer.Option(help="Only this task.")] = None,
+    x: Annotated[str, typer.Option("--x", help="Cost axis: flops or latency.")] = "flops",
+    fmt: Annotated[str, typer.Option("--format", help="table, markdown, csv or json.")] = "table",
+    plot_file: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG plot.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Only this model.")] = None,
+) -> None:
+    """The Pareto trade-off table (accuracy vs prefill cost) of the stored results."""
+    from .evaluation.pareto import HEADERS, TERMINAL, _fmt, grouped, pareto_rows, plot, to_csv, to_json, to_markdown
+    from .evaluation.store import ResultStore
+
+    with user_errors():
+        if fmt not in ("table", "markdown", "csv", "json"):
+            raise LmmsqueezeError(f"--format {fmt!r} must be one of table, markdown, csv, json")
+        with ResultStore(results, create=False) as store:
+            rows = list(store.rows(task=task, model=model))
+        if not rows:
+            what = f" for task {task!r}" if task else ""
+            raise LmmsqueezeError(f"no results{what} in {str(results)!r}; run `lmmsqueeze sweep` first")
+        groups = {k: pareto_rows(v, x) for k, v in grouped(rows).items()}
+        failed = [r for r in rows if r["status"] != "ok"]
+        if plot_file is not None:
+            (key, best), = list(groups.items())[:1]
+            plot(best, str(plot_file), x, title=f"{key[0]} / {key[1]} ({key[2]} samples)")
+    if fmt == "json":
+        sys.stdout.write(to_json([r for g in groups.values() for r in g]) + "\n")
+        return
+    if fmt == "csv":
+        sys.stdout.write(to_csv([r for g in groups.values() for r in g]))
+        return
+    for (model_, task_, limit_, seed_), group in groups.items():
+        title = f"{task_} on {model_} ({limit_} samples, seed {seed_}); * = Pareto frontier, sorted by {x}"
+        if fmt == "markdown":
+            sys.stdout.write(f"**{title}**\n\n{to_markdown(group)}\n\n")
+            continue
+        table = Table(title=title)
+        for c in TERMINAL:
+            table.add_column(HEADERS[c], overflow="fold", ratio=4 if c == "pipeline" else None,
+                             min_width=24 if c == "pipeline" else None)
+        for r in group:
+            cells = [_fmt(c, r.get(c)) for c in TERMINAL]
+            if r.get("adapter"):
+                cells[1] += f" [{r['adapter']}]"
+            table.add_row(*cells, style="bold" if r["pareto"] else None)
+        console.print(table)
+    for r in failed:
+        err_console.print(f"[red]failed:[/] {r['pipeline']} ({r['task']}): {r['error']}", highlight=False)
+    if plot_file is not None:
+        console.print(f"wrote {plot_file}", highlight=False)

@@ -1,0 +1,140 @@
+"""The results store: one SQLite file (WAL), one row per (model, pipeline, adapter, task, limit, seed).
+
+Every row is written in one transaction together with its per-sample answers, so a process killed
+at any moment leaves either the whole row or nothing, and the same sweep run again skips what is
+already there. Answers are kept so loyalty and re-scoring need no rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import LmmsqueezeError
+
+DEFAULT_PATH = "lmmsqueeze-results.db"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    model TEXT NOT NULL,
+    pipeline TEXT NOT NULL,
+    adapter TEXT NOT NULL DEFAULT '',
+    task TEXT NOT NULL,
+    limit_n INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    error TEXT,
+    accuracy REAL,
+    metrics TEXT NOT NULL,
+    created REAL NOT NULL,
+    UNIQUE (model, pipeline, adapter, task, limit_n, seed)
+);
+CREATE TABLE IF NOT EXISTS answers (
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    uid TEXT NOT NULL,
+    qtype TEXT NOT NULL,
+    prediction TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    score REAL NOT NULL,
+    PRIMARY KEY (run_id, idx)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Key:
+    """The identity of a result row."""
+
+    model: str
+    pipeline: str
+    adapter: str
+    task: str
+    limit: int
+    seed: int
+
+
+class ResultStore:
+    """Read and write results; use as a context manager or call :meth:`close`."""
+
+    def __init__(self, path: str | Path = DEFAULT_PATH, create: bool = True):
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise LmmsqueezeError(
+                f"results file {str(self.path)!r} does not exist; run `lmmsqueeze eval` or `lmmsqueeze sweep` first"
+            )
+        try:
+            self.db = sqlite3.connect(str(self.path), timeout=30)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise LmmsqueezeError(f"{str(self.path)!r} is not a lmmsqueeze results file: {exc}") from None
+
+    def __enter__(self) -> "ResultStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def has(self, key: Key) -> bool:
+        row = self.db.execute(
+            "SELECT 1 FROM runs WHERE model=? AND pipeline=? AND adapter=? AND task=? AND limit_n=? AND seed=?",
+            (key.model, key.pipeline, key.adapter, key.task, key.limit, key.seed),
+        ).fetchone()
+        return row is not None
+
+    def put(self, key: Key, metrics: dict[str, Any], answers: list[dict[str, Any]] | None = None,
+            error: str | None = None) -> None:
+        """Store one row (replacing an earlier one with the same key) and its answers, atomically."""
+        status = "failed" if error else "ok"
+        with self.db:  # one transaction
+            self.db.execute(
+                "DELETE FROM runs WHERE model=? AND pipeline=? AND adapter=? AND task=? AND limit_n=? AND seed=?",
+                (key.model, key.pipeline, key.adapter, key.task, key.limit, key.seed),
+            )
+            cur = self.db.execute(
+                "INSERT INTO runs (model, pipeline, adapter, task, limit_n, seed, status, error, accuracy, metrics,"
+                " created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (key.model, key.pipeline, key.adapter, key.task, key.limit, key.seed, status, error,
+                 metrics.get("accuracy"), json.dumps(metrics), time.time()),
+            )
+            if answers:
+                self.db.executemany(
+                    "INSERT INTO answers (run_id, idx, uid, qtype, prediction, answer, score) VALUES (?,?,?,?,?,?,?)",
+                    [(cur.lastrowid, i, a["uid"], a["qtype"], a["prediction"], a["answer"], a["score"])
+                     for i, a in enumerate(answers)],
+                )
+
+    def answers(self, key: Key) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT a.uid, a.qtype, a.prediction, a.answer, a.score FROM answers a JOIN runs r ON a.run_id = r.id "
+            "WHERE r.model=? AND r.pipeline=? AND r.adapter=? AND r.task=? AND r.limit_n=? AND r.seed=? ORDER BY a.idx",
+            (key.model, key.pipeline, key.adapter, key.task, key.limit, key.seed),
+        ).fetchall()
+        return [dict(zip(("uid", "qtype", "prediction", "answer", "score"), r)) for r in rows]
+
+    def rows(self, task: str | None = None, model: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every stored row as a flat dict (identity, status, error and metrics)."""
+        query = "SELECT model, pipeline, adapter, task, limit_n, seed, status, error, metrics FROM runs"
+        clauses, args = [], []
+        if task:
+            clauses.append("task=?")
+            args.append(task)
+        if model:
+            clauses.append("model=?")
+            args.append(model)
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        for model_, pipeline, adapter, task_, limit_n, seed, status, error, metrics in self.db.execute(
+                query + " ORDER BY id", args):
+            yield {"model": model_, "pipeline": pipeline, "adapter": adapter, "task": task_, "limit": limit_n,
+                   "seed": seed, "status": status, "error": error, **json.loads(metrics)}

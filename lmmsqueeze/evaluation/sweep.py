@@ -1,0 +1,190 @@
+"""Sweeps: a grid of pipelines (lists expand), evaluated into the results store, resumable."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..compose.spec import expand_lists, parse_pipeline
+from ..errors import LmmsqueezeError, PipelineError
+
+DEFAULT_LIMIT = 200
+
+
+@dataclass(frozen=True)
+class GridItem:
+    """One pipeline of a sweep, with the ProxyV adapter it runs with (if any)."""
+
+    pipeline: str
+    adapter: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.pipeline} [{self.adapter}]" if self.adapter else self.pipeline
+
+
+@dataclass
+class Grid:
+    """What a sweep runs: pipelines x tasks on one model."""
+
+    model: str = "bundled"
+    tasks: list[str] = field(default_factory=lambda: ["bundled"])
+    limit: int = DEFAULT_LIMIT
+    seed: int = 0
+    items: list[GridItem] = field(default_factory=list)
+
+
+def expand_item(text: str, adapter: str | None = None) -> list[GridItem]:
+    """A pipeline whose list values expand into one item per combination (`keep=[0.25, 0.5]`)."""
+    return [GridItem(spec.format(), adapter) for spec in expand_lists(parse_pipeline(text))]
+
+
+def adapter_pipeline(adapter: str) -> str:
+    """The pipeline an adapter was trained for (recorded in its config)."""
+    from ..proxyv.attach import adapter_path
+    from ..proxyv.modules import read_config
+
+    return read_config(adapter_path(adapter)).get("pipeline") or ""
+
+
+def parse_items(entries: list[Any], source: str) -> list[GridItem]:
+    """Grid entries: pipeline strings, or mappings ``{pipeline: ..., adapter: ...}``."""
+    items: list[GridItem] = []
+    for i, entry in enumerate(entries, 1):
+        if isinstance(entry, str):
+            items += expand_item(entry)
+        elif isinstance(entry, dict) and set(entry) <= {"pipeline", "adapter"} and entry:
+            adapter = entry.get("adapter")
+            text = entry.get("pipeline") or (adapter_pipeline(adapter) if adapter else "")
+            items += expand_item(str(text), str(adapter) if adapter else None)
+        else:
+            raise LmmsqueezeError(
+                f"{source}: entry {i} ({entry!r}) must be a pipeline string or a mapping with `pipeline` and/or "
+                "`adapter`"
+            )
+    return items
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read a grid file (YAML or JSON) with `pipelines` and optionally `model`, `tasks`, `limit`, `seed`."""
+    p = Path(path)
+    if not p.is_file():
+        raise LmmsqueezeError(f"grid file {str(p)!r} does not exist")
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(p.read_text())
+        else:
+            import yaml
+
+            data = yaml.safe_load(p.read_text())
+    except ValueError as exc:
+        raise LmmsqueezeError(f"cannot read grid file {str(p)!r}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("pipelines"), list):
+        raise LmmsqueezeError(f"grid file {str(p)!r} needs a `pipelines:` list (and optionally model, tasks, "
+                              "limit, seed)")
+    unknown = set(data) - {"pipelines", "model", "tasks", "task", "limit", "seed"}
+    if unknown:
+        raise LmmsqueezeError(f"grid file {str(p)!r}: unknown keys {sorted(unknown)}; valid: pipelines, model, "
+                              "tasks, limit, seed")
+    tasks = data.get("tasks", data.get("task", ["bundled"]))
+    grid = Grid(
+        model=str(data.get("model", "bundled")),
+        tasks=[tasks] if isinstance(tasks, str) else [str(t) for t in tasks],
+        limit=int(data.get("limit", DEFAULT_LIMIT)),
+        seed=int(data.get("seed", 0)),
+    )
+    try:
+        grid.items = parse_items(data["pipelines"], str(p))
+    except PipelineError as exc:
+        raise LmmsqueezeError(f"grid file {str(p)!r}: {exc}") from None
+    return grid
+
+
+def default_items() -> list[GridItem]:
+    """The main job's grid on the bundled model: budgets of the classic reducers and ProxyV."""
+    from ..proxyv.attach import adapter_path
+
+    items = [
+        *expand_item("pool"),
+        *expand_item("fastv(keep=[0.25, 0.5, 0.75])"),
+        *expand_item("visionzip(dominant=14, contextual=2)"),
+        *expand_item("visionzip(dominant=27, contextual=5)"),
+        *expand_item("visionzip(dominant=41, contextual=7)"),
+    ]
+    for name in ("proxyv-spatial", "proxyv-nonspatial"):
+        if (adapter_path(f"bundled:{name}") / "adapter_config.json").is_file():
+            items.append(GridItem(adapter_pipeline(f"bundled:{name}"), f"bundled:{name}"))
+    return items
+
+
+def run_sweep(
+    grid: Grid,
+    store_path: str | Path,
+    batch_size: int = 1,
+    device: str | None = None,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate every (item, task) of a grid that is not in the store yet; vanilla always included.
+
+    A pipeline that raises is stored as failed with its one-line error and the sweep goes on.
+    ``on_event(kind, info)`` reports progress: ``start``, ``progress``, ``done``, ``skip``, ``failed``.
+    """
+    from ..pipelines.loading import load_model
+    from .runner import evaluate, loyalty
+    from .store import Key, ResultStore
+    from .tasks import get_task
+
+    tasks = [get_task(t) for t in grid.tasks]  # refuse unknown tasks before loading anything
+    emit = on_event or (lambda kind, info: None)
+    model, processor = load_model(grid.model, device=device)
+    items = [GridItem("none"), *[i for i in grid.items if not (i.pipeline == "none" and not i.adapter)]]
+    results = []
+    with ResultStore(store_path) as store:
+        for task in tasks:
+            limit = min(grid.limit, task.size)
+            vanilla_key = Key(grid.model, "none", "", task.name, limit, grid.seed)
+            for n, item in enumerate(items):
+                info = {"index": n, "total": len(items), "item": item.label, "task": task.name}
+                try:
+                    from ..pipelines.runtime import compile_for
+
+                    canonical = compile_for(model, item.pipeline)[0].canonical
+                except LmmsqueezeError as exc:
+                    canonical, error = item.pipeline, str(exc)
+                else:
+                    error = None
+                key = Key(grid.model, canonical, item.adapter or "", task.name, limit, grid.seed)
+                if store.has(key):
+                    emit("skip", info)
+                    continue
+                emit("start", {**info, "samples": limit})
+                metrics: dict[str, Any] = {}
+                answers: list[dict[str, Any]] = []
+                if error is None:
+                    try:
+                        result = evaluate(model, processor, canonical, task, limit=limit, seed=grid.seed,
+                                          adapter=item.adapter, batch_size=batch_size,
+                                          on_progress=lambda done, total: emit("progress", {**info, "done": done,
+                                                                                             "samples": total}))
+                    except Exception as exc:  # one failing pipeline must not end the sweep
+                        error = " ".join(f"{type(exc).__name__}: {exc}".split())
+                    else:
+                        answers = result.pop("answers")
+                        reference = answers if key == vanilla_key else store.answers(vanilla_key)
+                        metrics = {**result, "loyalty": loyalty(answers, reference), **versions()}
+                store.put(key, metrics, answers, error=error)
+                emit("failed" if error else "done", {**info, "error": error, **metrics})
+                results.append({"key": key, "error": error, **metrics})
+    return results
+
+
+def versions() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {"versions": {"lmmsqueeze": __version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__}}

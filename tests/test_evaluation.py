@@ -1,0 +1,178 @@
+"""Evaluation product: results store, sweeps (kill and resume, failing rows), Pareto tables, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import pytest
+from typer.testing import CliRunner
+
+from lmmsqueeze import ScoredPruner, register_reducer
+from lmmsqueeze.cli import app
+from lmmsqueeze.evaluation.pareto import frontier, pareto_rows
+from lmmsqueeze.evaluation.runner import loyalty
+from lmmsqueeze.evaluation.store import Key, ResultStore
+from lmmsqueeze.evaluation.sweep import expand_item, load_grid
+from lmmsqueeze.reducers import unregister_reducer
+from lmmsqueeze.testing import tiny_llava
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    model, processor = tiny_llava()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_frontier_of_hand_made_points():
+    # (cost, accuracy): A(1, .5) B(2, .7) C(3, .6) D(4, .9) E(2, .7 dup of B) F(5, .9)
+    points = [(1, .5), (2, .7), (3, .6), (4, .9), (2, .7), (5, .9)]
+    # C is dominated by B (cheaper, more accurate); F by D (cheaper, as accurate); B and E tie: both kept
+    assert frontier(points) == [True, True, False, True, True, False]
+
+
+def test_pareto_rows_sorted_with_relative_columns():
+    rows = [
+        {"pipeline": "none", "adapter": "", "accuracy": 0.8, "prefill_flops": 100, "latency_ms": 10, "saving": 0.0},
+        {"pipeline": "b", "adapter": "", "accuracy": 0.7, "prefill_flops": 50, "latency_ms": 6, "saving": 0.5},
+        {"pipeline": "c", "adapter": "", "accuracy": 0.6, "prefill_flops": 60, "latency_ms": 4, "saving": 0.4},
+        {"pipeline": "d", "adapter": "", "accuracy": 0.9, "prefill_flops": 0, "latency_ms": 1, "saving": 1.0,
+         "status": "failed"},
+    ]
+    out = pareto_rows(rows, "flops")
+    assert [r["pipeline"] for r in out] == ["b", "c", "none"]
+    assert [r["pareto"] for r in out] == [True, False, True]
+    assert out[0]["accuracy_delta"] == pytest.approx(-0.1)
+    by_latency = pareto_rows(rows, "latency")
+    assert [r["pipeline"] for r in by_latency] == ["c", "b", "none"]
+    assert [r["pareto"] for r in by_latency] == [True, True, True]
+    assert by_latency[0]["saving"] == pytest.approx(0.6)
+
+
+def test_loyalty_counts_identical_answers():
+    ref = [{"uid": str(i), "prediction": p} for i, p in enumerate("aabb")]
+    ours = [{"uid": str(i), "prediction": p} for i, p in enumerate("abbb")]
+    assert loyalty(ours, ref) == 0.75
+
+
+def test_store_round_trip_and_replace(tmp_path):
+    key = Key("m", "pool(size=2)", "", "bundled", 10, 0)
+    answers = [{"uid": "u1", "qtype": "color", "prediction": "red", "answer": "red", "score": 1.0}]
+    with ResultStore(tmp_path / "r.db") as store:
+        assert not store.has(key)
+        store.put(key, {"accuracy": 1.0}, answers)
+        store.put(key, {"accuracy": 0.5}, answers)  # same identity: replaced, not duplicated
+        assert store.has(key) and store.answers(key) == answers
+        assert [r["accuracy"] for r in store.rows()] == [0.5]
+
+
+def test_grid_lists_expand_and_bad_grids_are_refused(tmp_path):
+    assert [i.pipeline for i in expand_item("fastv(keep=[0.25, 0.5])")] == ["fastv(keep=0.25)", "fastv(keep=0.5)"]
+    good = tmp_path / "g.yaml"
+    good.write_text("model: m\ntasks: bundled\nlimit: 5\npipelines:\n  - pool\n  - fastv(keep=[0.25, 0.5])\n")
+    grid = load_grid(good)
+    assert grid.model == "m" and grid.limit == 5 and len(grid.items) == 3
+    for text, message in [("pipelines: pool\n", "needs a `pipelines:` list"),
+                          ("pipelines: [pool]\nmodels: x\n", "unknown keys ['models']"),
+                          ("pipelines: ['fastv(']\n", "cannot parse pipeline"),
+                          ("pipelines: [3]\n", "must be a pipeline string")]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        result = runner.invoke(app, ["sweep", "--grid", str(bad), "--results", str(tmp_path / "x.db")])
+        assert result.exit_code == 2 and message in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pareto", "--results", "{tmp}/missing.db"], "does not exist"),
+    (["pareto", "--results", "{tmp}/empty.db"], "no results in"),
+    (["pareto", "--results", "{tmp}/empty.db", "--format", "xml"], "--format 'xml' must be one of"),
+    (["sweep", "--task", "vqa9000", "-p", "pool", "--results", "{tmp}/s.db"], "unknown task 'vqa9000'"),
+    (["eval", "--task", "vqa9000"], "unknown task 'vqa9000'"),
+    (["sweep", "--grid", "{tmp}/nogrid.yaml"], "does not exist"),
+])
+def test_bad_input_is_one_line(tmp_path, args, message):
+    ResultStore(tmp_path / "empty.db").close()
+    result = runner.invoke(app, [a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_eval_json_row(model_dir, tmp_path):
+    result = runner.invoke(app, ["eval", "--model", str(model_dir), "--pipeline", "pool | fastv(keep=3)",
+                                 "--limit", "6", "--results", str(tmp_path / "r.db"), "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)
+    for key in ("accuracy", "prefill_flops", "saving", "latency_ms", "peak_memory_mb", "loyalty",
+                "image_tokens_avg", "pipeline", "per_type", "n"):
+        assert key in row
+    assert row["pipeline"] == "pool(size=2) | fastv(keep=3, layer=2)" and row["n"] == 6
+    assert row["image_tokens_per_layer"] == [9, 9, 3, 3] and row["image_tokens_avg"] == 6
+    with ResultStore(tmp_path / "r.db") as store:  # vanilla was stored too, for loyalty
+        assert sorted(r["pipeline"] for r in store.rows()) == ["none", row["pipeline"]]
+
+
+@pytest.fixture
+def failing_reducer():
+    @register_reducer("test_explodes", family="pruning", placements=("projector",), keeps_grid=False, cite="test")
+    @dataclass(frozen=True)
+    class Explodes(ScoredPruner):
+        """Always fails."""
+
+        def score(self, state, signals):
+            raise RuntimeError("boom inside the plugin")
+
+    yield "test_explodes"
+    unregister_reducer("test_explodes")
+
+
+def test_a_failing_pipeline_is_stored_and_the_sweep_goes_on(model_dir, tmp_path, failing_reducer):
+    db = tmp_path / "r.db"
+    result = runner.invoke(app, ["sweep", "-m", str(model_dir), "-p", "test_explodes", "-p", "pool",
+                                 "--limit", "4", "--results", str(db)])
+    assert result.exit_code == 0, result.output
+    with ResultStore(db) as store:
+        rows = {r["pipeline"]: r for r in store.rows()}
+    assert rows["test_explodes(keep=0.5)"]["status"] == "failed"
+    assert rows["test_explodes(keep=0.5)"]["error"] == "RuntimeError: boom inside the plugin"
+    assert rows["pool(size=2)"]["status"] == "ok" and rows["none"]["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_finishes_without_loss_or_duplicates(model_dir, tmp_path):
+    db = tmp_path / "r.db"
+    args = [sys.executable, "-m", "lmmsqueeze", "sweep", "-m", str(model_dir), "--limit", "30",
+            "-p", "random(keep=[0.2, 0.4, 0.6, 0.8], seed=1)", "-p", "pool", "--results", str(db)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    stored = 0
+    while time.time() < deadline and proc.poll() is None:  # kill once some, not all, rows are in
+        time.sleep(0.2)
+        if db.exists():
+            with ResultStore(db) as store:
+                stored = len(list(store.rows()))
+            if stored >= 2:
+                break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 2 <= stored < 6
+    with ResultStore(db) as store:
+        before = {(r["pipeline"], r["accuracy"]) for r in store.rows()}
+    finished = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    with ResultStore(db) as store:
+        rows = list(store.rows())
+        pipelines = [r["pipeline"] for r in rows]
+        assert len(pipelines) == len(set(pipelines)) == 6
+        assert before <= {(r["pipeline"], r["accuracy"]) for r in rows}  # nothing finished was lost or redone
+        assert all(len(store.answers(Key(r["model"], r["pipeline"], "", "bundled", 30, 0))) == 30 for r in rows)
