@@ -179,6 +179,7 @@ def run_cmd(
     pipeline: PipelineOpt = "none",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate (greedy).")] = 32,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: cuda when present).")] = None,
+    adapter: Annotated[Optional[str], typer.Option(help="ProxyV adapter directory or bundled:<name>.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer one question about one image (greedy decoding) with a pipeline installed."""
@@ -187,7 +188,8 @@ def run_cmd(
     with user_errors():
         if not image.is_file():
             raise LmmsqueezeError(f"image file {str(image)!r} does not exist")
-        result = answer(model, image, prompt, pipeline, max_new_tokens=max_new_tokens, device=device)
+        result = answer(model, image, prompt, pipeline, max_new_tokens=max_new_tokens, device=device,
+                        adapter=adapter)
     emit(result, as_json, lambda r: console.print(r["answer"], highlight=False))
 
 
@@ -271,7 +273,7 @@ def show_cmd(
 # --- show (reducer library) ---
 
 
-from . import cli_eval  # noqa: E402,F401  (registers eval, sweep and pareto on `app`)
+from . import cli_eval, cli_proxyv  # noqa: E402,F401  (register eval, sweep, pareto, train-proxyv on `app`)
 
 
 def main() -> None:

@@ -162,3 +162,37 @@ def test_refusals(tiny_sdpa, pipeline, message):
     with pytest.raises(PipelineError) as err:
         lmmsqueeze.compile(pipeline, tiny_sdpa[0])
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_train_proxyv_runs_resumes_and_the_adapter_alone_is_enough(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lmmsqueeze.cli import app
+
+    model, processor = tiny_llava()
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    from lmmsqueeze.testing import random_image
+
+    random_image(2).save(tmp_path / "i.png")
+    runner = CliRunner()
+    args = ["train-proxyv", "-m", str(tmp_path / "m"), "-p", "pool | proxyv(layer=2, variant=nonspatial, proxies=3)",
+            "--out", str(tmp_path / "out"), "--batch", "3", "--eval-every", "2", "--eval-size", "4", "--save-every", "2"]
+    first = runner.invoke(app, [*args, "--steps", "2"])
+    assert first.exit_code == 0, first.output
+    second = runner.invoke(app, [*args, "--steps", "4"])  # resumes at step 2
+    assert second.exit_code == 0, second.output
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all("val_accuracy" in r for r in log if r["step"] % 2 == 0)
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert config["pipeline"] == "pool(size=2) | proxyv(factor=4, layer=2, mlp_hidden=0, proxies=3, variant=nonspatial)"
+    ran = runner.invoke(app, ["run", "-m", str(tmp_path / "m"), "-i", str(tmp_path / "i.png"), "--prompt", "what ?",
+                              "--adapter", str(tmp_path / "out" / "adapter"), "--max-new-tokens", "2", "--json"])
+    assert ran.exit_code == 0, ran.output
+    assert json.loads(ran.stdout)["pipeline"] == config["pipeline"]
+    bad = runner.invoke(app, ["run", "-m", str(tmp_path / "m"), "-i", str(tmp_path / "i.png"), "--prompt", "what ?",
+                              "--adapter", str(tmp_path / "out" / "adapter"), "-p", "proxyv(layer=1)"])
+    assert bad.exit_code == 2 and "does not fit this pipeline or model" in bad.stderr

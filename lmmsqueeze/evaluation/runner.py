@@ -42,6 +42,7 @@ def evaluate(
     batch_size: int = 1,
     on_progress: Callable[[int, int], None] | None = None,
     measure_memory: bool = True,
+    split: str = "test",
 ) -> dict[str, Any]:
     """Answer ``limit`` test samples of ``task`` greedily with ``pipeline`` installed.
 
@@ -51,7 +52,7 @@ def evaluate(
     answers (``uid``, ``qtype``, ``prediction``, ``answer``, ``score``).
     """
     n = task.size if limit is None else min(limit, task.size)
-    items = task.samples("test", n, seed)
+    items = task.samples(split, n, seed)
     plan, model_adapter = compile_for(model, pipeline)
     base = model_adapter.base
     answers: list[dict[str, Any]] = []

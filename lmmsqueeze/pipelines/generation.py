@@ -22,13 +22,13 @@ def open_image(path: str | Path) -> Image.Image:
 
 @torch.no_grad()
 def generate_answer(model: Any, processor: Any, image: Image.Image, question: str, pipeline: Any,
-                    max_new_tokens: int = 32) -> dict[str, Any]:
+                    max_new_tokens: int = 32, adapter: Any = None) -> dict[str, Any]:
     """Greedy answer of ``model`` with ``pipeline`` installed, plus what the pipeline did."""
     text = build_prompt(processor, question)
     inputs = processor(images=image, text=text, return_tensors="pt").to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    with apply(model, pipeline) as run:
+    with apply(model, pipeline, adapter=adapter) as run:
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new_tokens = out[0, inputs["input_ids"].shape[1]:]
     return {
@@ -40,7 +40,12 @@ def generate_answer(model: Any, processor: Any, image: Image.Image, question: st
 
 
 def answer(model_ref: str, image_path: str | Path, question: str, pipeline: Any, max_new_tokens: int = 32,
-           device: str | None = None) -> dict[str, Any]:
-    """Load a model and answer one question about one image file."""
+           device: str | None = None, adapter: str | None = None) -> dict[str, Any]:
+    """Load a model and answer one question about one image file (with a ProxyV ``adapter``: its
+    recorded pipeline when ``pipeline`` is empty)."""
+    if adapter and str(pipeline).strip() in ("", "none"):
+        from ..evaluation.sweep import adapter_pipeline
+
+        pipeline = adapter_pipeline(adapter)
     model, processor = load_model(model_ref, device=device)
-    return generate_answer(model, processor, open_image(image_path), question, pipeline, max_new_tokens)
+    return generate_answer(model, processor, open_image(image_path), question, pipeline, max_new_tokens, adapter)

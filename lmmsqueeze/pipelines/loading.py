@@ -61,6 +61,9 @@ def load_model(ref: str | Path, device: str | None = None, dtype: torch.dtype | 
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     except OSError as exc:
         raise ModelError(f"cannot load {str(ref)!r}: {str(exc).splitlines()[0]}") from None
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.padding_side = "left"  # batched generation with a decoder-only model needs left padding
     return model.to(dev).eval(), processor
 
 

@@ -111,8 +111,8 @@ class PipelineRun:
         self.adapter = adapter
         self.proxyv_adapter = proxyv_adapter
         self._proxyv_state: Any = None
-        self.trace: list[list[Tensor]] = []
-        self.groups: list[list[Tensor]] = []
+        self._trace: list[list[Tensor]] = []
+        self._groups: list[list[Tensor]] = []
         self.image_tokens_per_layer: list[int] = []
         self._prefill: _Prefill | None = None
         self._images: list[_ImageRecord] = []
@@ -123,6 +123,23 @@ class PipelineRun:
         self._llm = plan.at("llm")
 
     # ------------------------------------------------------------------ public helpers
+    @property
+    def trace(self) -> list[list[Tensor]]:
+        return self._filled(self._trace, lambda n: torch.arange(n))
+
+    @property
+    def groups(self) -> list[list[Tensor]]:
+        return self._filled(self._groups, lambda n: torch.arange(n))
+
+    def _filled(self, entries: list[list[Tensor]], untouched: Any) -> list[list[Tensor]]:
+        """Stages that keep every token (proxyv) repeat the previous stage's entry."""
+        out: list[list[Tensor]] = []
+        for stage, rows in zip(self.plan.stages, entries):
+            if stage.placement == "proxyv" and not rows and self._prefill is not None:
+                rows = out[-1] if out else [untouched(s.meta.n_original) for s in self._prefill.samples]
+            out.append(rows)
+        return out
+
     @property
     def output_positions(self) -> Tensor | None:
         """``[B, L_out]``: for each row of the last prefill's logits, the column of the caller's
@@ -290,8 +307,8 @@ class PipelineRun:
                 kwargs["position_ids"] = (new_mask.cumsum(-1) - 1).clamp(min=0)
             is_image = is_image.gather(1, safe) & present
         samples = self._samples(is_image, per_sample, images)
-        self.trace = [[] for _ in self.plan.stages]
-        self.groups = [[] for _ in self.plan.stages]
+        self._trace = [[] for _ in self.plan.stages]
+        self._groups = [[] for _ in self.plan.stages]
         for si in range(len(self._pre_llm)):
             for mine in per_sample:
                 index_off = slot_off = 0
@@ -302,8 +319,8 @@ class PipelineRun:
                     groups.append(torch.where(rec.groups[si] >= 0, rec.groups[si] + slot_off, rec.groups[si]))
                     index_off += rec.state.n_original
                     slot_off += rec.trace[si].numel()
-                self.trace[si].append(torch.cat(trace))
-                self.groups[si].append(torch.cat(groups))
+                self._trace[si].append(torch.cat(trace))
+                self._groups[si].append(torch.cat(groups))
         self._proxyv_state = None
         self._prefill = _Prefill(
             batch=batch, length=new_len, padding=padding, source_columns=source.masked_fill(~present, -1),
@@ -427,8 +444,8 @@ class PipelineRun:
             if state is None:
                 keeps.append(torch.arange(current_len, device=hidden.device))
                 new_hidden_rows.append(hidden[b])
-                self.trace[stage_idx].append(torch.empty(0, dtype=torch.long))
-                self.groups[stage_idx].append(torch.empty(0, dtype=torch.long))
+                self._trace[stage_idx].append(torch.empty(0, dtype=torch.long))
+                self._groups[stage_idx].append(torch.empty(0, dtype=torch.long))
                 continue
             signals = _signals(stage, state, sample.vision, p.llm_signals.get(stage.layer), b, sample.slots)
             new = _checked_reduce(stage, state, signals)
@@ -448,8 +465,8 @@ class PipelineRun:
             new_hidden_rows.append(row)
             sample.slots = new_slots
             sample.meta = new.with_hidden(torch.empty(new.n, 0, device=hidden.device))
-            self.trace[stage_idx].append(new.index)
-            self.groups[stage_idx].append(new.assign)
+            self._trace[stage_idx].append(new.index)
+            self._groups[stage_idx].append(new.assign)
         lengths = {int(k.numel()) for k in keeps}
         if len(lengths) != 1:
             raise ModelError(
