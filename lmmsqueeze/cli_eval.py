@@ -60,9 +60,13 @@ def eval_cmd(
     results: ResultsOpt = DEFAULT_RESULTS,
     batch_size: Annotated[int, typer.Option(min=1)] = 1,
     device: Annotated[Optional[str], typer.Option()] = None,
+    include_path: Annotated[Optional[str], typer.Option(help="Task folder for --task lmms:TASK.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Evaluate one pipeline (and the vanilla model, for loyalty) and store the row."""
+    """Evaluate one pipeline (and the vanilla model, for loyalty) and store the row.
+
+    `--task lmms:TASK` runs an lmms-eval task through lmms-eval (the `eval` extra) instead.
+    """
     from .evaluation.sweep import Grid, GridItem, adapter_pipeline
     from .evaluation.store import Key, ResultStore
     from .evaluation.tasks import get_task
@@ -70,6 +74,12 @@ def eval_cmd(
     from .pipelines.runtime import compile_for
 
     with user_errors():
+        if task.startswith("lmms:"):
+            row = _eval_lmms(model, pipeline, task, adapter, include_path, limit, seed, results)
+            emit(row, as_json, lambda r: console.print(
+                f"{r['task']} {r['metric']}: {100 * r['accuracy']:.1f}% with {r['pipeline']} "
+                f"({r['n']} samples, stored in {results})", highlight=False))
+            return
         t = get_task(task)
         if adapter and pipeline == "none":
             pipeline = adapter_pipeline(adapter)
@@ -110,6 +120,40 @@ def eval_cmd(
         console.print(table)
 
     emit(row, as_json, render)
+
+
+def _eval_lmms(model: str, pipeline: str, task: str, adapter: Optional[str], include_path: Optional[str],
+               limit: Optional[int], seed: int, results: Path) -> dict:
+    from .evaluation.lmms_bridge import run_lmms_task
+    from .evaluation.store import Key, ResultStore
+    from .evaluation.sweep import versions
+
+    name = task.split(":", 1)[1]
+    out = run_lmms_task(model, pipeline, adapter, name, include_path, limit)
+    plan = out["plan"]
+    cost = plan.cost()
+    row = {"pipeline": plan.canonical, "task": task, "metric": out["metric"], "n": len(out["answers"]),
+           "accuracy": out["accuracy"], "prefill_flops": cost.prefill_flops,
+           "vanilla_prefill_flops": cost.vanilla_prefill_flops, "saving": cost.saving, "latency_ms": None,
+           "peak_memory_mb": None, "loyalty": None, "image_tokens_avg": sum(plan.tokens_per_layer()) /
+           max(1, len(plan.tokens_per_layer())), **versions()}
+    with ResultStore(results) as store:
+        store.put(Key(model, plan.canonical, adapter or "", task, limit or 0, seed), row, out["answers"])
+    return row
+
+
+@app.command("export-lmms-task")
+def export_lmms_task_cmd(
+    directory: Annotated[Path, typer.Argument(help="Folder to write (pass it to lmms-eval's --include_path).")],
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Export the first N test samples.")] = None,
+) -> None:
+    """Export the bundled benchmark as an lmms-eval task folder (parquet, YAML, utils.py)."""
+    from .evaluation.lmms_bridge import TASK_NAME, export_task
+
+    with user_errors():
+        path = export_task(directory, limit)
+    console.print(f"wrote {path} (task {TASK_NAME}; lmms-eval --include_path {path} --tasks {TASK_NAME})",
+                  highlight=False)
 
 
 @app.command("sweep")

@@ -54,7 +54,7 @@ def test_answers_are_valid_and_types_balanced() -> None:
             "color": set(task.COLORS),
             "exists": {"yes", "no"},
             "row": {str(i) for i in range(1, 13)},
-            "column": {str(i) for i in range(1, 13)},
+            "column": set("abcdefghijkl"),
             "count": {str(i) for i in range(16)},
         }[s.qtype]
         assert s.answer in allowed
@@ -81,7 +81,7 @@ def test_image_shows_what_the_answer_says() -> None:
             elif s.qtype == "row":
                 assert r + 1 == int(s.answer)
             elif s.qtype == "column":
-                assert c + 1 == int(s.answer)
+                assert "abcdefghijkl"[c] == s.answer
         elif s.qtype == "exists":
             cells = img.reshape(12, 8, 12, 8, 3)
             inks = [(cells[r, 1:7, c, 1:7] == task.INK).all(-1) for r in range(12) for c in range(12)]
@@ -112,6 +112,7 @@ def test_hand_checked_scene() -> None:
         answers[q.split()[-1]] = a
     assert answers == {"ring": "blue", "dot": "red"}
     assert task.ask(scene, "row", np.random.default_rng(1))[1] in {"6", "1"}
+    assert task.ask(scene, "column", np.random.default_rng(1))[1] in {"d", "a"}
 
 
 def test_score_and_summarize() -> None:

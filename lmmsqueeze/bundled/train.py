@@ -2,14 +2,24 @@
 
     python -m lmmsqueeze.bundled.train [--seed 0] [--out DIR] [--threads N] [--steps N]
 
-Recipe: every training sequence holds one image followed by many question/answer turns
-(``<s> <image>x144 q1 a1 </s> q2 a2 </s> ...``) with the loss on every answer and end token,
-so each image trains many retrievals (multi-query associative recall); the first turn has
-exactly the single-question test layout. A linear auxiliary head on the projector output
-predicts each cell's colour, symbol, row and column (the head is not part of the saved model).
-AdamW with linear warmup and cosine decay. Held-out accuracy is measured on the "val" split in
-the single-question format; the best checkpoint so far is saved to ``--out`` and every
-evaluation is appended to a jsonl log.
+Recipe (see results/bundled/EXPERIMENTS.md for what each part buys):
+
+* Multi-query sequences: one image followed by many question/answer turns
+  (``<s> <image>x144 q1 a1 </s> q2 a2 </s> ...``), loss on every answer and end token; the
+  first turn has exactly the single-question test layout.
+* Per-cell probe loss: linear heads on the projector output predict each cell's colour,
+  symbol, row and column (the heads are not part of the saved model).
+* "Say" loss: the decoder's own LM head, at each image-token position, predicts the words
+  for that cell's colour, symbol, row and column, so cell content lives in the word space the
+  answers are read from (without it the answer readout sits on the prior for thousands of steps).
+* Attention supervision: a few heads of one decoder layer are trained to attend, from each
+  answer position, to the cell the question is about (count: ``<s>`` plus the cells of the colour).
+* AdamW with linear warmup and cosine decay.
+
+Held-out accuracy is the first-token greedy exact match on single-question prompts of the
+"val" split; the best checkpoint so far is saved to ``--out`` and every evaluation is appended
+to a jsonl log. All training-only signals act through hooks and extra losses: the saved model
+is a plain ``LlavaForConditionalGeneration``.
 """
 
 from __future__ import annotations
@@ -41,7 +51,9 @@ from lmmsqueeze.bundled.model import (
 )
 from lmmsqueeze.evaluation.tasks.bundled import (
     COLORS,
+    COLUMN_NAMES,
     GRID,
+    ROW_NAMES,
     QUESTION_TYPES,
     SYMBOLS,
     Scene,
@@ -65,10 +77,10 @@ class TrainConfig:
     warmup: int = 200
     weight_decay: float = 0.01
     aux_weight: float = 0.5
-    say_weight: float = 0.0
+    say_weight: float = 1.0
     value_weight: float = 0.0
-    attn_weight: float = 0.0
-    attn_layer: int = 1
+    attn_weight: float = 0.5
+    attn_layer: int = 2
     attn_heads: int = 2
     eval_every: int = 100
     eval_size: int = 500
@@ -91,6 +103,16 @@ class AuxHead(torch.nn.Module):
         return sum(F.cross_entropy(h(feats).flatten(0, 1), targets[..., i].flatten()) for i, h in enumerate(heads)) / 4
 
 
+def say_table(vocab: dict[str, int]) -> torch.Tensor:
+    """``(4, 18)`` word ids for the ``cell_targets`` classes (colour, symbol, row, column); -100 = no word."""
+    table = torch.full((4, 1 + max(len(SYMBOLS), GRID)), -100)
+    table[0, 1 : 1 + len(COLORS)] = torch.tensor([vocab[w] for w in COLORS])
+    table[1, 1 : 1 + len(SYMBOLS)] = torch.tensor([vocab[w] for w in SYMBOLS])
+    table[2, :GRID] = torch.tensor([vocab[w] for w in ROW_NAMES])
+    table[3, :GRID] = torch.tensor([vocab[w] for w in COLUMN_NAMES])
+    return table
+
+
 def cell_targets(scene: Scene) -> np.ndarray:
     """``(144, 4)`` per-cell targets: colour index (0 = none), symbol index (0 = none), row, column."""
     names = list(COLORS)
@@ -108,16 +130,16 @@ def cell_targets(scene: Scene) -> np.ndarray:
 def attention_targets(scene: Scene, qtype: str, key: str) -> list[int]:
     """Prefix positions (0 = ``<s>``, 1 + cell index = image token) a question should attend to.
 
-    Symbol questions look at the key symbol's cell (``exists`` questions about an absent symbol
-    get no target); ``count`` spreads attention over ``<s>`` and every cell of the key colour,
-    so the share left on ``<s>``, 1 / (count + 1), encodes the count.
+    Symbol questions look at the key symbol's cell, or at ``<s>`` when the symbol is absent;
+    ``count`` spreads attention over ``<s>`` and every cell of the key colour, so the share left
+    on ``<s>``, 1 / (count + 1), encodes the count.
     """
     if qtype == "count":
         return [0] + [1 + r * GRID + c for r, row in enumerate(scene.colors) for c, color in enumerate(row) if color == key]
     if key in scene.symbols:
         r, c = scene.symbols[key]
         return [1 + r * GRID + c]
-    return []
+    return [0]
 
 
 @dataclass
@@ -216,8 +238,7 @@ class Batches:
                 q = self.words(question)
                 a = self.vocab[answer]
                 cells = attention_targets(scene, qtype, question.split()[-1])
-                if cells:
-                    where.append((b, len(ids) + len(q) - 1, cells))
+                where.append((b, len(ids) + len(q) - 1, cells))
                 ids += q + [a, EOS_ID]
                 lab += [-100] * (len(q) - 1) + [a, EOS_ID, -100]
             images.append(render(scene))
@@ -307,6 +328,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log: Path, quiet: bool = False) -> dict:
     """Run training; save the best checkpoint (by val accuracy) to ``out``; return the best summary."""
+    if cfg.attn_weight > 0 and not (0 <= cfg.attn_layer < model_cfg.text_layers and cfg.attn_heads <= model_cfg.text_heads):
+        raise ValueError(
+            f"attention supervision needs attn_layer < text_layers={model_cfg.text_layers} and attn_heads <= "
+            f"text_heads={model_cfg.text_heads}, got attn_layer={cfg.attn_layer}, attn_heads={cfg.attn_heads}"
+        )
     processor = build_processor()
     model = build_model(model_cfg, seed=cfg.seed)
     aux = AuxHead(model_cfg.text_hidden)
@@ -320,8 +346,7 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log: Path, quiet: 
         betas=(0.9, 0.98),
     )
     batches = Batches(processor.tokenizer.get_vocab(), cfg)
-    vocab = processor.tokenizer.get_vocab()
-    color_words = torch.tensor([-100] + [vocab[c] for c in COLORS])
+    say_words = say_table(processor.tokenizer.get_vocab())
     probe = AttentionProbe(model, cfg.attn_layer, cfg.attn_heads) if cfg.attn_weight > 0 else None
     evaluate = Evaluator(processor, cfg.eval_size)
     out.mkdir(parents=True, exist_ok=True)
@@ -350,10 +375,11 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log: Path, quiet: 
             aux_loss = aux.loss(feats, batch.aux_targets)
             total = loss + cfg.aux_weight * aux_loss
             if cfg.say_weight > 0:
-                say = color_words[batch.aux_targets[..., 0]]
-                coloured = say != -100
-                image_hidden = hidden[:, 1 : 1 + IMAGE_TOKENS][coloured]
-                total = total + cfg.say_weight * F.cross_entropy(model.lm_head(image_hidden), say[coloured])
+                say = say_words[torch.arange(4), batch.aux_targets]  # (B, 144, 4) word ids, -100 = nothing
+                logp = model.lm_head(hidden[:, 1 : 1 + IMAGE_TOKENS]).log_softmax(-1)
+                said = say != -100
+                say_loss = -logp.gather(-1, say.clamp(min=0))[said].mean()
+                total = total + cfg.say_weight * say_loss
             if probe is not None:
                 attn_loss = probe.loss(batch)
                 total = total + cfg.attn_weight * attn_loss

@@ -253,7 +253,7 @@ def build_reducer(name: str, params: dict[str, Any], where: str | None = None) -
 def reducer_info(name: str) -> dict[str, Any]:
     """A plain description of a registered reducer (what `lmmsqueeze reducers --json` prints)."""
     cls = get_reducer(name)
-    doc = (cls.__doc__ or "").strip().splitlines()
+    doc = (cls.__doc__ or "").strip().split("\n\n")[0]
     return {
         "name": name,
         "family": cls.family,
@@ -261,7 +261,7 @@ def reducer_info(name: str) -> dict[str, Any]:
         "needs": sorted(cls.needs),
         "keeps_grid": cls.keeps_grid,
         "params": {p.name: {"type": p.kind, "default": p.default} for p in _param_specs(cls).values()},
-        "summary": doc[0] if doc else "",
+        "summary": " ".join(doc.split()),
         "cite": cls.cite,
         "module": cls.__module__,
     }

@@ -9,7 +9,7 @@ blurs image tokens loses the answer:
 * ``color``  -- "what color is the cell with the ring"      -> ``blue``
 * ``exists`` -- "is there a ring"                           -> ``yes`` / ``no``
 * ``row``    -- "which row has the ring"                    -> ``1`` .. ``12`` (top to bottom)
-* ``column`` -- "which column has the ring"                 -> ``1`` .. ``12`` (left to right)
+* ``column`` -- "which column has the ring"                 -> ``a`` .. ``l`` (left to right)
 * ``count``  -- "how many cells are blue"                   -> ``0`` .. ``15``
 
 The key word (symbol or colour) is always the last word of a question.
@@ -33,6 +33,8 @@ CELL = 8
 IMAGE_SIZE = GRID * CELL
 TEST_SIZE = 1000
 SPLITS: dict[str, int] = {"train": 0, "test": 1, "val": 2}
+ROW_NAMES: tuple[str, ...] = tuple(str(i + 1) for i in range(GRID))
+COLUMN_NAMES: tuple[str, ...] = tuple("abcdefghijkl"[:GRID])
 QUESTION_TYPES: tuple[str, ...] = ("color", "exists", "row", "column", "count")
 
 BACKGROUND = (222, 222, 222)
@@ -159,7 +161,7 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str]:
         raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
     symbol = present[int(rng.integers(len(present)))]
     r, c = scene.symbols[symbol]
-    answer = {"color": scene.colors[r][c], "row": str(r + 1), "column": str(c + 1)}[qtype]
+    answer = {"color": scene.colors[r][c], "row": ROW_NAMES[r], "column": COLUMN_NAMES[c]}[qtype]
     return _TEMPLATES[qtype].format(symbol), str(answer)
 
 
@@ -193,7 +195,8 @@ def vocabulary() -> list[str]:
     words: list[str] = []
     for template in _TEMPLATES.values():
         words += template.format("").split()
-    words += list(COLORS) + list(SYMBOLS) + ["yes", "no"] + [str(i) for i in range(max(GRID, MAX_SYMBOLS + MAX_PLAIN) + 1)]
+    words += list(COLORS) + list(SYMBOLS) + ["yes", "no"] + list(COLUMN_NAMES)
+    words += [str(i) for i in range(max(GRID, MAX_SYMBOLS + MAX_PLAIN) + 1)]
     return list(dict.fromkeys(words))
 
 
