@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import torch
 
+from ._common import weighted_means
 from .base import Grids, Reducer, Signals, TokenState
 from .registry import register_reducer
 
@@ -36,13 +37,14 @@ class PoolReducer(Reducer):
 
     def output_grids(self, grids: Grids) -> Grids:
         if grids is None:
-            raise ValueError("pool needs the token grid, but an earlier stage broke it")
+            raise ValueError(f"{self.name} needs the token grid, but an earlier stage broke it")
         return tuple((math.ceil(h / self.size), math.ceil(w / self.size)) for h, w in grids)
 
     def output_count(self, n: int, grids: Grids) -> int:
         return sum(h * w for h, w in self.output_grids(grids))
 
-    def reduce(self, state: TokenState, signals: Signals) -> TokenState:
+    def windows(self, state: TokenState) -> tuple[torch.Tensor, torch.Tensor, Grids]:
+        """Each current token's window (new slot), each window's top-left slot, and the pooled grids."""
         out_grids = self.output_grids(state.grids)
         device = state.hidden.device
         targets, offset = [], 0
@@ -52,11 +54,12 @@ class PoolReducer(Reducer):
             targets.append(offset + rows * ow + cols)
             offset += oh * ow
         target = torch.cat(targets)
-        counts = torch.zeros(offset, device=device).index_add_(0, target, torch.ones_like(target, dtype=torch.float))
-        summed = torch.zeros(offset, state.hidden.shape[1], dtype=torch.float32, device=device)
-        summed.index_add_(0, target, state.hidden.float())
-        hidden = (summed / counts[:, None]).to(state.hidden.dtype)
-        # the first slot that lands in each window is its top-left token
         first = torch.full((offset,), state.n, dtype=torch.long, device=device)
         first.scatter_reduce_(0, target, torch.arange(state.n, device=device), reduce="amin")
+        return target, first, out_grids
+
+    def reduce(self, state: TokenState, signals: Signals) -> TokenState:
+        target, first, out_grids = self.windows(state)
+        ones = torch.ones(state.n, device=state.hidden.device)
+        hidden = weighted_means(target, state.hidden, ones, first.numel()).to(state.hidden.dtype)
         return state.regroup(target, hidden, first, out_grids)
