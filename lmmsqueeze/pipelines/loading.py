@@ -41,6 +41,9 @@ def load_model(ref: str | Path, device: str | None = None, dtype: torch.dtype | 
         path = Path(WEIGHTS_DIR)
     else:
         path = Path(ref)
+    if str(ref) == "bundled" and not (path / "config.json").is_file():
+        raise ModelError(f"the bundled model's weights are missing from {path}; train them with "
+                         "`python -m lmmsqueeze.bundled.train`")
     if not (path / "config.json").is_file():
         raise ModelError(
             f"model {str(ref)!r} is not a local model directory (no config.json); give a directory saved with "
