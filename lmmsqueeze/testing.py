@@ -116,3 +116,75 @@ def tiny_inputs(processor, batch: int = 1, image_size: int = 48):
     if batch == 1:
         return processor(images=images[0], text=texts[0], return_tensors="pt")
     return processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+
+def tiny_llava_next(
+    attn: str = "sdpa",
+    seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 8,
+    layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    ffn: int = 128,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+):
+    """A random ``LlavaNextForConditionalGeneration`` and its ``LlavaNextProcessor``.
+
+    Crops are ``image_size`` px (4x4 tokens with the defaults) and the anyres grids are 1x1, 1x2,
+    2x1 and 2x2 crops, so a 64x64 image gives a 4x4 base crop, an 8x8 sub-crop grid and 8
+    newline tokens: 88 image placeholders (see :func:`tiny_next_inputs`).
+    """
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    tokenizer = tiny_tokenizer()
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
+        num_attention_heads=4, image_size=image_size, patch_size=patch_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )
+    s = image_size
+    pinpoints = [[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_index=4, image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=0,
+    )
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": s}, crop_size={"height": s, "width": s}, image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=None,
+    )
+    return model, processor
+
+
+def tiny_next_inputs(processor, batch: int = 1, sizes: tuple[tuple[int, int], ...] = ((64, 64),)):
+    """LLaVA-NeXT processor outputs: sample ``i`` gets an image of ``sizes[i % len(sizes)]`` (w, h)."""
+    images = []
+    for i in range(batch):
+        w, h = sizes[i % len(sizes)]
+        rng = np.random.default_rng(i)
+        images.append(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+    texts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    if batch == 1:
+        return processor(images=images[0], text=texts[0], return_tensors="pt")
+    return processor(images=images, text=texts, return_tensors="pt", padding=True)

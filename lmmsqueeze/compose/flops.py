@@ -135,7 +135,7 @@ def probe_macs(g: ModelGeometry, needs: frozenset[str], n: int, text_after_image
 
 
 def vision_probe_macs(g: ModelGeometry, needs: frozenset[str]) -> int:
-    """MACs of the vision-side probes for one image."""
+    """MACs of the vision-side probes for one image (every crop the vision tower encodes)."""
     t, dv = g.vision_tokens, g.vision_hidden_size
     if not t or not dv:
         return 0
@@ -144,7 +144,7 @@ def vision_probe_macs(g: ModelGeometry, needs: frozenset[str]) -> int:
         macs += dv * dv + t * dv * dv + t * dv
     if "vision_keys" in needs:
         macs += t * dv * dv
-    return macs
+    return g.vision_crops * macs
 
 
 def plan_cost(plan: Any, text_tokens: int = 64, convention: str = "exact", text_after_image: int | None = None,

@@ -30,7 +30,8 @@ class ModelGeometry:
     grids: Grids  # (h, w) per crop of one image; None when the features are not a grid
     signals: frozenset[str]  # signals the runtime can measure on this model
     vision_hidden_size: int = 0  # width of the vision feature layer
-    vision_tokens: int = 0  # tokens per image in the vision tower, [CLS] included
+    vision_tokens: int = 0  # tokens per crop in the vision tower, [CLS] included
+    vision_crops: int = 1  # crops the vision tower encodes per image (LLaVA-NeXT: base + sub-crops)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -70,11 +71,14 @@ def text_geometry(text_cfg: Any) -> dict[str, Any]:
 
 
 def geometry_from_config(config: Any, name: str = "") -> ModelGeometry:
-    """Geometry of a transformers multimodal config (LLaVA family)."""
+    """Geometry of a transformers multimodal config (LLaVA and LLaVA-NeXT families)."""
     model_type = getattr(config, "model_type", None)
+    if model_type == "llava_next":
+        return _llava_next_geometry(config, name)
     if model_type != "llava":
         raise ModelError(
-            f"model type {model_type!r} is not supported yet; lmmsqueeze runs LlavaForConditionalGeneration models"
+            f"model type {model_type!r} is not supported yet; lmmsqueeze runs LlavaForConditionalGeneration "
+            "and LlavaNextForConditionalGeneration models"
         )
     vision = config.vision_config
     side = int(vision.image_size) // int(vision.patch_size)
@@ -95,6 +99,32 @@ def geometry_from_config(config: Any, name: str = "") -> ModelGeometry:
         signals=frozenset(signals),
         vision_hidden_size=int(vision.hidden_size),
         vision_tokens=side * side + (1 if has_cls else 0),
+        **text_geometry(config.get_text_config()),
+    )
+
+
+def _llava_next_geometry(config: Any, name: str) -> ModelGeometry:
+    """LLaVA-NeXT: a base crop plus the unpadded grid of sub-crops (a newline token after each of its
+    rows, which counts as text). The plan assumes a square image on a 2x2 crop grid, i.e. 5 crops:
+    the base ``s x s`` grid and a ``2s x 2s`` sub-crop grid; at run time the real grids come from
+    each image's size."""
+    vision = config.vision_config
+    side = int(vision.image_size) // int(vision.patch_size)
+    if getattr(config, "vision_feature_select_strategy", "default") == "full":
+        raise ModelError("LLaVA-NeXT with vision_feature_select_strategy='full' is not supported; use 'default'")
+    has_cls = getattr(vision, "model_type", "") == "clip_vision_model"
+    signals = {"text_attention", "text_image_attention", "llm_keys", "vision_keys"}
+    if has_cls:
+        signals.add("cls_attention")
+    return ModelGeometry(
+        name=name or getattr(config, "_name_or_path", "") or "llava-next",
+        family="llava_next",
+        image_tokens=5 * side * side,
+        grids=((side, side), (2 * side, 2 * side)),
+        signals=frozenset(signals),
+        vision_hidden_size=int(vision.hidden_size),
+        vision_tokens=side * side + (1 if has_cls else 0),
+        vision_crops=5,
         **text_geometry(config.get_text_config()),
     )
 
@@ -135,11 +165,19 @@ def _clip_l336_llava(name: str, decoder: str, vocab: int | None = None) -> Model
     )
 
 
-#: Built-in geometries of published backbones (CLIP ViT-L/14-336, 576 tokens per image), for
+def _clip_l336_llava_next(name: str, decoder: str, vocab: int | None = None) -> ModelGeometry:
+    """LLaVA-NeXT (anyres): a square image on a 2x2 crop grid, 5 crops x 576 = 2880 image tokens (the
+    base 24x24 crop and the 48x48 sub-crop grid; its 48 newline tokens count as text)."""
+    return dataclasses.replace(_clip_l336_llava(name, decoder, vocab), family="llava_next", image_tokens=2880,
+                               grids=((24, 24), (48, 48)), vision_crops=5)
+
+
+#: Built-in geometries of published backbones (CLIP ViT-L/14-336, 576 tokens per crop), for
 #: `explain --model-config` and cost tables.
 PRESETS: dict[str, ModelGeometry] = {
     "llava-1.5-7b": _clip_l336_llava("llava-1.5-7b", "vicuna-7b", vocab=32064),
     "llava-1.5-13b": _clip_l336_llava("llava-1.5-13b", "vicuna-13b", vocab=32064),
+    "llava-next-7b": _clip_l336_llava_next("llava-next-7b", "vicuna-7b", vocab=32064),
     **{name: _clip_l336_llava(name, name) for name in _DECODERS},
 }
 

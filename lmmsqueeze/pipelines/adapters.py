@@ -5,13 +5,42 @@ The runtime is written once against :class:`ModelAdapter`; a family only says wh
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from ..compose.geometry import ModelGeometry, geometry_from_config
 from ..errors import ModelError
+from ..reducers.base import Grids
+from .hooks import HookSet
+
+
+@dataclass(frozen=True)
+class PackedImage:
+    """How a family that packs crops (LLaVA-NeXT) lays out one image's placeholder run.
+
+    Attributes:
+        source: ``[L]`` for each placeholder of the run, the index of its token among the image's
+            crop features as the projector receives them (crop-major, ``crop * tokens_per_crop + t``),
+            or -1 for a separator token (LLaVA-NeXT's newline), which is never an image token for
+            reducers and is never dropped.
+        crops: crops the vision tower encoded for this image.
+        grids: ``(h, w)`` of every crop of the non-separator tokens, in run order.
+        crop_ids: ``[n]`` crop (0..len(grids)-1) of each non-separator token.
+    """
+
+    source: Tensor
+    crops: int
+    grids: Grids
+    crop_ids: Tensor
+
+    @property
+    def separators(self) -> Tensor:
+        return self.source < 0
 
 
 @dataclass
@@ -30,7 +59,14 @@ class ModelAdapter:
         image_token_id: id of the image placeholder token.
         pad_token_id: id used to left-pad rewritten prompts.
         geometry: shapes for the compiler.
+
+    A family whose image features are packed after the projector (``packs_features``, e.g.
+    LLaVA-NeXT's base crop + unpadded sub-crop grid + newline tokens) runs its pre-LLM stages on
+    each image's packed features: :meth:`hook_packed_features` calls back with the packed features
+    and their :class:`PackedImage` layouts.
     """
+
+    packs_features: ClassVar[bool] = False
 
     model: nn.Module
     base: nn.Module
@@ -54,6 +90,15 @@ class ModelAdapter:
         emb = self.base.get_input_embeddings().weight[self.image_token_id]
         return (inputs_embeds == emb.to(inputs_embeds.dtype)).all(-1)
 
+    def hook_packed_features(self, hooks: HookSet,
+                             fn: Callable[[list[Tensor], list[PackedImage]], list[Tensor]]) -> None:
+        """Install ``fn`` on the packed image features (only for ``packs_features`` families)."""
+        raise NotImplementedError
+
+    def count_image_tokens(self, inputs: Any) -> int:
+        """Image tokens (for reducers and costs) in processor outputs: placeholders minus separators."""
+        return int((inputs["input_ids"] == self.image_token_id).sum())
+
 
 @dataclass
 class LlavaAdapter(ModelAdapter):
@@ -66,44 +111,111 @@ class LlavaAdapter(ModelAdapter):
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "LlavaAdapter":
-        config = model.config
-        base = model.model
-        vision_attention = None
-        layer = config.vision_feature_layer
-        tower = base.vision_tower
-        encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)  # CLIPVisionModel(Transformer)
-        if isinstance(layer, int) and encoder is not None:
-            n = len(encoder.layers)
-            idx = layer if layer >= 0 else n + 1 + layer  # hidden_states[idx] is the output of layers[idx-1]
-            if 1 <= idx <= n:
-                vision_attention = encoder.layers[idx - 1].self_attn
-        geometry = geometry_from_config(config, name=getattr(config, "_name_or_path", "") or "llava")
-        if vision_attention is None:
-            geometry = ModelGeometry(**{**geometry.__dict__, "signals": geometry.signals - {"cls_attention", "vision_keys"}})
-        text = config.get_text_config()
-        pad = getattr(config, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(text, "pad_token_id", None)
-        return cls(
-            model=model,
-            base=base,
-            layers=base.language_model.layers,
-            rotary=base.language_model.rotary_emb,
-            projector=base.multi_modal_projector,
-            vision_attention=vision_attention,
-            features_have_cls=config.vision_feature_select_strategy == "full",
-            image_token_id=int(config.image_token_id),
-            pad_token_id=int(pad) if pad is not None else 0,
-            geometry=geometry,
-        )
+        return cls(**_llava_parts(model))
+
+
+@dataclass
+class LlavaNextAdapter(LlavaAdapter):
+    """``transformers.LlavaNextForConditionalGeneration``: every image is a base crop plus sub-crops
+    (anyres); ``get_image_features`` packs them as the base crop's grid, then the unpadded sub-crop
+    grid with one ``image_newline`` token after each of its rows."""
+
+    packs_features: ClassVar[bool] = True
+
+    def hook_packed_features(self, hooks: HookSet,
+                             fn: Callable[[list[Tensor], list[PackedImage]], list[Tensor]]) -> None:
+        original = self.base.get_image_features  # the bound method (generate and forward both call it)
+
+        @functools.wraps(original)
+        def get_image_features(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
+            strategy = kwargs.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
+            packed = getattr(out, "pooler_output", None)
+            if packed is None or sizes is None:
+                raise ModelError("LLaVA-NeXT image features must be computed with image_sizes and return_dict=True "
+                                 "while a pipeline is applied")
+            out.pooler_output = fn(list(packed), self.layouts(sizes, strategy))
+            return out
+
+        hooks.patch(self.base, "get_image_features", get_image_features)
+
+    def count_image_tokens(self, inputs: Any) -> int:
+        newlines = sum(int(lay.separators.sum()) for lay in self.layouts(inputs["image_sizes"], self.model.config.vision_feature_select_strategy))
+        return super().count_image_tokens(inputs) - newlines
+
+    def layouts(self, image_sizes: Any, strategy: str) -> list[PackedImage]:
+        """Each image's layout, found by packing index-valued stand-in features the model's own way."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        config = self.model.config
+        vision = config.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
+        per_crop = side * side
+        sizes = image_sizes.tolist() if isinstance(image_sizes, Tensor) else [list(s) for s in image_sizes]
+        counts = [image_size_to_num_patches(image_size=s, grid_pinpoints=config.image_grid_pinpoints,
+                                            patch_size=int(vision.image_size)) for s in sizes]
+        fake = [torch.arange(k * per_crop, dtype=torch.float64).view(k, per_crop, 1) for k in counts]
+        newline = torch.full((1,), -1.0, dtype=torch.float64)
+        packed, _ = self.base.pack_image_features(fake, torch.tensor(sizes), strategy, image_newline=newline)
+        out = []
+        for k, run in zip(counts, packed):
+            source = run[:, 0].round().long()
+            rows = int((source < 0).sum())
+            n = int((source >= 0).sum())
+            if k > 1 and rows:
+                cols = (n - per_crop) // rows
+                grids: Grids = ((side, side), (rows, cols))
+            else:
+                grids = ((side, side),)
+            crop_ids = torch.cat([torch.full((h * w,), c, dtype=torch.long) for c, (h, w) in enumerate(grids)])
+            if crop_ids.numel() != n:
+                raise ModelError(f"cannot read the LLaVA-NeXT layout of an image of size {sizes[len(out)]}")
+            out.append(PackedImage(source, k, grids, crop_ids))
+        return out
+
+
+def _llava_parts(model: nn.Module) -> dict[str, Any]:
+    """What LLaVA and LLaVA-NeXT share: module paths, the [CLS] attention layer, ids, geometry."""
+    config = model.config
+    base = model.model
+    vision_attention = None
+    layer = config.vision_feature_layer
+    tower = base.vision_tower
+    encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)  # CLIPVisionModel(Transformer)
+    if isinstance(layer, int) and encoder is not None:
+        n = len(encoder.layers)
+        idx = layer if layer >= 0 else n + 1 + layer  # hidden_states[idx] is the output of layers[idx-1]
+        if 1 <= idx <= n:
+            vision_attention = encoder.layers[idx - 1].self_attn
+    geometry = geometry_from_config(config, name=getattr(config, "_name_or_path", "") or "")
+    if vision_attention is None:
+        geometry = ModelGeometry(**{**geometry.__dict__, "signals": geometry.signals - {"cls_attention", "vision_keys"}})
+    text = config.get_text_config()
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(text, "pad_token_id", None)
+    return {
+        "model": model,
+        "base": base,
+        "layers": base.language_model.layers,
+        "rotary": base.language_model.rotary_emb,
+        "projector": base.multi_modal_projector,
+        "vision_attention": vision_attention,
+        "features_have_cls": config.vision_feature_select_strategy == "full",
+        "image_token_id": int(config.image_token_id),
+        "pad_token_id": int(pad) if pad is not None else 0,
+        "geometry": geometry,
+    }
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter of a loaded model; a :class:`ModelError` names what is supported."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type == "llava" and hasattr(model, "model") and hasattr(model.model, "language_model"):
-        return LlavaAdapter.from_model(model)
+    family = {"llava": LlavaAdapter, "llava_next": LlavaNextAdapter}.get(model_type)
+    if family is not None and hasattr(model, "model") and hasattr(model.model, "language_model"):
+        return family.from_model(model)
     raise ModelError(
-        f"{type(model).__name__} (model_type={model_type!r}) is not supported; "
-        "lmmsqueeze runs transformers.LlavaForConditionalGeneration models"
+        f"{type(model).__name__} (model_type={model_type!r}) is not supported; lmmsqueeze runs "
+        "transformers.LlavaForConditionalGeneration and LlavaNextForConditionalGeneration models"
     )

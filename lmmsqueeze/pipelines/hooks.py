@@ -22,6 +22,7 @@ class HookSet:
     def __init__(self) -> None:
         self._handles: list[RemovableHandle] = []
         self._swaps: list[tuple[nn.ModuleList, int, nn.Module]] = []
+        self._patches: list[tuple[Any, str, bool, Any]] = []
 
     def pre(self, module: nn.Module, fn: Callable[..., Any]) -> None:
         """``fn(module, args, kwargs) -> None | (args, kwargs)`` runs before ``module.forward``."""
@@ -36,8 +37,14 @@ class HookSet:
         self._swaps.append((container, index, container[index]))
         container[index] = module
 
+    def patch(self, obj: Any, name: str, value: Any) -> None:
+        """Set attribute ``name`` of this instance (e.g. wrap a bound method) until the set is removed."""
+        had = name in vars(obj)
+        self._patches.append((obj, name, had, vars(obj).get(name)))
+        setattr(obj, name, value)
+
     def __len__(self) -> int:
-        return len(self._handles) + len(self._swaps)
+        return len(self._handles) + len(self._swaps) + len(self._patches)
 
     def remove(self) -> None:
         while self._handles:
@@ -45,6 +52,12 @@ class HookSet:
         while self._swaps:
             container, index, original = self._swaps.pop()
             container[index] = original
+        while self._patches:
+            obj, name, had, old = self._patches.pop()
+            if had:
+                setattr(obj, name, old)
+            else:
+                delattr(obj, name)
 
     def __enter__(self) -> "HookSet":
         return self

@@ -49,16 +49,22 @@ def load_model(ref: str | Path, device: str | None = None, dtype: torch.dtype | 
             f"model {str(ref)!r} is not a local model directory (no config.json); give a directory saved with "
             "save_pretrained, or `bundled`"
         )
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import (
+        AutoConfig,
+        AutoProcessor,
+        LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type != "llava":
-        raise ModelError(f"{str(ref)!r} is a {config.model_type!r} model; lmmsqueeze runs LLaVA models")
+    families = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+    if config.model_type not in families:
+        raise ModelError(f"{str(ref)!r} is a {config.model_type!r} model; lmmsqueeze runs LLaVA and LLaVA-NeXT models")
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(
+        model = families[config.model_type].from_pretrained(
             path, local_files_only=True, dtype=dtype, attn_implementation=attention_backend(dev)
         )
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)

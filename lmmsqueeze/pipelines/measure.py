@@ -153,7 +153,7 @@ def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: 
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
     plans = [compile_for(model, p)[0] for p in ["none", *pipelines]]
-    image_tokens = int((inputs["input_ids"] == compile_for(model, "none")[1].image_token_id).sum())
+    image_tokens = compile_for(model, "none")[1].count_image_tokens(inputs)
     text_tokens = inputs["input_ids"].shape[1] - image_tokens
     timings = time_prefills(model, dict(inputs), plans, runs=runs, warmup=warmup)
     base_total = Timing.summary(timings[0].total)["median"]

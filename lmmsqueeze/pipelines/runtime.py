@@ -7,6 +7,10 @@ All intervention happens through module hooks installed by one :class:`~.hooks.H
   placeholder run to its reduced length and, on later decode steps, keeps the attention mask and
   position ids consistent with the shorter prompt;
 * a pre-hook on the projector runs ``vision`` stages, a forward hook runs ``projector`` stages;
+  for families that pack crops after the projector (LLaVA-NeXT: base crop, unpadded sub-crop grid,
+  newline tokens) both run on each image's packed features instead, through the adapter's
+  :meth:`~.adapters.ModelAdapter.hook_packed_features`; separator (newline) placeholders are
+  never image tokens for any stage: they stay in the prompt like text;
 * pre-hooks on decoder layers >= K run ``llm`` stages at layer K and slice hidden states, RoPE
   cos/sin, position ids and the attention mask for every later layer (prefill) or the mask's key
   columns (decode), so each layer's KV cache holds exactly the tokens that reached it;
@@ -42,6 +46,19 @@ class _ImageRecord:
     vision: dict[str, Tensor]  # vision signals, first dim aligned with the original features
     trace: list[Tensor] = field(default_factory=list)  # surviving original indices after each stage
     groups: list[Tensor] = field(default_factory=list)  # slot of every original token after each stage
+    crops: int = 1  # crops of the image (crop ids of its tokens are 0..crops-1)
+    separators: Tensor | None = None  # [run] True at separator placeholders (newlines) of the output run
+    separator_values: Tensor | None = None  # [k, D] the separators' features
+
+    @property
+    def run_in(self) -> int:
+        """Placeholders of the image in the prompt as the processor built it."""
+        return self.state.n_original + (0 if self.separators is None else int(self.separators.sum()))
+
+    @property
+    def run_out(self) -> int:
+        """Placeholders of the image after the pre-LLM stages."""
+        return self.state.n + (0 if self.separators is None else int(self.separators.sum()))
 
 
 @dataclass
@@ -100,7 +117,8 @@ class PipelineRun:
         plan: the compiled plan being executed.
         trace: after a prefill, ``trace[stage][sample]`` is a LongTensor of the original indices
             (``0..N-1`` over the sample's image tokens) of the tokens that survive that stage;
-            for merged tokens, the index of each group's representative.
+            for merged tokens, the index of each group's representative. Separator placeholders
+            (LLaVA-NeXT's newline tokens) are not image tokens: they are never counted or dropped.
         groups: after a prefill, ``groups[stage][sample]`` is ``[N]``: the output token each
             original image token belongs to after that stage (-1 if dropped).
     """
@@ -117,6 +135,7 @@ class PipelineRun:
         self._prefill: _Prefill | None = None
         self._images: list[_ImageRecord] = []
         self._vision: dict[str, Tensor] = {}
+        self._crop_inputs: Tensor | None = None  # projector inputs of every crop (packing families)
         needs = set().union(*(s.reducer.needs for s in plan.stages)) if plan.stages else set()
         self._vision_needs = needs & VISION_SIGNALS
         self._pre_llm = [s for s in plan.stages if s.placement in ("vision", "projector")]
@@ -160,7 +179,10 @@ class PipelineRun:
         if a.vision_attention is not None and self._vision_needs:
             hooks.post(a.vision_attention, self._vision_probe)
         hooks.pre(a.projector, self._projector_pre)
-        hooks.post(a.projector, self._projector_post)
+        if a.packs_features:  # pre-LLM stages run on each image's packed features
+            a.hook_packed_features(hooks, self._packed_features)
+        else:
+            hooks.post(a.projector, self._projector_post)
         pv = self.plan.proxyv
         if pv is not None:
             from ..proxyv.layer import ProxyVDecoderLayer
@@ -191,6 +213,9 @@ class PipelineRun:
     def _projector_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         feats = args[0] if args else kwargs["image_features"]
         self._images = []
+        if self.adapter.packs_features:
+            self._crop_inputs = feats
+            return None
         grids = self.plan.geometry.grids
         for i in range(feats.shape[0]):
             state = TokenState.initial(feats[i], grids if grids and feats.shape[1] == self.plan.geometry.image_tokens
@@ -207,6 +232,53 @@ class PipelineRun:
             rec.state = rec.state.with_hidden(hidden)
         stages = [s for s in self._pre_llm if s.placement == "projector"]
         return self._run_image_stages(stages) if stages else None
+
+    def _packed_features(self, packed: list[Tensor], layouts: list[Any]) -> list[Tensor]:
+        """Pre-LLM stages on packed images (LLaVA-NeXT): each image is one state whose crops are the
+        layout's grids; separators (newlines) are taken out before the stages and put back after
+        them, each after the surviving tokens that preceded it."""
+        crops_in = self._crop_inputs
+        total = sum(lay.crops for lay in layouts)
+        if crops_in is None or crops_in.shape[0] != total:
+            raise ModelError(f"the projector saw {0 if crops_in is None else crops_in.shape[0]} crops, but the "
+                             f"images' sizes give {total}; compute image features inside the `apply` block")
+        vision_stages = [s for s in self._pre_llm if s.placement == "vision"]
+        drop_cls = 0 if self.adapter.features_have_cls else 1
+        self._images, start = [], 0
+        for run, lay in zip(packed, layouts):
+            device = run.device
+            sep = lay.separators.to(device)
+            src = lay.source.to(device)[~sep]
+            vision = {name: value[start:start + lay.crops, drop_cls:].flatten(0, 1)[src]
+                      for name, value in self._vision.items()}
+            hidden = crops_in[start:start + lay.crops].flatten(0, 1)[src] if vision_stages else run[~sep]
+            state = TokenState.initial(hidden, lay.grids, lay.crop_ids.to(device))
+            rec = _ImageRecord(state, vision, crops=len(lay.grids), separators=sep, separator_values=run[sep])
+            self._images.append(rec)
+            start += lay.crops
+        if vision_stages:
+            self._run_image_stages(vision_stages)
+            project = self.adapter.projector.forward  # per token; bypasses this run's own projector hook
+            for rec in self._images:
+                rec.state = rec.state.with_hidden(project(rec.state.hidden))
+        stages = [s for s in self._pre_llm if s.placement == "projector"]
+        if stages:
+            self._run_image_stages(stages)
+        out = []
+        for rec in self._images:
+            sep = rec.separators
+            before = torch.cumsum(~sep, 0)[sep]  # original tokens before each separator
+            kept_before = (rec.state.index[None, :] < before[:, None]).sum(1)
+            at = kept_before + torch.arange(before.numel(), device=sep.device)
+            new_sep = torch.zeros(rec.state.n + before.numel(), dtype=torch.bool, device=sep.device)
+            new_sep[at] = True
+            values = rec.separator_values
+            row = values.new_empty(new_sep.numel(), values.shape[-1])
+            row[new_sep] = values
+            row[~new_sep] = rec.state.hidden.to(values.dtype)
+            rec.separators = new_sep
+            out.append(row)
+        return out
 
     def _run_image_stages(self, stages: list[PlannedStage]) -> Tensor | list[Tensor]:
         for rec in self._images:
@@ -259,8 +331,8 @@ class PipelineRun:
         batch, length = is_image.shape
         mask2d = kwargs.get("attention_mask")
         real = torch.ones(batch, length, dtype=torch.bool, device=is_image.device) if mask2d is None else mask2d.bool()
-        n_orig = [rec.state.n_original for rec in images]
-        n_new = [rec.state.n for rec in images]
+        n_orig = [rec.run_in for rec in images]
+        n_new = [rec.run_out for rec in images]
         # assign images to samples in reading order
         per_sample: list[list[int]] = []
         cursor = 0
@@ -333,17 +405,23 @@ class PipelineRun:
         out = []
         for b, mine in enumerate(per_sample):
             slots = torch.nonzero(is_image[b]).flatten()
+            runs = [images[j].separators for j in mine]
+            if any(r is not None for r in runs):  # separators are not image tokens for reducers
+                tokens = torch.cat([~r if r is not None else torch.ones(images[j].state.n, dtype=torch.bool)
+                                    for j, r in zip(mine, runs)]).to(slots.device)
+                slots = slots[tokens]
             states = [images[j].state for j in mine]
-            index_off = slot_off = 0
+            index_off = slot_off = crop_off = 0
             index, assign, crops, sizes, grids = [], [], [], [], []
-            for t, s in enumerate(states):
+            for j, s in zip(mine, states):
                 index.append(s.index + index_off)
                 assign.append(torch.where(s.assign >= 0, s.assign + slot_off, s.assign))
-                crops.append(torch.full_like(s.crop_ids, t))
+                crops.append(s.crop_ids + crop_off)
                 sizes.append(s.sizes)
                 grids.append(s.grids)
                 index_off += s.n_original
                 slot_off += s.n
+                crop_off += images[j].crops
             cat_grids = None if any(g is None for g in grids) else tuple(g for gs in grids for g in gs)
             device = slots.device
             meta = TokenState(
@@ -505,6 +583,9 @@ class PipelineRun:
         pos = kwargs.get("position_ids")
         positions = (torch.arange(length, device=hidden.device)[None] if pos is None else pos).expand(batch, -1)
         meta = p.samples[0].meta
+        if stage.reducer.variant == "spatial" and any(s.meta.grids != meta.grids for s in p.samples):
+            raise ModelError("spatial ProxyV needs the same crop grids in every sample of a batch; batch images "
+                             "of the same size together or use variant=nonspatial")
         tokens = hidden.gather(1, image[..., None].expand(-1, -1, hidden.shape[-1]))
         proxies, assign, splat = make_proxies(stage.reducer, self.proxyv_adapter, tokens, meta.grids, meta.crop_ids)
         start = positions.gather(1, image).min(dim=1, keepdim=True).values
