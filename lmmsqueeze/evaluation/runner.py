@@ -81,11 +81,11 @@ def evaluate(
             out = model.generate(**inputs, max_new_tokens=task.max_new_tokens, do_sample=False)
             latencies.append(1000.0 * (marks["prefill_end"] - marks["prefill"]) / len(chunk))
             prompt_len = inputs["input_ids"].shape[1]
-            image = inputs["input_ids"] == model_adapter.image_token_id
-            real = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones_like(image)
-            text_tokens += (real & ~image).sum(1).tolist()
+            image_tokens = model_adapter.count_image_tokens(inputs) / len(chunk)  # separators count as text
+            real = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
+            text_tokens.append(real / len(chunk) - image_tokens)
             tokens_per_layer = list(run.image_tokens_per_layer) or [
-                int(image[0].sum())] * len(model_adapter.layers)  # vanilla: nothing changes along the layers
+                round(image_tokens)] * len(model_adapter.layers)  # vanilla: nothing changes along the layers
             for item, row in zip(chunk, out[:, prompt_len:]):
                 prediction = processor.decode(row, skip_special_tokens=True).strip()
                 answers.append({"uid": item.uid, "qtype": item.qtype, "prediction": prediction,
