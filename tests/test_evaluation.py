@@ -176,3 +176,20 @@ def test_sigkill_then_rerun_finishes_without_loss_or_duplicates(model_dir, tmp_p
         assert len(pipelines) == len(set(pipelines)) == 6
         assert before <= {(r["pipeline"], r["accuracy"]) for r in rows}  # nothing finished was lost or redone
         assert all(len(store.answers(Key(r["model"], r["pipeline"], "", "bundled", 30, 0))) == 30 for r in rows)
+
+
+@pytest.mark.slow
+def test_the_main_job_prints_the_pareto_table_and_writes_the_plot(tmp_path):
+    """`lmmsqueeze sweep` with no arguments (here on 10 samples) on the bundled model and benchmark."""
+    from lmmsqueeze.bundled import WEIGHTS_DIR
+
+    if not (WEIGHTS_DIR / "model.safetensors").is_file():
+        pytest.fail("the bundled model's weights are missing")
+    proc = subprocess.run([sys.executable, "-m", "lmmsqueeze", "sweep", "--limit", "10"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Pareto frontier" in proc.stdout and "visionzip" in proc.stdout and "fastv" in proc.stdout
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000
+    with ResultStore(tmp_path / "lmmsqueeze-results.db") as store:
+        rows = list(store.rows())
+    assert len(rows) >= 8 and all(r["status"] == "ok" for r in rows)
