@@ -58,7 +58,10 @@ def run_vanilla(model, processor, items: list[Sample], batch: int = 50) -> list[
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
         inputs = processor(
-            images=[s.image for s in chunk], text=[prompt(s.question) for s in chunk], padding=True, return_tensors="pt"
+            images=[s.image for s in chunk],
+            text=[prompt(s.question) for s in chunk],
+            padding=True,
+            return_tensors="pt",
         )
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         answers += processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -66,7 +69,9 @@ def run_vanilla(model, processor, items: list[Sample], batch: int = 50) -> list[
 
 
 @torch.no_grad()
-def run_reduced(model, processor, items: list[Sample], reduce: Reduce, batch: int = 50, seed: int = 0) -> list[str]:
+def run_reduced(
+    model, processor, items: list[Sample], reduce: Reduce, batch: int = 50, seed: int = 0
+) -> list[str]:
     """Greedy answers with the image features passed through ``reduce`` before the decoder."""
     gen = torch.Generator().manual_seed(seed)
     vocab = processor.tokenizer.get_vocab()
@@ -81,7 +86,10 @@ def run_reduced(model, processor, items: list[Sample], reduce: Reduce, batch: in
             vision_feature_select_strategy=model.config.vision_feature_select_strategy,
         )
         feats = [reduce(f, gen) for f in enc.pooler_output]
-        seqs = [[BOS_ID] + [IMAGE_ID] * len(f) + [vocab[w] for w in s.question.split()] for f, s in zip(feats, chunk)]
+        seqs = [
+            [BOS_ID] + [IMAGE_ID] * len(f) + [vocab[w] for w in s.question.split()]
+            for f, s in zip(feats, chunk)
+        ]
         length = max(map(len, seqs))
         ids = torch.tensor([[PAD_ID] * (length - len(s)) + s for s in seqs])
         mask = (ids != PAD_ID).long()

@@ -13,7 +13,7 @@ Recipe (see results/bundled/EXPERIMENTS.md for what each part buys):
   for that cell's colour, symbol, row and column, so cell content lives in the word space the
   answers are read from (without it the answer readout sits on the prior for thousands of steps).
 * Attention supervision: a few heads of one decoder layer are trained to attend, from each
-  answer position, to the cell the question is about (count: ``<s>`` plus the cells of the colour).
+  answer position, to the cell of the question's symbol (``<s>`` when the symbol is absent).
 * AdamW with linear warmup and cosine decay.
 
 Held-out accuracy is the first-token greedy exact match on single-question prompts of the
@@ -35,7 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from lmmsqueeze.bundled import WEIGHTS_DIR
 from lmmsqueeze.bundled.model import (
@@ -53,8 +60,8 @@ from lmmsqueeze.evaluation.tasks.bundled import (
     COLORS,
     COLUMN_NAMES,
     GRID,
-    ROW_NAMES,
     QUESTION_TYPES,
+    ROW_NAMES,
     SYMBOLS,
     Scene,
     ask,
@@ -78,7 +85,6 @@ class TrainConfig:
     weight_decay: float = 0.01
     aux_weight: float = 0.5
     say_weight: float = 1.0
-    value_weight: float = 0.0
     attn_weight: float = 0.5
     attn_layer: int = 2
     attn_heads: int = 2
@@ -100,7 +106,13 @@ class AuxHead(torch.nn.Module):
     def loss(self, feats: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the four probes; ``targets`` is ``(B, 144, 4)``."""
         heads = (self.color, self.symbol, self.row, self.column)
-        return sum(F.cross_entropy(h(feats).flatten(0, 1), targets[..., i].flatten()) for i, h in enumerate(heads)) / 4
+        return (
+            sum(
+                F.cross_entropy(h(feats).flatten(0, 1), targets[..., i].flatten())
+                for i, h in enumerate(heads)
+            )
+            / 4
+        )
 
 
 def say_table(vocab: dict[str, int]) -> torch.Tensor:
@@ -127,15 +139,8 @@ def cell_targets(scene: Scene) -> np.ndarray:
     return out.reshape(GRID * GRID, 4)
 
 
-def attention_targets(scene: Scene, qtype: str, key: str) -> list[int]:
-    """Prefix positions (0 = ``<s>``, 1 + cell index = image token) a question should attend to.
-
-    Symbol questions look at the key symbol's cell, or at ``<s>`` when the symbol is absent;
-    ``count`` spreads attention over ``<s>`` and every cell of the key colour, so the share left
-    on ``<s>``, 1 / (count + 1), encodes the count.
-    """
-    if qtype == "count":
-        return [0] + [1 + r * GRID + c for r, row in enumerate(scene.colors) for c, color in enumerate(row) if color == key]
+def attention_targets(scene: Scene, key: str) -> list[int]:
+    """Prefix positions a question about symbol ``key`` should attend to: ``[1 + cell]``, or ``[0]`` (``<s>``) if absent."""
     if key in scene.symbols:
         r, c = scene.symbols[key]
         return [1 + r * GRID + c]
@@ -158,22 +163,16 @@ class Batch:
 class AttentionProbe:
     """Recomputes the attention of a few heads of one decoder layer from the answer positions.
 
-    A forward hook on the layer's ``self_attn`` reads its (normed) input and rotary embeddings,
-    and one on its ``o_proj`` reads the per-head outputs. ``loss`` is the cross-entropy between
-    those heads' attention over the prefix and the target cells (attention supervision, a
-    training-only signal); ``values`` are the heads' outputs at the answer positions.
+    A forward hook on the layer's ``self_attn`` reads its (normed) input and rotary embeddings;
+    ``loss`` is the cross-entropy between those heads' attention over the prefix and the
+    target cells (attention supervision, a training-only signal).
     """
 
     def __init__(self, model, layer: int, heads: int) -> None:
         self.attn = model.model.language_model.layers[layer].self_attn
         self.heads = heads
         self.inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.head_out: torch.Tensor | None = None
         self.attn.register_forward_hook(self._hook, with_kwargs=True)
-        self.attn.o_proj.register_forward_pre_hook(self._out_hook)
-
-    def _out_hook(self, module, args) -> None:
-        self.head_out = args[0]
 
     def _hook(self, module, args, kwargs, output) -> None:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -202,14 +201,6 @@ class AttentionProbe:
         prefix = logp[:, :, : 1 + IMAGE_TOKENS]
         return -(prefix * batch.attn_target.unsqueeze(1)).sum(-1).mean()
 
-    def values(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Probed heads' outputs ``(n, heads * head_dim)`` at answers about one cell, and those cells' targets ``(n, 4)``."""
-        single = batch.attn_target[:, 1:].max(-1).values == 1.0
-        rows, pos = batch.query_rows[single], batch.query_pos[single]
-        cells = batch.attn_target[single, 1:].argmax(-1)
-        out = self.head_out[rows, pos][:, : self.heads * self.attn.head_dim]
-        return out, batch.aux_targets[rows, cells]
-
 
 class Batches:
     """Endless stream of multi-turn training batches from the "train" split."""
@@ -237,7 +228,7 @@ class Batches:
                 question, answer = ask(scene, qtype, rng)
                 q = self.words(question)
                 a = self.vocab[answer]
-                cells = attention_targets(scene, qtype, question.split()[-1])
+                cells = attention_targets(scene, question.split()[-1])
                 where.append((b, len(ids) + len(q) - 1, cells))
                 ids += q + [a, EOS_ID]
                 lab += [-100] * (len(q) - 1) + [a, EOS_ID, -100]
@@ -265,7 +256,9 @@ class Batches:
         )
 
 
-def hidden_states(model, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def hidden_states(
+    model, pixel_values: torch.Tensor, input_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoder output ``(B, L, D)`` and projected image features ``(B, 144, D)``.
 
     Sequences are right-padded, so causal attention alone keeps padding out of real positions.
@@ -328,7 +321,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log: Path, quiet: bool = False) -> dict:
     """Run training; save the best checkpoint (by val accuracy) to ``out``; return the best summary."""
-    if cfg.attn_weight > 0 and not (0 <= cfg.attn_layer < model_cfg.text_layers and cfg.attn_heads <= model_cfg.text_heads):
+    if cfg.attn_weight > 0 and not (
+        0 <= cfg.attn_layer < model_cfg.text_layers and cfg.attn_heads <= model_cfg.text_heads
+    ):
         raise ValueError(
             f"attention supervision needs attn_layer < text_layers={model_cfg.text_layers} and attn_heads <= "
             f"text_heads={model_cfg.text_heads}, got attn_layer={cfg.attn_layer}, attn_heads={cfg.attn_heads}"
@@ -336,8 +331,7 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log: Path, quiet: 
     processor = build_processor()
     model = build_model(model_cfg, seed=cfg.seed)
     aux = AuxHead(model_cfg.text_hidden)
-    value_head = AuxHead(cfg.attn_heads * model_cfg.text_hidden // model_cfg.text_heads)
-    params = list(model.parameters()) + list(aux.parameters()) + list(value_head.parameters())
+    params = list(model.parameters()) + list(aux.parameters())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -358,7 +352,9 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log: Path, quiet: 
         TextColumn("[bold]train"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f} aux {task.fields[aux]:.3f} val {task.fields[val]:.3f} best {task.fields[best]:.3f}"),
+        TextColumn(
+            "loss {task.fields[loss]:.3f} aux {task.fields[aux]:.3f} val {task.fields[val]:.3f} best {task.fields[best]:.3f}"
+        ),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
@@ -384,10 +380,6 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log: Path, quiet: 
                 attn_loss = probe.loss(batch)
                 total = total + cfg.attn_weight * attn_loss
                 sums["attn"] += attn_loss.item()
-                if cfg.value_weight > 0:
-                    values, value_targets = probe.values(batch)
-                    value_loss = value_head.loss(values.unsqueeze(1), value_targets.unsqueeze(1))
-                    total = total + cfg.value_weight * value_loss
             opt.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -424,7 +416,9 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log: Path, quiet: 
                 bar.update(task, val=result["overall"], best=best["overall"])
                 if not quiet:
                     per_type = " ".join(f"{k} {v:.2f}" for k, v in result["per_type"].items())
-                    bar.console.log(f"step {step + 1} images {batches.index} val {result['overall']:.3f} ({per_type})")
+                    bar.console.log(
+                        f"step {step + 1} images {batches.index} val {result['overall']:.3f} ({per_type})"
+                    )
     return best
 
 
@@ -433,7 +427,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="checkpoint directory (best so far)")
-    parser.add_argument("--log", type=Path, default=None, help="jsonl log (default: results/bundled/train-seed<seed>.jsonl)")
+    parser.add_argument(
+        "--log", type=Path, default=None, help="jsonl log (default: results/bundled/train-seed<seed>.jsonl)"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     defaults_t, defaults_m = TrainConfig(), TinyConfig()

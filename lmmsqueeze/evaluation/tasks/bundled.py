@@ -2,7 +2,7 @@
 
 Each image is a 96x96 picture of a 12x12 grid of 8-pixel cells on a light grey background.
 A few cells are filled with one of six colours; some of those also carry a black 6x6 glyph
-(a "symbol", each at most once per image). Every question is answered by one word and needs
+(a "symbol", each at most once per image), the others are plain distractors. Every question is answered by one word and needs
 the content of one or a few small cells anywhere in the image, so a reducer that drops or
 blurs image tokens loses the answer:
 
@@ -10,9 +10,8 @@ blurs image tokens loses the answer:
 * ``exists`` -- "is there a ring"                           -> ``yes`` / ``no``
 * ``row``    -- "which row has the ring"                    -> ``1`` .. ``12`` (top to bottom)
 * ``column`` -- "which column has the ring"                 -> ``a`` .. ``l`` (left to right)
-* ``count``  -- "how many cells are blue"                   -> ``0`` .. ``15``
 
-The key word (symbol or colour) is always the last word of a question.
+The key word (the symbol) is always the last word of a question.
 
 Generation is deterministic: sample ``i`` of split ``s`` with seed ``k`` is drawn from
 ``numpy.random.default_rng([SPLITS[s], k, i])``, so splits use disjoint seed streams and never
@@ -35,7 +34,7 @@ TEST_SIZE = 1000
 SPLITS: dict[str, int] = {"train": 0, "test": 1, "val": 2}
 ROW_NAMES: tuple[str, ...] = tuple(str(i + 1) for i in range(GRID))
 COLUMN_NAMES: tuple[str, ...] = tuple("abcdefghijkl"[:GRID])
-QUESTION_TYPES: tuple[str, ...] = ("color", "exists", "row", "column", "count")
+QUESTION_TYPES: tuple[str, ...] = ("color", "exists", "row", "column")
 
 BACKGROUND = (222, 222, 222)
 INK = (20, 20, 20)
@@ -79,7 +78,6 @@ _TEMPLATES: dict[str, str] = {
     "exists": "is there a {}",
     "row": "which row has the {}",
     "column": "which column has the {}",
-    "count": "how many cells are {}",
 }
 
 
@@ -104,10 +102,6 @@ class Scene:
 
     colors: tuple[tuple[str | None, ...], ...]
     symbols: dict[str, tuple[int, int]]
-
-    def count(self, color: str) -> int:
-        """Number of cells filled with ``color``."""
-        return sum(row.count(color) for row in self.colors)
 
 
 def random_scene(rng: np.random.Generator) -> Scene:
@@ -146,13 +140,10 @@ def draw(scene: Scene) -> Image.Image:
 def ask(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str]:
     """Draw a question of type ``qtype`` about ``scene``; return ``(question, answer)``.
 
-    ``exists`` questions are positive with probability 1/2; the other symbol questions ask
-    about a symbol that is present, and ``count`` asks about a uniformly drawn colour.
+    ``exists`` questions are positive with probability 1/2; the others ask about a symbol that
+    is present.
     """
     present = sorted(scene.symbols)
-    if qtype == "count":
-        color = list(COLORS)[int(rng.integers(len(COLORS)))]
-        return _TEMPLATES[qtype].format(color), str(scene.count(color))
     if qtype == "exists":
         positive = bool(rng.integers(2))
         pool = present if positive else [s for s in SYMBOLS if s not in scene.symbols]
@@ -195,8 +186,7 @@ def vocabulary() -> list[str]:
     words: list[str] = []
     for template in _TEMPLATES.values():
         words += template.format("").split()
-    words += list(COLORS) + list(SYMBOLS) + ["yes", "no"] + list(COLUMN_NAMES)
-    words += [str(i) for i in range(max(GRID, MAX_SYMBOLS + MAX_PLAIN) + 1)]
+    words += list(COLORS) + list(SYMBOLS) + ["yes", "no"] + list(ROW_NAMES) + list(COLUMN_NAMES)
     return list(dict.fromkeys(words))
 
 
