@@ -77,6 +77,7 @@ class TrainConfig:
     """Optimisation settings (the model sizes live in ``TinyConfig``)."""
 
     steps: int = 6000
+    stop_at: int = 0  # stop after this many steps (0: run all); the schedule still spans `steps`
     batch: int = 16
     turns: int = 24
     lr: float = 1e-3
@@ -361,7 +362,7 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log: Path, quiet: 
     model.train()
     with Progress(*columns, disable=quiet) as bar:
         task = bar.add_task("train", total=cfg.steps, loss=0.0, aux=0.0, val=0.0, best=0.0)
-        for step in range(cfg.steps):
+        for step in range(min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             batch = batches.next()

@@ -32,7 +32,7 @@ def _bundled() -> Task:
 
     return Task(
         name="bundled",
-        description="synthetic fine-detail VQA on 12x12-cell images (colour, existence, row, column, count)",
+        description="synthetic fine-detail VQA on 12x12-cell images (colour, existence, row, column of a symbol)",
         metric="exact_match",
         size=bundled.TEST_SIZE,
         max_new_tokens=3,
