@@ -163,7 +163,7 @@ def sweep_cmd(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model directory or `bundled`.")] = None,
     task: Annotated[Optional[list[str]], typer.Option("--task", help="Task name (repeat for several).")] = None,
     adapter: Annotated[Optional[str], typer.Option(help="ProxyV adapter for every -p pipeline.")] = None,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Samples per run (default 200).")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Samples per run (default: the whole test split, 1000).")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     results: ResultsOpt = DEFAULT_RESULTS,
     batch_size: Annotated[int, typer.Option(min=1)] = 1,

@@ -193,3 +193,12 @@ def test_the_main_job_prints_the_pareto_table_and_writes_the_plot(tmp_path):
     with ResultStore(tmp_path / "lmmsqueeze-results.db") as store:
         rows = list(store.rows())
     assert len(rows) >= 8 and all(r["status"] == "ok" for r in rows)
+
+
+def test_markdown_escapes_pipes_inside_cells():
+    from lmmsqueeze.evaluation.pareto import to_markdown
+
+    rows = pareto_rows([{"pipeline": "pool | fastv(layer=2)", "adapter": "", "accuracy": 0.5,
+                         "prefill_flops": 10, "latency_ms": 1.0}], "flops")
+    cells = to_markdown(rows).splitlines()[2].split(" | ")  # splitting on unescaped pipes only
+    assert "`pool \\| fastv(layer=2)`" in cells

@@ -89,7 +89,8 @@ HEADERS = {"pareto": "frontier", "pipeline": "pipeline", "adapter": "adapter", "
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        cells = [_fmt(c, r.get(c)) if c != "pipeline" else f"`{r['pipeline']}`" for c in COLUMNS]
+        pipeline = r["pipeline"].replace("|", "\\|")  # a pipe inside a Markdown table cell must be escaped
+        cells = [_fmt(c, r.get(c)) if c != "pipeline" else f"`{pipeline}`" for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -10,7 +10,7 @@ from typing import Any, Callable
 from ..compose.spec import expand_lists, parse_pipeline
 from ..errors import LmmsqueezeError, PipelineError
 
-DEFAULT_LIMIT = 200
+DEFAULT_LIMIT = 1000
 
 
 @dataclass(frozen=True)
