@@ -639,7 +639,7 @@ def _slice_square_mask(mask: Any, keep: Tensor) -> Any:
                          "or flash_attention_2")
     if mask.dim() == 2:
         return mask.gather(1, keep)
-    b, h = mask.shape[0], mask.shape[1]
+    h = mask.shape[1]
     n = keep.shape[1]
     rows = mask.expand(keep.shape[0], -1, -1, -1).gather(2, keep[:, None, :, None].expand(-1, h, -1, mask.shape[3]))
     return rows.gather(3, keep[:, None, None, :].expand(-1, h, n, -1))

@@ -70,7 +70,7 @@ def make_proxies(stage: ProxyV, adapter: ProxyVAdapter, image: Tensor, grids: An
             start += h * w
             offset += oh * ow
         return torch.cat(proxies, 1), torch.cat(assign), None
-    proxies, blocks = [], []
+    proxies = []
     ids = torch.unique(groups)
     total = stage.proxies * ids.numel()
     splat = image.new_zeros(b, n, total)
