@@ -4,6 +4,7 @@ every reducer, newline tokens, per-crop grids, ProxyV and its cost."""
 from __future__ import annotations
 
 import pytest
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -199,8 +200,6 @@ def test_cached_generate_matches_no_cache_forward_after_llm_reduction(next_sdpa,
 def test_projector_reduction_generate_equals_forward_loop(next_sdpa, pipeline, sizes, batch):
     model, processor = next_sdpa
     inputs = tiny_next_inputs(processor, batch, sizes)
-    if "layer=" in pipeline and batch == 2:
-        pytest.skip("llm stages need the same image-token count in every sample of a batch")
     steps = 4
     with lmmsqueeze.apply(model, pipeline):
         generated = model.generate(**inputs, max_new_tokens=steps, do_sample=False)
@@ -288,17 +287,33 @@ def test_multi_image_prompt(next_sdpa):
 
 
 def test_batch_with_different_image_token_counts(next_sdpa):
-    """Projector stages handle samples with different numbers of image tokens; llm stages and ProxyV
-    refuse them with a one-line error."""
+    """Samples with different numbers of image tokens: pre-LLM and llm stages give each sample what it
+    gets alone (the shorter rows are filled with masked-out columns); ProxyV refuses with one line."""
+    from PIL import Image
+
+    from lmmsqueeze.testing import PROMPTS
+
     model, processor = next_sdpa
     inputs = tiny_next_inputs(processor, 2, SQUARE + WIDE)
     with lmmsqueeze.apply(model, "pool") as run:
         model(**inputs)
     assert [t.numel() for t in run.trace[0]] == [20, 16]
-    for pipeline in ["fastv(layer=2, keep=0.5)", "proxyv(layer=2, factor=2)"]:
-        with pytest.raises(lmmsqueeze.ModelError) as err, lmmsqueeze.apply(model, pipeline):
-            model(**inputs)
-        assert "\n" not in str(err.value)
+    pipeline = "fastv(layer=2, keep=0.5)"
+    with torch.no_grad(), lmmsqueeze.apply(model, pipeline) as run:
+        batched = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                                 output_logits=True)
+    assert [t.numel() for t in run.trace[0]] == [40, 32]
+    for b, (w, h) in enumerate(SQUARE + WIDE):  # each sample alone, with its own prompt and image
+        image = Image.fromarray(np.random.default_rng(b).integers(0, 256, (h, w, 3), dtype=np.uint8))
+        alone = processor(images=image, text=PROMPTS[b], return_tensors="pt")
+        with torch.no_grad(), lmmsqueeze.apply(model, pipeline):
+            single = model.generate(**alone, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                                    output_logits=True)
+        for step in range(3):
+            assert (batched.logits[step][b] - single.logits[step][0]).abs().max() < 1e-4
+    with pytest.raises(lmmsqueeze.ModelError) as err, lmmsqueeze.apply(model, "proxyv(layer=2, factor=2)"):
+        model(**inputs)
+    assert "\n" not in str(err.value)
 
 
 def _count(fn) -> int:

@@ -161,3 +161,27 @@ def test_stage_trace_composes_original_indices(tiny_sdpa):
     scores = torch.rand(20, generator=torch.Generator().manual_seed(2))
     expected = torch.sort(first[torch.sort(scores, descending=True, stable=True).indices[:10]]).values
     assert torch.equal(second, expected)
+
+
+@pytest.mark.parametrize("pipeline", ["random(layer=2, keep=0.5, seed=3)", "fastv(layer=1, keep=0.5) | random(layer=3, keep=5)"])
+def test_samples_with_different_image_counts_compute_what_they_compute_alone(tiny, pipeline):
+    """One image in sample 0, two in sample 1: the llm stages keep different numbers of tokens per
+    sample; the batched generate must give each sample the logits it gets alone."""
+    from lmmsqueeze.testing import random_image
+
+    model, processor = tiny
+    texts = ["USER: <image>\nwhat is the colour ? ASSISTANT:", "USER: <image>\n<image>\nhow many ? ASSISTANT:"]
+    images = [random_image(0), random_image(1), random_image(2)]
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    with lmmsqueeze.apply(model, pipeline) as run:
+        batched = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                                 output_logits=True)
+    assert run.trace[0][0].numel() == 18 and run.trace[0][1].numel() == 36  # half of 36 and of 72
+    for b, pictures in enumerate([images[:1], images[1:]]):
+        alone = processor(images=pictures if len(pictures) > 1 else pictures[0], text=texts[b], return_tensors="pt")
+        with lmmsqueeze.apply(model, pipeline) as single_run:
+            single = model.generate(**alone, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                                    output_logits=True)
+        assert torch.equal(single_run.trace[-1][0], run.trace[-1][b])
+        for step in range(4):
+            assert (batched.logits[step][b] - single.logits[step][0]).abs().max() < 1e-4

@@ -76,6 +76,7 @@ class _Segment:
 
     stage: PlannedStage
     keep: Tensor  # [B, n] columns of the prefill sequence kept from this layer on
+    alive: Tensor | None = None  # [B, n] False at filler columns (masked everywhere), None: all real
     mask: Any = None
     position_embeddings: tuple[Tensor, Tensor] | None = None
     position_ids: Tensor | None = None
@@ -107,7 +108,10 @@ class _Prefill:
 
     def current_padding(self, layer: int) -> Tensor:
         seg = self.segment_for(layer)
-        return self.padding if seg is None else self.padding.gather(1, seg.keep)
+        if seg is None:
+            return self.padding
+        kept = self.padding.gather(1, seg.keep)
+        return kept if seg.alive is None else kept & seg.alive
 
 
 class PipelineRun:
@@ -168,7 +172,9 @@ class PipelineRun:
             return None
         if not p.segments:
             return p.source_columns
-        return p.source_columns.gather(1, p.segments[-1].keep)
+        last = p.segments[-1]
+        rows = p.source_columns.gather(1, last.keep)
+        return rows if last.alive is None else rows.masked_fill(~last.alive, -1)
 
     # ------------------------------------------------------------------ installation
     def install(self, hooks: HookSet) -> None:
@@ -504,7 +510,14 @@ class PipelineRun:
                 seg = p.segment_for(layer)
                 if seg is None:
                     return None
-                new = {**kwargs, "attention_mask": _slice_key_columns(kwargs.get("attention_mask"), seg.keep, p.length)}
+                mask = _slice_key_columns(kwargs.get("attention_mask"), seg.keep, p.length)
+                if seg.alive is not None:
+                    cache = kwargs.get("cache")
+                    total = mask.shape[-1] if mask is not None else cache.get_seq_length(layer) + hidden.shape[1]
+                    tail = torch.ones(seg.alive.shape[0], total - seg.alive.shape[1], dtype=torch.bool,
+                                      device=seg.alive.device)
+                    mask = _mask_filler(mask, torch.cat([seg.alive, tail], 1), square=False, queries=hidden.shape[1])
+                new = {**kwargs, "attention_mask": mask}
             if args:
                 return (hidden, *args[1:]), new
             return args, {**new, "hidden_states": hidden}
@@ -521,7 +534,7 @@ class PipelineRun:
             state = sample.meta.with_hidden(hidden[b, sample.slots]) if sample.slots.numel() else None
             if state is None:
                 keeps.append(torch.arange(current_len, device=hidden.device))
-                new_hidden_rows.append(hidden[b])
+                new_hidden_rows.append((None, None))
                 self._trace[stage_idx].append(torch.empty(0, dtype=torch.long))
                 self._groups[stage_idx].append(torch.empty(0, dtype=torch.long))
                 continue
@@ -536,28 +549,43 @@ class PipelineRun:
             text = torch.ones(current_len, dtype=torch.bool, device=hidden.device)
             text[sample.slots] = False
             keep = torch.sort(torch.cat([torch.nonzero(text).flatten(), image_cols])).values
-            row = hidden[b, keep].clone()
-            new_slots = torch.searchsorted(keep, image_cols)
-            row[new_slots] = new.hidden.to(row.dtype)
             keeps.append(keep)
-            new_hidden_rows.append(row)
-            sample.slots = new_slots
+            new_hidden_rows.append((image_cols, new.hidden))
             sample.meta = new.with_hidden(torch.empty(new.n, 0, device=hidden.device))
             self._trace[stage_idx].append(new.index)
             self._groups[stage_idx].append(new.assign)
-        lengths = {int(k.numel()) for k in keeps}
-        if len(lengths) != 1:
-            raise ModelError(
-                f"{stage.name} at layer {stage.layer} keeps a different number of tokens in each sample of the "
-                "batch; run samples with different image-token counts in separate batches"
-            )
+        # Samples that keep fewer tokens are filled up with some of their dropped columns, masked out
+        # everywhere (keys, probes, decode), so the batch stays rectangular and each sample computes
+        # exactly what it would alone.
+        longest = max(int(k.numel()) for k in keeps)
+        rows, alive_rows = [], []
+        for b, (keep, sample) in enumerate(zip(keeps, p.samples)):
+            alive = torch.ones(longest, dtype=torch.bool, device=hidden.device)
+            if keep.numel() < longest:
+                spare = torch.ones(current_len, dtype=torch.bool, device=hidden.device)
+                spare[keep] = False
+                filler = torch.nonzero(spare).flatten()[: longest - keep.numel()]
+                keep = torch.sort(torch.cat([keep, filler])).values
+                alive = ~torch.isin(keep, filler)
+                keeps[b] = keep
+            row = hidden[b, keep].clone()
+            image_cols, values = new_hidden_rows[b]
+            if values is not None:
+                new_slots = torch.searchsorted(keep, image_cols)
+                row[new_slots] = values.to(row.dtype)
+                sample.slots = new_slots
+            rows.append(row)
+            alive_rows.append(alive)
         local_keep = torch.stack(keeps)
+        local_alive = torch.stack(alive_rows)
         keep = local_keep if prev is None else prev.keep.gather(1, local_keep)
-        p.segments.append(_Segment(stage, keep))
+        if prev is not None and prev.alive is not None:
+            local_alive = local_alive & prev.alive.gather(1, local_keep)
+        p.segments.append(_Segment(stage, keep, None if bool(local_alive.all()) else local_alive))
         count = int(p.samples[0].slots.numel())
         for i in range(stage.layer, len(self.image_tokens_per_layer)):
             self.image_tokens_per_layer[i] = count
-        return torch.stack(new_hidden_rows)
+        return torch.stack(rows)
 
     def proxyv_state(self, layer: int, hidden: Tensor, kwargs: dict) -> Any:
         """The ProxyV state for decoder layer ``layer`` at prefill (made at the first ProxyV layer), or
@@ -604,7 +632,7 @@ class PipelineRun:
         seg.position_embeddings = (cos.gather(1, idx), sin.gather(1, idx))
         pos = kwargs.get("position_ids")
         seg.position_ids = None if pos is None else pos.expand(keep.shape[0], -1).gather(1, keep)
-        seg.mask = _slice_square_mask(kwargs.get("attention_mask"), keep)
+        seg.mask = _mask_filler(_slice_square_mask(kwargs.get("attention_mask"), keep), seg.alive, square=True)
 
 
 def _signals(stage: PlannedStage, state: TokenState, vision: dict[str, Tensor],
@@ -643,6 +671,24 @@ def _slice_square_mask(mask: Any, keep: Tensor) -> Any:
     n = keep.shape[1]
     rows = mask.expand(keep.shape[0], -1, -1, -1).gather(2, keep[:, None, :, None].expand(-1, h, -1, mask.shape[3]))
     return rows.gather(3, keep[:, None, None, :].expand(-1, h, n, -1))
+
+
+def _mask_filler(mask: Any, alive: Tensor | None, square: bool, queries: int = 0) -> Any:
+    """Mask out filler key columns (``alive`` False); build the causal mask when there was none."""
+    if alive is None:
+        return mask
+    b, n = alive.shape
+    if mask is None:
+        q = n if square else queries
+        rows = torch.arange(q, device=alive.device)[:, None] + (n - q)  # key index of each query
+        keys = torch.arange(n, device=alive.device)[None, :]
+        return ((keys <= rows)[None, None] & alive[:, None, None, :]) | (keys == rows)[None, None]
+    if mask.dim() == 2:
+        return mask & alive.to(mask.dtype) if mask.dtype == torch.bool else mask * alive.to(mask.dtype)
+    cols = alive[:, None, None, :]
+    if mask.dtype == torch.bool:
+        return mask & cols
+    return mask.masked_fill(~cols, torch.finfo(mask.dtype).min)
 
 
 def _slice_key_columns(mask: Any, keep: Tensor, prefill_length: int) -> Any:
