@@ -36,6 +36,23 @@ def tiny_tokenizer():
     return fast
 
 
+def _tiny_configs(vocab: int, image_size: int, patch_size: int, layers: int, hidden: int, heads: int,
+                  kv_heads: int, ffn: int, vision_hidden: int, vision_layers: int):
+    """The CLIP vision and Llama text configs shared by the tiny LLaVA builders."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
+        num_attention_heads=4, image_size=image_size, patch_size=patch_size,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )
+    return vision, text
+
+
 def tiny_llava(
     attn: str = "sdpa",
     seed: int = 0,
@@ -58,23 +75,14 @@ def tiny_llava(
     """
     from transformers import (
         CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
     )
 
     tokenizer = tiny_tokenizer()
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
-        num_attention_heads=4, image_size=image_size, patch_size=patch_size,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-        pad_token_id=0, bos_token_id=2, eos_token_id=3,
-    )
+    vision, text = _tiny_configs(len(tokenizer), image_size, patch_size, layers, hidden, heads, kv_heads, ffn,
+                                 vision_hidden, vision_layers)
     side = image_size // patch_size
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=4, image_seq_length=side * side,
@@ -138,8 +146,6 @@ def tiny_llava_next(
     newline tokens: 88 image placeholders (see :func:`tiny_next_inputs`).
     """
     from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessorPil,
@@ -147,15 +153,8 @@ def tiny_llava_next(
     )
 
     tokenizer = tiny_tokenizer()
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
-        num_attention_heads=4, image_size=image_size, patch_size=patch_size,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-        pad_token_id=0, bos_token_id=2, eos_token_id=3,
-    )
+    vision, text = _tiny_configs(len(tokenizer), image_size, patch_size, layers, hidden, heads, kv_heads, ffn,
+                                 vision_hidden, vision_layers)
     s = image_size
     pinpoints = [[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
     config = LlavaNextConfig(
