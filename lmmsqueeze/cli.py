@@ -202,23 +202,28 @@ def bench_cmd(
     runs: Annotated[int, typer.Option(min=1, help="Timed runs per pipeline (interleaved).")] = 5,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed warm-up rounds.")] = 1,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: cuda when present).")] = None,
+    adapter: Annotated[Optional[str], typer.Option(help="ProxyV adapter for the pipelines with a proxyv stage.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Prefill latency and peak memory of the vanilla model and each pipeline, measured vs analytic saving."""
     from .pipelines.generation import open_image
     from .pipelines.loading import load_model
     from .pipelines.measure import bench
-    from .pipelines.runtime import compile_for
+    from .pipelines.runtime import apply, compile_for
     from .testing import random_image
 
     with user_errors():
         if image is not None and not image.is_file():
             raise LmmsqueezeError(f"image file {str(image)!r} does not exist")
         loaded, processor = load_model(model, device=device)
-        for p in pipeline:
-            compile_for(loaded, p)  # refuse a bad pipeline before measuring anything
+        adapters = []
+        for p in pipeline:  # refuse a bad pipeline (or adapter) before measuring anything
+            plan = compile_for(loaded, p)[0]
+            adapters.append(adapter if plan.proxyv is not None else None)
+            with apply(loaded, plan, adapter=adapters[-1]):
+                pass
         picture = open_image(image) if image is not None else random_image(0, 336)
-        rows = bench(loaded, processor, pipeline, picture, prompt, runs=runs, warmup=warmup)
+        rows = bench(loaded, processor, pipeline, picture, prompt, runs=runs, warmup=warmup, adapters=adapters)
 
     def render(rows: list[dict]) -> None:
         table = Table(title=f"prefill on {model} ({runs} interleaved runs after {warmup} warm-up)")

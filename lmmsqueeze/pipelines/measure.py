@@ -139,8 +139,10 @@ def peak_prefill_memory(model: Any, inputs: dict, plan: Any, adapter: Any = None
 
 
 def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: str, runs: int = 5,
-          warmup: int = 1) -> list[dict[str, Any]]:
+          warmup: int = 1, adapters: list[Any] | None = None) -> list[dict[str, Any]]:
     """Vanilla and each pipeline on the same input: latency, peak memory, measured vs analytic saving.
+
+    ``adapters[i]`` is the ProxyV adapter of ``pipelines[i]`` (or None).
 
     ``realized_fraction`` is the measured decoder-time saving over the analytic FLOPs saving (1.0:
     the FLOPs saving turned fully into time).
@@ -155,11 +157,12 @@ def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: 
     plans = [compile_for(model, p)[0] for p in ["none", *pipelines]]
     image_tokens = compile_for(model, "none")[1].count_image_tokens(inputs)
     text_tokens = inputs["input_ids"].shape[1] - image_tokens
-    timings = time_prefills(model, dict(inputs), plans, runs=runs, warmup=warmup)
+    adapters = [None, *(adapters or [None] * len(pipelines))]
+    timings = time_prefills(model, dict(inputs), plans, runs=runs, warmup=warmup, adapters=adapters)
     base_total = Timing.summary(timings[0].total)["median"]
     base_decoder = Timing.summary(timings[0].decoder)["median"]
     rows = []
-    for plan, timing in zip(plans, timings):
+    for plan, timing, adapter in zip(plans, timings, adapters):
         total, dec = Timing.summary(timing.total), Timing.summary(timing.decoder)
         analytic = plan.cost(text_tokens=text_tokens).saving
         measured = 1.0 - dec["median"] / base_decoder
@@ -171,7 +174,7 @@ def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: 
             "latency_max_ms": total["max"],
             "decoder_ms": dec["median"],
             "decoder_iqr_ms": dec["iqr"],
-            "peak_memory_mb": peak_prefill_memory(model, dict(inputs), plan) / 2**20,
+            "peak_memory_mb": peak_prefill_memory(model, dict(inputs), plan, adapter) / 2**20,
             "measured_saving": measured,
             "total_saving": 1.0 - total["median"] / base_total,
             "analytic_saving": analytic,
