@@ -250,6 +250,7 @@ def show_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the picture (.png).")],
     panel_size: Annotated[int, typer.Option(min=64, max=2048, help="Side of each panel in pixels.")] = 256,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: cuda when present).")] = None,
+    adapter: Annotated[Optional[str], typer.Option(help="ProxyV adapter for a pipeline with a proxyv stage.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Draw the image with the patches that survive each stage highlighted, one panel per stage
@@ -265,7 +266,7 @@ def show_cmd(
             raise LmmsqueezeError(f"cannot write {str(out)!r}: the folder {str(out.parent)!r} does not exist")
         picture = open_image(image)
         loaded, processor = load_model(model, device=device)
-        drawing, views = show_pipeline(loaded, processor, picture, prompt, pipeline, panel_size)
+        drawing, views = show_pipeline(loaded, processor, picture, prompt, pipeline, panel_size, adapter)
         save_picture(drawing, out)
     data = {"out": str(out), "stages": [{"stage": v.title, "tokens": len(v.kept)} for v in views]}
 

@@ -117,7 +117,8 @@ def render_stages(image: Image.Image, grid: tuple[int, int], stages: Sequence[St
     return canvas
 
 
-def trace_pipeline(model: Any, processor: Any, image: Image.Image, question: str, pipeline: Any) -> list[StageView]:
+def trace_pipeline(model: Any, processor: Any, image: Image.Image, question: str, pipeline: Any,
+                   adapter: Any = None) -> list[StageView]:
     """Run one prefill of ``model`` with ``pipeline`` installed and return what each stage kept."""
     import torch
 
@@ -126,14 +127,14 @@ def trace_pipeline(model: Any, processor: Any, image: Image.Image, question: str
     inputs = processor(images=image, text=build_prompt(processor, question), return_tensors="pt").to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    with torch.no_grad(), apply(model, pipeline) as run:
+    with torch.no_grad(), apply(model, pipeline, adapter=adapter) as run:
         model(**inputs)
     return [StageView(stage.label(), run.trace[i][0].tolist(), run.groups[i][0].tolist())
             for i, stage in enumerate(run.plan.stages)]
 
 
 def show_pipeline(model: Any, processor: Any, image: Image.Image, question: str, pipeline: Any,
-                  panel_size: int = 256) -> tuple[Image.Image, list[StageView]]:
+                  panel_size: int = 256, adapter: Any = None) -> tuple[Image.Image, list[StageView]]:
     """The picture of ``pipeline`` on ``image`` (one panel per stage) and the stage views drawn in it."""
     from .pipelines import compile_for
 
@@ -142,7 +143,7 @@ def show_pipeline(model: Any, processor: Any, image: Image.Image, question: str,
     if not grids or len(grids) != 1:
         raise LmmsqueezeError("show needs the image tokens to form one grid; this model's features do not "
                               "(e.g. vision_feature_select_strategy='full' keeps [CLS])")
-    views = trace_pipeline(model, processor, image, question, plan)
+    views = trace_pipeline(model, processor, image, question, plan, adapter)
     return render_stages(model_view(image), grids[0], views, panel_size), views
 
 
