@@ -163,10 +163,12 @@ def test_stage_trace_composes_original_indices(tiny_sdpa):
     assert torch.equal(second, expected)
 
 
-@pytest.mark.parametrize("pipeline", ["random(layer=2, keep=0.5, seed=3)", "fastv(layer=1, keep=0.5) | random(layer=3, keep=5)"])
+@pytest.mark.parametrize("pipeline", ["random(layer=2, keep=0.5, seed=3)", "fastv(layer=1, keep=0.5) | random(layer=3, keep=5)",
+                                      "proxyv(layer=2, factor=2)",
+                                      "fastv(layer=1, keep=0.5) | proxyv(layer=2, variant=nonspatial, proxies=4)"])
 def test_samples_with_different_image_counts_compute_what_they_compute_alone(tiny, pipeline):
-    """One image in sample 0, two in sample 1: the llm stages keep different numbers of tokens per
-    sample; the batched generate must give each sample the logits it gets alone."""
+    """One image in sample 0, two in sample 1: llm stages keep different numbers of tokens per sample
+    and ProxyV sees different grids; the batched generate must give each sample the logits it gets alone."""
     from lmmsqueeze.testing import random_image
 
     model, processor = tiny
@@ -176,7 +178,8 @@ def test_samples_with_different_image_counts_compute_what_they_compute_alone(tin
     with lmmsqueeze.apply(model, pipeline) as run:
         batched = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
                                  output_logits=True)
-    assert run.trace[0][0].numel() == 18 and run.trace[0][1].numel() == 36  # half of 36 and of 72
+    halves = [t.numel() for t in run.trace[0]]
+    assert halves == ([36, 72] if pipeline.startswith("proxyv") else [18, 36])  # all, or half of 36 and of 72
     for b, pictures in enumerate([images[:1], images[1:]]):
         alone = processor(images=pictures if len(pictures) > 1 else pictures[0], text=texts[b], return_tensors="pt")
         with lmmsqueeze.apply(model, pipeline) as single_run:

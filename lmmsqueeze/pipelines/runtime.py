@@ -598,29 +598,36 @@ class PipelineRun:
         return self._proxyv_state
 
     def _begin_proxyv(self, hidden: Tensor, kwargs: dict) -> Any:
-        from ..proxyv.layer import ProxyVState, make_proxies
-
-        p, stage = self._prefill, self.plan.proxyv
+        """One batched state when every sample holds the same image tokens and grids, else one state
+        per sample (ProxyV layers then run sample by sample)."""
+        p = self._prefill
         batch, length, _ = hidden.shape
-        counts = {int(s.slots.numel()) for s in p.samples}
-        if len(counts) != 1 or 0 in counts:
-            raise ModelError("ProxyV needs the same (non-zero) number of image tokens in every sample of a batch")
-        image = torch.stack([s.slots for s in p.samples])
-        is_other = torch.ones(batch, length, dtype=torch.bool, device=hidden.device).scatter(1, image, False)
-        others = torch.stack([torch.nonzero(row).flatten() for row in is_other])
+        if any(s.slots.numel() == 0 for s in p.samples):
+            raise ModelError("ProxyV needs image tokens in every sample of a batch")
         pos = kwargs.get("position_ids")
         positions = (torch.arange(length, device=hidden.device)[None] if pos is None else pos).expand(batch, -1)
-        meta = p.samples[0].meta
-        if stage.reducer.variant == "spatial" and any(s.meta.grids != meta.grids for s in p.samples):
-            raise ModelError("spatial ProxyV needs the same crop grids in every sample of a batch; batch images "
-                             "of the same size together or use variant=nonspatial")
+        padding = p.current_padding(self.plan.proxyv.layer)
+        first = p.samples[0]
+        if all(s.slots.numel() == first.slots.numel() and s.meta.grids == first.meta.grids for s in p.samples):
+            image = torch.stack([s.slots for s in p.samples])
+            return self._proxyv_state_for(hidden, image, positions, padding, first.meta)
+        return [self._proxyv_state_for(hidden[b:b + 1], s.slots[None], positions[b:b + 1], padding[b:b + 1], s.meta)
+                for b, s in enumerate(p.samples)]
+
+    def _proxyv_state_for(self, hidden: Tensor, image: Tensor, positions: Tensor, padding: Tensor,
+                          meta: TokenState) -> Any:
+        from ..proxyv.layer import ProxyVState, make_proxies
+
+        batch, length, _ = hidden.shape
+        is_other = torch.ones(batch, length, dtype=torch.bool, device=hidden.device).scatter(1, image, False)
+        others = torch.stack([torch.nonzero(row).flatten() for row in is_other])
         tokens = hidden.gather(1, image[..., None].expand(-1, -1, hidden.shape[-1]))
-        proxies, assign, splat = make_proxies(stage.reducer, self.proxyv_adapter, tokens, meta.grids, meta.crop_ids)
+        proxies, assign, splat = make_proxies(self.plan.proxyv.reducer, self.proxyv_adapter, tokens, meta.grids,
+                                              meta.crop_ids)
         start = positions.gather(1, image).min(dim=1, keepdim=True).values
         proxy_positions = start + torch.arange(proxies.shape[1], device=hidden.device)[None]
         rope = self.adapter.rotary(proxies, proxy_positions)
-        return ProxyVState(image, others, positions, p.current_padding(stage.layer), proxies, proxy_positions,
-                           rope, assign, splat)
+        return ProxyVState(image, others, positions, padding, proxies, proxy_positions, rope, assign, splat)
 
     def _slice_prefill_kwargs(self, seg: _Segment, kwargs: dict) -> None:
         if seg.position_embeddings is not None:

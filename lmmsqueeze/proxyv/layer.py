@@ -83,9 +83,28 @@ def make_proxies(stage: ProxyV, adapter: ProxyVAdapter, image: Tensor, grids: An
     return torch.cat(proxies, 1), None, splat
 
 
-def proxyv_layer(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Tensor,
+def proxyv_layer(layer: nn.Module, mlp: VisionMLP, st: ProxyVState | list[ProxyVState], hidden: Tensor,
                  rope: tuple[Tensor, Tensor], cache: Any) -> Tensor:
-    """One decoder layer >= L at prefill. Returns the new sequence hidden states (same shape)."""
+    """One decoder layer >= L at prefill. Returns the new sequence hidden states (same shape).
+
+    ``st`` is one batched state, or one state per sample when samples hold different numbers of
+    image tokens (or grids): then each sample runs alone and the cache gets the stacked keys/values.
+    """
+    if isinstance(st, ProxyVState):
+        out, k, v = _proxyv_sample(layer, mlp, st, hidden, rope)
+    else:
+        cos, sin = (t.expand(hidden.shape[0], -1, -1) for t in rope)
+        parts = [_proxyv_sample(layer, mlp, s, hidden[b:b + 1], (cos[b:b + 1], sin[b:b + 1]))
+                 for b, s in enumerate(st)]
+        out, k, v = (torch.cat(x) for x in zip(*parts))
+    if cache is not None:
+        cache.update(k, v, layer.self_attn.layer_idx)
+    return out
+
+
+def _proxyv_sample(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Tensor,
+                   rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The layer for a batch sharing one state: new sequence states and the sequence tokens' keys/values."""
     b, n_seq, d = hidden.shape
     p = st.proxies.shape[1]
     attn = layer.self_attn
@@ -102,8 +121,7 @@ def proxyv_layer(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Tens
     v = attn.v_proj(normed).view(b, nk, -1, hd).transpose(1, 2)
     q = _rope(q, _rows(cos, q_rows), _rows(sin, q_rows))
     k = _rope(k, cos, sin)
-    if cache is not None:
-        cache.update(k[:, :, :n_seq], v[:, :, :n_seq], attn.layer_idx)
+    k_seq, v_seq = k[:, :, :n_seq], v[:, :, :n_seq]  # what the cache keeps: no proxy entries
     allowed = proxyv_mask(st, q_rows, n_seq)[:, None]
     k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
     if getattr(attn.config, "_attn_implementation", "sdpa") == "eager":  # plain matmuls, as eager layers do
@@ -124,7 +142,7 @@ def proxyv_layer(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Tens
     image_out = mlp(image_in, context)
     st.proxies = new_proxies
     seq = hidden.scatter(1, st.others[..., None].expand(-1, -1, d), new_others)
-    return seq.scatter(1, st.image[..., None].expand(-1, -1, d), image_out)
+    return seq.scatter(1, st.image[..., None].expand(-1, -1, d), image_out), k_seq, v_seq
 
 
 def proxyv_mask(st: ProxyVState, q_rows: Tensor, n_seq: int) -> Tensor:
