@@ -37,6 +37,22 @@ PipelineOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        console.print(f"lmmsqueeze {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Composable visual-token reducers and ProxyV for LLaVA-style models: run, explain, measure."""
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn known errors into one line on stderr and exit code 2."""
