@@ -174,10 +174,23 @@ def _clip_l336_llava_next(name: str, decoder: str, vocab: int | None = None) -> 
 
 #: Built-in geometries of published backbones (CLIP ViT-L/14-336, 576 tokens per crop), for
 #: `explain --model-config` and cost tables.
+def _qwen2_vl(name: str) -> ModelGeometry:
+    """Qwen2-VL-7B: the Qwen2-7B decoder behind a 1280-wide ViT (patch 14) whose 2x2 patch merger gives
+    the LLM's image tokens; a 672 px square image is a 48x48 patch grid, 24x24 = 576 image tokens. The
+    tower has no [CLS] token, so [CLS]-attention reducers do not apply."""
+    layers, hidden, heads, kv, ffn, voc = _DECODERS["qwen2-7b"]
+    return ModelGeometry(
+        name=name, family="qwen2_vl", num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv,
+        head_dim=hidden // heads, intermediate_size=ffn, vocab_size=voc, gated_ffn=True, image_tokens=576,
+        grids=((24, 24),), signals=LLAVA_SIGNALS - {"cls_attention"}, vision_hidden_size=1280, vision_tokens=2304,
+    )
+
+
 PRESETS: dict[str, ModelGeometry] = {
     "llava-1.5-7b": _clip_l336_llava("llava-1.5-7b", "vicuna-7b", vocab=32064),
     "llava-1.5-13b": _clip_l336_llava("llava-1.5-13b", "vicuna-13b", vocab=32064),
     "llava-next-7b": _clip_l336_llava_next("llava-next-7b", "vicuna-7b", vocab=32064),
+    "qwen2-vl-7b": _qwen2_vl("qwen2-vl-7b"),
     **{name: _clip_l336_llava(name, name) for name in _DECODERS},
 }
 
