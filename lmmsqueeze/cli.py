@@ -35,6 +35,9 @@ PipelineOpt = Annotated[
     str, typer.Option("--pipeline", "-p", help='Pipeline, e.g. "pool | fastv(layer=2, keep=0.5)", or @file.yaml.')
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: cuda when present).")]
+AdapterOpt = Annotated[Optional[str], typer.Option(
+    help="ProxyV adapter: a directory or bundled:<name>; used by pipelines with a proxyv stage (alone: its own).")]
 
 
 def _version(value: bool) -> None:
@@ -194,8 +197,8 @@ def run_cmd(
     prompt: Annotated[str, typer.Option(help="The question about the image.")],
     pipeline: PipelineOpt = "none",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate (greedy).")] = 32,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: cuda when present).")] = None,
-    adapter: Annotated[Optional[str], typer.Option(help="ProxyV adapter directory or bundled:<name>.")] = None,
+    device: DeviceOpt = None,
+    adapter: AdapterOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer one question about one image (greedy decoding) with a pipeline installed."""
@@ -217,8 +220,8 @@ def bench_cmd(
     prompt: Annotated[str, typer.Option(help="The question in the prompt.")] = "Describe the image in detail.",
     runs: Annotated[int, typer.Option(min=1, help="Timed runs per pipeline (interleaved).")] = 5,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed warm-up rounds.")] = 1,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: cuda when present).")] = None,
-    adapter: Annotated[Optional[str], typer.Option(help="ProxyV adapter for the pipelines with a proxyv stage.")] = None,
+    device: DeviceOpt = None,
+    adapter: AdapterOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Prefill latency and peak memory of the vanilla model and each pipeline, measured vs analytic saving."""
@@ -265,8 +268,8 @@ def show_cmd(
     pipeline: PipelineOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the picture (.png).")],
     panel_size: Annotated[int, typer.Option(min=64, max=2048, help="Side of each panel in pixels.")] = 256,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: cuda when present).")] = None,
-    adapter: Annotated[Optional[str], typer.Option(help="ProxyV adapter for a pipeline with a proxyv stage.")] = None,
+    device: DeviceOpt = None,
+    adapter: AdapterOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Draw the image with the patches that survive each stage highlighted, one panel per stage

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .cli import JsonOpt, app, console, emit, err_console, user_errors
+from .cli import AdapterOpt, DeviceOpt, JsonOpt, app, console, emit, err_console, user_errors
 from .errors import LmmsqueezeError
 
 ResultsOpt = Annotated[Path, typer.Option("--results", help="SQLite results file.")]
@@ -54,12 +54,12 @@ def eval_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="A local model directory, or `bundled`.")] = "bundled",
     pipeline: Annotated[str, typer.Option("--pipeline", "-p", help="The pipeline to evaluate.")] = "none",
     task: Annotated[str, typer.Option(help="Task name.")] = "bundled",
-    adapter: Annotated[Optional[str], typer.Option(help="ProxyV adapter directory or bundled:<name>.")] = None,
+    adapter: AdapterOpt = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N test samples.")] = None,
     seed: Annotated[int, typer.Option(help="Sample seed.")] = 0,
     results: ResultsOpt = DEFAULT_RESULTS,
     batch_size: Annotated[int, typer.Option(min=1)] = 1,
-    device: Annotated[Optional[str], typer.Option()] = None,
+    device: DeviceOpt = None,
     include_path: Annotated[Optional[str], typer.Option(help="Task folder for --task lmms:TASK.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -162,12 +162,12 @@ def sweep_cmd(
     grid_file: Annotated[Optional[Path], typer.Option("--grid", help="YAML/JSON grid file.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model directory or `bundled`.")] = None,
     task: Annotated[Optional[list[str]], typer.Option("--task", help="Task name (repeat for several).")] = None,
-    adapter: Annotated[Optional[str], typer.Option(help="ProxyV adapter for every -p pipeline.")] = None,
+    adapter: AdapterOpt = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Samples per run (default: the whole test split, 1000).")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     results: ResultsOpt = DEFAULT_RESULTS,
     batch_size: Annotated[int, typer.Option(min=1)] = 1,
-    device: Annotated[Optional[str], typer.Option()] = None,
+    device: DeviceOpt = None,
     plot_file: Annotated[Optional[Path], typer.Option("--plot", help="Pareto plot to write after the sweep.")] = None,
 ) -> None:
     """Evaluate a grid of pipelines into the results store (resumable), then print the Pareto table.

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .cli import app, console, err_console, user_errors
+from .cli import DeviceOpt, app, console, err_console, user_errors
 
 
 @app.command("train-proxyv")
@@ -26,7 +26,7 @@ def train_proxyv_cmd(
     eval_every: Annotated[int, typer.Option(min=1, help="Held-out accuracy every N steps.")] = 100,
     eval_size: Annotated[int, typer.Option(min=1, help="Held-out samples (validation split).")] = 100,
     save_every: Annotated[int, typer.Option(min=1)] = 100,
-    device: Annotated[Optional[str], typer.Option()] = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Train ProxyV (VisionMLPs, proxy initializer) with the LLM frozen, or everything with --full.
 
