@@ -53,6 +53,12 @@ def _tiny_configs(vocab: int, image_size: int, patch_size: int, layers: int, hid
     return vision, text
 
 
+def _fixed_length_generation(model) -> None:
+    """Random weights: decode a fixed number of tokens (no end-of-sequence), left padding with id 0."""
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+
+
 def tiny_llava(
     attn: str = "sdpa",
     seed: int = 0,
@@ -91,8 +97,7 @@ def tiny_llava(
     config._attn_implementation = attn
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = None  # random weights: decode a fixed number of tokens
-    model.generation_config.pad_token_id = 0
+    _fixed_length_generation(model)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
     )
@@ -108,6 +113,14 @@ def random_image(seed: int = 0, size: int = 48) -> Image.Image:
     """A reproducible RGB noise image."""
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+#: parameters that make a reducer fit the tiny models (few image tokens, 4 layers); defaults otherwise
+TINY_STAGE_PARAMS: dict[str, str] = {
+    "proxyv": "layer=2, factor=2",
+    "pdrop": "layer=1, step=1, stages=3",
+    "sparsevlm": 'layer=1, more_layers="2,3"',
+}
 
 
 PROMPTS = (
@@ -164,8 +177,7 @@ def tiny_llava_next(
     config._attn_implementation = attn
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
+    _fixed_length_generation(model)
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": s}, crop_size={"height": s, "width": s}, image_grid_pinpoints=pinpoints,
     )

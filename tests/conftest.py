@@ -38,3 +38,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def saved_tiny(tmp_path_factory):
+    """A tiny LLaVA saved as a local model directory, and an image file: what the CLI reads."""
+    from lmmsqueeze.testing import random_image
+
+    path = tmp_path_factory.mktemp("tiny-llava")
+    model, processor = tiny_llava()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    image = path / "image.png"
+    random_image(3).save(image)
+    return path, image
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(saved_tiny):
+    return saved_tiny[0]

@@ -8,7 +8,6 @@ import pytest
 from typer.testing import CliRunner
 
 from lmmsqueeze.cli import app
-from lmmsqueeze.testing import random_image, tiny_llava
 
 runner = CliRunner()
 
@@ -69,17 +68,6 @@ def test_reducers_json():
     assert rows["fastv"]["params"] == {"keep": {"type": "int|float", "default": 0.5},
                                        "layer": {"type": "int", "default": 2}}
     assert rows["pool"]["family"] == "pooling"
-
-
-@pytest.fixture(scope="module")
-def saved_tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llava")
-    model, processor = tiny_llava()
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    image = path / "image.png"
-    random_image(3).save(image)
-    return path, image
 
 
 def test_run_answers_with_a_pipeline(saved_tiny):

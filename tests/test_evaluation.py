@@ -20,18 +20,8 @@ from lmmsqueeze.evaluation.runner import loyalty
 from lmmsqueeze.evaluation.store import Key, ResultStore
 from lmmsqueeze.evaluation.sweep import expand_item, load_grid
 from lmmsqueeze.reducers import unregister_reducer
-from lmmsqueeze.testing import tiny_llava
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    model, processor = tiny_llava()
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
 
 
 def test_frontier_of_hand_made_points():
@@ -108,8 +98,8 @@ def test_bad_input_is_one_line(tmp_path, args, message):
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_eval_json_row(model_dir, tmp_path):
-    result = runner.invoke(app, ["eval", "--model", str(model_dir), "--pipeline", "pool | fastv(keep=3)",
+def test_eval_json_row(tiny_dir, tmp_path):
+    result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--pipeline", "pool | fastv(keep=3)",
                                  "--limit", "6", "--results", str(tmp_path / "r.db"), "--json"])
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)
@@ -136,9 +126,9 @@ def failing_reducer():
     unregister_reducer("test_explodes")
 
 
-def test_a_failing_pipeline_is_stored_and_the_sweep_goes_on(model_dir, tmp_path, failing_reducer):
+def test_a_failing_pipeline_is_stored_and_the_sweep_goes_on(tiny_dir, tmp_path, failing_reducer):
     db = tmp_path / "r.db"
-    result = runner.invoke(app, ["sweep", "-m", str(model_dir), "-p", "test_explodes", "-p", "pool",
+    result = runner.invoke(app, ["sweep", "-m", str(tiny_dir), "-p", "test_explodes", "-p", "pool",
                                  "--limit", "4", "--results", str(db)])
     assert result.exit_code == 0, result.output
     with ResultStore(db) as store:
@@ -149,9 +139,9 @@ def test_a_failing_pipeline_is_stored_and_the_sweep_goes_on(model_dir, tmp_path,
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_finishes_without_loss_or_duplicates(model_dir, tmp_path):
+def test_sigkill_then_rerun_finishes_without_loss_or_duplicates(tiny_dir, tmp_path):
     db = tmp_path / "r.db"
-    args = [sys.executable, "-m", "lmmsqueeze", "sweep", "-m", str(model_dir), "--limit", "30",
+    args = [sys.executable, "-m", "lmmsqueeze", "sweep", "-m", str(tiny_dir), "--limit", "30",
             "-p", "random(keep=[0.2, 0.4, 0.6, 0.8], seed=1)", "-p", "pool", "--results", str(db)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240

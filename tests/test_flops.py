@@ -12,14 +12,8 @@ from lmmsqueeze.compose.geometry import preset, with_tokens
 from lmmsqueeze.errors import ModelError
 from lmmsqueeze.pipelines import adapter_for
 from lmmsqueeze.reducers import get_reducer, list_reducers
-from lmmsqueeze.testing import tiny_inputs, tiny_llava
+from lmmsqueeze.testing import TINY_STAGE_PARAMS, tiny_inputs, tiny_llava
 
-#: parameters that make a reducer fit the tiny model (36 image tokens, 4 layers); defaults otherwise
-TINY_PARAMS: dict[str, str] = {
-    "proxyv": "layer=2, factor=2",
-    "pdrop": "layer=1, step=1, stages=3",
-    "sparsevlm": 'layer=1, more_layers="2,3"',
-}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +31,7 @@ def _count(fn) -> int:
 def _pipelines():
     for name in list_reducers():
         cls = get_reducer(name)
-        params = TINY_PARAMS.get(name, "")
+        params = TINY_STAGE_PARAMS.get(name, "")
         for placement in cls.placements:
             if placement == "llm":
                 args = ", ".join(a for a in (params, "" if "layer=" in params else "layer=2") if a)
@@ -58,7 +52,7 @@ def test_analytic_prefill_flops_match_the_counter(eager_tiny, pipeline):
     try:
         plan = lmmsqueeze.compile(pipeline, model)
     except lmmsqueeze.PipelineError as exc:
-        pytest.fail(f"{pipeline} does not fit the tiny model ({exc}); add parameters to TINY_PARAMS")
+        pytest.fail(f"{pipeline} does not fit the tiny model ({exc}); add parameters to TINY_STAGE_PARAMS")
     g = adapter_for(model).geometry
     text = inputs["input_ids"].shape[1] - g.image_tokens
     with lmmsqueeze.apply(model, plan):

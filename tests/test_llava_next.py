@@ -13,7 +13,7 @@ from lmmsqueeze.compose import geometry_from_config
 from lmmsqueeze.compose.geometry import preset
 from lmmsqueeze.pipelines import adapter_for, count_hooks
 from lmmsqueeze.reducers import get_reducer, list_reducers
-from lmmsqueeze.testing import tiny_llava_next, tiny_next_inputs
+from lmmsqueeze.testing import TINY_STAGE_PARAMS, tiny_llava_next, tiny_next_inputs
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -21,13 +21,6 @@ pytestmark = pytest.mark.usefixtures("no_grad")
 SQUARE = ((64, 64),)
 #: a 64x48 image (w x h): the sub-crop grid is unpadded to 6x8 (64 image tokens) + 6 newline tokens
 WIDE = ((64, 48),)
-#: parameters that make a reducer fit the tiny model (4 layers); defaults otherwise
-TINY_PARAMS: dict[str, str] = {
-    "proxyv": "layer=2, factor=2",
-    "pdrop": "layer=1, step=1, stages=3",
-    "sparsevlm": 'layer=1, more_layers="2,3"',
-    "fastv": "layer=2",
-}
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +130,7 @@ def test_pool_is_per_crop_and_newlines_keep_their_rows(next_sdpa):
 
 
 def _default_pipeline(name: str) -> str:
-    params = TINY_PARAMS.get(name, "")
+    params = TINY_STAGE_PARAMS.get(name, "")
     cls = get_reducer(name)
     if cls.placements == ("llm",) and "layer=" not in params:
         params = ", ".join(p for p in (params, "layer=2") if p)

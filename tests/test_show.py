@@ -9,7 +9,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lmmsqueeze.cli import app
-from lmmsqueeze.testing import random_image, tiny_llava
 from lmmsqueeze.visualize import MARGIN, TITLE_HEIGHT, StageView, group_colour, model_view, render_stages
 
 runner = CliRunner()
@@ -56,17 +55,6 @@ def test_model_view_is_the_centre_square():
     image.paste((255, 0, 0), (10, 0, 20, 10))
     view = model_view(image)
     assert view.size == (10, 10) and view.getpixel((0, 0)) == (255, 0, 0) and view.getpixel((9, 9)) == (255, 0, 0)
-
-
-@pytest.fixture(scope="module")
-def saved_tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llava-show")
-    model, processor = tiny_llava()
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    image = path / "image.png"
-    random_image(3).save(image)
-    return path, image
 
 
 def test_show_writes_one_panel_per_stage(saved_tiny, tmp_path):
