@@ -173,6 +173,8 @@ def explain_cmd(
                           str(s["tokens_out"]), "yes" if s["keeps_grid"] else "no")
         if d["stages"]:
             console.print(table)
+        for note in d.get("notes", []):
+            console.print(f"note: {note}", highlight=False)
         spans, start = [], 0
         layers = d["layers"]
         for i in range(1, len(layers) + 1):

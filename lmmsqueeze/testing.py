@@ -199,3 +199,120 @@ def tiny_next_inputs(processor, batch: int = 1, sizes: tuple[tuple[int, int], ..
     if batch == 1:
         return processor(images=images[0], text=texts[0], return_tensors="pt")
     return processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+
+QWEN_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|video_pad|>"]
+
+
+def tiny_qwen_tokenizer():
+    """A word-level fast tokenizer with Qwen2-VL's vision markers: ``<|image_pad|>`` is id 4,
+    ``<|vision_start|>`` 5, ``<|vision_end|>`` 6, ``<|video_pad|>`` 7."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(QWEN_SPECIALS + list(dict.fromkeys(WORDS)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.add_special_tokens(QWEN_SPECIALS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+    fast.padding_side = "left"
+    return fast
+
+
+class TinyQwenProcessor:
+    """Qwen2-VL-style preprocessing for the tiny models: transformers' Qwen2-VL image processor (PIL
+    backend) for ``pixel_values`` / ``image_grid_thw``, each ``<image>`` in the text expanded to
+    ``<|vision_start|>`` + one ``<|image_pad|>`` per merged patch + ``<|vision_end|>``, and
+    ``mm_token_type_ids`` (1 at image tokens) as Qwen2VLProcessor returns them. (The real
+    processor also needs a video processor, which needs torchvision.)"""
+
+    def __init__(self, tokenizer, image_processor, merge_size: int = 2):
+        self.tokenizer, self.image_processor, self.merge_size = tokenizer, image_processor, merge_size
+
+    def __call__(self, images=None, text=None, return_tensors="pt", padding=False):
+        texts = [text] if isinstance(text, str) else list(text)
+        images = [] if images is None else ([images] if isinstance(images, Image.Image) else list(images))
+        out = dict(self.image_processor(images=images, return_tensors="pt")) if images else {}
+        counts = iter((out["image_grid_thw"].prod(-1) // self.merge_size ** 2).tolist() if images else [])
+        expanded = []
+        for t in texts:
+            parts = t.split("<image>")
+            expanded.append(parts[0] + "".join(
+                " <|vision_start|>" + "<|image_pad|>" * next(counts) + "<|vision_end|> " + p for p in parts[1:]))
+        enc = self.tokenizer(expanded, return_tensors=return_tensors, padding=padding or len(texts) > 1)
+        out.update(enc)
+        out["mm_token_type_ids"] = (enc["input_ids"] == self.tokenizer.convert_tokens_to_ids("<|image_pad|>")).int()
+        return out
+
+
+def tiny_qwen2_vl(
+    attn: str = "sdpa",
+    seed: int = 0,
+    version: str = "2",
+    layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    ffn: int = 128,
+):
+    """A random ``Qwen2VLForConditionalGeneration`` (``version="2"``) or
+    ``Qwen2_5_VLForConditionalGeneration`` (``"2.5"``, windowed vision attention) and a
+    :class:`TinyQwenProcessor`.
+
+    Patches are 14 px, merged 2x2, so a 168x168 image is a 12x12 patch grid and 6x6 = 36 image
+    tokens; M-RoPE sections are (2, 3, 3) over head_dim 16.
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = tiny_qwen_tokenizer()
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]},
+        pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )
+    ids = dict(image_token_id=4, vision_start_token_id=5, vision_end_token_id=6, video_token_id=7, pad_token_id=0,
+               bos_token_id=2, eos_token_id=3)
+    if version == "2":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration as Model
+
+        vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=4, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    elif version == "2.5":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration as Model
+
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=hidden, num_heads=4,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                      fullatt_block_indexes=[1])
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    else:
+        raise ValueError(f"version {version!r} is not one of '2', '2.5'")
+    config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = Model(config).eval()
+    _fixed_length_generation(model)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 256, patch_size=14,
+                                               merge_size=2, temporal_patch_size=2)
+    return model, TinyQwenProcessor(tokenizer, image_processor)
+
+
+def tiny_qwen_inputs(processor, batch: int = 1, sizes: tuple[tuple[int, int], ...] = ((168, 168),)):
+    """Qwen2-VL inputs: sample ``i`` gets a noise image of ``sizes[i % len(sizes)]`` (w, h)."""
+    images = []
+    for i in range(batch):
+        w, h = sizes[i % len(sizes)]
+        rng = np.random.default_rng(i)
+        images.append(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+    texts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    return processor(images=images, text=texts if batch > 1 else texts[0], return_tensors="pt")
+
+
+def to_device(inputs, device):
+    """Processor outputs with every tensor moved to ``device``."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in dict(inputs).items()}

@@ -9,6 +9,16 @@ import torch
 
 from lmmsqueeze.testing import tiny_llava
 
+#: device parameter for model tests: the same tests run on CUDA when one is present
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                               reason="no CUDA device"))]
+
+@pytest.fixture(scope="session", params=DEVICES)
+def device(request):
+    """Each model test that takes it runs on the CPU, and again on CUDA when a GPU is present."""
+    return torch.device(request.param)
+
+
 @pytest.fixture(scope="session", params=["sdpa", "eager"])
 def tiny(request):
     """(model, processor) for each attention backend."""

@@ -195,10 +195,12 @@ def test_peak_tensor_memory_counts_live_bytes():
     assert mode.peak == 8000 and mode.live == 0
 
 
-def test_qwen2_vl_preset_geometry_and_refusal():
-    """Qwen2-VL-7B: 28 layers, d=3584 with 4 KV heads (d_kv=512), 576 merged image tokens, no [CLS]."""
+def test_qwen2_vl_preset_geometry_and_cls_note():
+    """Qwen2-VL-7B: 28 layers, d=3584 with 4 KV heads (d_kv=512), 576 merged image tokens; no [CLS],
+    so [CLS] reducers read the mean attention each token receives, and the plan says so."""
     plan = lmmsqueeze.compile("pool", "qwen2-vl-7b")
     assert plan.geometry.num_layers == 28 and plan.geometry.num_kv_heads * plan.geometry.head_dim == 512
-    assert plan.tokens_per_layer() == [144] * 28
-    with pytest.raises(lmmsqueeze.PipelineError, match="needs cls_attention, which qwen2-vl-7b cannot provide"):
-        lmmsqueeze.compile("fastervlm", "qwen2-vl-7b")
+    assert plan.tokens_per_layer() == [144] * 28 and plan.notes() == []
+    notes = lmmsqueeze.compile("fastervlm", "qwen2-vl-7b").to_dict()["notes"]
+    assert len(notes) == 1 and "no [CLS] token" in notes[0] and "mean attention" in notes[0]
+    assert lmmsqueeze.compile("fastervlm", "llava-1.5-7b").notes() == []

@@ -140,7 +140,9 @@ def vision_probe_macs(g: ModelGeometry, needs: frozenset[str]) -> int:
     if not t or not dv:
         return 0
     macs = 0
-    if "cls_attention" in needs:  # q of [CLS], k of every token, one row of Q K^T
+    if "cls_attention" in needs and g.cls_attention == "mean":  # q and k of every token, all of Q K^T
+        macs += 2 * t * dv * dv + t * t * dv
+    elif "cls_attention" in needs:  # q of [CLS], k of every token, one row of Q K^T
         macs += dv * dv + t * dv * dv + t * dv
     if "vision_keys" in needs:
         macs += t * dv * dv
@@ -178,7 +180,7 @@ def plan_cost(plan: Any, text_tokens: int = 64, convention: str = "exact", text_
                 macs += images * stage.reducer.cost_macs(stage.tokens_in, g.hidden_size, stage.grids_in)
                 overhead_at[stage.layer] = overhead_at.get(stage.layer, 0) + macs
             else:
-                dim = g.vision_hidden_size if stage.placement == "vision" else g.hidden_size
+                dim = g.vision_hidden_size * g.vision_merge if stage.placement == "vision" else g.hidden_size
                 pre_llm += images * stage.reducer.cost_macs(stage.tokens_in, dim, stage.grids_in)
 
     pv = plan.proxyv

@@ -32,6 +32,9 @@ class ModelGeometry:
     vision_hidden_size: int = 0  # width of the vision feature layer
     vision_tokens: int = 0  # tokens per crop in the vision tower, [CLS] included
     vision_crops: int = 1  # crops the vision tower encodes per image (LLaVA-NeXT: base + sub-crops)
+    vision_merge: int = 1  # vision-tower tokens per LLM image token (Qwen2-VL's 2x2 patch merger: 4)
+    cls_attention: str = "cls"  # what the cls_attention signal is: "cls" ([CLS] query) or "mean" (no [CLS]:
+    # the mean attention each token receives from every token of its image)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -70,16 +73,23 @@ def text_geometry(text_cfg: Any) -> dict[str, Any]:
     )
 
 
+SUPPORTED_MODELS = ("LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
+                    "Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration")
+
+#: the image the plan of a Qwen2-VL-family model assumes (the runtime uses every image's own grid):
+#: 24x24 merged tokens, a 672 px square at patch 14 with a 2x2 merger
+QWEN_REFERENCE_GRID = (24, 24)
+
+
 def geometry_from_config(config: Any, name: str = "") -> ModelGeometry:
-    """Geometry of a transformers multimodal config (LLaVA and LLaVA-NeXT families)."""
+    """Geometry of a transformers multimodal config (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL)."""
     model_type = getattr(config, "model_type", None)
     if model_type == "llava_next":
         return _llava_next_geometry(config, name)
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+        return _qwen_vl_geometry(config, name)
     if model_type != "llava":
-        raise ModelError(
-            f"model type {model_type!r} is not supported yet; lmmsqueeze runs LlavaForConditionalGeneration "
-            "and LlavaNextForConditionalGeneration models"
-        )
+        raise ModelError(f"model type {model_type!r} is not supported yet; lmmsqueeze runs {SUPPORTED_MODELS}")
     vision = config.vision_config
     side = int(vision.image_size) // int(vision.patch_size)
     strategy = getattr(config, "vision_feature_select_strategy", "default")
@@ -125,6 +135,29 @@ def _llava_next_geometry(config: Any, name: str) -> ModelGeometry:
         vision_hidden_size=int(vision.hidden_size),
         vision_tokens=side * side + (1 if has_cls else 0),
         vision_crops=5,
+        **text_geometry(config.get_text_config()),
+    )
+
+
+def _qwen_vl_geometry(config: Any, name: str) -> ModelGeometry:
+    """Qwen2-VL / Qwen2.5-VL: image tokens are the 2x2-merged patch grid of each image (its size comes
+    from ``image_grid_thw`` at run time; the plan assumes :data:`QWEN_REFERENCE_GRID`). The vision
+    tower has no [CLS] token: ``cls_attention`` is the mean attention each token receives in the
+    tower's last block."""
+    vision = config.vision_config
+    merge = int(vision.spatial_merge_size)
+    h, w = QWEN_REFERENCE_GRID
+    width = int(getattr(vision, "embed_dim", 0) or 0) if config.model_type == "qwen2_vl" else int(vision.hidden_size)
+    return ModelGeometry(
+        name=name or getattr(config, "_name_or_path", "") or config.model_type.replace("_", "-"),
+        family=config.model_type,
+        image_tokens=h * w,
+        grids=((h, w),),
+        signals=LLAVA_SIGNALS,
+        vision_hidden_size=width,
+        vision_tokens=h * w * merge * merge,
+        vision_merge=merge * merge,
+        cls_attention="mean",
         **text_geometry(config.get_text_config()),
     )
 
@@ -177,12 +210,13 @@ def _clip_l336_llava_next(name: str, decoder: str, vocab: int | None = None) -> 
 def _qwen2_vl(name: str) -> ModelGeometry:
     """Qwen2-VL-7B: the Qwen2-7B decoder behind a 1280-wide ViT (patch 14) whose 2x2 patch merger gives
     the LLM's image tokens; a 672 px square image is a 48x48 patch grid, 24x24 = 576 image tokens. The
-    tower has no [CLS] token, so [CLS]-attention reducers do not apply."""
+    tower has no [CLS] token: [CLS]-attention reducers read the mean attention each token receives."""
     layers, hidden, heads, kv, ffn, voc = _DECODERS["qwen2-7b"]
     return ModelGeometry(
         name=name, family="qwen2_vl", num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv,
         head_dim=hidden // heads, intermediate_size=ffn, vocab_size=voc, gated_ffn=True, image_tokens=576,
-        grids=((24, 24),), signals=LLAVA_SIGNALS - {"cls_attention"}, vision_hidden_size=1280, vision_tokens=2304,
+        grids=((24, 24),), signals=LLAVA_SIGNALS, vision_hidden_size=1280, vision_tokens=2304, vision_merge=4,
+        cls_attention="mean",
     )
 
 

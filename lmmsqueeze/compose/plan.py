@@ -90,6 +90,17 @@ class Plan:
         """The analytic prefill cost of this plan for one sample (see :mod:`lmmsqueeze.compose.flops`)."""
         return plan_cost(self, text_tokens=text_tokens, convention=convention, **kwargs)
 
+    def notes(self) -> list[str]:
+        """How this model provides what the stages read, where it differs from the reducer's paper."""
+        out = []
+        readers = [s.name for s in self.stages if "cls_attention" in s.reducer.needs]
+        if readers and self.geometry.cls_attention == "mean":
+            names = ", ".join(dict.fromkeys(readers))
+            out.append(f"{names}: {self.geometry.name or 'this model'} has no [CLS] token; cls_attention is the "
+                       "mean attention each image token receives from its image's tokens in the vision tower's "
+                       "last block (heads averaged, merged patches averaged)")
+        return out
+
     def to_dict(self, text_tokens: int = 64, convention: str = "exact") -> dict[str, Any]:
         per_layer = self.tokens_per_layer()
         cost = self.cost(text_tokens, convention)
@@ -112,6 +123,7 @@ class Plan:
                 }
                 for s in self.stages
             ],
+            "notes": self.notes(),
             "image_tokens_avg": sum(per_layer) / len(per_layer) if per_layer else 0.0,
             "text_tokens": text_tokens,
             "convention": convention,

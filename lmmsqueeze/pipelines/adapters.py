@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..compose.geometry import ModelGeometry, geometry_from_config
+from ..compose.geometry import SUPPORTED_MODELS, ModelGeometry, geometry_from_config
 from ..errors import ModelError
 from ..reducers.base import Grids
 from .hooks import HookSet
@@ -67,6 +67,8 @@ class ModelAdapter:
     """
 
     packs_features: ClassVar[bool] = False
+    #: positions are 3-D M-RoPE ids (temporal, height, width), Qwen2-VL style
+    mrope: ClassVar[bool] = False
 
     model: nn.Module
     base: nn.Module
@@ -98,6 +100,33 @@ class ModelAdapter:
     def count_image_tokens(self, inputs: Any) -> int:
         """Image tokens (for reducers and costs) in processor outputs: placeholders minus separators."""
         return int((inputs["input_ids"] == self.image_token_id).sum())
+
+    def vision_signals(self, attention: nn.Module, args: tuple, kwargs: dict, needs: set[str]) -> dict[str, Tensor]:
+        """Vision-side signals measured in a forward hook on ``vision_attention`` (a CLIP-style layer
+        whose first token is [CLS]): ``[crops, tokens, ...]`` per signal."""
+        from .probes import cls_query_attention
+
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        out = {}
+        if "cls_attention" in needs:
+            out["cls_attention"] = cls_query_attention(attention, hidden)
+        if "vision_keys" in needs:
+            out["vision_keys"] = attention.k_proj(hidden)
+        return out
+
+    # -- packing families: the projector's input rows and the per-image layouts index into them
+    def projector_rows(self, features: Tensor) -> Tensor:
+        """The projector input as ``[rows, tokens per row, width]``; a :class:`PackedImage`'s
+        ``crops`` rows belong to it and its ``source`` indexes their flattened tokens."""
+        return features
+
+    def signal_rows(self, value: Tensor) -> Tensor:
+        """A vision signal (as :meth:`vision_signals` measured it) laid out like :meth:`projector_rows`."""
+        return value if self.features_have_cls else value[:, 1:]
+
+    def project(self, hidden: Tensor) -> Tensor:
+        """Project reduced projector-input tokens (``[n, width]``) to LLM embeddings, bypassing hooks."""
+        return self.projector.forward(hidden)
 
 
 @dataclass
@@ -175,6 +204,133 @@ class LlavaNextAdapter(LlavaAdapter):
         return out
 
 
+@dataclass
+class QwenVLAdapter(ModelAdapter):
+    """``Qwen2VLForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration``.
+
+    The vision tower encodes every image of a call as one packed patch sequence; its 2x2 patch
+    merger (the projector here) turns each aligned 2x2 block of patches (a "unit") into one LLM
+    image token, and ``get_image_features`` splits the result per image (``image_grid_thw``). A
+    ``vision`` stage reduces the units before the merger (its tokens are the four patches' features
+    side by side); a ``projector`` stage reduces the merged tokens. Qwen2.5-VL runs its blocks on
+    units in window order and restores raster order after the merger; layouts undo that order.
+
+    Positions are 3-D M-RoPE ids: the runtime keeps every surviving token's original ids and passes
+    them explicitly (see :mod:`.runtime`). The tower has no [CLS]: ``cls_attention`` is the mean
+    attention each token receives in the last block (:func:`.probes.mean_received_attention`).
+    """
+
+    packs_features: ClassVar[bool] = True
+    mrope: ClassVar[bool] = True
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "QwenVLAdapter":
+        config = model.config
+        base = model.model
+        visual = base.visual
+        text = config.get_text_config()
+        pad = getattr(config, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(text, "pad_token_id", None)
+        return cls(
+            model=model, base=base, layers=base.language_model.layers, rotary=base.language_model.rotary_emb,
+            projector=visual.merger, vision_attention=visual.blocks[-1].attn, features_have_cls=False,
+            image_token_id=int(config.image_token_id), pad_token_id=int(pad) if pad is not None else 0,
+            geometry=geometry_from_config(config, name=getattr(config, "_name_or_path", "") or ""),
+        )
+
+    @property
+    def merge(self) -> int:
+        return int(self.model.config.vision_config.spatial_merge_size)
+
+    def image_features(self, base_kwargs: dict[str, Any]) -> Any:
+        grid = base_kwargs.get("image_grid_thw")
+        if grid is None:
+            raise ModelError("Qwen2-VL image inputs need image_grid_thw; build them with the model's processor")
+        return self.base.get_image_features(pixel_values=base_kwargs["pixel_values"], image_grid_thw=grid,
+                                            return_dict=True)
+
+    def hook_packed_features(self, hooks: HookSet,
+                             fn: Callable[[list[Tensor], list[PackedImage]], list[Tensor]]) -> None:
+        original = self.base.get_image_features
+
+        @functools.wraps(original)
+        def get_image_features(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            grid = kwargs.get("image_grid_thw", args[1] if len(args) > 1 else None)
+            if grid is None or getattr(out, "pooler_output", None) is None:
+                raise ModelError("Qwen2-VL image features must be computed with image_grid_thw and "
+                                 "return_dict=True while a pipeline is applied")
+            out.pooler_output = fn(list(out.pooler_output), self.layouts(grid))
+            return out
+
+        hooks.patch(self.base, "get_image_features", get_image_features)
+
+    def layouts(self, image_grid_thw: Tensor) -> list[PackedImage]:
+        """Each image's merged grid; ``source`` maps its raster-order tokens to the merger's rows."""
+        m = self.merge
+        grids = image_grid_thw.tolist()
+        order = self._raster_to_rows(image_grid_thw)
+        out, start = [], 0
+        for t, h, w in grids:
+            if t != 1:
+                raise ModelError(f"an image with image_grid_thw {[t, h, w]} has {t} frames; pipelines reduce "
+                                 "single-frame images (videos are not supported)")
+            n = (h // m) * (w // m)
+            source = order[start:start + n] - start
+            out.append(PackedImage(source, n, ((h // m, w // m),), torch.zeros(n, dtype=torch.long)))
+            start += n
+        return out
+
+    def _raster_to_rows(self, image_grid_thw: Tensor) -> Tensor:
+        """For every merged token in raster order (all images), its row in the merger's input."""
+        visual = self.base.visual
+        m = self.merge
+        total = int((image_grid_thw.prod(-1) // (m * m)).sum())
+        if not hasattr(visual, "window_size"):  # Qwen2-VL: no window reordering
+            return torch.arange(total)
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(image_grid_thw.cpu(), spatial_merge_size=m,
+                                                  window_size=visual.window_size, patch_size=visual.patch_size)
+        return torch.argsort(window_index.cpu())
+
+    def vision_signals(self, attention: nn.Module, args: tuple, kwargs: dict, needs: set[str]) -> dict[str, Tensor]:
+        from .probes import mean_received_attention, vision_keys_fused
+
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        unit = self.merge * self.merge
+        out = {}
+        if "cls_attention" in needs:
+            received = mean_received_attention(attention, hidden, kwargs["cu_seqlens"],
+                                               kwargs["position_embeddings"])
+            out["cls_attention"] = received.view(-1, unit).mean(1)
+        if "vision_keys" in needs:
+            keys = vision_keys_fused(attention, hidden)
+            out["vision_keys"] = keys.view(-1, unit, keys.shape[-1]).mean(1)
+        return out
+
+    def projector_rows(self, features: Tensor) -> Tensor:
+        unit = self.merge * self.merge
+        return features.reshape(-1, 1, unit * features.shape[-1])
+
+    def signal_rows(self, value: Tensor) -> Tensor:
+        return value.unsqueeze(1)
+
+    def project(self, hidden: Tensor) -> Tensor:
+        unit = self.merge * self.merge
+        return self.projector.forward(hidden.reshape(-1, hidden.shape[-1] // unit))
+
+    def rope_index(self, input_ids: Tensor, mm_token_type_ids: Tensor | None, image_grid_thw: Tensor | None,
+                   attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The model's own 3-D positions ``[3, B, L]`` and rope deltas ``[B, 1]`` of a prompt."""
+        if mm_token_type_ids is None or image_grid_thw is None:
+            raise ModelError("a Qwen2-VL prompt with images needs mm_token_type_ids and image_grid_thw (or "
+                             "explicit position_ids); build it with the model's processor")
+        return self.base.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids,
+                                        image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+
+
 def _llava_parts(model: nn.Module) -> dict[str, Any]:
     """What LLaVA and LLaVA-NeXT share: module paths, the [CLS] attention layer, ids, geometry."""
     config = model.config
@@ -212,10 +368,10 @@ def _llava_parts(model: nn.Module) -> dict[str, Any]:
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter of a loaded model; a :class:`ModelError` names what is supported."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    family = {"llava": LlavaAdapter, "llava_next": LlavaNextAdapter}.get(model_type)
+    family = {"llava": LlavaAdapter, "llava_next": LlavaNextAdapter, "qwen2_vl": QwenVLAdapter,
+              "qwen2_5_vl": QwenVLAdapter}.get(model_type)
     if family is not None and hasattr(model, "model") and hasattr(model.model, "language_model"):
         return family.from_model(model)
     raise ModelError(
-        f"{type(model).__name__} (model_type={model_type!r}) is not supported; lmmsqueeze runs "
-        "transformers.LlavaForConditionalGeneration and LlavaNextForConditionalGeneration models"
+        f"{type(model).__name__} (model_type={model_type!r}) is not supported; lmmsqueeze runs {SUPPORTED_MODELS}"
     )

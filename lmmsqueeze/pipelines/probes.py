@@ -84,3 +84,44 @@ def cls_query_attention(attn: nn.Module, hidden_states: Tensor) -> Tensor:
     k = attn.k_proj(hidden_states).view(b, t, -1, hd).transpose(1, 2)
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def mean_received_attention(attn: nn.Module, hidden_states: Tensor, cu_seqlens: Tensor,
+                            position_embeddings: tuple[Tensor, Tensor], chunk: int = 1024) -> Tensor:
+    """For a vision tower without [CLS] (Qwen2-VL's): the attention each token receives, averaged over
+    heads and over every query of its own segment (an image, as ``cu_seqlens`` delimits them).
+
+    Recomputed from the block's fused ``qkv`` projection and its 2-D RoPE, ``chunk`` queries at a
+    time, so no full attention matrix is ever held.
+
+    Args:
+        attn: the block's attention (``qkv``, ``num_heads``, ``head_dim``, ``scaling``).
+        hidden_states: ``[S, C]`` the (normed) input of the attention module, all images packed.
+        cu_seqlens: ``[segments + 1]`` segment boundaries.
+        position_embeddings: vision RoPE ``(cos, sin)``, each ``[S, head_dim]``.
+
+    Returns:
+        ``[S]`` float32; each segment's values sum to 1.
+    """
+    s, c = hidden_states.shape
+    qk = torch.nn.functional.linear(hidden_states, attn.qkv.weight[:2 * c], attn.qkv.bias[:2 * c])
+    q, k = qk.reshape(s, 2, attn.num_heads, -1).unbind(1)  # [S, H, hd]
+    cos, sin = (t.float()[:, None, :] for t in position_embeddings)
+    q = (q.float() * cos + rotate_half(q.float()) * sin).transpose(0, 1)  # [H, S, hd]
+    k = (k.float() * cos + rotate_half(k.float()) * sin).transpose(0, 1)
+    out = torch.zeros(s, dtype=torch.float32, device=hidden_states.device)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        keys = k[:, a:b]
+        for start in range(a, b, chunk):
+            stop = min(start + chunk, b)
+            weights = (q[:, start:stop] @ keys.transpose(1, 2) * attn.scaling).softmax(-1)  # [H, q, n]
+            out[a:b] += weights.sum(dim=(0, 1))
+        out[a:b] /= attn.num_heads * (b - a)
+    return out
+
+
+def vision_keys_fused(attn: nn.Module, hidden_states: Tensor) -> Tensor:
+    """``[S, C]`` the keys (before RoPE, heads concatenated) of a fused-``qkv`` vision attention."""
+    c = hidden_states.shape[-1]
+    return torch.nn.functional.linear(hidden_states, attn.qkv.weight[c:2 * c], attn.qkv.bias[c:2 * c])

@@ -35,7 +35,7 @@ from ..errors import ModelError
 from ..reducers.base import LLM_SIGNALS, VISION_SIGNALS, Signals, TokenState
 from .adapters import ModelAdapter, adapter_for
 from .hooks import HookSet
-from .probes import cls_query_attention, last_query_attention, rows_attention
+from .probes import last_query_attention, rows_attention
 
 
 @dataclass
@@ -97,6 +97,7 @@ class _Prefill:
     samples: list[_Sample]
     segments: list[_Segment] = field(default_factory=list)
     llm_signals: dict[int, dict[str, Any]] = field(default_factory=dict)  # stage layer K -> probes at K-1
+    mrope: Tensor | None = None  # [3, B, length] M-RoPE ids of the prefill columns (Qwen2-VL families)
     decoding: bool = False
 
     def segment_for(self, layer: int) -> _Segment | None:
@@ -205,12 +206,7 @@ class PipelineRun:
 
     # ------------------------------------------------------------------ vision side
     def _vision_probe(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        self._vision = {}
-        if "cls_attention" in self._vision_needs:
-            self._vision["cls_attention"] = cls_query_attention(module, hidden)
-        if "vision_keys" in self._vision_needs:
-            self._vision["vision_keys"] = module.k_proj(hidden)
+        self._vision = self.adapter.vision_signals(module, args, kwargs, self._vision_needs)
 
     def _vision_for_features(self, i: int) -> dict[str, Tensor]:
         start = 0 if self.adapter.features_have_cls else 1
@@ -243,30 +239,29 @@ class PipelineRun:
         """Pre-LLM stages on packed images (LLaVA-NeXT): each image is one state whose crops are the
         layout's grids; separators (newlines) are taken out before the stages and put back after
         them, each after the surviving tokens that preceded it."""
-        crops_in = self._crop_inputs
+        a = self.adapter
+        rows_in = None if self._crop_inputs is None else a.projector_rows(self._crop_inputs)
         total = sum(lay.crops for lay in layouts)
-        if crops_in is None or crops_in.shape[0] != total:
-            raise ModelError(f"the projector saw {0 if crops_in is None else crops_in.shape[0]} crops, but the "
+        if rows_in is None or rows_in.shape[0] != total:
+            raise ModelError(f"the projector saw {0 if rows_in is None else rows_in.shape[0]} crops, but the "
                              f"images' sizes give {total}; compute image features inside the `apply` block")
         vision_stages = [s for s in self._pre_llm if s.placement == "vision"]
-        drop_cls = 0 if self.adapter.features_have_cls else 1
+        signals = {name: a.signal_rows(value) for name, value in self._vision.items()}
         self._images, start = [], 0
         for run, lay in zip(packed, layouts):
             device = run.device
             sep = lay.separators.to(device)
             src = lay.source.to(device)[~sep]
-            vision = {name: value[start:start + lay.crops, drop_cls:].flatten(0, 1)[src]
-                      for name, value in self._vision.items()}
-            hidden = crops_in[start:start + lay.crops].flatten(0, 1)[src] if vision_stages else run[~sep]
+            vision = {name: value[start:start + lay.crops].flatten(0, 1)[src] for name, value in signals.items()}
+            hidden = rows_in[start:start + lay.crops].flatten(0, 1)[src] if vision_stages else run[~sep]
             state = TokenState.initial(hidden, lay.grids, lay.crop_ids.to(device))
             rec = _ImageRecord(state, vision, crops=len(lay.grids), separators=sep, separator_values=run[sep])
             self._images.append(rec)
             start += lay.crops
         if vision_stages:
             self._run_image_stages(vision_stages)
-            project = self.adapter.projector.forward  # per token; bypasses this run's own projector hook
-            for rec in self._images:
-                rec.state = rec.state.with_hidden(project(rec.state.hidden))
+            for rec in self._images:  # per token; bypasses this run's own projector hook
+                rec.state = rec.state.with_hidden(a.project(rec.state.hidden))
         stages = [s for s in self._pre_llm if s.placement == "projector"]
         if stages:
             self._run_image_stages(stages)
@@ -373,6 +368,7 @@ class PipelineRun:
         padding = real.gather(1, safe) & present
         removed = real.sum(1) - padding.sum(1)
         new_mask = None
+        mrope = self._prompt_mrope(kwargs, ids, mask2d) if a.mrope else None
         if rewritten:
             if ids is not None:
                 kwargs["input_ids"] = ids.gather(1, safe).masked_fill(~present, a.pad_token_id)
@@ -381,7 +377,9 @@ class PipelineRun:
             new_mask = padding.long()
             if mask2d is not None or not bool(padding.all()):
                 kwargs["attention_mask"] = new_mask.to(mask2d.dtype if mask2d is not None else torch.long)
-            if kwargs.get("position_ids") is not None:
+            if mrope is not None:
+                mrope = self._rewrite_mrope(kwargs, mrope, safe, present, padding)
+            elif kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = (new_mask.cumsum(-1) - 1).clamp(min=0)
             is_image = is_image.gather(1, safe) & present
         samples = self._samples(is_image, per_sample, images)
@@ -403,9 +401,40 @@ class PipelineRun:
         self._prefill = _Prefill(
             batch=batch, length=new_len, padding=padding, source_columns=source.masked_fill(~present, -1),
             rewritten=rewritten, new_mask=new_mask, input_length=length, removed=removed, samples=samples,
+            mrope=mrope,
         )
         self.image_tokens_per_layer = [int(samples[0].slots.numel())] * len(a.layers) if samples else []
         return kwargs
+
+    def _prompt_mrope(self, kwargs: dict, ids: Tensor | None, mask2d: Tensor | None) -> Tensor:
+        """``[3, B, L]`` the M-RoPE ids of the prompt as the caller built it: from ``position_ids``
+        (``generate`` passes a text row plus the three M-RoPE rows) or computed the model's way."""
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            if pos.dim() == 3:
+                return pos[-3:]
+            return pos[None].expand(3, -1, -1)
+        if ids is None:
+            raise ModelError("a Qwen2-VL prompt given as inputs_embeds needs explicit position_ids while a "
+                             "pipeline is applied; pass input_ids instead")
+        positions, _ = self.adapter.rope_index(ids, kwargs.get("mm_token_type_ids"), kwargs.get("image_grid_thw"),
+                                               mask2d)
+        return positions
+
+    def _rewrite_mrope(self, kwargs: dict, mrope: Tensor, safe: Tensor, present: Tensor, padding: Tensor) -> Tensor:
+        """After a placeholder rewrite: every kept token keeps its original M-RoPE ids (text after the
+        image too, so decode positions continue from the original prompt's); the text row, which
+        only orders the sequence, is renumbered; ``mm_token_type_ids`` shrinks with the prompt and
+        the model's ``rope_deltas`` match the shorter cache."""
+        new = mrope.gather(2, safe[None].expand(3, -1, -1)).masked_fill(~present[None], 0)
+        text_row = (padding.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs["position_ids"] = torch.cat([text_row[None].to(new.dtype), new])
+        types = kwargs.get("mm_token_type_ids")
+        if types is not None:
+            kwargs["mm_token_type_ids"] = types.gather(1, safe).masked_fill(~present, 0)
+        last = new.masked_fill(~padding[None], -1).amax(dim=(0, 2))
+        self.adapter.base.rope_deltas = (last + 1 - padding.sum(1))[:, None]
+        return new
 
     def _samples(self, is_image: Tensor, per_sample: list[list[int]], images: list[_ImageRecord]) -> list[_Sample]:
         out = []
@@ -459,7 +488,12 @@ class PipelineRun:
             kwargs = {**kwargs, "attention_mask": torch.cat([p.new_mask, tail], dim=1)}
         pos = kwargs.get("position_ids")
         if pos is not None:
-            kwargs = {**kwargs, "position_ids": pos - p.removed.to(pos.device)[:, None]}
+            shift = p.removed.to(pos.device)[:, None]
+            if pos.dim() == 2:
+                pos = pos - shift
+            elif pos.shape[0] == 4:  # text row + M-RoPE rows: the M-RoPE rows already continue the originals
+                pos = torch.cat([pos[:1] - shift, pos[1:]])
+            kwargs = {**kwargs, "position_ids": pos}
         return kwargs
 
     # ------------------------------------------------------------------ decoder side
@@ -607,15 +641,20 @@ class PipelineRun:
         pos = kwargs.get("position_ids")
         positions = (torch.arange(length, device=hidden.device)[None] if pos is None else pos).expand(batch, -1)
         padding = p.current_padding(self.plan.proxyv.layer)
+        mrope = p.mrope
+        seg = p.segment_for(self.plan.proxyv.layer)
+        if mrope is not None and seg is not None:
+            mrope = mrope.gather(2, seg.keep[None].expand(3, -1, -1))
         first = p.samples[0]
         if all(s.slots.numel() == first.slots.numel() and s.meta.grids == first.meta.grids for s in p.samples):
             image = torch.stack([s.slots for s in p.samples])
-            return self._proxyv_state_for(hidden, image, positions, padding, first.meta)
-        return [self._proxyv_state_for(hidden[b:b + 1], s.slots[None], positions[b:b + 1], padding[b:b + 1], s.meta)
+            return self._proxyv_state_for(hidden, image, positions, padding, first.meta, mrope)
+        return [self._proxyv_state_for(hidden[b:b + 1], s.slots[None], positions[b:b + 1], padding[b:b + 1], s.meta,
+                                       None if mrope is None else mrope[:, b:b + 1])
                 for b, s in enumerate(p.samples)]
 
     def _proxyv_state_for(self, hidden: Tensor, image: Tensor, positions: Tensor, padding: Tensor,
-                          meta: TokenState) -> Any:
+                          meta: TokenState, mrope: Tensor | None = None) -> Any:
         from ..proxyv.layer import ProxyVState, make_proxies
 
         batch, length, _ = hidden.shape
@@ -626,7 +665,11 @@ class PipelineRun:
                                               meta.crop_ids)
         start = positions.gather(1, image).min(dim=1, keepdim=True).values
         proxy_positions = start + torch.arange(proxies.shape[1], device=hidden.device)[None]
-        rope = self.adapter.rotary(proxies, proxy_positions)
+        if mrope is None:
+            rope = self.adapter.rotary(proxies, proxy_positions)
+        else:
+            image_mrope = mrope.gather(2, image[None].expand(3, -1, -1))
+            rope = self.adapter.rotary(proxies, _proxy_mrope(self.plan.proxyv.reducer, meta, image_mrope))
         return ProxyVState(image, others, positions, padding, proxies, proxy_positions, rope, assign, splat)
 
     def _slice_prefill_kwargs(self, seg: _Segment, kwargs: dict) -> None:
@@ -640,6 +683,29 @@ class PipelineRun:
         pos = kwargs.get("position_ids")
         seg.position_ids = None if pos is None else pos.expand(keep.shape[0], -1).gather(1, keep)
         seg.mask = _mask_filler(_slice_square_mask(kwargs.get("attention_mask"), keep), seg.alive, square=True)
+
+
+def _proxy_mrope(stage: Any, meta: TokenState, image_mrope: Tensor) -> Tensor:
+    """``[3, B, P]`` M-RoPE ids of the proxies, in :func:`~lmmsqueeze.proxyv.layer.make_proxies` order.
+
+    Like the paper's proxies, which take consecutive positions from the image's start, each group's
+    proxies start at its image's first id ``s``: a spatial proxy grid is laid out as Qwen2-VL lays out
+    an image (``(s, s + row, s + column)``), non-spatial proxies take ``s, s + 1, ...`` on all axes.
+    """
+    device = image_mrope.device
+    starts = image_mrope[0]  # [B, n] temporal ids: an image's start on every one of its tokens
+    parts = []
+    if stage.variant == "spatial":
+        for g, (oh, ow) in enumerate(stage.proxy_grids(meta.grids)):
+            s = starts[:, meta.crop_ids == g].min(dim=1, keepdim=True).values  # [B, 1]
+            rows = torch.arange(oh, device=device).repeat_interleave(ow)
+            cols = torch.arange(ow, device=device).repeat(oh)
+            parts.append(torch.stack([s.expand(-1, oh * ow), s + rows, s + cols]))
+    else:
+        for g in torch.unique(meta.crop_ids):
+            s = starts[:, meta.crop_ids == g].min(dim=1, keepdim=True).values
+            parts.append((s + torch.arange(stage.proxies, device=device))[None].expand(3, -1, -1))
+    return torch.cat(parts, dim=2)
 
 
 def _signals(stage: PlannedStage, state: TokenState, vision: dict[str, Tensor],

@@ -146,19 +146,22 @@ def _proxyv_sample(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Te
 
 
 def proxyv_mask(st: ProxyVState, q_rows: Tensor, n_seq: int) -> Tensor:
-    """``[B, nq, N+P]`` True where a query may attend: causal by position over real tokens, no
-    proxy -> image, no text -> proxy (every query sees itself)."""
+    """``[B, nq, N+P]`` True where a query may attend: causal by position over real tokens; proxies
+    see the proxies and the tokens before the image only (never image tokens, nor text or newline
+    tokens inside or after the image, whatever the number of proxies); text never sees proxies
+    (every query sees itself)."""
     b, p = st.proxies.shape[:2]
     device = q_rows.device
     key_pos = torch.cat([st.positions, st.proxy_positions], 1)
     query_pos = key_pos.gather(1, q_rows)
     key_real = torch.cat([st.padding, torch.ones(b, p, dtype=torch.bool, device=device)], 1)
-    key_image = torch.zeros(b, n_seq + p, dtype=torch.bool, device=device).scatter(1, st.image, True)
-    key_proxy = (torch.arange(n_seq + p, device=device) >= n_seq)[None, None, :]
+    start = st.positions.gather(1, st.image).min(dim=1, keepdim=True).values
+    key_proxy = (torch.arange(n_seq + p, device=device) >= n_seq)[None, :].expand(b, -1)
+    before_image = torch.cat([st.positions < start, torch.zeros(b, p, dtype=torch.bool, device=device)], 1)
     query_proxy = (torch.arange(q_rows.shape[1], device=device) < p)[None, :, None]
     allowed = (key_pos[:, None, :] <= query_pos[:, :, None]) & key_real[:, None, :]
-    allowed &= ~(query_proxy & key_image[:, None, :])
-    allowed &= ~(~query_proxy & key_proxy)
+    allowed &= ~(query_proxy & ~(key_proxy | before_image)[:, None, :])
+    allowed &= ~(~query_proxy & key_proxy[:, None, :])
     return allowed | (torch.arange(n_seq + p, device=device)[None, None, :] == q_rows[:, :, None])
 
 

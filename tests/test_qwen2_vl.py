@@ -1,0 +1,351 @@
+"""Qwen2-VL and Qwen2.5-VL (merged patch grid, 3-D M-RoPE) on tiny random models: identity, the
+M-RoPE ids and rope deltas after a rewrite, cache consistency, every reducer, [CLS]-free signals,
+ProxyV on the merged grid, multi-image prompts, mixed batches and costs against the counter."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+import lmmsqueeze
+from lmmsqueeze.pipelines import adapter_for, count_hooks
+from lmmsqueeze.reducers import get_reducer, list_reducers
+from lmmsqueeze.testing import PROMPTS, TINY_STAGE_PARAMS, tiny_qwen2_vl, tiny_qwen_inputs, to_device
+
+pytestmark = pytest.mark.usefixtures("no_grad")
+
+#: 168x168: a 12x12 patch grid, 6x6 = 36 image tokens; 112x168 (w x h): 12x8 patches, 6x4 = 24 tokens
+SQUARE = ((168, 168),)
+WIDE = ((112, 168),)
+VERSIONS = ["2", "2.5"]
+
+
+@pytest.fixture(scope="module", params=VERSIONS)
+def qwen(request, device):
+    model, processor = tiny_qwen2_vl(version=request.param)
+    return model.to(device), processor
+
+
+@pytest.fixture(scope="module", params=VERSIONS)
+def qwen_eager(request):
+    return tiny_qwen2_vl(attn="eager", version=request.param)
+
+
+def _inputs(qwen, batch=1, sizes=SQUARE):
+    model, processor = qwen
+    return to_device(tiny_qwen_inputs(processor, batch, sizes), model.device)
+
+
+def _grow(inputs, ids):
+    """The prompt plus generated tokens, as a no-cache forward takes it."""
+    extra = ids.shape[1] - inputs["input_ids"].shape[1]
+    ones = torch.ones(ids.shape[0], extra, dtype=inputs["attention_mask"].dtype, device=ids.device)
+    zeros = torch.zeros(ids.shape[0], extra, dtype=inputs["mm_token_type_ids"].dtype, device=ids.device)
+    return {**inputs, "input_ids": ids, "attention_mask": torch.cat([inputs["attention_mask"], ones], 1),
+            "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], zeros], 1)}
+
+
+def test_adapter_geometry_and_layouts(qwen):
+    model, _ = qwen
+    adapter = adapter_for(model)
+    g = adapter.geometry
+    assert type(adapter).__name__ == "QwenVLAdapter" and adapter.packs_features and adapter.mrope
+    assert g.family == model.config.model_type and g.cls_attention == "mean" and g.vision_merge == 4
+    assert "cls_attention" in g.signals and g.image_tokens == 576 and g.grids == ((24, 24),)
+    inputs = _inputs(qwen, 2, SQUARE + WIDE)
+    layouts = adapter.layouts(inputs["image_grid_thw"])
+    assert [lay.grids for lay in layouts] == [((6, 6),), ((6, 4),)]
+    # the model's own output, against the merger applied to the layout's rows of the last block's output
+    visual = model.model.visual
+    out = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    rows = adapter.projector_rows(out.last_hidden_state)
+    packed = model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                            image_grid_thw=inputs["image_grid_thw"], return_dict=True).pooler_output
+    start = 0
+    for run, lay in zip(packed, layouts):
+        mine = rows[start:start + lay.crops].flatten(0, 1)[lay.source.to(rows.device)]
+        assert torch.allclose(adapter.project(mine), run, atol=1e-5)
+        start += lay.crops
+    if model.config.model_type == "qwen2_5_vl":  # windows reorder the 6x6 grid: not the identity
+        assert layouts[0].source.tolist() != list(range(36))
+
+
+@pytest.mark.parametrize("pipeline", ["", "none", "random(keep=1.0)", "random(keep=1.0, layer=1)",
+                                      "tome(keep=1.0)", "proxyv(layer=4)"])
+@pytest.mark.parametrize("sizes, batch", [(SQUARE, 1), (SQUARE + WIDE, 2)])
+def test_identity_pipelines_are_bit_identical(qwen, pipeline, sizes, batch):
+    model, _ = qwen
+    inputs = _inputs(qwen, batch, sizes)
+    reference = model(**inputs).logits
+    before = count_hooks(model)
+    with lmmsqueeze.apply(model, pipeline):
+        logits = model(**inputs).logits
+    assert torch.equal(logits, reference)
+    assert count_hooks(model) == before and "get_image_features" not in vars(model.model)
+
+
+@pytest.mark.parametrize("pipeline", ["pool", "random(keep=20, seed=2)", "visionzip(dominant=10, contextual=4)"])
+def test_projector_reduction_keeps_every_tokens_original_mrope_ids(qwen, pipeline):
+    """The prompt shrinks; each kept column (text, and every surviving image token) enters the decoder
+    with the M-RoPE ids the model gives it in the full prompt; rope deltas match the shorter prompt."""
+    model, _ = qwen
+    inputs = _inputs(qwen, 2, SQUARE + WIDE)
+    full, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                         image_grid_thw=inputs["image_grid_thw"],
+                                         attention_mask=inputs["attention_mask"])
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["position_ids"]), with_kwargs=True)
+    try:
+        with lmmsqueeze.apply(model, pipeline) as run:
+            model(**inputs)
+    finally:
+        hook.remove()
+    pos = seen[0]
+    assert pos.shape[0] == 4
+    columns = run.output_positions
+    real = columns >= 0
+    for b in range(2):
+        assert torch.equal(pos[1:, b][:, real[b]], full[:, b, columns[b][real[b]]])
+        # deltas as get_rope_index defines them, over the shorter prompt's real tokens
+        tokens = real[b] & (inputs["attention_mask"][b][columns[b].clamp(min=0)] == 1)
+        removed = int(inputs["mm_token_type_ids"][b].sum()) - run.trace[0][b].numel()
+        assert int(tokens.sum()) == int(inputs["attention_mask"][b].sum()) - removed
+        assert int(model.model.rope_deltas[b]) == int(pos[1:, b][:, tokens].max()) + 1 - int(tokens.sum())
+    assert pos.shape[-1] < inputs["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("pipeline", ["pool", "visionzip(dominant=10, contextual=4)", "pool | random(layer=2, keep=4)"])
+@pytest.mark.parametrize("sizes, batch", [(SQUARE, 1), (SQUARE + WIDE, 2)])
+def test_projector_reduction_generate_equals_no_cache_forward_loop(qwen, pipeline, sizes, batch):
+    """Cached generate (M-RoPE ids from generate's prefill positions) equals recomputing the whole
+    prompt with the pipeline at every step, positions computed by the model from scratch."""
+    model, _ = qwen
+    inputs = _inputs(qwen, batch, sizes)
+    steps = 4
+    with lmmsqueeze.apply(model, pipeline):
+        generated = model.generate(**inputs, max_new_tokens=steps, do_sample=False)
+        ids = inputs["input_ids"]
+        for _ in range(steps):
+            logits = model(**_grow(inputs, ids), use_cache=False).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generated, ids)
+
+
+def test_manual_decode_without_position_ids_uses_consistent_rope_deltas(qwen):
+    """A decode loop that passes no position ids gets them from the model's rope deltas, which the
+    rewrite keeps consistent with the shorter cache: the same logits as generate. (Steps pass no
+    attention mask: with one, transformers 5.24 builds full-length ids and fails even without lmmsqueeze.)"""
+    model, _ = qwen
+    inputs = _inputs(qwen, 1, SQUARE)
+    steps = 3
+    with lmmsqueeze.apply(model, "pool"):
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        step = model(**inputs, use_cache=True)
+        cache = step.cache
+        for i in range(steps):
+            assert (step.logits[:, -1] - out.logits[i]).abs().max() < 1e-4
+            nxt = step.logits[:, -1].argmax(-1, keepdim=True)
+            step = model(input_ids=nxt, cache=cache, use_cache=True)
+            cache = step.cache
+
+
+def _positions(mask):
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+@pytest.mark.parametrize("pipeline", ["random(layer=2, keep=0.5, seed=3)", "divprune(layer=1, keep=10)",
+                                      "proxyv(layer=2, factor=2)", "proxyv(layer=1, variant=nonspatial, proxies=4)",
+                                      "pool | proxyv(layer=2, variant=nonspatial, proxies=3)"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cached_generate_matches_no_cache_forward(qwen, pipeline, batch):
+    model, _ = qwen
+    inputs = _inputs(qwen, batch, SQUARE)
+    steps = 3
+    prompt = inputs["input_ids"].shape[1]
+    with lmmsqueeze.apply(model, pipeline) as run:
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        logits = model(**_grow(inputs, out.sequences), use_cache=False).logits
+        rows = run.output_positions
+    if pipeline.startswith("random"):
+        full = prompt + steps - 1
+        assert [out.cache.layers[i].keys.shape[-2] for i in range(4)] == [full] * 2 + [full - 18] * 2
+    for step in range(steps):
+        for b in range(batch):
+            row = int(torch.nonzero(rows[b] == prompt + step - 1))
+            assert (logits[b, row] - out.logits[step][b]).abs().max() < 1e-4
+
+
+def _default_pipeline(name: str) -> str:
+    params = TINY_STAGE_PARAMS.get(name, "")
+    if get_reducer(name).placements == ("llm",) and "layer=" not in params:
+        params = ", ".join(p for p in (params, "layer=2") if p)
+    return f"{name}({params})" if params else name
+
+
+@pytest.mark.parametrize("name", list_reducers())
+def test_every_reducer_runs_end_to_end(qwen, name):
+    model, _ = qwen
+    inputs = _inputs(qwen, 2, SQUARE)
+    plan = lmmsqueeze.compile(_default_pipeline(name), model)  # nothing is refused on Qwen2-VL
+    with lmmsqueeze.apply(model, plan) as run:
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape == (2, inputs["input_ids"].shape[1] + 2)
+    for stage_trace in run.trace:
+        for b in range(2):
+            assert stage_trace[b].numel() == 0 or int(stage_trace[b].max()) < 36
+    assert run.image_tokens_per_layer[-1] == run.trace[-1][0].numel()
+
+
+def _reference_received_attention(model, inputs):
+    """Mean attention each merged token receives in the last vision block: the full attention matrix
+    per image, written out with the model's own RoPE function."""
+    attn = model.model.visual.blocks[-1].attn
+    captured = {}
+    handle = attn.register_forward_pre_hook(
+        lambda m, a, kw: captured.update(kw, hidden_states=kw.get("hidden_states", a[0] if a else None)),
+        with_kwargs=True)
+    try:
+        model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    finally:
+        handle.remove()
+    module = __import__(type(attn).__module__, fromlist=["apply_rotary_pos_emb_vision"])
+    hidden = captured["hidden_states"]
+    s = hidden.shape[0]
+    q, k, _ = attn.qkv(hidden).reshape(s, 3, attn.num_heads, -1).unbind(1)
+    cos, sin = captured["position_embeddings"]
+    q, k = module.apply_rotary_pos_emb_vision(q, k, cos, sin)
+    bounds = captured["cu_seqlens"].tolist()
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        weights = torch.softmax(torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * attn.scaling, dim=-1)
+        out.append(weights.mean(dim=(0, 1)))
+    return torch.cat(out).view(-1, 4).mean(1)
+
+
+def test_cls_reducers_read_the_mean_received_attention(qwen):
+    model, _ = qwen
+    inputs = _inputs(qwen, 1, SQUARE)
+    adapter = adapter_for(model)
+    received = _reference_received_attention(model, inputs)
+    raster = received[adapter.layouts(inputs["image_grid_thw"])[0].source.to(received.device)]
+    with lmmsqueeze.apply(model, "fastervlm(keep=9)") as run:
+        model(**inputs)
+    assert run.trace[0][0].tolist() == sorted(torch.topk(raster, 9).indices.tolist())
+    plan = lmmsqueeze.compile("fastervlm(keep=9)", model)
+    assert "mean attention each image token receives" in plan.notes()[0]
+
+
+def test_spatial_proxies_sit_on_the_merged_grid(qwen):
+    """factor=2 on a 6x6 grid: 3x3 proxies whose M-RoPE ids are (s, s + row, s + column) from the
+    image's first id s, as Qwen2-VL lays out an image."""
+    model, _ = qwen
+    inputs = _inputs(qwen, 1, SQUARE)
+    full, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                         image_grid_thw=inputs["image_grid_thw"])
+    first = int(torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id)[0])
+    s = int(full[0, 0, first])
+    with lmmsqueeze.apply(model, "proxyv(layer=2, factor=2)") as run:
+        model(**inputs)
+    state = run._proxyv_state
+    assert state.proxies.shape[1] == 9
+    ids = torch.tensor([[s] * 9, [s + r for r in range(3) for _ in range(3)],
+                        [s + c for _ in range(3) for c in range(3)]], device=model.device)[:, None]
+    cos, sin = model.model.language_model.rotary_emb(state.proxies, ids)
+    assert torch.allclose(state.proxy_rope[0], cos) and torch.allclose(state.proxy_rope[1], sin)
+
+
+def test_multi_image_prompt(qwen):
+    model, processor = qwen
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8))
+              for i, (w, h) in enumerate(SQUARE + WIDE)]
+    inputs = to_device(processor(images=images, text="USER: <image> <image>\ndescribe ASSISTANT:"), model.device)
+    assert int(inputs["mm_token_type_ids"].sum()) == 36 + 24
+    reference = model(**inputs).logits
+    with lmmsqueeze.apply(model, "random(keep=1.0)"):
+        assert torch.equal(model(**inputs).logits, reference)
+    for pipeline, image_tokens in [("pool", 9 + 6), ("random(layer=2, keep=0.5)", 30),
+                                   ("proxyv(layer=2, factor=2)", 60), ("pool | proxyv(layer=2, variant=nonspatial)", 15)]:
+        with lmmsqueeze.apply(model, pipeline) as run:
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                                 output_logits=True)
+            logits = model(**_grow(inputs, out.sequences), use_cache=False).logits
+            rows = run.output_positions
+        assert run.image_tokens_per_layer[-1] == image_tokens
+        prompt = inputs["input_ids"].shape[1]
+        for step in range(3):
+            row = int(torch.nonzero(rows[0] == prompt + step - 1))
+            assert (logits[0, row] - out.logits[step][0]).abs().max() < 1e-4, pipeline
+        if pipeline == "pool":  # one group per image, both merged grids
+            assert run._prefill.samples[0].meta.grids == ((3, 3), (3, 2))
+
+
+def test_batch_with_different_image_token_counts(qwen):
+    """A 36-token and a 24-token sample: every kind of stage gives each sample what it gets alone."""
+    model, processor = qwen
+    inputs = _inputs(qwen, 2, SQUARE + WIDE)
+    for pipeline in ["pool", "fastv(layer=2, keep=0.5)", "proxyv(layer=2, factor=2)",
+                     "fastv(layer=1, keep=0.5) | proxyv(layer=2, variant=nonspatial, proxies=3)"]:
+        with lmmsqueeze.apply(model, pipeline) as run:
+            batched = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                                     output_logits=True)
+        if pipeline.startswith("fastv(layer=2"):
+            assert [t.numel() for t in run.trace[0]] == [18, 12]
+        for b, (w, h) in enumerate(SQUARE + WIDE):
+            image = Image.fromarray(np.random.default_rng(b).integers(0, 256, (h, w, 3), dtype=np.uint8))
+            alone = to_device(processor(images=image, text=PROMPTS[b]), model.device)
+            with lmmsqueeze.apply(model, pipeline):
+                single = model.generate(**alone, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                                        output_logits=True)
+            for step in range(3):
+                assert (batched.logits[step][b] - single.logits[step][0]).abs().max() < 1e-4, (pipeline, b, step)
+
+
+def _count(fn) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("pipeline", ["none", "proxyv(layer=2, factor=2)",
+                                      "proxyv(layer=1, variant=nonspatial, proxies=4)",
+                                      "pool | proxyv(layer=2, factor=1)", "fastv(layer=2, keep=0.5)",
+                                      "visionzip(dominant=10, contextual=4)", "fastervlm(keep=9)"])
+def test_analytic_prefill_flops_match_the_counter(qwen_eager, pipeline):
+    """The vision tower and merger run as usual (vision stages merge their survivors again); the
+    [CLS]-free probe computes all of the last block's Q K^T."""
+    model, processor = qwen_eager
+    inputs = tiny_qwen_inputs(processor, 1, SQUARE)
+    g = dataclasses.replace(adapter_for(model).geometry, image_tokens=36, grids=((6, 6),), vision_tokens=144)
+    plan = lmmsqueeze.compile(pipeline, g)
+    text = inputs["input_ids"].shape[1] - 36
+    with lmmsqueeze.apply(model, plan):
+        total = _count(lambda: model(**inputs, logits_to_keep=1))
+    vision = _count(lambda: model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]))
+    unit, d = 4 * g.vision_hidden_size, g.hidden_size
+    again = plan.at("vision")[-1].tokens_out if plan.at("vision") else 0
+    cost = plan.cost(text_tokens=text)
+    measured = total - vision - 2 * again * (unit * unit + unit * d) - 2 * cost.lm_head
+    assert abs(measured - cost.prefill_flops) <= 0.01 * cost.prefill_flops, (measured, cost.prefill_flops)
+
+
+def test_explain_preset_qwen2_vl_notes_the_cls_stand_in():
+    import json
+
+    from typer.testing import CliRunner
+
+    from lmmsqueeze.cli import app
+
+    result = CliRunner().invoke(app, ["explain", "visionzip", "--model-config", "qwen2-vl-7b"])
+    assert result.exit_code == 0, result.output
+    assert "note: visionzip: qwen2-vl-7b has no [CLS] token" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["explain", "proxyv(layer=14)", "--model-config", "qwen2-vl-7b", "--json"])
+    data = json.loads(result.stdout)
+    assert data["image_tokens"] == 576 and data["notes"] == []
