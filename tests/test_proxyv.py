@@ -13,7 +13,8 @@ from lmmsqueeze.proxyv.attach import config_for
 from lmmsqueeze.testing import tiny_inputs, tiny_llava
 
 VARIANTS = ["proxyv(layer=2, factor=2)", "proxyv(layer=1, variant=nonspatial, proxies=4)",
-            "random(keep=0.5) | proxyv(layer=2, variant=nonspatial, proxies=3)"]
+            "random(keep=0.5) | proxyv(layer=2, variant=nonspatial, proxies=3)",
+            "random(keep=0.25) | proxyv(layer=2, variant=nonspatial, proxies=12)"]  # more proxies than tokens
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -26,9 +27,12 @@ def test_no_proxyv_layer_is_bit_identical(tiny, batch):
             assert torch.equal(model(**inputs).logits, reference)
 
 
-def test_mask_semantics_on_the_attention_inputs(tiny_sdpa, monkeypatch):
+@pytest.mark.parametrize("pipeline, p", [("proxyv(layer=3, factor=2)", 9),  # 6x6 grid / factor 2 = 3x3 proxies
+                                          ("proxyv(layer=3, variant=nonspatial, proxies=40)", 40)])
+def test_mask_semantics_on_the_attention_inputs(tiny_sdpa, monkeypatch, pipeline, p):
     """Capture what a ProxyV layer hands to attention and check every block against the rules,
-    computed independently from token kinds and positions."""
+    computed independently from token kinds and positions. With more proxies than image tokens the
+    proxies' positions run past the image, and still no proxy sees the text after it."""
     model, processor = tiny_sdpa
     inputs = tiny_inputs(processor, 2)
     seen = []
@@ -41,12 +45,12 @@ def test_mask_semantics_on_the_attention_inputs(tiny_sdpa, monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     real = inputs["attention_mask"].bool()
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad(), lmmsqueeze.apply(model, "proxyv(layer=3, factor=2)"):
+    with torch.no_grad(), lmmsqueeze.apply(model, pipeline):
         model(**inputs, position_ids=positions)
     ours = [s for s in seen if s[2] is not None and s[2].dtype == torch.bool and s[0][2] != s[1][2]]
     assert ours, "the ProxyV layer did not call attention"
     q_shape, k_shape, mask = ours[0]
-    n_seq, p = inputs["input_ids"].shape[1], 9  # 6x6 grid / factor 2 = 3x3 proxies
+    n_seq = inputs["input_ids"].shape[1]
     assert k_shape[2] == n_seq + p
     image = inputs["input_ids"] == model.config.image_token_id
     for b in range(2):
@@ -63,6 +67,8 @@ def test_mask_semantics_on_the_attention_inputs(tiny_sdpa, monkeypatch):
                 expected = k_pos[kj] <= q_pos[qi] and k_real[kj]
                 if kinds[qi] == "proxy" and k_kind[kj] == "image":
                     expected = False
+                if kinds[qi] == "proxy" and k_kind[kj] == "text" and k_pos[kj] >= first_image:
+                    expected = False  # text after the image
                 if kinds[qi] == "text" and k_kind[kj] == "proxy":
                     expected = False
                 expected = expected or kj == q_row[qi]
