@@ -223,32 +223,6 @@ def tiny_qwen_tokenizer():
     return fast
 
 
-class TinyQwenProcessor:
-    """Qwen2-VL-style preprocessing for the tiny models: transformers' Qwen2-VL image processor (PIL
-    backend) for ``pixel_values`` / ``image_grid_thw``, each ``<image>`` in the text expanded to
-    ``<|vision_start|>`` + one ``<|image_pad|>`` per merged patch + ``<|vision_end|>``, and
-    ``mm_token_type_ids`` (1 at image tokens) as Qwen2VLProcessor returns them. (The real
-    processor also needs a video processor, which needs torchvision.)"""
-
-    def __init__(self, tokenizer, image_processor, merge_size: int = 2):
-        self.tokenizer, self.image_processor, self.merge_size = tokenizer, image_processor, merge_size
-
-    def __call__(self, images=None, text=None, return_tensors="pt", padding=False):
-        texts = [text] if isinstance(text, str) else list(text)
-        images = [] if images is None else ([images] if isinstance(images, Image.Image) else list(images))
-        out = dict(self.image_processor(images=images, return_tensors="pt")) if images else {}
-        counts = iter((out["image_grid_thw"].prod(-1) // self.merge_size ** 2).tolist() if images else [])
-        expanded = []
-        for t in texts:
-            parts = t.split("<image>")
-            expanded.append(parts[0] + "".join(
-                " <|vision_start|>" + "<|image_pad|>" * next(counts) + "<|vision_end|> " + p for p in parts[1:]))
-        enc = self.tokenizer(expanded, return_tensors=return_tensors, padding=padding or len(texts) > 1)
-        out.update(enc)
-        out["mm_token_type_ids"] = (enc["input_ids"] == self.tokenizer.convert_tokens_to_ids("<|image_pad|>")).int()
-        return out
-
-
 def tiny_qwen2_vl(
     attn: str = "sdpa",
     seed: int = 0,
@@ -260,8 +234,8 @@ def tiny_qwen2_vl(
     ffn: int = 128,
 ):
     """A random ``Qwen2VLForConditionalGeneration`` (``version="2"``) or
-    ``Qwen2_5_VLForConditionalGeneration`` (``"2.5"``, windowed vision attention) and a
-    :class:`TinyQwenProcessor`.
+    ``Qwen2_5_VLForConditionalGeneration`` (``"2.5"``, windowed vision attention) and its
+    :class:`~lmmsqueeze.pipelines.qwen_processor.QwenImageProcessor`.
 
     Patches are 14 px, merged 2x2, so a 168x168 image is a 12x12 patch grid and 6x6 = 36 image
     tokens; M-RoPE sections are (2, 3, 3) over head_dim 16.
@@ -299,7 +273,9 @@ def tiny_qwen2_vl(
     _fixed_length_generation(model)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 256, patch_size=14,
                                                merge_size=2, temporal_patch_size=2)
-    return model, TinyQwenProcessor(tokenizer, image_processor)
+    from .pipelines.qwen_processor import QwenImageProcessor
+
+    return model, QwenImageProcessor(tokenizer, image_processor)
 
 
 def tiny_qwen_inputs(processor, batch: int = 1, sizes: tuple[tuple[int, int], ...] = ((168, 168),)):
@@ -309,8 +285,15 @@ def tiny_qwen_inputs(processor, batch: int = 1, sizes: tuple[tuple[int, int], ..
         w, h = sizes[i % len(sizes)]
         rng = np.random.default_rng(i)
         images.append(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
-    texts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    texts = [qwen_prompt(PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
     return processor(images=images, text=texts if batch > 1 else texts[0], return_tensors="pt")
+
+
+def qwen_prompt(text: str) -> str:
+    """A LLaVA-style test prompt with Qwen2-VL's image placeholder for each ``<image>``."""
+    from .pipelines.qwen_processor import IMAGE_PLACEHOLDER
+
+    return text.replace("<image>", IMAGE_PLACEHOLDER)
 
 
 def to_device(inputs, device):

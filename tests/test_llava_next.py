@@ -92,6 +92,15 @@ def test_layouts_match_the_models_packing(next_sdpa):
         start += lay.crops
 
 
+def test_image_geometries_follow_each_images_crops(next_sdpa):
+    """Costs use each image's own token count and grids (newlines are text), not the plan's 5-crop square."""
+    model, processor = next_sdpa
+    inputs = tiny_next_inputs(processor, 2, SQUARE + WIDE)
+    geometries = adapter_for(model).image_geometries(inputs)
+    assert [(g.image_tokens, g.grids, g.vision_crops) for g in geometries] == [
+        (80, ((4, 4), (8, 8)), 5), (64, ((4, 4), (6, 8)), 5)]  # 64x48 still encodes a 2x2 crop grid
+
+
 @pytest.mark.parametrize("pipeline", ["", "none", "random(keep=1.0)", "random(keep=1.0, layer=1)",
                                       "tome(keep=1.0)", "proxyv(layer=4)"])
 @pytest.mark.parametrize("sizes, batch", [(SQUARE, 1), (WIDE, 1), (SQUARE + WIDE, 2)])

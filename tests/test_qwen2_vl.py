@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import lmmsqueeze
 from lmmsqueeze.pipelines import adapter_for, count_hooks
 from lmmsqueeze.reducers import get_reducer, list_reducers
-from lmmsqueeze.testing import PROMPTS, TINY_STAGE_PARAMS, tiny_qwen2_vl, tiny_qwen_inputs, to_device
+from lmmsqueeze.testing import PROMPTS, TINY_STAGE_PARAMS, qwen_prompt, tiny_qwen2_vl, tiny_qwen_inputs, to_device
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -266,7 +266,7 @@ def test_multi_image_prompt(qwen):
     model, processor = qwen
     images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8))
               for i, (w, h) in enumerate(SQUARE + WIDE)]
-    inputs = to_device(processor(images=images, text="USER: <image> <image>\ndescribe ASSISTANT:"), model.device)
+    inputs = to_device(processor(images=images, text=qwen_prompt("USER: <image> <image>\ndescribe ASSISTANT:")), model.device)
     assert int(inputs["mm_token_type_ids"].sum()) == 36 + 24
     reference = model(**inputs).logits
     with lmmsqueeze.apply(model, "random(keep=1.0)"):
@@ -300,7 +300,7 @@ def test_batch_with_different_image_token_counts(qwen):
             assert [t.numel() for t in run.trace[0]] == [18, 12]
         for b, (w, h) in enumerate(SQUARE + WIDE):
             image = Image.fromarray(np.random.default_rng(b).integers(0, 256, (h, w, 3), dtype=np.uint8))
-            alone = to_device(processor(images=image, text=PROMPTS[b]), model.device)
+            alone = to_device(processor(images=image, text=qwen_prompt(PROMPTS[b])), model.device)
             with lmmsqueeze.apply(model, pipeline):
                 single = model.generate(**alone, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
                                         output_logits=True)
@@ -349,3 +349,62 @@ def test_explain_preset_qwen2_vl_notes_the_cls_stand_in():
     result = CliRunner().invoke(app, ["explain", "proxyv(layer=14)", "--model-config", "qwen2-vl-7b", "--json"])
     data = json.loads(result.stdout)
     assert data["image_tokens"] == 576 and data["notes"] == []
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-qwen")
+    model, processor = tiny_qwen2_vl(version="2.5")
+    model.save_pretrained(path / "m")
+    processor.save_pretrained(path / "m")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (168, 112, 3), dtype=np.uint8)).save(path / "i.png")
+    return path
+
+
+def test_cli_runs_a_local_qwen_directory(qwen_dir):
+    """Loaded offline (the image-only processor stands in for Qwen2VLProcessor, which needs torchvision)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from lmmsqueeze.cli import app
+
+    result = CliRunner().invoke(app, ["run", "-m", str(qwen_dir / "m"), "-i", str(qwen_dir / "i.png"), "--prompt",
+                                      "what ?", "-p", "pool | fastv(layer=2, keep=0.5)", "--max-new-tokens", "2",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    # a 112x168 (w x h) image: 12x8 patches, a 6x4 merged grid -> pooled 3x2 = 6 -> 3 from layer 2
+    assert json.loads(result.stdout)["image_tokens_per_layer"] == [6, 6, 3, 3]
+
+
+def test_image_geometries_follow_each_images_grid(qwen):
+    model, _ = qwen
+    adapter = adapter_for(model)
+    inputs = _inputs(qwen, 2, SQUARE + WIDE)
+    assert [(g.image_tokens, g.grids, g.vision_tokens) for g in adapter.image_geometries(inputs)] == [
+        (36, ((6, 6),), 144), (24, ((6, 4),), 96)]
+
+
+def test_eval_costs_use_the_real_image_grid(qwen_dir, tmp_path):
+    """The bundled task's images give 3x3 merged grids on this model: FLOPs are for 9 image tokens,
+    not for the reference 24x24 grid the plan assumes."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from lmmsqueeze.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "-m", str(qwen_dir / "m"), "-p", "pool(size=3)", "--limit", "4",
+                                      "--results", str(tmp_path / "r.db"), "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)
+    assert row["image_tokens_per_layer"] == [1, 1, 1, 1]
+    model = adapter_for(tiny_qwen2_vl(version="2.5")[0]).geometry
+    small = dataclasses.replace(model, image_tokens=9, grids=((3, 3),), vision_tokens=36)
+    ratio = row["prefill_flops"] / row["vanilla_prefill_flops"]
+    assert row["vanilla_prefill_flops"] < lmmsqueeze.compile("none", model).cost(text_tokens=0).prefill_flops
+    text = [t for t in range(0, 200)
+            if lmmsqueeze.compile("none", small).cost(text_tokens=t).prefill_flops == row["vanilla_prefill_flops"]]
+    assert len(text) == 1  # the vanilla cost is the 9-token geometry's at the prompts' text length
+    assert ratio == pytest.approx(lmmsqueeze.compile("pool(size=3)", small).cost(text_tokens=text[0]).prefill_flops
+                                  / row["vanilla_prefill_flops"])

@@ -11,7 +11,7 @@ import torch
 from ..pipelines.hooks import HookSet
 from ..pipelines.loading import build_prompt
 from ..pipelines.measure import peak_prefill_memory
-from ..pipelines.runtime import apply, compile_for
+from ..pipelines.runtime import InputCosts, apply, compile_for
 from .tasks import Task
 
 #: samples whose prefill peak memory is measured (median reported); memory tracking is slow on CPU
@@ -54,6 +54,7 @@ def evaluate(
     n = task.size if limit is None else min(limit, task.size)
     items = task.samples(split, n, seed)
     plan, model_adapter = compile_for(model, pipeline)
+    costs = InputCosts(plan, model_adapter)
     base = model_adapter.base
     answers: list[dict[str, Any]] = []
     latencies: list[float] = []
@@ -77,6 +78,7 @@ def evaluate(
         for lo in range(0, n, batch_size):
             chunk = items[lo:lo + batch_size]
             inputs = _inputs(processor, model, chunk)
+            costs.add(inputs)
             marks.clear()
             out = model.generate(**inputs, max_new_tokens=task.max_new_tokens, do_sample=False)
             latencies.append(1000.0 * (marks["prefill_end"] - marks["prefill"]) / len(chunk))
@@ -98,7 +100,7 @@ def evaluate(
         for item in items[:MEMORY_SAMPLES]:
             memory.append(peak_prefill_memory(model, dict(_inputs(processor, model, [item])), plan, adapter) / 2**20)
     summary = task.summarize((a["qtype"], a["score"]) for a in answers)
-    cost = plan.cost(text_tokens=round(statistics.mean(text_tokens)) if text_tokens else 0)
+    cost = costs.cost(round(statistics.mean(text_tokens)) if text_tokens else 0)
     return {
         "pipeline": plan.canonical,
         "task": task.name,
@@ -106,9 +108,9 @@ def evaluate(
         "n": len(answers),
         "accuracy": summary["overall"],
         "per_type": summary["per_type"],
-        "prefill_flops": cost.prefill_flops,
-        "vanilla_prefill_flops": cost.vanilla_prefill_flops,
-        "saving": cost.saving,
+        "prefill_flops": cost["prefill_flops"],
+        "vanilla_prefill_flops": cost["vanilla_prefill_flops"],
+        "saving": cost["saving"],
         "latency_ms": statistics.median(latencies) if latencies else None,
         "peak_memory_mb": statistics.median(memory) if memory else None,
         "image_tokens_per_layer": tokens_per_layer,

@@ -5,6 +5,7 @@ The runtime is written once against :class:`ModelAdapter`; a family only says wh
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,6 +102,11 @@ class ModelAdapter:
         """Image tokens (for reducers and costs) in processor outputs: placeholders minus separators."""
         return int((inputs["input_ids"] == self.image_token_id).sum())
 
+    def image_geometries(self, inputs: Any) -> list[ModelGeometry]:
+        """The geometry of every image in processor outputs (its real token count and grids), for
+        costs: families whose token count depends on the image size override this."""
+        return [self.geometry]
+
     def vision_signals(self, attention: nn.Module, args: tuple, kwargs: dict, needs: set[str]) -> dict[str, Tensor]:
         """Vision-side signals measured in a forward hook on ``vision_attention`` (a CLIP-style layer
         whose first token is [CLS]): ``[crops, tokens, ...]`` per signal."""
@@ -172,6 +178,11 @@ class LlavaNextAdapter(LlavaAdapter):
     def count_image_tokens(self, inputs: Any) -> int:
         newlines = sum(int(lay.separators.sum()) for lay in self.layouts(inputs["image_sizes"], self.model.config.vision_feature_select_strategy))
         return super().count_image_tokens(inputs) - newlines
+
+    def image_geometries(self, inputs: Any) -> list[ModelGeometry]:
+        layouts = self.layouts(inputs["image_sizes"], self.model.config.vision_feature_select_strategy)
+        return [dataclasses.replace(self.geometry, image_tokens=int((~lay.separators).sum()), grids=lay.grids,
+                                    vision_crops=lay.crops) for lay in layouts]
 
     def layouts(self, image_sizes: Any, strategy: str) -> list[PackedImage]:
         """Each image's layout, found by packing index-valued stand-in features the model's own way."""
@@ -265,6 +276,11 @@ class QwenVLAdapter(ModelAdapter):
             return out
 
         hooks.patch(self.base, "get_image_features", get_image_features)
+
+    def image_geometries(self, inputs: Any) -> list[ModelGeometry]:
+        unit = self.merge * self.merge
+        return [dataclasses.replace(self.geometry, image_tokens=lay.crops, grids=lay.grids,
+                                    vision_tokens=lay.crops * unit) for lay in self.layouts(inputs["image_grid_thw"])]
 
     def layouts(self, image_grid_thw: Tensor) -> list[PackedImage]:
         """Each image's merged grid; ``source`` maps its raster-order tokens to the merger's rows."""

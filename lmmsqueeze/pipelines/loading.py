@@ -49,25 +49,27 @@ def load_model(ref: str | Path, device: str | None = None, dtype: torch.dtype | 
             f"model {str(ref)!r} is not a local model directory (no config.json); give a directory saved with "
             "save_pretrained, or `bundled`"
         )
-    from transformers import (
-        AutoConfig,
-        AutoProcessor,
-        LlavaForConditionalGeneration,
-        LlavaNextForConditionalGeneration,
-    )
+    import transformers
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
+
+    from ..compose.geometry import SUPPORTED_MODELS
 
     hf_logging.disable_progress_bar()
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    families = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
-    if config.model_type not in families:
-        raise ModelError(f"{str(ref)!r} is a {config.model_type!r} model; lmmsqueeze runs LLaVA and LLaVA-NeXT models")
     try:
-        model = families[config.model_type].from_pretrained(
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the config of {str(ref)!r}: {str(exc).splitlines()[0]}") from None
+    families = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+    if config.model_type not in families:
+        raise ModelError(f"{str(ref)!r} is a {config.model_type!r} model; lmmsqueeze runs {SUPPORTED_MODELS}")
+    try:
+        model = getattr(transformers, families[config.model_type]).from_pretrained(
             path, local_files_only=True, dtype=dtype, attn_implementation=attention_backend(dev)
         )
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        processor = _load_processor(path, config.model_type)
     except OSError as exc:
         raise ModelError(f"cannot load {str(ref)!r}: {str(exc).splitlines()[0]}") from None
     tokenizer = getattr(processor, "tokenizer", None)
@@ -76,13 +78,32 @@ def load_model(ref: str | Path, device: str | None = None, dtype: torch.dtype | 
     return model.to(dev).eval(), processor
 
 
+def _load_processor(path: Path, model_type: str) -> Any:
+    """The directory's processor; for Qwen2-VL models whose processor cannot be built here (its video
+    processor needs torchvision), the image-only :class:`~.qwen_processor.QwenImageProcessor`."""
+    from transformers import AutoProcessor
+
+    if model_type not in ("qwen2_vl", "qwen2_5_vl"):
+        return AutoProcessor.from_pretrained(path, local_files_only=True)
+    from .qwen_processor import QwenImageProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return QwenImageProcessor.from_pretrained(path, local_files_only=True)
+
+
 def build_prompt(processor: Any, text: str) -> str:
     """The prompt for one image and one question: the processor's chat template when it has one,
-    else the LLaVA-1.5 format. Text that already holds ``<image>`` is used as is."""
+    else the LLaVA-1.5 format. Text that already holds the image token is used as is."""
     token = getattr(processor, "image_token", "<image>")
     if token in text:
         return text
     if getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
+    if token == "<|image_pad|>":  # Qwen2-VL family: the image sits between vision markers
+        from .qwen_processor import IMAGE_PLACEHOLDER
+
+        token = IMAGE_PLACEHOLDER
     return f"USER: {token}\n{text} ASSISTANT:"

@@ -148,7 +148,7 @@ def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: 
     the FLOPs saving turned fully into time).
     """
     from .loading import build_prompt
-    from .runtime import compile_for
+    from .runtime import InputCosts, compile_for
 
     text = build_prompt(processor, prompt)
     inputs = processor(images=image, text=text, return_tensors="pt").to(next(model.parameters()).device)
@@ -164,7 +164,9 @@ def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: 
     rows = []
     for plan, timing, adapter in zip(plans, timings, adapters):
         total, dec = Timing.summary(timing.total), Timing.summary(timing.decoder)
-        analytic = plan.cost(text_tokens=text_tokens).saving
+        costs = InputCosts(plan, compile_for(model, "none")[1])
+        costs.add(inputs)
+        analytic = costs.cost(text_tokens)["saving"]
         measured = 1.0 - dec["median"] / base_decoder
         rows.append({
             "pipeline": plan.canonical,

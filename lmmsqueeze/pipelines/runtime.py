@@ -780,6 +780,40 @@ def _slice_key_columns(mask: Any, keep: Tensor, prefill_length: int) -> Any:
     return mask.expand(keep.shape[0], -1, -1, -1).gather(3, cols[:, None, None, :].expand(-1, h, q, -1))
 
 
+class InputCosts:
+    """Analytic prefill costs for the images a run actually sees.
+
+    A plan is compiled against the model's reference geometry; LLaVA-NeXT and Qwen2-VL images give
+    as many tokens (and such grids) as their size says. :meth:`add` recompiles the pipeline for the
+    geometry of every image of a batch (once per distinct geometry; a refusal, e.g. ``keep`` above
+    a small image's token count, raises before the batch runs), and :meth:`cost` averages.
+    """
+
+    def __init__(self, plan: Plan, adapter: ModelAdapter):
+        self.plan, self.adapter = plan, adapter
+        self._plans: dict[Any, Plan] = {plan.geometry: plan}
+        self._counts: dict[Any, int] = {}
+
+    def add(self, inputs: Any) -> None:
+        for g in self.adapter.image_geometries(inputs):
+            if g not in self._plans:
+                self._plans[g] = compile_pipeline(self.plan.canonical, g)
+            self._counts[g] = self._counts.get(g, 0) + 1
+
+    def cost(self, text_tokens: int) -> dict[str, float]:
+        """``prefill_flops``, ``vanilla_prefill_flops`` (means over the images seen) and ``saving``."""
+        counts = self._counts or {self.plan.geometry: 1}
+        total = sum(counts.values())
+        costs = [(self._plans[g].cost(text_tokens=text_tokens), n) for g, n in counts.items()]
+        prefill = sum(c.prefill_flops * n for c, n in costs) / total
+        vanilla = sum(c.vanilla_prefill_flops * n for c, n in costs) / total
+        if len(costs) == 1:
+            return {"prefill_flops": costs[0][0].prefill_flops,
+                    "vanilla_prefill_flops": costs[0][0].vanilla_prefill_flops, "saving": costs[0][0].saving}
+        return {"prefill_flops": round(prefill), "vanilla_prefill_flops": round(vanilla),
+                "saving": 1.0 - prefill / vanilla if vanilla else 0.0}
+
+
 def compile_for(model: nn.Module, pipeline: str | PipelineSpec | Plan | None) -> tuple[Plan, ModelAdapter]:
     """Compile a pipeline against a loaded model's geometry."""
     adapter = adapter_for(model)
