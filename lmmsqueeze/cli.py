@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
 
 import typer
+from rich.markup import escape
 from rich.console import Console
 from rich.table import Table
 
@@ -65,7 +66,7 @@ def user_errors() -> Iterator[None]:
         if os.environ.get("LMMSQUEEZE_DEBUG"):
             raise
         message = str(exc) if isinstance(exc, LmmsqueezeError) else f"file not found: {exc.filename or exc}"
-        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -101,7 +102,7 @@ def reducers_cmd(
                           params, r["cite"])
         console.print(table)
         for name, why in broken.items():
-            err_console.print(f"[yellow]warning:[/] plugin {name!r} failed to load: {why}")
+            err_console.print(f"[yellow]warning:[/] plugin {escape(repr(name))} failed to load: {escape(str(why))}")
 
     emit(rows, as_json, render)
 
@@ -161,7 +162,7 @@ def explain_cmd(
         data = plan.to_dict(text_tokens=text_tokens, convention=convention)
 
     def render(d: dict) -> None:
-        console.print(f"[bold]{d['pipeline']}[/] on {d['model']} ({d['image_tokens']} image tokens per image, "
+        console.print(f"[bold]{escape(d['pipeline'])}[/] on {escape(str(d['model']))} ({d['image_tokens']} image tokens per image, "
                       f"{d['text_tokens']} text tokens)", highlight=False)
         table = Table()
         for col in ("#", "stage", "family", "placement", "tokens in", "tokens out", "grid kept"):

@@ -17,6 +17,12 @@ ResultsOpt = Annotated[Path, typer.Option("--results", help="SQLite results file
 DEFAULT_RESULTS = Path("lmmsqueeze-results.db")
 
 
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=err_console, transient=False)
@@ -34,7 +40,7 @@ def _run_grid(grid: Any, results: Path, batch_size: int, device: Optional[str]) 
         current = progress.add_task("", total=1, visible=False)
 
         def on_event(kind: str, info: dict) -> None:
-            label = f"{info['task']}: {info['item']}"
+            label = escape(f"{info['task']}: {info['item']}")  # items may hold [brackets] (adapter paths)
             if kind == "start":
                 progress.reset(current, total=info["samples"], description=label, visible=True)
             elif kind == "progress":
@@ -42,7 +48,7 @@ def _run_grid(grid: Any, results: Path, batch_size: int, device: Optional[str]) 
             elif kind in ("done", "skip", "failed"):
                 progress.advance(overall)
                 if kind == "failed":
-                    progress.console.print(f"[red]failed[/] {label}: {info['error']}", highlight=False)
+                    progress.console.print(f"[red]failed[/] {label}: {escape(str(info['error']))}", highlight=False)
                 if kind == "skip":
                     progress.console.print(f"[dim]stored already[/] {label}", highlight=False)
 
@@ -245,6 +251,7 @@ def pareto_cmd(
             table.add_row(*cells, style="bold" if r["pareto"] else None)
         console.print(table)
     for r in failed:
-        err_console.print(f"[red]failed:[/] {r['pipeline']} ({r['task']}): {r['error']}", highlight=False)
+        err_console.print(f"[red]failed:[/] {escape(r['pipeline'])} ({r['task']}): {escape(str(r['error']))}",
+                          highlight=False)
     if plot_file is not None:
         console.print(f"wrote {plot_file}", highlight=False)

@@ -26,6 +26,13 @@ def tiny(request):
     return model, processor
 
 
+@pytest.fixture(scope="session", params=["sdpa", "eager"])
+def tiny_dev(request, device):
+    """(model, processor) for each attention backend, on each device (CPU; CUDA when present)."""
+    model, processor = tiny_llava(attn=request.param)
+    return model.to(device), processor
+
+
 @pytest.fixture(scope="session")
 def tiny_sdpa():
     return tiny_llava(attn="sdpa")

@@ -192,3 +192,18 @@ def test_markdown_escapes_pipes_inside_cells():
                          "prefill_flops": 10, "latency_ms": 1.0}], "flops")
     cells = to_markdown(rows).splitlines()[2].split(" | ")  # splitting on unescaped pipes only
     assert "`pool \\| fastv(layer=2)`" in cells
+
+
+def test_eval_with_an_adapter_directory_path(tmp_path):
+    """The progress label holds the adapter path in brackets ("[/tmp/...]"), which is not markup."""
+    import shutil
+
+    from lmmsqueeze.proxyv.attach import adapter_path
+
+    adapter = tmp_path / "my-adapter"
+    shutil.copytree(adapter_path("bundled:proxyv-spatial"), adapter)
+    result = runner.invoke(app, ["eval", "--adapter", str(adapter), "--limit", "2",
+                                 "--results", str(tmp_path / "r.db"), "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)
+    assert row["status"] == "ok" and row["pipeline"].startswith("proxyv(")

@@ -13,7 +13,7 @@ from lmmsqueeze.compose import geometry_from_config
 from lmmsqueeze.compose.geometry import preset
 from lmmsqueeze.pipelines import adapter_for, count_hooks
 from lmmsqueeze.reducers import get_reducer, list_reducers
-from lmmsqueeze.testing import TINY_STAGE_PARAMS, tiny_llava_next, tiny_next_inputs
+from lmmsqueeze.testing import TINY_STAGE_PARAMS, tiny_llava_next, tiny_next_inputs, to_device
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -24,8 +24,13 @@ WIDE = ((64, 48),)
 
 
 @pytest.fixture(scope="module")
-def next_sdpa():
-    return tiny_llava_next(attn="sdpa")
+def next_sdpa(device):
+    model, processor = tiny_llava_next(attn="sdpa")
+    return model.to(device), processor
+
+
+def _inputs(model, processor, batch=1, sizes=SQUARE):
+    return to_device(tiny_next_inputs(processor, batch, sizes), model.device)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +79,7 @@ def test_adapter_and_geometry(next_sdpa):
 
 def test_layouts_match_the_models_packing(next_sdpa):
     model, processor = next_sdpa
-    inputs = tiny_next_inputs(processor, 2, SQUARE + WIDE)
+    inputs = _inputs(model, processor, 2, SQUARE + WIDE)
     layouts = adapter_for(model).layouts(inputs["image_sizes"], "default")
     assert [lay.grids for lay in layouts] == [((4, 4), (8, 8)), ((4, 4), (6, 8))]
     assert [int(lay.separators.sum()) for lay in layouts] == [8, 6]
@@ -95,7 +100,7 @@ def test_layouts_match_the_models_packing(next_sdpa):
 def test_image_geometries_follow_each_images_crops(next_sdpa):
     """Costs use each image's own token count and grids (newlines are text), not the plan's 5-crop square."""
     model, processor = next_sdpa
-    inputs = tiny_next_inputs(processor, 2, SQUARE + WIDE)
+    inputs = _inputs(model, processor, 2, SQUARE + WIDE)
     geometries = adapter_for(model).image_geometries(inputs)
     assert [(g.image_tokens, g.grids, g.vision_crops) for g in geometries] == [
         (80, ((4, 4), (8, 8)), 5), (64, ((4, 4), (6, 8)), 5)]  # 64x48 still encodes a 2x2 crop grid
@@ -106,7 +111,7 @@ def test_image_geometries_follow_each_images_crops(next_sdpa):
 @pytest.mark.parametrize("sizes, batch", [(SQUARE, 1), (WIDE, 1), (SQUARE + WIDE, 2)])
 def test_identity_pipelines_are_bit_identical(next_sdpa, pipeline, sizes, batch):
     model, processor = next_sdpa
-    inputs = tiny_next_inputs(processor, batch, sizes)
+    inputs = _inputs(model, processor, batch, sizes)
     reference = model(**inputs).logits
     before = count_hooks(model)
     with lmmsqueeze.apply(model, pipeline):
@@ -117,7 +122,7 @@ def test_identity_pipelines_are_bit_identical(next_sdpa, pipeline, sizes, batch)
 
 def test_pool_is_per_crop_and_newlines_keep_their_rows(next_sdpa):
     model, processor = next_sdpa
-    inputs = tiny_next_inputs(processor, 1, SQUARE)
+    inputs = _inputs(model, processor, 1, SQUARE)
     packed = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
                                             return_dict=True).pooler_output[0]
     base = packed[:16].view(2, 2, 2, 2, -1).mean(dim=(1, 3)).reshape(4, -1)
@@ -149,7 +154,7 @@ def _default_pipeline(name: str) -> str:
 @pytest.mark.parametrize("name", list_reducers())
 def test_every_reducer_runs_and_keeps_every_newline(next_sdpa, name):
     model, processor = next_sdpa
-    inputs = tiny_next_inputs(processor, 2, SQUARE)
+    inputs = _inputs(model, processor, 2, SQUARE)
     pipeline = _default_pipeline(name)
     try:
         plan = lmmsqueeze.compile(pipeline, model)
@@ -162,7 +167,8 @@ def test_every_reducer_runs_and_keeps_every_newline(next_sdpa, name):
     newline = seen.newlines()
     assert newline.sum(1).tolist() == [8, 8]
     prefill = run._prefill
-    kept = prefill.segments[-1].keep if prefill.segments else torch.arange(newline.shape[1]).expand(2, -1)
+    everything = torch.arange(newline.shape[1], device=newline.device).expand(2, -1)
+    kept = prefill.segments[-1].keep if prefill.segments else everything
     for b in range(2):
         # every newline reaches the last layer; the image tokens there are the reducer's survivors
         assert bool(newline[b].gather(0, kept[b]).sum() == 8)
@@ -174,7 +180,7 @@ def test_every_reducer_runs_and_keeps_every_newline(next_sdpa, name):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_cached_generate_matches_no_cache_forward_after_llm_reduction(next_sdpa, batch):
     model, processor = next_sdpa
-    inputs = tiny_next_inputs(processor, batch, SQUARE)
+    inputs = _inputs(model, processor, batch, SQUARE)
     pipeline, layer, steps = "random(layer=2, keep=0.5, seed=3)", 2, 4
     prompt = inputs["input_ids"].shape[1]
     with lmmsqueeze.apply(model, pipeline) as run:
@@ -183,7 +189,7 @@ def test_cached_generate_matches_no_cache_forward_after_llm_reduction(next_sdpa,
     assert run.trace[0][0].numel() == 40
     full = prompt + steps - 1
     assert [out.cache.layers[i].keys.shape[-2] for i in range(4)] == [full] * layer + [full - 40] * (4 - layer)
-    mask = torch.cat([inputs["attention_mask"], torch.ones(batch, steps, dtype=torch.long)], 1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones(batch, steps, dtype=torch.long, device=model.device)], 1)
     with lmmsqueeze.apply(model, pipeline) as ref_run:
         logits = model(input_ids=out.sequences, pixel_values=inputs["pixel_values"],
                        image_sizes=inputs["image_sizes"], attention_mask=mask, position_ids=_positions(mask),
@@ -201,7 +207,7 @@ def test_cached_generate_matches_no_cache_forward_after_llm_reduction(next_sdpa,
 @pytest.mark.parametrize("sizes, batch", [(SQUARE, 1), (SQUARE + WIDE, 2)])
 def test_projector_reduction_generate_equals_forward_loop(next_sdpa, pipeline, sizes, batch):
     model, processor = next_sdpa
-    inputs = tiny_next_inputs(processor, batch, sizes)
+    inputs = _inputs(model, processor, batch, sizes)
     steps = 4
     with lmmsqueeze.apply(model, pipeline):
         generated = model.generate(**inputs, max_new_tokens=steps, do_sample=False)
@@ -220,12 +226,12 @@ def test_projector_reduction_generate_equals_forward_loop(next_sdpa, pipeline, s
 @pytest.mark.parametrize("batch", [1, 2])
 def test_proxyv_cached_generate_matches_no_cache_reference(next_sdpa, pipeline, batch):
     model, processor = next_sdpa
-    inputs = tiny_next_inputs(processor, batch, SQUARE)
+    inputs = _inputs(model, processor, batch, SQUARE)
     steps = 3
     with lmmsqueeze.apply(model, pipeline) as run:
         out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
                              output_logits=True)
-        mask = torch.cat([inputs["attention_mask"], torch.ones(batch, steps, dtype=torch.long)], 1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(batch, steps, dtype=torch.long, device=model.device)], 1)
         logits = model(input_ids=out.sequences, pixel_values=inputs["pixel_values"],
                        image_sizes=inputs["image_sizes"], attention_mask=mask, position_ids=_positions(mask),
                        use_cache=False).logits
@@ -243,7 +249,7 @@ def test_spatial_proxyv_proxies_are_per_crop(next_sdpa):
     from lmmsqueeze.proxyv import layer as proxyv_layer
 
     model, processor = next_sdpa
-    inputs = tiny_next_inputs(processor, 1, SQUARE)
+    inputs = _inputs(model, processor, 1, SQUARE)
     seen = {}
     real = proxyv_layer.make_proxies
 
@@ -271,7 +277,8 @@ def test_multi_image_prompt(next_sdpa):
 
     images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8))
               for i, (w, h) in enumerate([(64, 64), (64, 48)])]
-    inputs = processor(images=images, text="USER: <image> <image>\ndescribe ASSISTANT:", return_tensors="pt")
+    inputs = to_device(processor(images=images, text="USER: <image> <image>\ndescribe ASSISTANT:",
+                                 return_tensors="pt"), model.device)
     assert int((inputs["input_ids"] == 4).sum()) == 88 + 70
     reference = model(**inputs).logits
     with lmmsqueeze.apply(model, "random(keep=1.0)"):
@@ -296,7 +303,7 @@ def test_batch_with_different_image_token_counts(next_sdpa):
     from lmmsqueeze.testing import PROMPTS
 
     model, processor = next_sdpa
-    inputs = tiny_next_inputs(processor, 2, SQUARE + WIDE)
+    inputs = _inputs(model, processor, 2, SQUARE + WIDE)
     with lmmsqueeze.apply(model, "pool") as run:
         model(**inputs)
     assert [t.numel() for t in run.trace[0]] == [20, 16]
@@ -309,7 +316,7 @@ def test_batch_with_different_image_token_counts(next_sdpa):
             assert [t.numel() for t in run.trace[0]] == [40, 32]
         for b, (w, h) in enumerate(SQUARE + WIDE):  # each sample alone, with its own prompt and image
             image = Image.fromarray(np.random.default_rng(b).integers(0, 256, (h, w, 3), dtype=np.uint8))
-            alone = processor(images=image, text=PROMPTS[b], return_tensors="pt")
+            alone = to_device(processor(images=image, text=PROMPTS[b], return_tensors="pt"), model.device)
             with torch.no_grad(), lmmsqueeze.apply(model, pipeline):
                 single = model.generate(**alone, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
                                         output_logits=True)

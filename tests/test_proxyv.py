@@ -10,7 +10,7 @@ import lmmsqueeze
 from lmmsqueeze.errors import ModelError, PipelineError
 from lmmsqueeze.proxyv import ProxyVAdapter
 from lmmsqueeze.proxyv.attach import config_for
-from lmmsqueeze.testing import tiny_inputs, tiny_llava
+from lmmsqueeze.testing import tiny_inputs, tiny_llava, to_device
 
 VARIANTS = ["proxyv(layer=2, factor=2)", "proxyv(layer=1, variant=nonspatial, proxies=4)",
             "random(keep=0.5) | proxyv(layer=2, variant=nonspatial, proxies=3)",
@@ -18,9 +18,9 @@ VARIANTS = ["proxyv(layer=2, factor=2)", "proxyv(layer=1, variant=nonspatial, pr
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_no_proxyv_layer_is_bit_identical(tiny, batch):
-    model, processor = tiny
-    inputs = tiny_inputs(processor, batch)
+def test_no_proxyv_layer_is_bit_identical(tiny_dev, batch):
+    model, processor = tiny_dev
+    inputs = to_device(tiny_inputs(processor, batch), model.device)
     with torch.no_grad():
         reference = model(**inputs).logits
         with lmmsqueeze.apply(model, "proxyv(layer=4)"):
@@ -81,15 +81,16 @@ def test_mask_semantics_on_the_attention_inputs(tiny_sdpa, monkeypatch, pipeline
 
 @pytest.mark.parametrize("pipeline", VARIANTS)
 @pytest.mark.parametrize("batch", [1, 2])
-def test_cached_generate_matches_no_cache_reference(tiny, pipeline, batch):
-    model, processor = tiny
-    inputs = tiny_inputs(processor, batch)
+def test_cached_generate_matches_no_cache_reference(tiny_dev, pipeline, batch):
+    model, processor = tiny_dev
+    inputs = to_device(tiny_inputs(processor, batch), model.device)
     steps = 4
     with torch.no_grad(), lmmsqueeze.apply(model, pipeline) as run:
         out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
                              output_logits=True)
         kept = run.image_tokens_per_layer[-1]
-        mask = torch.cat([inputs["attention_mask"], torch.ones(batch, steps, dtype=torch.long)], 1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(batch, steps, dtype=torch.long, device=model.device)],
+                         1)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         logits = model(input_ids=out.sequences, pixel_values=inputs["pixel_values"], attention_mask=mask,
                        position_ids=positions, use_cache=False).logits

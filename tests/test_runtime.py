@@ -9,17 +9,21 @@ import torch
 import lmmsqueeze
 from lmmsqueeze.pipelines import count_hooks
 
-from lmmsqueeze.testing import tiny_inputs as make_inputs
+from lmmsqueeze.testing import tiny_inputs, to_device
 
 pytestmark = pytest.mark.usefixtures("no_grad")
+
+
+def make_inputs(processor, batch, model):
+    return to_device(tiny_inputs(processor, batch), model.device)
 
 
 @pytest.mark.parametrize("pipeline", ["", "none", "random(keep=1.0)", "random(keep=1.0, layer=1)",
                                       "random(keep=1.0, layer=3)"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_identity_pipelines_are_bit_identical(tiny, pipeline, batch):
-    model, processor = tiny
-    inputs = make_inputs(processor, batch)
+def test_identity_pipelines_are_bit_identical(tiny_dev, pipeline, batch):
+    model, processor = tiny_dev
+    inputs = make_inputs(processor, batch, model)
     reference = model(**inputs).logits
     with lmmsqueeze.apply(model, pipeline):
         logits = model(**inputs).logits
@@ -38,11 +42,11 @@ def test_hooks_are_removed_even_on_error(tiny_sdpa):
 
 @pytest.mark.parametrize("layer", [1, 2, 3])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_fastv_keeps_top_k_of_eager_attention(tiny, layer, batch):
+def test_fastv_keeps_top_k_of_eager_attention(tiny_dev, layer, batch):
     """The kept set equals the top-k of the head-mean last-token attention that an eager
     forward with output_attentions=True returns at layer K-1."""
-    model, processor = tiny
-    inputs = make_inputs(processor, batch)
+    model, processor = tiny_dev
+    inputs = make_inputs(processor, batch, model)
     keep = 9
     with lmmsqueeze.apply(model, f"fastv(layer={layer}, keep={keep})") as run:
         model(**inputs)
@@ -64,9 +68,9 @@ def _reference_positions(mask):
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_cached_generate_matches_no_cache_forward_after_llm_reduction(tiny, batch):
-    model, processor = tiny
-    inputs = make_inputs(processor, batch)
+def test_cached_generate_matches_no_cache_forward_after_llm_reduction(tiny_dev, batch):
+    model, processor = tiny_dev
+    inputs = make_inputs(processor, batch, model)
     pipeline, layer, new_tokens = "random(layer=2, keep=0.5, seed=3)", 2, 5
     prompt_len = inputs["input_ids"].shape[1]
     with lmmsqueeze.apply(model, pipeline) as run:
@@ -80,7 +84,7 @@ def test_cached_generate_matches_no_cache_forward_after_llm_reduction(tiny, batc
     assert lengths == [full] * layer + [full - dropped] * (4 - layer)
 
     sequences = out.sequences
-    mask = torch.cat([inputs["attention_mask"], torch.ones(batch, new_tokens, dtype=torch.long)], 1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones(batch, new_tokens, dtype=torch.long, device=model.device)], 1)
     with lmmsqueeze.apply(model, pipeline) as ref_run:
         logits = model(input_ids=sequences, pixel_values=inputs["pixel_values"], attention_mask=mask,
                        position_ids=_reference_positions(mask), use_cache=False).logits
@@ -97,9 +101,9 @@ def test_cached_generate_matches_no_cache_forward_after_llm_reduction(tiny, batc
 
 @pytest.mark.parametrize("pipeline", ["pool", "random(keep=10, seed=1)", "pool | random(layer=2, keep=4)"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_projector_reduction_generate_equals_forward_loop(tiny, pipeline, batch):
-    model, processor = tiny
-    inputs = make_inputs(processor, batch)
+def test_projector_reduction_generate_equals_forward_loop(tiny_dev, pipeline, batch):
+    model, processor = tiny_dev
+    inputs = make_inputs(processor, batch, model)
     steps = 5
     with lmmsqueeze.apply(model, pipeline):
         generated = model.generate(**inputs, max_new_tokens=steps, do_sample=False)
@@ -115,7 +119,7 @@ def test_projector_reduction_generate_equals_forward_loop(tiny, pipeline, batch)
 
 def test_pool_trace_is_the_top_left_of_each_window(tiny_sdpa):
     model, processor = tiny_sdpa
-    inputs = make_inputs(processor, 1)
+    inputs = make_inputs(processor, 1, model)
     with lmmsqueeze.apply(model, "pool") as run:
         logits = model(**inputs).logits
     # 6x6 grid -> 3x3; window (r, c) starts at original row 2r, column 2c: index 12r + 2c
@@ -129,7 +133,7 @@ def test_pool_trace_is_the_top_left_of_each_window(tiny_sdpa):
 def test_pooled_features_are_window_means(tiny_sdpa):
     """The LLM receives the mean of each 2x2 window of projected features (independent recompute)."""
     model, processor = tiny_sdpa
-    inputs = make_inputs(processor, 1)
+    inputs = make_inputs(processor, 1, model)
     feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]  # [36, D]
     grid = feats.view(3, 2, 3, 2, -1)
     expected = grid.mean(dim=(1, 3)).reshape(9, -1)
@@ -151,7 +155,7 @@ def test_pooled_features_are_window_means(tiny_sdpa):
 
 def test_stage_trace_composes_original_indices(tiny_sdpa):
     model, processor = tiny_sdpa
-    inputs = make_inputs(processor, 1)
+    inputs = make_inputs(processor, 1, model)
     with lmmsqueeze.apply(model, "random(keep=20, seed=5) | random(layer=1, keep=10, seed=2)") as run:
         model(**inputs)
     first, second = run.trace[0][0], run.trace[1][0]
@@ -166,22 +170,23 @@ def test_stage_trace_composes_original_indices(tiny_sdpa):
 @pytest.mark.parametrize("pipeline", ["random(layer=2, keep=0.5, seed=3)", "fastv(layer=1, keep=0.5) | random(layer=3, keep=5)",
                                       "proxyv(layer=2, factor=2)",
                                       "fastv(layer=1, keep=0.5) | proxyv(layer=2, variant=nonspatial, proxies=4)"])
-def test_samples_with_different_image_counts_compute_what_they_compute_alone(tiny, pipeline):
+def test_samples_with_different_image_counts_compute_what_they_compute_alone(tiny_dev, pipeline):
     """One image in sample 0, two in sample 1: llm stages keep different numbers of tokens per sample
     and ProxyV sees different grids; the batched generate must give each sample the logits it gets alone."""
     from lmmsqueeze.testing import random_image
 
-    model, processor = tiny
+    model, processor = tiny_dev
     texts = ["USER: <image>\nwhat is the colour ? ASSISTANT:", "USER: <image>\n<image>\nhow many ? ASSISTANT:"]
     images = [random_image(0), random_image(1), random_image(2)]
-    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    inputs = to_device(processor(images=images, text=texts, return_tensors="pt", padding=True), model.device)
     with lmmsqueeze.apply(model, pipeline) as run:
         batched = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
                                  output_logits=True)
     halves = [t.numel() for t in run.trace[0]]
     assert halves == ([36, 72] if pipeline.startswith("proxyv") else [18, 36])  # all, or half of 36 and of 72
     for b, pictures in enumerate([images[:1], images[1:]]):
-        alone = processor(images=pictures if len(pictures) > 1 else pictures[0], text=texts[b], return_tensors="pt")
+        alone = to_device(processor(images=pictures if len(pictures) > 1 else pictures[0], text=texts[b],
+                                    return_tensors="pt"), model.device)
         with lmmsqueeze.apply(model, pipeline) as single_run:
             single = model.generate(**alone, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
                                     output_logits=True)

@@ -1,0 +1,122 @@
+"""The GPU path: bf16 models with flash-attn on CUDA. Skipped without CUDA (and flash-attn).
+
+The rest of the suite runs its model tests on CUDA as well through the ``device`` fixture; this
+file covers what only exists there: loading in bf16 with ``flash_attention_2``, and every probe
+and reducer under flash-attn (whose layers get a 2-D padding mask, and no attention weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmmsqueeze
+from lmmsqueeze.reducers import get_reducer, list_reducers
+from lmmsqueeze.testing import (
+    TINY_STAGE_PARAMS,
+    tiny_inputs,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_next_inputs,
+    tiny_qwen2_vl,
+    tiny_qwen_inputs,
+    to_device,
+)
+
+
+def _flash_available() -> bool:
+    from transformers.utils import is_flash_attn_2_available
+
+    return torch.cuda.is_available() and is_flash_attn_2_available()
+
+
+pytestmark = [pytest.mark.skipif(not _flash_available(), reason="needs CUDA and flash-attn"),
+              pytest.mark.usefixtures("no_grad")]
+
+FAMILIES = {
+    "llava": (tiny_llava, lambda p, b: tiny_inputs(p, b)),
+    "llava_next": (tiny_llava_next, lambda p, b: tiny_next_inputs(p, b, ((64, 64), (64, 48)))),
+    "qwen2_vl": (lambda attn: tiny_qwen2_vl(attn=attn), lambda p, b: tiny_qwen_inputs(p, b, ((168, 168), (112, 168)))),
+    "qwen2_5_vl": (lambda attn: tiny_qwen2_vl(attn=attn, version="2.5"),
+                   lambda p, b: tiny_qwen_inputs(p, b, ((168, 168), (112, 168)))),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def flash(request):
+    build, make = FAMILIES[request.param]
+    model, processor = build(attn="flash_attention_2")
+    model = model.to("cuda", torch.bfloat16)
+
+    def inputs(batch):
+        x = to_device(make(processor, batch), model.device)
+        x["pixel_values"] = x["pixel_values"].to(torch.bfloat16)
+        return x
+
+    return model, inputs
+
+
+def test_load_model_picks_bf16_and_flash_attention(saved_tiny):
+    from lmmsqueeze.pipelines.loading import load_model
+
+    model, _ = load_model(saved_tiny[0])
+    assert model.device.type == "cuda" and model.dtype == torch.bfloat16
+    assert model.config._attn_implementation == "flash_attention_2"
+
+
+@pytest.mark.parametrize("pipeline", ["random(keep=1.0)", "random(keep=1.0, layer=1)", "proxyv(layer=4)"])
+def test_identity_pipelines_are_bit_identical_under_flash(flash, pipeline):
+    model, inputs = flash
+    x = inputs(2)
+    reference = model(**x).logits
+    with lmmsqueeze.apply(model, pipeline):
+        assert torch.equal(model(**x).logits, reference)
+
+
+def _pipeline(name: str) -> str:
+    params = TINY_STAGE_PARAMS.get(name, "")
+    if get_reducer(name).placements == ("llm",) and "layer=" not in params:
+        params = ", ".join(p for p in (params, "layer=2") if p)
+    return f"{name}({params})" if params else name
+
+
+@pytest.mark.parametrize("name", list_reducers())
+def test_every_reducer_and_probe_runs_under_flash(flash, name):
+    model, inputs = flash
+    x = inputs(2)
+    try:
+        plan = lmmsqueeze.compile(_pipeline(name), model)
+    except lmmsqueeze.PipelineError as exc:
+        pytest.skip(f"refused on this family: {exc}")
+    with lmmsqueeze.apply(model, plan) as run:
+        out = model.generate(**x, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == x["input_ids"].shape[1] + 3
+    assert model.config.get_text_config()._attn_implementation == "flash_attention_2"
+    assert run.image_tokens_per_layer
+
+
+@pytest.mark.parametrize("pipeline", ["random(layer=2, keep=0.5, seed=3)", "fastv(layer=2, keep=0.5)",
+                                      "proxyv(layer=2, factor=2)"])
+def test_cached_generate_matches_no_cache_forward_under_flash(flash, pipeline):
+    """bf16: the same kept tokens, logits within bf16 noise of the no-cache forward."""
+    model, inputs = flash
+    x = inputs(2)
+    steps, prompt = 3, x["input_ids"].shape[1]
+    with lmmsqueeze.apply(model, pipeline) as run:
+        out = model.generate(**x, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        extra = torch.ones(2, steps, dtype=x["attention_mask"].dtype, device=model.device)
+        grown = {**x, "input_ids": out.sequences, "attention_mask": torch.cat([x["attention_mask"], extra], 1)}
+        if "mm_token_type_ids" in x:
+            grown["mm_token_type_ids"] = torch.cat([x["mm_token_type_ids"], 0 * extra.to(x["mm_token_type_ids"].dtype)], 1)
+        else:
+            mask = grown["attention_mask"]
+            grown["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        first = [t.clone() for t in run.trace[0]]
+        logits = model(**grown, use_cache=False).logits
+        rows = run.output_positions
+    if not pipeline.startswith("fastv"):  # fastv's no-cache query is another token
+        assert all(torch.equal(a, b) for a, b in zip(first, run.trace[0]))
+        for step in range(steps):
+            for b in range(2):
+                row = int(torch.nonzero(rows[b] == prompt + step - 1))
+                assert (logits[b, row].float() - out.logits[step][b].float()).abs().max() < 5e-2
