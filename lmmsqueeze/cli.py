@@ -143,7 +143,7 @@ def _si(x: float) -> str:
 def explain_cmd(
     pipeline: Annotated[str, typer.Argument(help='Pipeline text, e.g. "fastv(layer=2, keep=0.5)", or @file.yaml.')],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model directory, its config.json, or `bundled`.")] = None,
-    model_config: Annotated[Optional[str], typer.Option(help="A built-in geometry: llava-1.5-7b, llava-1.5-13b, llava-next-7b, qwen2-vl-7b, vicuna-7b, vicuna-13b, llama3-8b, qwen2-7b, phi3-mini.")] = None,
+    model_config: Annotated[Optional[str], typer.Option(help="A built-in geometry: llava-1.5-7b, llava-1.5-13b, llava-next-7b, qwen2-vl-7b, qwen2.5-vl-7b, vicuna-7b, vicuna-13b, llama3-8b, qwen2-7b, phi3-mini.")] = None,
     vision_tokens: Annotated[Optional[int], typer.Option(help="Image tokens per image (default: the model's).")] = None,
     text_tokens: Annotated[int, typer.Option(help="Non-image prompt tokens, for the cost.")] = 64,
     convention: Annotated[str, typer.Option(help="FLOPs convention: exact or fastv.")] = "exact",

@@ -225,6 +225,8 @@ PRESETS: dict[str, ModelGeometry] = {
     "llava-1.5-13b": _clip_l336_llava("llava-1.5-13b", "vicuna-13b", vocab=32064),
     "llava-next-7b": _clip_l336_llava_next("llava-next-7b", "vicuna-7b", vocab=32064),
     "qwen2-vl-7b": _qwen2_vl("qwen2-vl-7b"),
+    # Qwen2.5-VL-7B: the same decoder shapes and merged grid; its windowed ViT is also 1280 wide
+    "qwen2.5-vl-7b": dataclasses.replace(_qwen2_vl("qwen2.5-vl-7b"), family="qwen2_5_vl"),
     **{name: _clip_l336_llava(name, name) for name in _DECODERS},
 }
 
