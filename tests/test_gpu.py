@@ -120,3 +120,34 @@ def test_cached_generate_matches_no_cache_forward_under_flash(flash, pipeline):
             for b in range(2):
                 row = int(torch.nonzero(rows[b] == prompt + step - 1))
                 assert (logits[b, row].float() - out.logits[step][b].float()).abs().max() < 5e-2
+
+
+def test_filler_columns_under_flash_give_each_sample_its_own_result():
+    """One image in sample 0, two in sample 1: an llm stage keeps different counts per sample, and the
+    filler columns reach flash-attn layers as a 2-D padding mask."""
+    from lmmsqueeze.testing import random_image
+
+    model, processor = tiny_llava(attn="flash_attention_2")
+    model = model.to("cuda", torch.bfloat16)
+    texts = ["USER: <image>\nwhat is the colour ? ASSISTANT:", "USER: <image>\n<image>\nhow many ? ASSISTANT:"]
+    images = [random_image(0), random_image(1), random_image(2)]
+
+    def prepared(x):
+        x = to_device(x, model.device)
+        x["pixel_values"] = x["pixel_values"].to(torch.bfloat16)
+        return x
+
+    batch = prepared(processor(images=images, text=texts, return_tensors="pt", padding=True))
+    pipeline = "random(layer=1, keep=0.5, seed=1)"
+    with lmmsqueeze.apply(model, pipeline) as run:
+        batched = model.generate(**batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                                 output_logits=True)
+    assert [t.numel() for t in run.trace[0]] == [18, 36]
+    for b, pictures in enumerate([images[:1], images[1:]]):
+        alone = prepared(processor(images=pictures if len(pictures) > 1 else pictures[0], text=texts[b],
+                                   return_tensors="pt"))
+        with lmmsqueeze.apply(model, pipeline):
+            single = model.generate(**alone, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                                    output_logits=True)
+        for step in range(3):
+            assert (batched.logits[step][b].float() - single.logits[step][0].float()).abs().max() < 5e-2

@@ -144,6 +144,8 @@ class PipelineRun:
         needs = set().union(*(s.reducer.needs for s in plan.stages)) if plan.stages else set()
         self._vision_needs = needs & VISION_SIGNALS
         self._pre_llm = [s for s in plan.stages if s.placement in ("vision", "projector")]
+        backend = getattr(model.config.get_text_config(), "_attn_implementation", None) or ""
+        self._flat_masks = "flash" in str(backend)  # flash-attn layers take 2-D padding masks only
         self._llm = plan.at("llm")
 
     # ------------------------------------------------------------------ public helpers
@@ -550,7 +552,8 @@ class PipelineRun:
                     total = mask.shape[-1] if mask is not None else cache.get_seq_length(layer) + hidden.shape[1]
                     tail = torch.ones(seg.alive.shape[0], total - seg.alive.shape[1], dtype=torch.bool,
                                       device=seg.alive.device)
-                    mask = _mask_filler(mask, torch.cat([seg.alive, tail], 1), square=False, queries=hidden.shape[1])
+                    mask = _mask_filler(mask, torch.cat([seg.alive, tail], 1), square=False, queries=hidden.shape[1],
+                                        flat=self._flat_masks)
                 new = {**kwargs, "attention_mask": mask}
             if args:
                 return (hidden, *args[1:]), new
@@ -682,7 +685,8 @@ class PipelineRun:
         seg.position_embeddings = (cos.gather(1, idx), sin.gather(1, idx))
         pos = kwargs.get("position_ids")
         seg.position_ids = None if pos is None else pos.expand(keep.shape[0], -1).gather(1, keep)
-        seg.mask = _mask_filler(_slice_square_mask(kwargs.get("attention_mask"), keep), seg.alive, square=True)
+        seg.mask = _mask_filler(_slice_square_mask(kwargs.get("attention_mask"), keep), seg.alive, square=True,
+                                flat=self._flat_masks)
 
 
 def _proxy_mrope(stage: Any, meta: TokenState, image_mrope: Tensor) -> Tensor:
@@ -746,11 +750,14 @@ def _slice_square_mask(mask: Any, keep: Tensor) -> Any:
     return rows.gather(3, keep[:, None, None, :].expand(-1, h, n, -1))
 
 
-def _mask_filler(mask: Any, alive: Tensor | None, square: bool, queries: int = 0) -> Any:
-    """Mask out filler key columns (``alive`` False); build the causal mask when there was none."""
+def _mask_filler(mask: Any, alive: Tensor | None, square: bool, queries: int = 0, flat: bool = False) -> Any:
+    """Mask out filler key columns (``alive`` False); build the causal mask when there was none:
+    4-D for sdpa/eager, a 2-D padding mask for flash-attn (``flat``), which unpads the fillers."""
     if alive is None:
         return mask
     b, n = alive.shape
+    if mask is None and flat:
+        return alive.long()
     if mask is None:
         q = n if square else queries
         rows = torch.arange(q, device=alive.device)[:, None] + (n - q)  # key index of each query
