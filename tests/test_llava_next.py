@@ -143,6 +143,16 @@ def test_pool_is_per_crop_and_newlines_keep_their_rows(next_sdpa):
     assert run.trace[0][0].tolist() == [0, 2, 8, 10] + [16 + 16 * r + 2 * c for r in range(4) for c in range(4)]
 
 
+def test_fastervlm_keeps_its_share_of_every_crop(next_sdpa):
+    """keep=0.25 of 80 tokens: 4 of the base crop's 16 and 16 of the sub-crop grid's 64."""
+    model, processor = next_sdpa
+    inputs = _inputs(model, processor, 1, SQUARE)
+    with lmmsqueeze.apply(model, "fastervlm(keep=0.25)") as run:
+        model(**inputs)
+    kept = run.trace[0][0]
+    assert kept.numel() == 20 and int((kept < 16).sum()) == 4
+
+
 def _default_pipeline(name: str) -> str:
     params = TINY_STAGE_PARAMS.get(name, "")
     cls = get_reducer(name)

@@ -95,6 +95,33 @@ def test_fastervlm_keeps_the_top_cls_attention_in_order():
     assert out.index.tolist() == [1, 3, 5]  # 0.4, 0.3, 0.13
 
 
+def test_budgets_are_apportioned_by_crop_size():
+    from lmmsqueeze.reducers.base import apportion
+
+    assert apportion(5, [4, 16]) == [1, 4]  # exact 1.0 and 4.0
+    assert apportion(3, [4, 16]) == [1, 2]  # 0.6 and 2.4: the larger remainder (0.6) gets the spare token
+    assert apportion(4, [1, 1, 1, 1, 1]) == [1, 1, 1, 1, 0]  # equal remainders: earlier groups first
+    assert apportion(20, [4, 16]) == [4, 16] and apportion(0, [4, 16]) == [0, 0]
+
+
+def test_fastervlm_and_visionzip_keep_their_share_in_every_crop():
+    """A 2x2 base crop and a 4x4 sub-crop grid whose [CLS] attentions are all higher: a global
+    top-5 would take sub-crop tokens only; per crop, the base crop keeps its share (1 of 5)."""
+    g = torch.Generator().manual_seed(0)
+    crops = torch.tensor([0] * 4 + [1] * 16)
+    state = TokenState.initial(torch.randn(20, 4, generator=g), grids=((2, 2), (4, 4)), crop_ids=crops)
+    cls = torch.cat([torch.tensor([0.01, 0.04, 0.03, 0.02]), 0.1 + torch.arange(16.0) / 100])
+    out = create_reducer("fastervlm", keep=5).reduce(state, Signals(cls_attention=cls))
+    assert out.index.tolist() == [1, 16, 17, 18, 19]  # base: its top (0.04); sub-grid: its top 4
+    keys = torch.randn(20, 8, generator=g)
+    zipped = create_reducer("visionzip", dominant=5, contextual=2).reduce(
+        state, Signals(cls_attention=cls, vision_keys=keys))
+    assert zipped.index[:5].tolist() == [1, 16, 17, 18, 19]
+    single = _state(20)  # one crop: the plain global top-k
+    assert create_reducer("fastervlm", keep=5).reduce(single, Signals(cls_attention=cls)).index.tolist() == [
+        15, 16, 17, 18, 19]
+
+
 def test_pdrop_is_fastv_repeated_at_each_stage():
     state = _state(16)
     att = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.8, 0.2, 0.7, 0.05, 0.6, 0.4, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65])

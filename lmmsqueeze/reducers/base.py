@@ -202,6 +202,34 @@ def top_k_slots(scores: Tensor, k: int) -> Tensor:
     return order[:k]
 
 
+def apportion(k: int, sizes: list[int]) -> list[int]:
+    """Split a budget of ``k`` tokens over groups of ``sizes`` in proportion to their sizes (largest
+    remainder; ties to the earlier group), so the shares sum to ``k`` and none exceeds its group."""
+    total = sum(sizes)
+    if not 0 <= k <= total:
+        raise ValueError(f"cannot keep {k} of {total} tokens")
+    if total == 0:
+        return [0] * len(sizes)
+    exact = [k * s / total for s in sizes]
+    shares = [min(int(e), s) for e, s in zip(exact, sizes)]
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - int(exact[i])), i))
+    left = k - sum(shares)
+    while left > 0:
+        for i in order:
+            if left and shares[i] < sizes[i]:
+                shares[i] += 1
+                left -= 1
+    return shares
+
+
+def top_k_per_group(scores: Tensor, k: int, groups: Tensor) -> Tensor:
+    """Slots of the top scores within each group, the budget ``k`` split by :func:`apportion`."""
+    ids = torch.unique(groups)
+    members = [torch.nonzero(groups == g).flatten() for g in ids]
+    picked = [m[top_k_slots(scores[m], share)] for m, share in zip(members, apportion(k, [len(m) for m in members]))]
+    return torch.cat(picked) if picked else scores.new_empty(0, dtype=torch.long)
+
+
 class Reducer:
     """Base class of every reducer. Subclasses are frozen dataclasses registered with
     :func:`lmmsqueeze.register_reducer`, which sets the class-level metadata below."""
@@ -246,8 +274,14 @@ class Reducer:
 
 @dataclass(frozen=True)
 class ScoredPruner(Reducer):
-    """A pruner that only scores tokens: the kept set is the top-``keep`` scores, in original order."""
+    """A pruner that only scores tokens: the kept set is the top-``keep`` scores, in original order.
 
+    A subclass whose method selects within each crop (``per_crop = True``) takes its top scores in
+    every crop of an image (LLaVA-NeXT's base crop and sub-crop grid), the budget split across crops
+    by their token counts; with one crop nothing changes.
+    """
+
+    per_crop: ClassVar[bool] = False
     keep: int | float = 0.5
 
     def __post_init__(self) -> None:
@@ -264,6 +298,8 @@ class ScoredPruner(Reducer):
         k = self.output_count(state.n, state.grids)
         if k >= state.n:
             return state
+        if self.per_crop:
+            return state.select(top_k_per_group(self.score(state, signals), k, state.crop_ids))
         return state.select(top_k_slots(self.score(state, signals), k))
 
 
@@ -289,6 +325,8 @@ __all__ = [
     "TokenState",
     "check_keep",
     "check_layer",
+    "apportion",
     "resolve_keep",
+    "top_k_per_group",
     "top_k_slots",
 ]

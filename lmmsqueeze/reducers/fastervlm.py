@@ -25,9 +25,13 @@ class FasterVLMReducer(ScoredPruner):
     in their original order (paper: the penultimate layer; 90% reduction keeps 58 of 576).
 
     Runs on the vision features before the projector (the released code projects all tokens and
-    drops the same ones afterwards: the same tokens survive, at a higher projector cost).
+    drops the same ones afterwards: the same tokens survive, at a higher projector cost). With
+    several crops (LLaVA-NeXT) it keeps its share in every crop, as the released code applies the
+    same ratio per crop: here per grid (the base crop, and the sub-crop grid whose four crops'
+    [CLS] attentions are compared together).
     """
 
+    per_crop = True
     keep: int | float = 0.1
 
     def score(self, state: TokenState, signals: Signals) -> Tensor:

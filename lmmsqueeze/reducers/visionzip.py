@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ._common import unit_rows
-from .base import Grids, Reducer, Signals, TokenState, check_keep, resolve_keep, top_k_slots
+from .base import Grids, Reducer, Signals, TokenState, check_keep, resolve_keep, top_k_per_group
 from .registry import register_reducer
 
 
@@ -30,7 +30,9 @@ class VisionZipReducer(Reducer):
     order, then contextual tokens in their targets' order. Differences from the released code: LLaVA
     drops the [CLS] token from the features, so all ``dominant`` tokens are patches (the paper keeps
     [CLS] as one of them), and keys are the concatenated heads of the vision feature layer rather
-    than their head mean. Counts are clamped to the tokens received.
+    than their head mean. Counts are clamped to the tokens received. With several crops (LLaVA-NeXT)
+    the dominant budget is split across crops by their token counts, each crop keeping its own top
+    tokens (the released code runs per crop); contextual tokens are merged over the whole image.
     """
 
     dominant: int | float = 54
@@ -57,7 +59,7 @@ class VisionZipReducer(Reducer):
     def reduce(self, state: TokenState, signals: Signals) -> TokenState:
         dom, ctx = self._counts(state.n)
         device = state.hidden.device
-        dominant = torch.sort(top_k_slots(signals.require("cls_attention"), dom)).values
+        dominant = torch.sort(top_k_per_group(signals.require("cls_attention"), dom, state.crop_ids)).values
         rest_mask = torch.ones(state.n, dtype=torch.bool, device=device)
         rest_mask[dominant] = False
         rest = torch.nonzero(rest_mask).flatten()
