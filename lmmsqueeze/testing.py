@@ -123,6 +123,35 @@ TINY_STAGE_PARAMS: dict[str, str] = {
 }
 
 
+def tiny_pipeline(name: str, placement: str | None = None) -> str:
+    """A one-stage pipeline that runs reducer ``name`` on the tiny models: its
+    :data:`TINY_STAGE_PARAMS`, plus ``layer=2`` when it runs in the LLM (``placement="llm"``, or
+    a reducer that only runs there)."""
+    from .reducers import get_reducer
+
+    params = TINY_STAGE_PARAMS.get(name, "")
+    if placement is None:
+        placement = "llm" if get_reducer(name).placements == ("llm",) else None
+    if placement == "llm" and "layer=" not in params:
+        params = ", ".join(p for p in (params, "layer=2") if p)
+    return f"{name}({params})" if params else name
+
+
+def count_flops(fn) -> int:
+    """FLOPs of ``fn()`` as ``torch.utils.flop_counter`` counts them (no autograd)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def noise_image(seed: int, width: int, height: int) -> Image.Image:
+    """A reproducible RGB noise image of any size."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
 PROMPTS = (
     "USER: <image>\nwhat is the colour of the cell ? ASSISTANT:",
     "USER: <image>\nhow many ? ASSISTANT:",
@@ -190,11 +219,7 @@ def tiny_llava_next(
 
 def tiny_next_inputs(processor, batch: int = 1, sizes: tuple[tuple[int, int], ...] = ((64, 64),)):
     """LLaVA-NeXT processor outputs: sample ``i`` gets an image of ``sizes[i % len(sizes)]`` (w, h)."""
-    images = []
-    for i in range(batch):
-        w, h = sizes[i % len(sizes)]
-        rng = np.random.default_rng(i)
-        images.append(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+    images = [noise_image(i, *sizes[i % len(sizes)]) for i in range(batch)]
     texts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     if batch == 1:
         return processor(images=images[0], text=texts[0], return_tensors="pt")
@@ -252,13 +277,15 @@ def tiny_qwen2_vl(
     ids = dict(image_token_id=4, vision_start_token_id=5, vision_end_token_id=6, video_token_id=7, pad_token_id=0,
                bos_token_id=2, eos_token_id=3)
     if version == "2":
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration as Model
+        from transformers import Qwen2VLConfig
+        from transformers import Qwen2VLForConditionalGeneration as Model
 
         vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=4, patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=2)
         config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
     elif version == "2.5":
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration as Model
+        from transformers import Qwen2_5_VLConfig
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
 
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=hidden, num_heads=4,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
@@ -280,11 +307,7 @@ def tiny_qwen2_vl(
 
 def tiny_qwen_inputs(processor, batch: int = 1, sizes: tuple[tuple[int, int], ...] = ((168, 168),)):
     """Qwen2-VL inputs: sample ``i`` gets a noise image of ``sizes[i % len(sizes)]`` (w, h)."""
-    images = []
-    for i in range(batch):
-        w, h = sizes[i % len(sizes)]
-        rng = np.random.default_rng(i)
-        images.append(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+    images = [noise_image(i, *sizes[i % len(sizes)]) for i in range(batch)]
     texts = [qwen_prompt(PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
     return processor(images=images, text=texts if batch > 1 else texts[0], return_tensors="pt")
 

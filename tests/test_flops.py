@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import lmmsqueeze
 from lmmsqueeze.compose.flops import layer_macs, proxyv_layer_macs
@@ -12,8 +11,7 @@ from lmmsqueeze.compose.geometry import preset, with_tokens
 from lmmsqueeze.errors import ModelError
 from lmmsqueeze.pipelines import adapter_for
 from lmmsqueeze.reducers import get_reducer, list_reducers
-from lmmsqueeze.testing import TINY_STAGE_PARAMS, tiny_inputs, tiny_llava
-
+from lmmsqueeze.testing import count_flops, tiny_inputs, tiny_llava, tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -22,22 +20,15 @@ def eager_tiny():
     return tiny_llava(attn="eager")
 
 
-def _count(fn) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
 
 def _pipelines():
     for name in list_reducers():
         cls = get_reducer(name)
-        params = TINY_STAGE_PARAMS.get(name, "")
         for placement in cls.placements:
             if placement == "llm":
-                args = ", ".join(a for a in (params, "" if "layer=" in params else "layer=2") if a)
-                yield f"{name}({args})"
+                yield tiny_pipeline(name, "llm")
             elif placement == next(p for p in cls.placements if p != "llm"):
-                yield f"{name}({params})" if params else name
+                yield tiny_pipeline(name, placement)
 
 
 @pytest.mark.parametrize("pipeline", [
@@ -56,8 +47,8 @@ def test_analytic_prefill_flops_match_the_counter(eager_tiny, pipeline):
     g = adapter_for(model).geometry
     text = inputs["input_ids"].shape[1] - g.image_tokens
     with lmmsqueeze.apply(model, plan):
-        total = _count(lambda: model(**inputs, logits_to_keep=1))
-    vision = _count(lambda: model.model.vision_tower(inputs["pixel_values"]))
+        total = count_flops(lambda: model(**inputs, logits_to_keep=1))
+    vision = count_flops(lambda: model.model.vision_tower(inputs["pixel_values"]))
     projector_tokens = plan.at("vision")[-1].tokens_out if plan.at("vision") else g.image_tokens
     dv, d = g.vision_hidden_size, g.hidden_size
     projector = 2 * projector_tokens * (dv * d + d * d)
@@ -74,7 +65,7 @@ def test_decoder_layer_matches_the_counter_exactly(eager_tiny):
     n = 50
     hidden = torch.randn(1, n, 64)
     pos = torch.arange(n)[None]
-    flops = _count(lambda: layer(hidden, attention_mask=None, position_embeddings=rotary(hidden, pos),
+    flops = count_flops(lambda: layer(hidden, attention_mask=None, position_embeddings=rotary(hidden, pos),
                                  position_ids=pos))
     # d=64, d_kv=32, m=128: 50*(2*64*64 + 2*64*32) + 2*50*50*64 + 3*50*64*128
     #                      = 614,400 + 320,000 + 1,228,800 = 2,163,200 MACs

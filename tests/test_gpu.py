@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import lmmsqueeze
-from lmmsqueeze.reducers import get_reducer, list_reducers
+from lmmsqueeze.reducers import list_reducers
 from lmmsqueeze.testing import (
-    TINY_STAGE_PARAMS,
     tiny_inputs,
     tiny_llava,
     tiny_llava_next,
     tiny_next_inputs,
+    tiny_pipeline,
     tiny_qwen2_vl,
     tiny_qwen_inputs,
     to_device,
@@ -72,19 +72,13 @@ def test_identity_pipelines_are_bit_identical_under_flash(flash, pipeline):
         assert torch.equal(model(**x).logits, reference)
 
 
-def _pipeline(name: str) -> str:
-    params = TINY_STAGE_PARAMS.get(name, "")
-    if get_reducer(name).placements == ("llm",) and "layer=" not in params:
-        params = ", ".join(p for p in (params, "layer=2") if p)
-    return f"{name}({params})" if params else name
-
 
 @pytest.mark.parametrize("name", list_reducers())
 def test_every_reducer_and_probe_runs_under_flash(flash, name):
     model, inputs = flash
     x = inputs(2)
     try:
-        plan = lmmsqueeze.compile(_pipeline(name), model)
+        plan = lmmsqueeze.compile(tiny_pipeline(name), model)
     except lmmsqueeze.PipelineError as exc:
         pytest.skip(f"refused on this family: {exc}")
     with lmmsqueeze.apply(model, plan) as run:
@@ -107,7 +101,8 @@ def test_cached_generate_matches_no_cache_forward_under_flash(flash, pipeline):
         extra = torch.ones(2, steps, dtype=x["attention_mask"].dtype, device=model.device)
         grown = {**x, "input_ids": out.sequences, "attention_mask": torch.cat([x["attention_mask"], extra], 1)}
         if "mm_token_type_ids" in x:
-            grown["mm_token_type_ids"] = torch.cat([x["mm_token_type_ids"], 0 * extra.to(x["mm_token_type_ids"].dtype)], 1)
+            types = x["mm_token_type_ids"]
+            grown["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(extra, dtype=types.dtype)], 1)
         else:
             mask = grown["attention_mask"]
             grown["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)

@@ -4,16 +4,21 @@ every reducer, newline tokens, per-crop grids, ProxyV and its cost."""
 from __future__ import annotations
 
 import pytest
-import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import lmmsqueeze
 from lmmsqueeze.compose import geometry_from_config
 from lmmsqueeze.compose.geometry import preset
 from lmmsqueeze.pipelines import adapter_for, count_hooks
-from lmmsqueeze.reducers import get_reducer, list_reducers
-from lmmsqueeze.testing import TINY_STAGE_PARAMS, tiny_llava_next, tiny_next_inputs, to_device
+from lmmsqueeze.reducers import list_reducers
+from lmmsqueeze.testing import (
+    count_flops,
+    noise_image,
+    tiny_llava_next,
+    tiny_next_inputs,
+    tiny_pipeline,
+    to_device,
+)
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -153,19 +158,12 @@ def test_fastervlm_keeps_its_share_of_every_crop(next_sdpa):
     assert kept.numel() == 20 and int((kept < 16).sum()) == 4
 
 
-def _default_pipeline(name: str) -> str:
-    params = TINY_STAGE_PARAMS.get(name, "")
-    cls = get_reducer(name)
-    if cls.placements == ("llm",) and "layer=" not in params:
-        params = ", ".join(p for p in (params, "layer=2") if p)
-    return f"{name}({params})" if params else name
-
 
 @pytest.mark.parametrize("name", list_reducers())
 def test_every_reducer_runs_and_keeps_every_newline(next_sdpa, name):
     model, processor = next_sdpa
     inputs = _inputs(model, processor, 2, SQUARE)
-    pipeline = _default_pipeline(name)
+    pipeline = tiny_pipeline(name)
     try:
         plan = lmmsqueeze.compile(pipeline, model)
     except lmmsqueeze.PipelineError as exc:  # a refusal must be one line
@@ -280,12 +278,10 @@ def test_spatial_proxyv_proxies_are_per_crop(next_sdpa):
 
 
 def test_multi_image_prompt(next_sdpa):
-    import numpy as np
-    from PIL import Image
 
     model, processor = next_sdpa
 
-    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    images = [noise_image(i, w, h)
               for i, (w, h) in enumerate([(64, 64), (64, 48)])]
     inputs = to_device(processor(images=images, text="USER: <image> <image>\ndescribe ASSISTANT:",
                                  return_tensors="pt"), model.device)
@@ -308,7 +304,6 @@ def test_multi_image_prompt(next_sdpa):
 def test_batch_with_different_image_token_counts(next_sdpa):
     """Samples with different numbers of image tokens: pre-LLM stages, llm stages (the shorter rows are
     filled with masked-out columns) and ProxyV (run sample by sample) give each sample what it gets alone."""
-    from PIL import Image
 
     from lmmsqueeze.testing import PROMPTS
 
@@ -325,7 +320,7 @@ def test_batch_with_different_image_token_counts(next_sdpa):
         if pipeline.startswith("fastv(layer=2"):
             assert [t.numel() for t in run.trace[0]] == [40, 32]
         for b, (w, h) in enumerate(SQUARE + WIDE):  # each sample alone, with its own prompt and image
-            image = Image.fromarray(np.random.default_rng(b).integers(0, 256, (h, w, 3), dtype=np.uint8))
+            image = noise_image(b, w, h)
             alone = to_device(processor(images=image, text=PROMPTS[b], return_tensors="pt"), model.device)
             with torch.no_grad(), lmmsqueeze.apply(model, pipeline):
                 single = model.generate(**alone, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
@@ -333,11 +328,6 @@ def test_batch_with_different_image_token_counts(next_sdpa):
             for step in range(3):
                 assert (batched.logits[step][b] - single.logits[step][0]).abs().max() < 1e-4, (pipeline, b, step)
 
-
-def _count(fn) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 @pytest.mark.parametrize("pipeline", ["none", "proxyv(layer=2, factor=2)",
@@ -353,8 +343,8 @@ def test_analytic_prefill_flops_match_the_counter(next_eager, pipeline):
     g = adapter_for(model).geometry
     text = inputs["input_ids"].shape[1] - g.image_tokens  # 12 text + 8 newline tokens
     with lmmsqueeze.apply(model, plan):
-        total = _count(lambda: model(**inputs, logits_to_keep=1))
-    vision = _count(lambda: model.model.vision_tower(inputs["pixel_values"][0]))
+        total = count_flops(lambda: model(**inputs, logits_to_keep=1))
+    vision = count_flops(lambda: model.model.vision_tower(inputs["pixel_values"][0]))
     dv, d = g.vision_hidden_size, g.hidden_size
     projected = 5 * 16 + (plan.at("vision")[-1].tokens_out if plan.at("vision") else 0)
     projector = 2 * projected * (dv * d + d * d)
@@ -381,8 +371,6 @@ def test_explain_preset_llava_next():
 def test_cli_runs_a_local_llava_next_directory(tmp_path):
     import json
 
-    import numpy as np
-    from PIL import Image
     from typer.testing import CliRunner
 
     from lmmsqueeze.cli import app
@@ -390,7 +378,7 @@ def test_cli_runs_a_local_llava_next_directory(tmp_path):
     model, processor = tiny_llava_next()
     model.save_pretrained(tmp_path / "m")
     processor.save_pretrained(tmp_path / "m")
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "i.png")
+    noise_image(0, 64, 48).save(tmp_path / "i.png")
     result = CliRunner().invoke(app, ["run", "-m", str(tmp_path / "m"), "-i", str(tmp_path / "i.png"), "--prompt",
                                       "what ?", "-p", "pool | fastv(layer=2, keep=0.5)", "--max-new-tokens", "2",
                                       "--json"])

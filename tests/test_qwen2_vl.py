@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
 
 import lmmsqueeze
 from lmmsqueeze.pipelines import adapter_for, count_hooks
-from lmmsqueeze.reducers import get_reducer, list_reducers
-from lmmsqueeze.testing import PROMPTS, TINY_STAGE_PARAMS, qwen_prompt, tiny_qwen2_vl, tiny_qwen_inputs, to_device
+from lmmsqueeze.reducers import list_reducers
+from lmmsqueeze.testing import (
+    PROMPTS,
+    count_flops,
+    noise_image,
+    qwen_prompt,
+    tiny_pipeline,
+    tiny_qwen2_vl,
+    tiny_qwen_inputs,
+    to_device,
+)
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -183,18 +189,12 @@ def test_cached_generate_matches_no_cache_forward(qwen, pipeline, batch):
             assert (logits[b, row] - out.logits[step][b]).abs().max() < 1e-4
 
 
-def _default_pipeline(name: str) -> str:
-    params = TINY_STAGE_PARAMS.get(name, "")
-    if get_reducer(name).placements == ("llm",) and "layer=" not in params:
-        params = ", ".join(p for p in (params, "layer=2") if p)
-    return f"{name}({params})" if params else name
-
 
 @pytest.mark.parametrize("name", list_reducers())
 def test_every_reducer_runs_end_to_end(qwen, name):
     model, _ = qwen
     inputs = _inputs(qwen, 2, SQUARE)
-    plan = lmmsqueeze.compile(_default_pipeline(name), model)  # nothing is refused on Qwen2-VL
+    plan = lmmsqueeze.compile(tiny_pipeline(name), model)  # nothing is refused on Qwen2-VL
     with lmmsqueeze.apply(model, plan) as run:
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert out.shape == (2, inputs["input_ids"].shape[1] + 2)
@@ -264,15 +264,16 @@ def test_spatial_proxies_sit_on_the_merged_grid(qwen):
 
 def test_multi_image_prompt(qwen):
     model, processor = qwen
-    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    images = [noise_image(i, w, h)
               for i, (w, h) in enumerate(SQUARE + WIDE)]
-    inputs = to_device(processor(images=images, text=qwen_prompt("USER: <image> <image>\ndescribe ASSISTANT:")), model.device)
+    text = qwen_prompt("USER: <image> <image>\ndescribe ASSISTANT:")
+    inputs = to_device(processor(images=images, text=text), model.device)
     assert int(inputs["mm_token_type_ids"].sum()) == 36 + 24
     reference = model(**inputs).logits
     with lmmsqueeze.apply(model, "random(keep=1.0)"):
         assert torch.equal(model(**inputs).logits, reference)
-    for pipeline, image_tokens in [("pool", 9 + 6), ("random(layer=2, keep=0.5)", 30),
-                                   ("proxyv(layer=2, factor=2)", 60), ("pool | proxyv(layer=2, variant=nonspatial)", 15)]:
+    for pipeline, image_tokens in [("pool", 9 + 6), ("random(layer=2, keep=0.5)", 30), ("proxyv(layer=2, factor=2)", 60),
+                                   ("pool | proxyv(layer=2, variant=nonspatial)", 15)]:
         with lmmsqueeze.apply(model, pipeline) as run:
             out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
                                  output_logits=True)
@@ -299,7 +300,7 @@ def test_batch_with_different_image_token_counts(qwen):
         if pipeline.startswith("fastv(layer=2"):
             assert [t.numel() for t in run.trace[0]] == [18, 12]
         for b, (w, h) in enumerate(SQUARE + WIDE):
-            image = Image.fromarray(np.random.default_rng(b).integers(0, 256, (h, w, 3), dtype=np.uint8))
+            image = noise_image(b, w, h)
             alone = to_device(processor(images=image, text=qwen_prompt(PROMPTS[b])), model.device)
             with lmmsqueeze.apply(model, pipeline):
                 single = model.generate(**alone, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
@@ -307,11 +308,6 @@ def test_batch_with_different_image_token_counts(qwen):
             for step in range(3):
                 assert (batched.logits[step][b] - single.logits[step][0]).abs().max() < 1e-4, (pipeline, b, step)
 
-
-def _count(fn) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 @pytest.mark.parametrize("pipeline", ["none", "proxyv(layer=2, factor=2)",
@@ -327,8 +323,8 @@ def test_analytic_prefill_flops_match_the_counter(qwen_eager, pipeline):
     plan = lmmsqueeze.compile(pipeline, g)
     text = inputs["input_ids"].shape[1] - 36
     with lmmsqueeze.apply(model, plan):
-        total = _count(lambda: model(**inputs, logits_to_keep=1))
-    vision = _count(lambda: model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]))
+        total = count_flops(lambda: model(**inputs, logits_to_keep=1))
+    vision = count_flops(lambda: model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]))
     unit, d = 4 * g.vision_hidden_size, g.hidden_size
     again = plan.at("vision")[-1].tokens_out if plan.at("vision") else 0
     cost = plan.cost(text_tokens=text)
@@ -357,7 +353,7 @@ def qwen_dir(tmp_path_factory):
     model, processor = tiny_qwen2_vl(version="2.5")
     model.save_pretrained(path / "m")
     processor.save_pretrained(path / "m")
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (168, 112, 3), dtype=np.uint8)).save(path / "i.png")
+    noise_image(0, 112, 168).save(path / "i.png")
     return path
 
 

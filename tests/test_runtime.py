@@ -84,7 +84,8 @@ def test_cached_generate_matches_no_cache_forward_after_llm_reduction(tiny_dev, 
     assert lengths == [full] * layer + [full - dropped] * (4 - layer)
 
     sequences = out.sequences
-    mask = torch.cat([inputs["attention_mask"], torch.ones(batch, new_tokens, dtype=torch.long, device=model.device)], 1)
+    generated = torch.ones(batch, new_tokens, dtype=torch.long, device=model.device)
+    mask = torch.cat([inputs["attention_mask"], generated], 1)
     with lmmsqueeze.apply(model, pipeline) as ref_run:
         logits = model(input_ids=sequences, pixel_values=inputs["pixel_values"], attention_mask=mask,
                        position_ids=_reference_positions(mask), use_cache=False).logits
@@ -167,7 +168,8 @@ def test_stage_trace_composes_original_indices(tiny_sdpa):
     assert torch.equal(second, expected)
 
 
-@pytest.mark.parametrize("pipeline", ["random(layer=2, keep=0.5, seed=3)", "fastv(layer=1, keep=0.5) | random(layer=3, keep=5)",
+@pytest.mark.parametrize("pipeline", ["random(layer=2, keep=0.5, seed=3)",
+                                      "fastv(layer=1, keep=0.5) | random(layer=3, keep=5)",
                                       "proxyv(layer=2, factor=2)",
                                       "fastv(layer=1, keep=0.5) | proxyv(layer=2, variant=nonspatial, proxies=4)"])
 def test_samples_with_different_image_counts_compute_what_they_compute_alone(tiny_dev, pipeline):
