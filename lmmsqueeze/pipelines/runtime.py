@@ -7,8 +7,9 @@ All intervention happens through module hooks installed by one :class:`~.hooks.H
   placeholder run to its reduced length and, on later decode steps, keeps the attention mask and
   position ids consistent with the shorter prompt;
 * a pre-hook on the projector runs ``vision`` stages, a forward hook runs ``projector`` stages;
-  for families that pack crops after the projector (LLaVA-NeXT: base crop, unpadded sub-crop grid,
-  newline tokens) both run on each image's packed features instead, through the adapter's
+  for families that pack features after the projector (LLaVA-NeXT: base crop, unpadded sub-crop
+  grid, newline tokens; Qwen2-VL: all images' merged patches in one tensor) both run on each
+  image's packed features instead, through the adapter's
   :meth:`~.adapters.ModelAdapter.hook_packed_features`; separator (newline) placeholders are
   never image tokens for any stage: they stay in the prompt like text;
 * pre-hooks on decoder layers >= K run ``llm`` stages at layer K and slice hidden states, RoPE
@@ -16,8 +17,10 @@ All intervention happens through module hooks installed by one :class:`~.hooks.H
   columns (decode), so each layer's KV cache holds exactly the tokens that reached it;
 * forward hooks on attention modules measure one-query signals (see :mod:`.probes`).
 
-Positions: a ``projector`` reduction renumbers the prompt (the placeholder run is shorter); an
-``llm`` reduction keeps every survivor's original position (RoPE stays consistent).
+Positions: a ``projector`` reduction renumbers the prompt (the placeholder run is shorter), except
+on M-RoPE families (Qwen2-VL), where every survivor keeps its original 3-D ids and only the text
+row that orders the sequence is renumbered; an ``llm`` reduction keeps every survivor's original
+position (RoPE stays consistent).
 """
 
 from __future__ import annotations
@@ -238,9 +241,9 @@ class PipelineRun:
         return self._run_image_stages(stages) if stages else None
 
     def _packed_features(self, packed: list[Tensor], layouts: list[Any]) -> list[Tensor]:
-        """Pre-LLM stages on packed images (LLaVA-NeXT): each image is one state whose crops are the
-        layout's grids; separators (newlines) are taken out before the stages and put back after
-        them, each after the surviving tokens that preceded it."""
+        """Pre-LLM stages on packed images (LLaVA-NeXT, Qwen2-VL): each image is one state whose crops
+        are the layout's grids; separators (newlines) are taken out before the stages and put back
+        after them, each after the surviving tokens that preceded it."""
         a = self.adapter
         rows_in = None if self._crop_inputs is None else a.projector_rows(self._crop_inputs)
         total = sum(lay.crops for lay in layouts)
