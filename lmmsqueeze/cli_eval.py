@@ -188,7 +188,7 @@ def sweep_cmd(
         else:
             grid = Grid()
             items = [i for p in (pipeline or []) for i in expand_item(p, adapter)]
-            grid.items = items if pipeline else default_items()
+            grid.items = items if pipeline else default_items(model or "bundled")
             if plot_file is None and not pipeline:
                 plot_file = Path("pareto.png")
         if model:

@@ -66,6 +66,16 @@ def test_store_round_trip_and_replace(tmp_path):
         assert [r["accuracy"] for r in store.rows()] == [0.5]
 
 
+def test_default_grid_offers_the_shipped_adapters_on_the_bundled_model_only():
+    from lmmsqueeze.evaluation.sweep import default_items
+
+    bundled = [item.pipeline for item in default_items("bundled")]
+    other = [item.pipeline for item in default_items("/models/qwen2-vl")]
+    assert any(p.startswith("proxyv(") for p in bundled) and not any("proxyv" in p for p in other)
+    assert "visionzip(dominant=27, contextual=5)" in bundled
+    assert "visionzip(dominant=0.1875, contextual=0.035)" in other  # 27 and 5 of 144 as fractions
+
+
 def test_grid_lists_expand_and_bad_grids_are_refused(tmp_path):
     assert [i.pipeline for i in expand_item("fastv(keep=[0.25, 0.5])")] == ["fastv(keep=0.25)", "fastv(keep=0.5)"]
     good = tmp_path / "g.yaml"

@@ -102,17 +102,23 @@ def load_grid(path: str | Path) -> Grid:
     return grid
 
 
-def default_items() -> list[GridItem]:
-    """The main job's grid on the bundled model: budgets of the classic reducers and ProxyV."""
+def default_items(model: str = "bundled") -> list[GridItem]:
+    """The default grid: budgets of the classic reducers, and on the bundled model its shipped ProxyV
+    adapters (trained for it alone). VisionZip keeps 16/32/48 of the bundled model's 144 image
+    tokens (about 5 dominant to 1 contextual), and the same fractions of any other model's."""
     from ..proxyv.attach import adapter_path
 
+    zips = ["dominant=14, contextual=2", "dominant=27, contextual=5", "dominant=41, contextual=7"]
+    if str(model) != "bundled":
+        zips = ["dominant=0.097, contextual=0.014", "dominant=0.1875, contextual=0.035",
+                "dominant=0.285, contextual=0.049"]
     items = [
         *expand_item("pool"),
         *expand_item("fastv(keep=[0.25, 0.5, 0.75])"),
-        *expand_item("visionzip(dominant=14, contextual=2)"),
-        *expand_item("visionzip(dominant=27, contextual=5)"),
-        *expand_item("visionzip(dominant=41, contextual=7)"),
+        *(item for z in zips for item in expand_item(f"visionzip({z})")),
     ]
+    if str(model) != "bundled":
+        return items
     for name in ("proxyv-spatial", "proxyv-nonspatial"):
         if (adapter_path(f"bundled:{name}") / "adapter_config.json").is_file():
             items.append(GridItem(adapter_pipeline(f"bundled:{name}"), f"bundled:{name}"))
