@@ -54,25 +54,36 @@ def model_view(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
-def _cell(index: int, grid: tuple[int, int], size: int) -> tuple[int, int, int, int]:
+def _cell(index: int, grid: tuple[int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
     h, w = grid
+    width, height = size
     r, c = divmod(index, w)
-    return (c * size // w, r * size // h, (c + 1) * size // w, (r + 1) * size // h)
+    return (c * width // w, r * height // h, (c + 1) * width // w, (r + 1) * height // h)
 
 
-def _panel(image: Image.Image, grid: tuple[int, int], view: StageView | None, size: int) -> Image.Image:
-    base = image.resize((size, size), Image.BILINEAR)
-    n = grid[0] * grid[1]
-    if view is None:
-        return base
-    if len(view.groups) != n:
-        raise LmmsqueezeError(f"stage {view.title!r} has {len(view.groups)} groups but the grid holds {n} tokens")
-    dark = Image.blend(base, Image.new("RGB", base.size), 1.0 - DROPPED_SHADE)
-    out = base.copy()
+def _panel_size(grid: tuple[int, int], side: int) -> tuple[int, int]:
+    """A panel whose longer side is ``side`` and whose cells are square."""
+    h, w = grid
+    return max(1, side * w // max(h, w)), max(1, side * h // max(h, w))
+
+
+def _members(groups: Sequence[int]) -> dict[int, int]:
+    """Original tokens in every output token."""
     members: dict[int, int] = {}
-    for g in view.groups:
+    for g in groups:
         if g >= 0:
             members[g] = members.get(g, 0) + 1
+    return members
+
+
+def _panel(image: Image.Image, grid: tuple[int, int], view: StageView | None, size: tuple[int, int],
+           members: dict[int, int]) -> Image.Image:
+    """One crop's panel; ``members`` counts every output token's tokens over all crops."""
+    base = image.resize(size, Image.BILINEAR)
+    if view is None:
+        return base
+    dark = Image.blend(base, Image.new("RGB", base.size), 1.0 - DROPPED_SHADE)
+    out = base.copy()
     for i, g in enumerate(view.groups):
         box = _cell(i, grid, size)
         if g < 0:
@@ -85,41 +96,68 @@ def _panel(image: Image.Image, grid: tuple[int, int], view: StageView | None, si
         x0, y0, x1, y1 = _cell(int(i), grid, size)
         g = view.groups[int(i)]
         colour = group_colour(g) if g >= 0 and members.get(g, 0) > 1 else (255, 255, 255)
-        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colour, width=max(1, size // (8 * max(grid))))
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colour, width=max(1, max(size) // (8 * max(grid))))
     return out
 
 
-def render_stages(image: Image.Image, grid: tuple[int, int], stages: Sequence[StageView],
-                  panel_size: int = 256) -> Image.Image:
-    """One panel for the input and one per stage, side by side.
+def _crop_view(view: StageView, offset: int, count: int) -> StageView:
+    """The part of a stage view that falls on one crop's tokens (indices ``offset..offset+count-1``)."""
+    kept = [int(i) - offset for i in view.kept if offset <= int(i) < offset + count]
+    return StageView(view.title, kept, list(view.groups[offset:offset + count]))
+
+
+def render_stages(image: Image.Image | Sequence[Image.Image], grid: tuple[int, int] | Sequence[tuple[int, int]],
+                  stages: Sequence[StageView], panel_size: int = 256) -> Image.Image:
+    """One panel for the input and one per stage, side by side; one row of panels per crop.
 
     In a stage's panel, dropped patches are darkened, patches merged into a token of more than one
-    patch are tinted with that token's colour, and the patch that carries each surviving token (its
-    representative) is outlined (white for unmerged tokens).
+    patch are tinted with that token's colour (the same colour in every crop), and the patch that
+    carries each surviving token (its representative) is outlined (white for unmerged tokens).
 
     Args:
-        image: the image as the model sees it (see :func:`model_view`).
-        grid: ``(rows, cols)`` of the image's tokens; token ``i`` covers row ``i // cols``, column ``i % cols``.
+        image: the image as the model sees it (see :func:`model_view`), or one image per crop.
+        grid: ``(rows, cols)`` of the image's tokens (token ``i`` covers row ``i // cols``, column
+            ``i % cols``), or one grid per crop, the crops' tokens numbered one crop after another.
         stages: per stage, the surviving original indices and the group of every original token.
-        panel_size: side of each panel in pixels.
+        panel_size: longer side of each panel in pixels.
     """
+    grids = [tuple(grid)] if isinstance(grid[0], int) else [tuple(g) for g in grid]
+    images = [image] * len(grids) if isinstance(image, Image.Image) else list(image)
+    if len(images) != len(grids):
+        raise LmmsqueezeError(f"{len(images)} images for {len(grids)} crop grids; give one image per grid")
+    total = sum(h * w for h, w in grids)
+    for view in stages:
+        if len(view.groups) != total:
+            raise LmmsqueezeError(f"stage {view.title!r} has {len(view.groups)} groups but the grid holds "
+                                  f"{total} tokens")
     font = ImageFont.load_default()
-    panels = [("input", grid[0] * grid[1], None)] + [(s.title, len(s.kept), s) for s in stages]
-    width = len(panels) * (panel_size + MARGIN) + MARGIN
-    canvas = Image.new("RGB", (width, panel_size + TITLE_HEIGHT + 2 * MARGIN), (255, 255, 255))
+    panels = [("input", total, None)] + [(s.title, len(s.kept), s) for s in stages]
+    sizes = [_panel_size(g, panel_size) for g in grids]
+    column = max(w for w, _ in sizes)
+    width = len(panels) * (column + MARGIN) + MARGIN
+    height = TITLE_HEIGHT + MARGIN + sum(h + MARGIN for _, h in sizes)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for k, (title, count, view) in enumerate(panels):
-        x = MARGIN + k * (panel_size + MARGIN)
-        canvas.paste(_panel(image.convert("RGB"), grid, view, panel_size), (x, MARGIN + TITLE_HEIGHT))
-        caption = title if len(title) * 6 <= panel_size else title[: panel_size // 6 - 1] + "…"
+        x = MARGIN + k * (column + MARGIN)
+        y, offset = MARGIN + TITLE_HEIGHT, 0
+        for picture, g, size in zip(images, grids, sizes):
+            n = g[0] * g[1]
+            part = None if view is None else _crop_view(view, offset, n)
+            members = {} if view is None else _members(view.groups)
+            canvas.paste(_panel(picture.convert("RGB"), g, part, size, members), (x, y))
+            y += size[1] + MARGIN
+            offset += n
+        caption = title if len(title) * 6 <= column else title[: column // 6 - 1] + "…"
         draw.text((x, MARGIN), caption, fill=(0, 0, 0), font=font)
         draw.text((x, MARGIN + 14), f"{count} tokens", fill=(90, 90, 90), font=font)
     return canvas
 
 
 def trace_pipeline(model: Any, processor: Any, image: Image.Image, question: str, pipeline: Any,
-                   adapter: Any = None) -> list[StageView]:
-    """Run one prefill of ``model`` with ``pipeline`` installed and return what each stage kept."""
+                   adapter: Any = None) -> tuple[list[StageView], Any]:
+    """Run one prefill of ``model`` with ``pipeline`` installed; return what each stage kept and the
+    processor outputs."""
     import torch
 
     from .pipelines import apply, build_prompt
@@ -129,22 +167,29 @@ def trace_pipeline(model: Any, processor: Any, image: Image.Image, question: str
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     with torch.no_grad(), apply(model, pipeline, adapter=adapter) as run:
         model(**inputs)
-    return [StageView(stage.label(), run.trace[i][0].tolist(), run.groups[i][0].tolist())
-            for i, stage in enumerate(run.plan.stages)]
+    views = [StageView(stage.label(), run.trace[i][0].tolist(), run.groups[i][0].tolist())
+             for i, stage in enumerate(run.plan.stages)]
+    return views, inputs
 
 
 def show_pipeline(model: Any, processor: Any, image: Image.Image, question: str, pipeline: Any,
                   panel_size: int = 256, adapter: Any = None) -> tuple[Image.Image, list[StageView]]:
-    """The picture of ``pipeline`` on ``image`` (one panel per stage) and the stage views drawn in it."""
+    """The picture of ``pipeline`` on ``image`` (one panel per stage, one row per crop grid) and the
+    stage views drawn in it.
+
+    LLaVA-1.5 sees the centre square of the image; LLaVA-NeXT's base crop and sub-crop grid and
+    Qwen2-VL's merged grid each cover the whole image.
+    """
     from .pipelines import compile_for
 
-    plan, _ = compile_for(model, pipeline)
-    grids = plan.geometry.grids
-    if not grids or len(grids) != 1:
-        raise LmmsqueezeError("show needs the image tokens to form one grid; this model's features do not "
+    plan, model_adapter = compile_for(model, pipeline)
+    views, inputs = trace_pipeline(model, processor, image, question, plan, adapter)
+    grids = model_adapter.image_geometries(inputs)[0].grids
+    if not grids:
+        raise LmmsqueezeError("show needs the image tokens to form a grid; this model's features do not "
                               "(e.g. vision_feature_select_strategy='full' keeps [CLS])")
-    views = trace_pipeline(model, processor, image, question, plan, adapter)
-    return render_stages(model_view(image), grids[0], views, panel_size), views
+    picture = model_view(image) if model_adapter.geometry.family == "llava" else image.convert("RGB")
+    return render_stages(picture, grids, views, panel_size), views
 
 
 def save_picture(picture: Image.Image, out: str | Path) -> Path:

@@ -404,3 +404,22 @@ def test_eval_costs_use_the_real_image_grid(qwen_dir, tmp_path):
     assert len(text) == 1  # the vanilla cost is the 9-token geometry's at the prompts' text length
     assert ratio == pytest.approx(lmmsqueeze.compile("pool(size=3)", small).cost(text_tokens=text[0]).prefill_flops
                                   / row["vanilla_prefill_flops"])
+
+
+def test_show_draws_the_merged_grid_over_the_whole_image(qwen_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from PIL import Image
+
+    from lmmsqueeze.cli import app
+    from lmmsqueeze.visualize import MARGIN, TITLE_HEIGHT
+
+    out = tmp_path / "show.png"
+    result = CliRunner().invoke(app, ["show", "-m", str(qwen_dir / "m"), "-i", str(qwen_dir / "i.png"), "--prompt",
+                                      "what ?", "-p", "pool", "--out", str(out), "--panel-size", "96", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [s["tokens"] for s in json.loads(result.stdout)["stages"]] == [6]
+    # the 6x4 merged grid of a 112x168 image: 64x96 panels
+    assert Image.open(out).size == (2 * (64 + MARGIN) + MARGIN, TITLE_HEIGHT + MARGIN + 96 + MARGIN)

@@ -45,6 +45,23 @@ def test_render_darkens_dropped_tints_merged_and_outlines_representatives():
     assert picture.getpixel((MARGIN + (64 + MARGIN) + 1, MARGIN + TITLE_HEIGHT + 10)) == (255, 255, 255)
 
 
+def test_render_draws_one_row_per_crop_grid():
+    """Two crops (a 1x2 and a 2x2 grid): tokens 0-1 are the first row, 2-5 the second; merge
+    colours are shared across crops."""
+    image = Image.new("RGB", (40, 40), GREY)
+    view = StageView("merge", kept=[0, 5], groups=[0, -1, -1, -1, 0, 1])  # token 4 (crop 2) merged into token 0
+    picture = render_stages([image, image], [(1, 2), (2, 2)], [view], panel_size=64)
+    # rows: a 64x32 panel for the 1x2 grid, then a 64x64 one
+    assert picture.size == (2 * (64 + MARGIN) + MARGIN, TITLE_HEIGHT + MARGIN + (32 + MARGIN) + (64 + MARGIN))
+    x0, top = MARGIN + 64 + MARGIN, MARGIN + TITLE_HEIGHT
+    tint = [round(g * 0.45 + t * 0.55) for g, t in zip(GREY, group_colour(0))]
+    assert all(abs(a - b) <= 1 for a, b in zip(picture.getpixel((x0 + 16, top + 16)), tint))  # crop 1, token 0
+    assert picture.getpixel((x0 + 48, top + 16)) != GREY  # crop 1, token 1: dropped (darkened)
+    second = top + 32 + MARGIN
+    assert all(abs(a - b) <= 1 for a, b in zip(picture.getpixel((x0 + 16, second + 48)), tint))  # crop 2, token 2
+    assert picture.getpixel((x0 + 48, second + 48)) == GREY  # crop 2, token 3 (index 5): kept alone
+
+
 def test_render_refuses_groups_that_do_not_fit_the_grid():
     with pytest.raises(Exception, match="has 3 groups but the grid holds 4 tokens"):
         render_stages(Image.new("RGB", (8, 8)), (2, 2), [StageView("x", [0], [0, -1, -1])])
