@@ -204,9 +204,9 @@ def test_every_reducer_runs_end_to_end(qwen, name):
     assert run.image_tokens_per_layer[-1] == run.trace[-1][0].numel()
 
 
-def _reference_received_attention(model, inputs):
-    """Mean attention each merged token receives in the last vision block: the full attention matrix
-    per image, written out with the model's own RoPE function."""
+def _reference_received_attention(model, inputs, per_patch=False):
+    """Mean attention each merged token (or patch) receives in the last vision block: the full
+    attention matrix per image, written out with the model's own RoPE function; and the block's inputs."""
     attn = model.model.visual.blocks[-1].attn
     captured = {}
     handle = attn.register_forward_pre_hook(
@@ -227,7 +227,21 @@ def _reference_received_attention(model, inputs):
     for a, b in zip(bounds[:-1], bounds[1:]):
         weights = torch.softmax(torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * attn.scaling, dim=-1)
         out.append(weights.mean(dim=(0, 1)))
-    return torch.cat(out).view(-1, 4).mean(1)
+    received = torch.cat(out)
+    return (received, captured) if per_patch else received.view(-1, 4).mean(1)
+
+
+def test_mean_received_attention_in_chunks_equals_the_full_matrix(qwen):
+    from lmmsqueeze.pipelines.probes import mean_received_attention
+
+    model, _ = qwen
+    inputs = _inputs(qwen, 2, SQUARE + WIDE)  # two images: two segments
+    received, captured = _reference_received_attention(model, inputs, per_patch=True)
+    attn = model.model.visual.blocks[-1].attn
+    for budget in (2 ** 26, 7 * attn.num_heads * 144):  # one chunk; chunks of 7 queries
+        ours = mean_received_attention(attn, captured["hidden_states"], captured["cu_seqlens"],
+                                       captured["position_embeddings"], budget=budget)
+        assert torch.allclose(ours, received, atol=1e-6)
 
 
 def test_cls_reducers_read_the_mean_received_attention(qwen):

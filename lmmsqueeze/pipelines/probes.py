@@ -87,12 +87,13 @@ def cls_query_attention(attn: nn.Module, hidden_states: Tensor) -> Tensor:
 
 
 def mean_received_attention(attn: nn.Module, hidden_states: Tensor, cu_seqlens: Tensor,
-                            position_embeddings: tuple[Tensor, Tensor], chunk: int = 1024) -> Tensor:
+                            position_embeddings: tuple[Tensor, Tensor], budget: int = 2 ** 26) -> Tensor:
     """For a vision tower without [CLS] (Qwen2-VL's): the attention each token receives, averaged over
     heads and over every query of its own segment (an image, as ``cu_seqlens`` delimits them).
 
-    Recomputed from the block's fused ``qkv`` projection and its 2-D RoPE, ``chunk`` queries at a
-    time, so no full attention matrix is ever held.
+    Recomputed from the block's fused ``qkv`` projection and its 2-D RoPE, a chunk of queries at a
+    time (at most ``budget`` attention weights, 256 MB in float32), so no full attention matrix is
+    ever held.
 
     Args:
         attn: the block's attention (``qkv``, ``num_heads``, ``head_dim``, ``scaling``).
@@ -113,6 +114,7 @@ def mean_received_attention(attn: nn.Module, hidden_states: Tensor, cu_seqlens: 
     bounds = cu_seqlens.tolist()
     for a, b in zip(bounds[:-1], bounds[1:]):
         keys = k[:, a:b]
+        chunk = max(1, budget // (attn.num_heads * (b - a)))
         for start in range(a, b, chunk):
             stop = min(start + chunk, b)
             weights = (q[:, start:stop] @ keys.transpose(1, 2) * attn.scaling).softmax(-1)  # [H, q, n]
