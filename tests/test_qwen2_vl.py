@@ -437,3 +437,22 @@ def test_show_draws_the_merged_grid_over_the_whole_image(qwen_dir, tmp_path):
     assert [s["tokens"] for s in json.loads(result.stdout)["stages"]] == [6]
     # the 6x4 merged grid of a 112x168 image: 64x96 panels
     assert Image.open(out).size == (2 * (64 + MARGIN) + MARGIN, TITLE_HEIGHT + MARGIN + 96 + MARGIN)
+
+
+@pytest.mark.parametrize("pipeline", ["pool", "fastv(layer=2, keep=0.5)", "pool | random(layer=1, keep=3)"])
+def test_a_text_only_sample_in_the_batch_is_left_alone(qwen, pipeline):
+    model, processor = qwen
+    texts = [qwen_prompt(PROMPTS[0]), "USER: how many ? ASSISTANT:"]
+    batch = to_device(processor(images=[noise_image(0, 168, 168)], text=texts, padding=True), model.device)
+    with lmmsqueeze.apply(model, pipeline) as run:
+        out = model.generate(**batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+    assert run.trace[0][1].numel() == 0
+    with lmmsqueeze.apply(model, pipeline):
+        first = model.generate(**to_device(processor(images=noise_image(0, 168, 168), text=texts[0]), model.device),
+                               max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    second = model.generate(**to_device(processor(text=texts[1]), model.device), max_new_tokens=3, do_sample=False,
+                            return_dict_in_generate=True, output_logits=True)
+    for step in range(3):
+        assert (out.logits[step][0] - first.logits[step][0]).abs().max() < 1e-4
+        assert (out.logits[step][1] - second.logits[step][0]).abs().max() < 1e-4

@@ -195,3 +195,28 @@ def test_samples_with_different_image_counts_compute_what_they_compute_alone(tin
         assert torch.equal(single_run.trace[-1][0], run.trace[-1][b])
         for step in range(4):
             assert (batched.logits[step][b] - single.logits[step][0]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("pipeline", ["pool", "fastv(layer=2, keep=0.5)", "pool | random(layer=1, keep=3)"])
+def test_a_text_only_sample_in_the_batch_is_left_alone(tiny_dev, pipeline):
+    """Sample 1 has no image: it computes what it computes alone; sample 0 what it gets alone."""
+    from lmmsqueeze.testing import random_image
+
+    model, processor = tiny_dev
+    texts = ["USER: <image>\nwhat is the colour ? ASSISTANT:", "USER: how many ? ASSISTANT:"]
+    batch = to_device(processor(images=[random_image(0)], text=texts, return_tensors="pt", padding=True),
+                      model.device)
+    with lmmsqueeze.apply(model, pipeline) as run:
+        out = model.generate(**batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+    assert run.trace[0][1].numel() == 0
+    image_alone = to_device(processor(images=random_image(0), text=texts[0], return_tensors="pt"), model.device)
+    text_alone = to_device(processor(text=texts[1], return_tensors="pt"), model.device)
+    with lmmsqueeze.apply(model, pipeline):
+        first = model.generate(**image_alone, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                               output_logits=True)
+    second = model.generate(**text_alone, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                            output_logits=True)
+    for step in range(3):
+        assert (out.logits[step][0] - first.logits[step][0]).abs().max() < 1e-4
+        assert (out.logits[step][1] - second.logits[step][0]).abs().max() < 1e-4

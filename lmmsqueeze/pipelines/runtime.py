@@ -400,8 +400,9 @@ class PipelineRun:
                     groups.append(torch.where(rec.groups[si] >= 0, rec.groups[si] + slot_off, rec.groups[si]))
                     index_off += rec.state.n_original
                     slot_off += rec.trace[si].numel()
-                self._trace[si].append(torch.cat(trace))
-                self._groups[si].append(torch.cat(groups))
+                empty = torch.empty(0, dtype=torch.long, device=is_image.device)  # a sample without images
+                self._trace[si].append(torch.cat(trace) if trace else empty)
+                self._groups[si].append(torch.cat(groups) if groups else empty)
         self._proxyv_state = None
         self._prefill = _Prefill(
             batch=batch, length=new_len, padding=padding, source_columns=source.masked_fill(~present, -1),
