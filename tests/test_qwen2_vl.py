@@ -439,7 +439,8 @@ def test_show_draws_the_merged_grid_over_the_whole_image(qwen_dir, tmp_path):
     assert Image.open(out).size == (2 * (64 + MARGIN) + MARGIN, TITLE_HEIGHT + MARGIN + 96 + MARGIN)
 
 
-@pytest.mark.parametrize("pipeline", ["pool", "fastv(layer=2, keep=0.5)", "pool | random(layer=1, keep=3)"])
+@pytest.mark.parametrize("pipeline", ["pool", "fastv(layer=2, keep=0.5)", "pool | random(layer=1, keep=3)",
+                                      "proxyv(layer=2, factor=2)", "pool | proxyv(layer=1, variant=nonspatial, proxies=2)"])
 def test_a_text_only_sample_in_the_batch_is_left_alone(qwen, pipeline):
     model, processor = qwen
     texts = [qwen_prompt(PROMPTS[0]), "USER: how many ? ASSISTANT:"]

@@ -197,7 +197,8 @@ def test_samples_with_different_image_counts_compute_what_they_compute_alone(tin
             assert (batched.logits[step][b] - single.logits[step][0]).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("pipeline", ["pool", "fastv(layer=2, keep=0.5)", "pool | random(layer=1, keep=3)"])
+@pytest.mark.parametrize("pipeline", ["pool", "fastv(layer=2, keep=0.5)", "pool | random(layer=1, keep=3)",
+                                      "proxyv(layer=2, factor=2)", "pool | proxyv(layer=1, variant=nonspatial, proxies=2)"])
 def test_a_text_only_sample_in_the_batch_is_left_alone(tiny_dev, pipeline):
     """Sample 1 has no image: it computes what it computes alone; sample 0 what it gets alone."""
     from lmmsqueeze.testing import random_image

@@ -643,8 +643,6 @@ class PipelineRun:
         per sample (ProxyV layers then run sample by sample)."""
         p = self._prefill
         batch, length, _ = hidden.shape
-        if any(s.slots.numel() == 0 for s in p.samples):
-            raise ModelError("ProxyV needs image tokens in every sample of a batch")
         pos = kwargs.get("position_ids")
         positions = (torch.arange(length, device=hidden.device)[None] if pos is None else pos).expand(batch, -1)
         padding = p.current_padding(self.plan.proxyv.layer)
@@ -653,7 +651,8 @@ class PipelineRun:
         if mrope is not None and seg is not None:
             mrope = mrope.gather(2, seg.keep[None].expand(3, -1, -1))
         first = p.samples[0]
-        if all(s.slots.numel() == first.slots.numel() and s.meta.grids == first.meta.grids for s in p.samples):
+        if first.slots.numel() and all(s.slots.numel() == first.slots.numel() and s.meta.grids == first.meta.grids
+                                       for s in p.samples):
             image = torch.stack([s.slots for s in p.samples])
             return self._proxyv_state_for(hidden, image, positions, padding, first.meta, mrope)
         return [self._proxyv_state_for(hidden[b:b + 1], s.slots[None], positions[b:b + 1], padding[b:b + 1], s.meta,
@@ -667,6 +666,12 @@ class PipelineRun:
         batch, length, _ = hidden.shape
         is_other = torch.ones(batch, length, dtype=torch.bool, device=hidden.device).scatter(1, image, False)
         others = torch.stack([torch.nonzero(row).flatten() for row in is_other])
+        if image.shape[1] == 0:  # a sample without images: no proxies, and the layer is an ordinary one
+            proxies = hidden.new_zeros(batch, 0, hidden.shape[-1])
+            empty = positions.new_zeros(batch, 0)
+            rope = self.adapter.rotary(proxies, empty if mrope is None else empty[None].expand(3, -1, -1))
+            no_tokens = torch.zeros(0, dtype=torch.long, device=hidden.device)
+            return ProxyVState(image, others, positions, padding, proxies, empty, rope, no_tokens, None)
         tokens = hidden.gather(1, image[..., None].expand(-1, -1, hidden.shape[-1]))
         proxies, assign, splat = make_proxies(self.plan.proxyv.reducer, self.proxyv_adapter, tokens, meta.grids,
                                               meta.crop_ids)

@@ -155,7 +155,10 @@ def proxyv_mask(st: ProxyVState, q_rows: Tensor, n_seq: int) -> Tensor:
     key_pos = torch.cat([st.positions, st.proxy_positions], 1)
     query_pos = key_pos.gather(1, q_rows)
     key_real = torch.cat([st.padding, torch.ones(b, p, dtype=torch.bool, device=device)], 1)
-    start = st.positions.gather(1, st.image).min(dim=1, keepdim=True).values
+    if st.image.shape[1]:
+        start = st.positions.gather(1, st.image).min(dim=1, keepdim=True).values
+    else:  # no image (and no proxies): nothing is after the image
+        start = st.positions.max(dim=1, keepdim=True).values + 1
     key_proxy = (torch.arange(n_seq + p, device=device) >= n_seq)[None, :].expand(b, -1)
     before_image = torch.cat([st.positions < start, torch.zeros(b, p, dtype=torch.bool, device=device)], 1)
     query_proxy = (torch.arange(q_rows.shape[1], device=device) < p)[None, :, None]
