@@ -239,14 +239,10 @@ class QwenVLAdapter(ModelAdapter):
         config = model.config
         base = model.model
         visual = base.visual
-        text = config.get_text_config()
-        pad = getattr(config, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(text, "pad_token_id", None)
         return cls(
             model=model, base=base, layers=base.language_model.layers, rotary=base.language_model.rotary_emb,
             projector=visual.merger, vision_attention=visual.blocks[-1].attn, features_have_cls=False,
-            image_token_id=int(config.image_token_id), pad_token_id=int(pad) if pad is not None else 0,
+            image_token_id=int(config.image_token_id), pad_token_id=_pad_token_id(config),
             geometry=geometry_from_config(config, name=getattr(config, "_name_or_path", "") or ""),
         )
 
@@ -347,6 +343,14 @@ class QwenVLAdapter(ModelAdapter):
                                         image_grid_thw=image_grid_thw, attention_mask=attention_mask)
 
 
+def _pad_token_id(config: Any) -> int:
+    """The id that left-pads rewritten prompts: the model's pad token, else its text model's, else 0."""
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(config.get_text_config(), "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
 def _llava_parts(model: nn.Module) -> dict[str, Any]:
     """What LLaVA and LLaVA-NeXT share: module paths, the [CLS] attention layer, ids, geometry."""
     config = model.config
@@ -363,10 +367,6 @@ def _llava_parts(model: nn.Module) -> dict[str, Any]:
     geometry = geometry_from_config(config, name=getattr(config, "_name_or_path", "") or "")
     if vision_attention is None:
         geometry = ModelGeometry(**{**geometry.__dict__, "signals": geometry.signals - {"cls_attention", "vision_keys"}})
-    text = config.get_text_config()
-    pad = getattr(config, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(text, "pad_token_id", None)
     return {
         "model": model,
         "base": base,
@@ -376,7 +376,7 @@ def _llava_parts(model: nn.Module) -> dict[str, Any]:
         "vision_attention": vision_attention,
         "features_have_cls": config.vision_feature_select_strategy == "full",
         "image_token_id": int(config.image_token_id),
-        "pad_token_id": int(pad) if pad is not None else 0,
+        "pad_token_id": _pad_token_id(config),
         "geometry": geometry,
     }
 
