@@ -149,6 +149,19 @@ def vision_probe_macs(g: ModelGeometry, needs: frozenset[str]) -> int:
     return g.vision_crops * macs
 
 
+def _metric_width(g: ModelGeometry, stage: Any) -> int:
+    """The width of the rows a stage's reducer multiplies (see ``Reducer.metric_signal``)."""
+    signal = stage.reducer.metric_signal()
+    if signal == "vision_keys":
+        return g.vision_hidden_size
+    if signal == "llm_keys":
+        return g.num_kv_heads * g.head_dim
+    if signal is not None:
+        raise ValueError(f"{stage.name}: no width is known for signal {signal!r}")
+    # hidden states: vision features (Qwen2-VL: a merge unit's patches side by side) or LLM tokens
+    return g.vision_hidden_size * g.vision_merge if stage.placement == "vision" else g.hidden_size
+
+
 def plan_cost(plan: Any, text_tokens: int = 64, convention: str = "exact", text_after_image: int | None = None,
               images: int = 1) -> Cost:
     """The prefill cost of a :class:`~lmmsqueeze.compose.plan.Plan` for one sample.
@@ -177,11 +190,10 @@ def plan_cost(plan: Any, text_tokens: int = 64, convention: str = "exact", text_
             if stage.placement == "llm":
                 n_at_probe = text_tokens + tokens_per_layer[stage.layer - 1] if stage.layer > 0 else 0
                 macs = probe_macs(g, stage.reducer.needs, n_at_probe, after)
-                macs += images * stage.reducer.cost_macs(stage.tokens_in, g.hidden_size, stage.grids_in)
+                macs += images * stage.reducer.cost_macs(stage.tokens_in, _metric_width(g, stage), stage.grids_in)
                 overhead_at[stage.layer] = overhead_at.get(stage.layer, 0) + macs
             else:
-                dim = g.vision_hidden_size * g.vision_merge if stage.placement == "vision" else g.hidden_size
-                pre_llm += images * stage.reducer.cost_macs(stage.tokens_in, dim, stage.grids_in)
+                pre_llm += images * stage.reducer.cost_macs(stage.tokens_in, _metric_width(g, stage), stage.grids_in)
 
     pv = plan.proxyv
     layers = []

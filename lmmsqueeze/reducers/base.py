@@ -258,8 +258,16 @@ class Reducer:
     def cost_macs(self, n: int, dim: int, grids: Grids) -> int:
         """Multiply-accumulates of the matrix products this reducer performs on ``n`` tokens of width
         ``dim`` (e.g. a similarity matrix: ``n * n * dim``). The cost model adds it to the plan and a
-        test checks it against ``torch.utils.flop_counter``; elementwise work is not counted."""
+        test checks it against ``torch.utils.flop_counter``; elementwise work is not counted.
+
+        ``dim`` is the width of the rows the products read: the signal :meth:`metric_signal` names,
+        or the tokens' hidden states at the stage's placement."""
         return 0
+
+    def metric_signal(self) -> str | None:
+        """The signal whose rows :meth:`cost_macs` multiplies (e.g. ``"vision_keys"``), or None when
+        the products read the tokens' hidden states."""
+        return None
 
     def substages(self) -> list["Reducer"] | None:
         """For a method that acts at several places (e.g. PyramidDrop at layers 8, 16, 24): the reducers

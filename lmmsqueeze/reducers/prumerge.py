@@ -43,6 +43,9 @@ class PruMergeReducer(ScoredPruner):
         if isinstance(self.neighbors, bool) or self.neighbors < 0:
             raise ValueError(f"neighbors={self.neighbors} must be an integer >= 0 (paper: 32; 0 disables merging)")
 
+    def metric_signal(self) -> str | None:
+        return "vision_keys"
+
     def cost_macs(self, n: int, dim: int, grids: Grids) -> int:
         """``dim`` is the width of the vision keys: (kept x dim) @ (dim x all)."""
         k = resolve_keep(self.keep, n)

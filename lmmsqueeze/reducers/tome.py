@@ -52,6 +52,9 @@ class ToMeReducer(ScoredPruner):
             n -= r
         return rounds
 
+    def metric_signal(self) -> str | None:
+        return "vision_keys" if self.metric == "keys" else None
+
     def cost_macs(self, n: int, dim: int, grids: Grids) -> int:
         """``dim`` is the width of the metric (vision keys for ``metric=keys``): A @ B.T per round."""
         return sum(a * b * dim for a, b, _ in self._rounds(n, resolve_keep(self.keep, n)))

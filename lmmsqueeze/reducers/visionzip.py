@@ -51,6 +51,9 @@ class VisionZipReducer(Reducer):
     def output_count(self, n: int, grids: Grids) -> int:
         return sum(self._counts(n))
 
+    def metric_signal(self) -> str | None:
+        return "vision_keys"
+
     def cost_macs(self, n: int, dim: int, grids: Grids) -> int:
         """``dim`` is the width of the vision keys: (others x dim) @ (dim x targets)."""
         dom, ctx = self._counts(n)
