@@ -231,9 +231,8 @@ def proxyv_layer_macs(g: ModelGeometry, image_tokens: int, proxies: int, other_t
     ``nq = proxies + other_tokens`` queries (proxies, newlines, text); keys and values over every
     image token too (``nkv = image_tokens + nq``); the FFN runs on the ``nq`` queries only; each
     image token is updated by the light MLP (two d->h inputs, 2h->h, h->d), whose guidance
-    projection runs on the proxies (and, for the non-spatial variant, a splat of the proxies back
-    to every image token, ``image_tokens * proxies * d``, with the guidance projection then on every
-    image token).
+    projection runs on the proxies (and, for the non-spatial variant, the projected proxies are
+    splatted back to every image token, ``image_tokens * proxies * h``).
     """
     d, m, h = g.hidden_size, g.intermediate_size, mlp_hidden
     d_q = g.num_heads * g.head_dim
@@ -244,8 +243,7 @@ def proxyv_layer_macs(g: ModelGeometry, image_tokens: int, proxies: int, other_t
     attention = 2 * nq * nkv * d_q
     ffn = (3 if g.gated_ffn else 2) * nq * d * m
     light = image_tokens * (d * h + 2 * h * h + h * d)
-    if splat:  # guidance = splat @ proxies for every image token, then the d->h guidance projection
-        light += image_tokens * proxies * d + image_tokens * d * h
-    else:  # the guidance projection runs on the proxies, then each token takes its proxy's
-        light += proxies * d * h
+    light += proxies * d * h  # the guidance projection runs on the proxies
+    if splat:  # then every image token takes its splat of them
+        light += image_tokens * proxies * h
     return projections, attention, ffn, light

@@ -43,6 +43,26 @@ class ProxyVState:
     proxy_rope: tuple[Tensor, Tensor]  # cos/sin [B, P, head_dim]
     assign: Tensor | None  # [n] proxy of each image token (spatial)
     splat: Tensor | None  # [B, n, P] splat weights (non-spatial)
+    layout: "_Layout | None" = None  # query rows, RoPE and mask: the same in every ProxyV layer
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What every ProxyV layer of one prefill computes alike (made by the first one)."""
+
+    q_rows: Tensor  # [B, nq] rows of [sequence; proxies] that are queries: proxies, then the others
+    q_rope: tuple[Tensor, Tensor]  # cos/sin of the queries
+    kv_rope: tuple[Tensor, Tensor]  # cos/sin of every key: sequence, then proxies
+    allowed: Tensor  # [B, 1, nq, N+P] the attention mask
+
+    @classmethod
+    def of(cls, st: ProxyVState, rope: tuple[Tensor, Tensor], b: int, n_seq: int) -> "_Layout":
+        p = st.proxies.shape[1]
+        proxy_rows = (n_seq + torch.arange(p, device=st.image.device)).expand(b, -1)
+        q_rows = torch.cat([proxy_rows, st.others], 1)
+        kv_rope = tuple(torch.cat([t.expand(b, -1, -1), pt], 1) for t, pt in zip(rope, st.proxy_rope))
+        q_rope = tuple(_rows(t, q_rows) for t in kv_rope)
+        return cls(q_rows, q_rope, kv_rope, proxyv_mask(st, q_rows, n_seq)[:, None])
 
 
 def make_proxies(stage: ProxyV, adapter: ProxyVAdapter, image: Tensor, grids: Any, groups: Tensor
@@ -109,20 +129,18 @@ def _proxyv_sample(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Te
     p = st.proxies.shape[1]
     attn = layer.self_attn
     hd = attn.head_dim
+    if st.layout is None:
+        st.layout = _Layout.of(st, rope, b, n_seq)
+    q_rows, allowed = st.layout.q_rows, st.layout.allowed
     full = torch.cat([hidden, st.proxies], 1)  # rows: sequence, then proxies
     normed = layer.input_layernorm(full)
-    proxy_rows = (n_seq + torch.arange(p, device=hidden.device)).expand(b, -1)
-    q_rows = torch.cat([proxy_rows, st.others], 1)  # [B, nq]
     nq, nk = q_rows.shape[1], n_seq + p
-    cos = torch.cat([rope[0].expand(b, -1, -1), st.proxy_rope[0]], 1)
-    sin = torch.cat([rope[1].expand(b, -1, -1), st.proxy_rope[1]], 1)
     q = attn.q_proj(_rows(normed, q_rows)).view(b, nq, -1, hd).transpose(1, 2)
     k = attn.k_proj(normed).view(b, nk, -1, hd).transpose(1, 2)
     v = attn.v_proj(normed).view(b, nk, -1, hd).transpose(1, 2)
-    q = _rope(q, _rows(cos, q_rows), _rows(sin, q_rows))
-    k = _rope(k, cos, sin)
+    q = _rope(q, *st.layout.q_rope)
+    k = _rope(k, *st.layout.kv_rope)
     k_seq, v_seq = k[:, :, :n_seq], v[:, :, :n_seq]  # what the cache keeps: no proxy entries
-    allowed = proxyv_mask(st, q_rows, n_seq)[:, None]
     k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
     if getattr(attn.config, "_attn_implementation", "sdpa") == "eager":  # plain matmuls, as eager layers do
         logits = (q @ k.transpose(-1, -2)) * attn.scaling
@@ -137,8 +155,8 @@ def _proxyv_sample(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Te
     image_in = _rows(hidden, st.image)
     if st.assign is not None:
         context = mlp.context_proj(new_proxies)[:, st.assign]
-    else:
-        context = mlp.context_proj(st.splat @ new_proxies)
+    else:  # splat the projected proxies (the projection is linear, so this is cheaper than projecting the splat)
+        context = st.splat @ mlp.context_proj(new_proxies)
     image_out = mlp(image_in, context)
     st.proxies = new_proxies
     seq = hidden.scatter(1, st.others[..., None].expand(-1, -1, d), new_others)
