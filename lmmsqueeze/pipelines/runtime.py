@@ -80,9 +80,20 @@ class _Segment:
     stage: PlannedStage
     keep: Tensor  # [B, n] columns of the prefill sequence kept from this layer on
     alive: Tensor | None = None  # [B, n] False at filler columns (masked everywhere), None: all real
-    mask: Any = None
     position_embeddings: tuple[Tensor, Tensor] | None = None
     position_ids: Tensor | None = None
+    # The model hands every layer of a forward the same mask object (one per layer type), so a segment
+    # slices each one once: (decoding, the model's mask, key length, the sliced mask) of this forward.
+    masks: list[tuple[bool, Any, int, Any]] = field(default_factory=list)
+
+    def sliced_mask(self, decoding: bool, source: Any, length: int, make: Any) -> Any:
+        for phase, seen, n, sliced in self.masks:
+            if phase == decoding and seen is source and n == length:
+                return sliced
+        sliced = make()
+        self.masks = [m for m in self.masks if m[0] == decoding and m[2] == length] + [
+            (decoding, source, length, sliced)]
+        return sliced
 
 
 @dataclass
@@ -544,21 +555,20 @@ class PipelineRun:
                 if seg is None:
                     return None
                 self._slice_prefill_kwargs(seg, kwargs)
-                new = {**kwargs, "attention_mask": seg.mask, "position_embeddings": seg.position_embeddings,
+                source = kwargs.get("attention_mask")
+                mask = seg.sliced_mask(False, source, hidden.shape[1], lambda: _mask_filler(
+                    _slice_square_mask(source, seg.keep), seg.alive, square=True, flat=self._flat_masks))
+                new = {**kwargs, "attention_mask": mask, "position_embeddings": seg.position_embeddings,
                        "position_ids": seg.position_ids}
             else:
                 seg = p.segment_for(layer)
                 if seg is None:
                     return None
-                mask = _slice_key_columns(kwargs.get("attention_mask"), seg.keep, p.length)
-                if seg.alive is not None:
-                    cache = kwargs.get("cache")
-                    total = mask.shape[-1] if mask is not None else cache.get_seq_length(layer) + hidden.shape[1]
-                    tail = torch.ones(seg.alive.shape[0], total - seg.alive.shape[1], dtype=torch.bool,
-                                      device=seg.alive.device)
-                    mask = _mask_filler(mask, torch.cat([seg.alive, tail], 1), square=False, queries=hidden.shape[1],
-                                        flat=self._flat_masks)
-                new = {**kwargs, "attention_mask": mask}
+                source = kwargs.get("attention_mask")
+                cache = kwargs.get("cache")
+                total = cache.get_seq_length(layer) + hidden.shape[1]  # keys of this layer: kept prefill + later
+                new = {**kwargs, "attention_mask": seg.sliced_mask(
+                    True, source, total, lambda: self._decode_mask(seg, source, total, hidden.shape[1]))}
             if args:
                 return (hidden, *args[1:]), new
             return args, {**new, "hidden_states": hidden}
@@ -685,6 +695,7 @@ class PipelineRun:
         return ProxyVState(image, others, positions, padding, proxies, proxy_positions, rope, assign, splat)
 
     def _slice_prefill_kwargs(self, seg: _Segment, kwargs: dict) -> None:
+        """RoPE and position ids of the kept columns (the same for every layer of the segment)."""
         if seg.position_embeddings is not None:
             return
         keep = seg.keep
@@ -694,8 +705,14 @@ class PipelineRun:
         seg.position_embeddings = (cos.gather(1, idx), sin.gather(1, idx))
         pos = kwargs.get("position_ids")
         seg.position_ids = None if pos is None else pos.expand(keep.shape[0], -1).gather(1, keep)
-        seg.mask = _mask_filler(_slice_square_mask(kwargs.get("attention_mask"), keep), seg.alive, square=True,
-                                flat=self._flat_masks)
+
+    def _decode_mask(self, seg: _Segment, mask: Any, total: int, queries: int) -> Any:
+        """A decode step's mask over the segment's kept prefill columns and every later column."""
+        mask = _slice_key_columns(mask, seg.keep, self._prefill.length)
+        if seg.alive is None:
+            return mask
+        tail = torch.ones(seg.alive.shape[0], total - seg.alive.shape[1], dtype=torch.bool, device=seg.alive.device)
+        return _mask_filler(mask, torch.cat([seg.alive, tail], 1), square=False, queries=queries, flat=self._flat_masks)
 
 
 def _proxy_mrope(stage: Any, meta: TokenState, image_mrope: Tensor) -> Tensor:
