@@ -121,12 +121,10 @@ def _geometry(model: Optional[str], model_config: Optional[str], vision_tokens: 
         raise LmmsqueezeError("give either --model or --model-config, not both")
     if model_config:
         geometry = preset(model_config)
-    elif model:
-        if model == "bundled":
-            from .bundled import WEIGHTS_DIR
+    elif model:  # a model directory, its config.json, or `bundled`
+        from .pipelines.loading import model_dir
 
-            model = str(WEIGHTS_DIR)
-        geometry = geometry_from_path(model)
+        geometry = geometry_from_path(model_dir(model) if model == "bundled" else model)
     else:
         geometry = preset("llava-1.5-7b")
     return geometry if vision_tokens is None else with_tokens(geometry, vision_tokens)

@@ -28,7 +28,7 @@ def _progress() -> Progress:
                     console=err_console, transient=False)
 
 
-def _run_grid(grid: Any, results: Path, batch_size: int, device: Optional[str]) -> list[dict]:
+def _run_grid(grid: Any, results: Path, batch_size: int, device: Optional[str], remeasure: bool = False) -> list[dict]:
     from .evaluation.sweep import run_sweep
     from .evaluation.tasks import get_task
 
@@ -52,7 +52,7 @@ def _run_grid(grid: Any, results: Path, batch_size: int, device: Optional[str]) 
                 if kind == "skip":
                     progress.console.print(f"[dim]stored already[/] {label}", highlight=False)
 
-        return run_sweep(grid, results, batch_size=batch_size, device=device, on_event=on_event)
+        return run_sweep(grid, results, batch_size=batch_size, device=device, on_event=on_event, remeasure=remeasure)
 
 
 @app.command("eval")
@@ -73,11 +73,11 @@ def eval_cmd(
 
     `--task lmms:TASK` runs an lmms-eval task through lmms-eval (the `eval` extra) instead.
     """
-    from .evaluation.sweep import Grid, GridItem, adapter_pipeline
+    from .compose import compile_pipeline, geometry_from_path
     from .evaluation.store import Key, ResultStore
+    from .evaluation.sweep import Grid, GridItem, adapter_pipeline
     from .evaluation.tasks import get_task
-    from .pipelines.loading import load_model
-    from .pipelines.runtime import compile_for
+    from .pipelines.loading import model_dir
 
     with user_errors():
         if task.startswith("lmms:"):
@@ -91,25 +91,12 @@ def eval_cmd(
             pipeline = adapter_pipeline(adapter)
         n = min(limit or t.size, t.size)
         grid = Grid(model=model, tasks=[task], limit=n, seed=seed, items=[GridItem(pipeline, adapter)])
-        loaded, _ = load_model(model, device=device)
-        canonical = compile_for(loaded, pipeline)[0].canonical
-        key = Key(model, canonical, adapter or "", task, n, seed)
+        canonical = compile_pipeline(pipeline, geometry_from_path(model_dir(model))).canonical
+        _run_grid(grid, results, batch_size, device, remeasure=True)  # eval re-measures the pipeline asked for
         with ResultStore(results) as store:
-            if store.has(key) and canonical != "none":  # eval always re-measures the pipeline asked for
-                store.db.execute("DELETE FROM runs WHERE id IN (SELECT id FROM runs WHERE model=? AND pipeline=? "
-                                 "AND adapter=? AND task=? AND limit_n=? AND seed=?)",
-                                 (key.model, key.pipeline, key.adapter, key.task, key.limit, key.seed))
-                store.db.commit()
-        del loaded
-        out = _run_grid(grid, results, batch_size, device)
-        with ResultStore(results) as store:
-            row = next(r for r in store.rows(task=task, model=model)
-                       if r["pipeline"] == canonical and r["adapter"] == (adapter or "") and r["limit"] == n
-                       and r["seed"] == seed)
+            row = store.row(Key(model, canonical, adapter or "", task, n, seed))
         if row["status"] != "ok":
             raise LmmsqueezeError(f"evaluation of {canonical!r} failed: {row['error']}")
-    del out
-    row.pop("answers", None)
 
     def render(r: dict) -> None:
         table = Table(title=f"{r['pipeline']} on {r['model']} / {r['task']} ({r['n']} samples)", show_header=False)

@@ -217,3 +217,20 @@ def test_eval_with_an_adapter_directory_path(tmp_path):
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)
     assert row["status"] == "ok" and row["pipeline"].startswith("proxyv(")
+
+
+def test_a_finished_sweep_skips_without_loading_the_model(tiny_dir, tmp_path, monkeypatch):
+    from lmmsqueeze.evaluation.sweep import Grid, GridItem, run_sweep
+    from lmmsqueeze.pipelines import loading
+
+    grid = Grid(model=str(tiny_dir), tasks=["bundled"], limit=2, seed=0, items=[GridItem("pool")])
+    first = run_sweep(grid, tmp_path / "r.db")
+    assert [r["key"].pipeline for r in first] == ["none", "pool(size=2)"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded although every row is stored")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+    events = []
+    assert run_sweep(grid, tmp_path / "r.db", on_event=lambda kind, info: events.append(kind)) == []
+    assert events == ["skip", "skip"]

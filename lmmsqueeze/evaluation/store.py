@@ -59,6 +59,13 @@ class Key:
     seed: int
 
 
+_KEY_WHERE = "model=? AND pipeline=? AND adapter=? AND task=? AND limit_n=? AND seed=?"
+
+
+def _key_args(key: Key) -> tuple[Any, ...]:
+    return key.model, key.pipeline, key.adapter, key.task, key.limit, key.seed
+
+
 class ResultStore:
     """Read and write results; use as a context manager or call :meth:`close`."""
 
@@ -86,21 +93,24 @@ class ResultStore:
         self.db.close()
 
     def has(self, key: Key) -> bool:
-        row = self.db.execute(
-            "SELECT 1 FROM runs WHERE model=? AND pipeline=? AND adapter=? AND task=? AND limit_n=? AND seed=?",
-            (key.model, key.pipeline, key.adapter, key.task, key.limit, key.seed),
-        ).fetchone()
-        return row is not None
+        return self.db.execute("SELECT 1 FROM runs WHERE " + _KEY_WHERE, _key_args(key)).fetchone() is not None
+
+    def delete(self, key: Key) -> None:
+        """Remove the row with this key (and its answers)."""
+        with self.db:
+            self.db.execute("DELETE FROM runs WHERE " + _KEY_WHERE, _key_args(key))
+
+    def row(self, key: Key) -> dict[str, Any] | None:
+        """The stored row with this key, as :meth:`rows` gives it, or None."""
+        found = self.db.execute("SELECT id FROM runs WHERE " + _KEY_WHERE, _key_args(key)).fetchone()
+        return None if found is None else next(self._rows("WHERE id=?", [found[0]]))
 
     def put(self, key: Key, metrics: dict[str, Any], answers: list[dict[str, Any]] | None = None,
             error: str | None = None) -> None:
         """Store one row (replacing an earlier one with the same key) and its answers, atomically."""
         status = "failed" if error else "ok"
         with self.db:  # one transaction
-            self.db.execute(
-                "DELETE FROM runs WHERE model=? AND pipeline=? AND adapter=? AND task=? AND limit_n=? AND seed=?",
-                (key.model, key.pipeline, key.adapter, key.task, key.limit, key.seed),
-            )
+            self.db.execute("DELETE FROM runs WHERE " + _KEY_WHERE, _key_args(key))
             cur = self.db.execute(
                 "INSERT INTO runs (model, pipeline, adapter, task, limit_n, seed, status, error, accuracy, metrics,"
                 " created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -116,15 +126,13 @@ class ResultStore:
 
     def answers(self, key: Key) -> list[dict[str, Any]]:
         rows = self.db.execute(
-            "SELECT a.uid, a.qtype, a.prediction, a.answer, a.score FROM answers a JOIN runs r ON a.run_id = r.id "
-            "WHERE r.model=? AND r.pipeline=? AND r.adapter=? AND r.task=? AND r.limit_n=? AND r.seed=? ORDER BY a.idx",
-            (key.model, key.pipeline, key.adapter, key.task, key.limit, key.seed),
+            "SELECT a.uid, a.qtype, a.prediction, a.answer, a.score FROM answers a WHERE a.run_id = "
+            "(SELECT id FROM runs WHERE " + _KEY_WHERE + ") ORDER BY a.idx", _key_args(key),
         ).fetchall()
         return [dict(zip(("uid", "qtype", "prediction", "answer", "score"), r)) for r in rows]
 
     def rows(self, task: str | None = None, model: str | None = None) -> Iterator[dict[str, Any]]:
         """Every stored row as a flat dict (identity, status, error and metrics)."""
-        query = "SELECT model, pipeline, adapter, task, limit_n, seed, status, error, metrics FROM runs"
         clauses, args = [], []
         if task:
             clauses.append("task=?")
@@ -132,9 +140,11 @@ class ResultStore:
         if model:
             clauses.append("model=?")
             args.append(model)
-        if clauses:
-            query += " WHERE " + " AND ".join(clauses)
+        return self._rows(" WHERE " + " AND ".join(clauses) if clauses else "", args)
+
+    def _rows(self, where: str, args: list[Any]) -> Iterator[dict[str, Any]]:
+        query = "SELECT model, pipeline, adapter, task, limit_n, seed, status, error, metrics FROM runs "
         for model_, pipeline, adapter, task_, limit_n, seed, status, error, metrics in self.db.execute(
-                query + " ORDER BY id", args):
+                query + where + " ORDER BY id", args):
             yield {"model": model_, "pipeline": pipeline, "adapter": adapter, "task": task_, "limit": limit_n,
                    "seed": seed, "status": status, "error": error, **json.loads(metrics)}

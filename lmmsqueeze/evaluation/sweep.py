@@ -131,46 +131,54 @@ def run_sweep(
     batch_size: int = 1,
     device: str | None = None,
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    remeasure: bool = False,
 ) -> list[dict[str, Any]]:
     """Evaluate every (item, task) of a grid that is not in the store yet; vanilla always included.
 
     A pipeline that raises is stored as failed with its one-line error and the sweep goes on.
     ``on_event(kind, info)`` reports progress: ``start``, ``progress``, ``done``, ``skip``, ``failed``.
+    ``remeasure`` evaluates the grid's items again even when stored (vanilla is reused). The model
+    is loaded only when something has to run (keys come from its config).
     """
-    from ..pipelines.loading import load_model
+    from ..compose import compile_pipeline, geometry_from_path
+    from ..pipelines.loading import load_model, model_dir
     from .runner import evaluate, loyalty
     from .store import Key, ResultStore
     from .tasks import get_task
 
     tasks = [get_task(t) for t in grid.tasks]  # refuse unknown tasks before loading anything
     emit = on_event or (lambda kind, info: None)
-    model, processor = load_model(grid.model, device=device)
+    geometry = geometry_from_path(model_dir(grid.model))
+    loaded: list[Any] = []  # (model, processor) once something runs
     items = [GridItem("none"), *[i for i in grid.items if not (i.pipeline == "none" and not i.adapter)]]
+    canonical: dict[GridItem, tuple[str, str | None]] = {}
+    for item in items:  # the key of every item, and the one-line refusal of a pipeline that does not compile
+        try:
+            canonical[item] = (compile_pipeline(item.pipeline, geometry).canonical, None)
+        except LmmsqueezeError as exc:
+            canonical[item] = (item.pipeline, str(exc))
     results = []
     with ResultStore(store_path) as store:
         for task in tasks:
             limit = min(grid.limit, task.size)
             vanilla_key = Key(grid.model, "none", "", task.name, limit, grid.seed)
+            vanilla_answers: list[dict[str, Any]] | None = None
             for n, item in enumerate(items):
                 info = {"index": n, "total": len(items), "item": item.label, "task": task.name}
-                try:
-                    from ..pipelines.runtime import compile_for
-
-                    canonical = compile_for(model, item.pipeline)[0].canonical
-                except LmmsqueezeError as exc:
-                    canonical, error = item.pipeline, str(exc)
-                else:
-                    error = None
-                key = Key(grid.model, canonical, item.adapter or "", task.name, limit, grid.seed)
-                if store.has(key):
+                pipeline, error = canonical[item]
+                key = Key(grid.model, pipeline, item.adapter or "", task.name, limit, grid.seed)
+                if store.has(key) and not (remeasure and key != vanilla_key):
                     emit("skip", info)
                     continue
+                if not loaded:
+                    loaded.extend(load_model(grid.model, device=device))
+                model, processor = loaded
                 emit("start", {**info, "samples": limit})
                 metrics: dict[str, Any] = {}
                 answers: list[dict[str, Any]] = []
                 if error is None:
                     try:
-                        result = evaluate(model, processor, canonical, task, limit=limit, seed=grid.seed,
+                        result = evaluate(model, processor, pipeline, task, limit=limit, seed=grid.seed,
                                           adapter=item.adapter, batch_size=batch_size,
                                           on_progress=lambda done, total: emit("progress", {**info, "done": done,
                                                                                              "samples": total}))
@@ -178,8 +186,11 @@ def run_sweep(
                         error = " ".join(f"{type(exc).__name__}: {exc}".split())
                     else:
                         answers = result.pop("answers")
-                        reference = answers if key == vanilla_key else store.answers(vanilla_key)
-                        metrics = {**result, "loyalty": loyalty(answers, reference), **versions()}
+                        if key == vanilla_key:
+                            vanilla_answers = answers
+                        elif vanilla_answers is None:
+                            vanilla_answers = store.answers(vanilla_key)
+                        metrics = {**result, "loyalty": loyalty(answers, vanilla_answers), **versions()}
                 store.put(key, metrics, answers, error=error)
                 emit("failed" if error else "done", {**info, "error": error, **metrics})
                 results.append({"key": key, "error": error, **metrics})

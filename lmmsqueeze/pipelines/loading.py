@@ -27,6 +27,25 @@ def attention_backend(device: torch.device) -> str:
     return "sdpa"
 
 
+def model_dir(ref: str | Path) -> Path:
+    """The local directory of a model reference: ``"bundled"`` or a directory with a config.json."""
+    if str(ref) == "bundled":
+        from ..bundled import WEIGHTS_DIR
+
+        path = Path(WEIGHTS_DIR)
+        if not (path / "config.json").is_file():
+            raise ModelError(f"the bundled model's weights are missing from {path}; train them with "
+                             "`python -m lmmsqueeze.bundled.train`")
+        return path
+    path = Path(ref)
+    if not (path / "config.json").is_file():
+        raise ModelError(
+            f"model {str(ref)!r} is not a local model directory (no config.json); give a directory saved with "
+            "save_pretrained, or `bundled`"
+        )
+    return path
+
+
 def load_model(ref: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
     """Load ``(model, processor)`` offline from ``"bundled"`` or a local Hugging Face model directory.
 
@@ -35,20 +54,7 @@ def load_model(ref: str | Path, device: str | None = None, dtype: torch.dtype | 
     """
     dev = pick_device(device)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    if str(ref) == "bundled":
-        from ..bundled import WEIGHTS_DIR
-
-        path = Path(WEIGHTS_DIR)
-    else:
-        path = Path(ref)
-    if str(ref) == "bundled" and not (path / "config.json").is_file():
-        raise ModelError(f"the bundled model's weights are missing from {path}; train them with "
-                         "`python -m lmmsqueeze.bundled.train`")
-    if not (path / "config.json").is_file():
-        raise ModelError(
-            f"model {str(ref)!r} is not a local model directory (no config.json); give a directory saved with "
-            "save_pretrained, or `bundled`"
-        )
+    path = model_dir(ref)
     import transformers
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
