@@ -229,7 +229,8 @@ def bench_cmd(
     from .pipelines.generation import open_image
     from .pipelines.loading import load_model
     from .pipelines.measure import bench
-    from .pipelines.runtime import apply, compile_for
+    from .pipelines.runtime import compile_for
+    from .proxyv.attach import resolve_adapter
     from .testing import random_image
 
     with user_errors():
@@ -237,11 +238,9 @@ def bench_cmd(
             raise LmmsqueezeError(f"image file {str(image)!r} does not exist")
         loaded, processor = load_model(model, device=device)
         adapters = []
-        for p in pipeline:  # refuse a bad pipeline (or adapter) before measuring anything
+        for p in pipeline:  # refuse a bad pipeline (or adapter) before measuring anything; load adapters once
             plan = compile_for(loaded, p)[0]
-            adapters.append(adapter if plan.proxyv is not None else None)
-            with apply(loaded, plan, adapter=adapters[-1]):
-                pass
+            adapters.append(resolve_adapter(loaded, plan, adapter if plan.proxyv is not None else None))
         picture = open_image(image) if image is not None else random_image(0, 336)
         rows = bench(loaded, processor, pipeline, picture, prompt, runs=runs, warmup=warmup, adapters=adapters)
 

@@ -47,12 +47,13 @@ class _Engine:
         from ..evaluation.sweep import adapter_pipeline
         from ..pipelines.loading import load_model
         from ..pipelines.runtime import compile_for
+        from ..proxyv.attach import resolve_adapter
 
         if adapter and pipeline.strip() in ("", "none"):
             pipeline = adapter_pipeline(adapter)
         self.model, self.processor = load_model(pretrained, device=device)
         self.plan = compile_for(self.model, pipeline)[0]
-        self.adapter = adapter
+        self.adapter = resolve_adapter(self.model, self.plan, adapter)  # loaded once for every request
 
     @torch.no_grad()
     def generate(self, images: list[Any], text: str, max_new_tokens: int, until: list[str]) -> str:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any, Callable
 
 import torch
 
 from ..pipelines.hooks import HookSet
 from ..pipelines.loading import build_prompt
-from ..pipelines.measure import peak_prefill_memory
+from ..pipelines.measure import _Clock, peak_prefill_memory
 from ..pipelines.runtime import InputCosts, apply, compile_for
+from ..proxyv.attach import resolve_adapter
 from .tasks import Task
 
 #: samples whose prefill peak memory is measured (median reported); memory tracking is slow on CPU
@@ -54,42 +54,35 @@ def evaluate(
     n = task.size if limit is None else min(limit, task.size)
     items = task.samples(split, n, seed)
     plan, model_adapter = compile_for(model, pipeline)
+    adapter = resolve_adapter(model, plan, adapter)  # loaded once, not at every `apply`
     costs = InputCosts(plan, model_adapter)
-    base = model_adapter.base
+    clock = _Clock(next(model.parameters()).device)
     answers: list[dict[str, Any]] = []
     latencies: list[float] = []
-    text_tokens: list[int] = []
-    tokens_per_layer: list[int] = []
-    marks: dict[str, float] = {}
+    text_tokens: list[float] = []
+    marks: dict[str, Any] = {}
 
-    def start(module: Any, args: tuple, kwargs: dict) -> None:
-        if "prefill" not in marks:
-            marks["prefill"] = time.perf_counter()
+    with HookSet() as timers, apply(model, plan, adapter=adapter):
+        # prefill = from the call (image encoding, pre-LLM stages, the prompt rewrite) to the end of
+        # the first forward of the multimodal base model
+        def prefill_end(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            if "end" not in marks:
+                marks["end"] = clock.mark()
 
-    def end(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-        if "prefill_end" not in marks:
-            if next(model.parameters()).device.type == "cuda":
-                torch.cuda.synchronize()
-            marks["prefill_end"] = time.perf_counter()
-
-    with HookSet() as timers, apply(model, plan, adapter=adapter) as run:
-        timers.pre(base, start)
-        timers.post(base, end)
+        timers.post(model_adapter.base, prefill_end)
         for lo in range(0, n, batch_size):
             chunk = items[lo:lo + batch_size]
             inputs = _inputs(processor, model, chunk)
-            costs.add(inputs)
+            geometries = costs.add(inputs)
             marks.clear()
+            start = clock.mark()
             out = model.generate(**inputs, max_new_tokens=task.max_new_tokens, do_sample=False)
-            latencies.append(1000.0 * (marks["prefill_end"] - marks["prefill"]) / len(chunk))
-            prompt_len = inputs["input_ids"].shape[1]
-            image_tokens = model_adapter.count_image_tokens(inputs) / len(chunk)  # separators count as text
+            latencies.append(clock.elapsed_ms(start, marks["end"]) / len(chunk))
             real = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
-            text_tokens.append(real / len(chunk) - image_tokens)
-            tokens_per_layer = list(run.image_tokens_per_layer) or [
-                round(image_tokens)] * len(model_adapter.layers)  # vanilla: nothing changes along the layers
-            for item, row in zip(chunk, out[:, prompt_len:]):
-                prediction = processor.decode(row, skip_special_tokens=True).strip()
+            text_tokens.append((real - sum(g.image_tokens for g in geometries)) / len(chunk))  # separators are text
+            predictions = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            for item, prediction in zip(chunk, predictions):
+                prediction = prediction.strip()
                 answers.append({"uid": item.uid, "qtype": item.qtype, "prediction": prediction,
                                 "answer": item.answer, "score": task.score(prediction, item.answer)})
             if on_progress:
@@ -101,6 +94,7 @@ def evaluate(
             memory.append(peak_prefill_memory(model, dict(_inputs(processor, model, [item])), plan, adapter) / 2**20)
     summary = task.summarize((a["qtype"], a["score"]) for a in answers)
     cost = costs.cost(round(statistics.mean(text_tokens)) if text_tokens else 0)
+    tokens_per_layer = costs.tokens_per_layer()
     return {
         "pipeline": plan.canonical,
         "task": task.name,

@@ -105,7 +105,8 @@ class ModelAdapter:
     def image_geometries(self, inputs: Any) -> list[ModelGeometry]:
         """The geometry of every image in processor outputs (its real token count and grids), for
         costs: families whose token count depends on the image size override this."""
-        return [self.geometry]
+        pixels = inputs.get("pixel_values")
+        return [self.geometry] * (0 if pixels is None else int(pixels.shape[0]))
 
     def vision_signals(self, attention: nn.Module, args: tuple, kwargs: dict, needs: set[str]) -> dict[str, Tensor]:
         """Vision-side signals measured in a forward hook on ``vision_attention`` (a CLIP-style layer
@@ -176,8 +177,7 @@ class LlavaNextAdapter(LlavaAdapter):
         hooks.patch(self.base, "get_image_features", get_image_features)
 
     def count_image_tokens(self, inputs: Any) -> int:
-        newlines = sum(int(lay.separators.sum()) for lay in self.layouts(inputs["image_sizes"], self.model.config.vision_feature_select_strategy))
-        return super().count_image_tokens(inputs) - newlines
+        return sum(g.image_tokens for g in self.image_geometries(inputs))  # newline separators are text
 
     def image_geometries(self, inputs: Any) -> list[ModelGeometry]:
         layouts = self.layouts(inputs["image_sizes"], self.model.config.vision_feature_select_strategy)

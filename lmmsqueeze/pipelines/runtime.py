@@ -827,11 +827,24 @@ class InputCosts:
         self._plans: dict[Any, Plan] = {plan.geometry: plan}
         self._counts: dict[Any, int] = {}
 
-    def add(self, inputs: Any) -> None:
-        for g in self.adapter.image_geometries(inputs):
+    def add(self, inputs: Any) -> list[Any]:
+        """Count the images of a batch; returns their geometries."""
+        geometries = self.adapter.image_geometries(inputs)
+        for g in geometries:
             if g not in self._plans:
                 self._plans[g] = compile_pipeline(self.plan.canonical, g)
             self._counts[g] = self._counts.get(g, 0) + 1
+        return geometries
+
+    def tokens_per_layer(self) -> list[float]:
+        """Image tokens entering each decoder layer, per image, averaged over the images seen."""
+        counts = self._counts or {self.plan.geometry: 1}
+        total = sum(counts.values())
+        per_layer = [0.0] * self.plan.geometry.num_layers
+        for g, n in counts.items():
+            for i, t in enumerate(self._plans[g].tokens_per_layer()):
+                per_layer[i] += t * n / total
+        return [int(t) if float(t).is_integer() else round(t, 2) for t in per_layer]
 
     def cost(self, text_tokens: int) -> dict[str, float]:
         """``prefill_flops``, ``vanilla_prefill_flops`` (means over the images seen) and ``saving``."""
