@@ -20,7 +20,7 @@ other elementwise work are not counted (neither does ``torch.utils.flop_counter`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from .geometry import ModelGeometry
@@ -89,19 +89,6 @@ class Cost:
             "lm_head": self.lm_head,
         }
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "convention": self.convention,
-            "text_tokens": self.text_tokens,
-            "prefill_macs": self.prefill_macs,
-            "prefill_flops": self.prefill_flops,
-            "vanilla_prefill_flops": self.vanilla_prefill_flops,
-            "saving": self.saving,
-            "lm_head_flops": 2 * self.lm_head,
-            "parts_flops": {k: 2 * v for k, v in self.parts().items()},
-            "notes": list(self.notes),
-            "layers": [{**asdict(lc), "macs": lc.macs, "flops": lc.flops} for lc in self.layers],
-        }
 
 
 def layer_macs(g: ModelGeometry, n: int, c: int | None = None, convention: str = "exact") -> tuple[int, int, int]:

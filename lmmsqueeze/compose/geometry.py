@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +35,6 @@ class ModelGeometry:
     vision_merge: int = 1  # vision-tower tokens per LLM image token (Qwen2-VL's 2x2 patch merger: 4)
     cls_attention: str = "cls"  # what the cls_attention signal is: "cls" ([CLS] query) or "mean" (no [CLS]:
     # the mean attention each token receives from every token of its image)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["signals"] = sorted(self.signals)
-        d["grids"] = [list(g) for g in self.grids] if self.grids else None
-        return d
 
 
 #: decoder families whose FFN is a plain two-matrix MLP (all others here use gate/up/down)

@@ -23,7 +23,6 @@ class QwenImageProcessor:
     """``processor(images=..., text=..., return_tensors="pt", padding=...)`` for Qwen2-VL models."""
 
     image_token = "<|image_pad|>"
-    image_placeholder = IMAGE_PLACEHOLDER
 
     def __init__(self, tokenizer: Any, image_processor: Any, chat_template: str | None = None):
         self.tokenizer = tokenizer

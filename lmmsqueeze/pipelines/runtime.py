@@ -165,20 +165,18 @@ class PipelineRun:
     # ------------------------------------------------------------------ public helpers
     @property
     def trace(self) -> list[list[Tensor]]:
-        return self._filled(self._trace, lambda n: torch.arange(n))
+        return self._with_proxyv(self._trace, "index")
 
     @property
     def groups(self) -> list[list[Tensor]]:
-        return self._filled(self._groups, lambda n: torch.arange(n))
+        return self._with_proxyv(self._groups, "assign")
 
-    def _filled(self, entries: list[list[Tensor]], untouched: Any) -> list[list[Tensor]]:
-        """Stages that keep every token (proxyv) repeat the previous stage's entry."""
-        out: list[list[Tensor]] = []
-        for stage, rows in zip(self.plan.stages, entries):
-            if stage.placement == "proxyv" and not rows and self._prefill is not None:
-                rows = out[-1] if out else [untouched(s.meta.n_original) for s in self._prefill.samples]
-            out.append(rows)
-        return out
+    def _with_proxyv(self, entries: list[list[Tensor]], field_name: str) -> list[list[Tensor]]:
+        """The proxyv stage (always last) keeps every token it receives: its entry is the tokens'
+        state when the prefill ended."""
+        if self._prefill is None or not self.plan.stages or self.plan.stages[-1].placement != "proxyv":
+            return entries
+        return [*entries[:-1], [getattr(s.meta, field_name) for s in self._prefill.samples]]
 
     @property
     def output_positions(self) -> Tensor | None:

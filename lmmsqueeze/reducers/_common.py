@@ -16,11 +16,6 @@ def unit_rows(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def without_grid(state: TokenState) -> TokenState:
-    """The same tokens, marked as no longer forming a grid (for reducers declared ``keeps_grid=False``)."""
-    return state if state.grids is None else dataclasses.replace(state, grids=None)
-
-
 def weighted_means(target: Tensor, hidden: Tensor, weights: Tensor, m: int) -> Tensor:
     """``[m, D]`` float32 weighted mean of the rows of ``hidden`` sent to each new slot by ``target``
     (rows with ``target == -1`` are left out)."""

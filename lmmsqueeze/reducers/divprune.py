@@ -44,8 +44,6 @@ class DivPruneReducer(ScoredPruner):
             return state
         x = unit_rows(state.hidden)
         dist = 1.0 - x @ x.T
-        if n == 1:
-            return state.select(torch.zeros(1, dtype=torch.long, device=x.device))
         # first pick: the largest nearest-neighbour distance (self-distance excluded)
         off_diag = dist + torch.diag(torch.full((n,), float("inf"), device=x.device))
         picked = [int(torch.argmax(off_diag.min(dim=1).values))]
