@@ -192,12 +192,17 @@ def test_cached_generate_matches_no_cache_forward(qwen, pipeline, batch):
 
 @pytest.mark.parametrize("name", list_reducers())
 def test_every_reducer_runs_end_to_end(qwen, name):
+    """Every layer's KV cache holds the prompt less the image tokens the plan (for this image's 6x6
+    grid) says are gone by that layer."""
     model, _ = qwen
     inputs = _inputs(qwen, 2, SQUARE)
-    plan = lmmsqueeze.compile(tiny_pipeline(name), model)  # nothing is refused on Qwen2-VL
+    geometry = adapter_for(model).image_geometries(inputs)[0]
+    plan = lmmsqueeze.compile(tiny_pipeline(name), geometry)  # nothing is refused on Qwen2-VL
     with lmmsqueeze.apply(model, plan) as run:
-        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    assert out.shape == (2, inputs["input_ids"].shape[1] + 2)
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    prompt = inputs["input_ids"].shape[1]
+    assert [layer.keys.shape[-2] for layer in out.cache.layers] == [
+        prompt - (36 - tokens) + 1 for tokens in plan.tokens_per_layer()]
     for stage_trace in run.trace:
         for b in range(2):
             assert stage_trace[b].numel() == 0 or int(stage_trace[b].max()) < 36
@@ -396,28 +401,32 @@ def test_image_geometries_follow_each_images_grid(qwen):
 
 
 def test_eval_costs_use_the_real_image_grid(qwen_dir, tmp_path):
-    """The bundled task's images give 3x3 merged grids on this model: FLOPs are for 9 image tokens,
-    not for the reference 24x24 grid the plan assumes."""
+    """The bundled task's images give 3x3 merged grids on this model: the row's FLOPs are what
+    torch's counter measures on that sample's prefill (decoder only), not the reference 24x24 grid's."""
     import json
 
     from typer.testing import CliRunner
 
     from lmmsqueeze.cli import app
+    from lmmsqueeze.evaluation.tasks import get_task
+    from lmmsqueeze.pipelines.loading import build_prompt
 
-    result = CliRunner().invoke(app, ["eval", "-m", str(qwen_dir / "m"), "-p", "pool(size=3)", "--limit", "4",
+    result = CliRunner().invoke(app, ["eval", "-m", str(qwen_dir / "m"), "-p", "pool(size=3)", "--limit", "1",
                                       "--results", str(tmp_path / "r.db"), "--json"])
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)
     assert row["image_tokens_per_layer"] == [1, 1, 1, 1]
-    model = adapter_for(tiny_qwen2_vl(version="2.5")[0]).geometry
-    small = dataclasses.replace(model, image_tokens=9, grids=((3, 3),), vision_tokens=36)
-    ratio = row["prefill_flops"] / row["vanilla_prefill_flops"]
-    assert row["vanilla_prefill_flops"] < lmmsqueeze.compile("none", model).cost(text_tokens=0).prefill_flops
-    text = [t for t in range(0, 200)
-            if lmmsqueeze.compile("none", small).cost(text_tokens=t).prefill_flops == row["vanilla_prefill_flops"]]
-    assert len(text) == 1  # the vanilla cost is the 9-token geometry's at the prompts' text length
-    assert ratio == pytest.approx(lmmsqueeze.compile("pool(size=3)", small).cost(text_tokens=text[0]).prefill_flops
-                                  / row["vanilla_prefill_flops"])
+    model, processor = tiny_qwen2_vl(attn="eager", version="2.5")  # the saved model's shapes; eager: countable
+    sample = get_task("bundled").samples("test", 1, 0)[0]
+    inputs = processor(images=sample.image, text=build_prompt(processor, sample.question))
+    assert int(inputs["mm_token_type_ids"].sum()) == 9
+    text_config = model.config.text_config
+    lm_head = 2 * text_config.hidden_size * text_config.vocab_size  # the last position's logits
+    vision = count_flops(lambda: model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]))
+    vanilla = count_flops(lambda: model(**inputs, logits_to_keep=1)) - vision - lm_head
+    with lmmsqueeze.apply(model, "pool(size=3)"):
+        pooled = count_flops(lambda: model(**inputs, logits_to_keep=1)) - vision - lm_head
+    assert (row["vanilla_prefill_flops"], row["prefill_flops"]) == (vanilla, pooled)
 
 
 def test_show_draws_the_merged_grid_over_the_whole_image(qwen_dir, tmp_path):

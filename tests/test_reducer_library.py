@@ -19,7 +19,7 @@ import lmmsqueeze
 from lmmsqueeze import PipelineError
 from lmmsqueeze.cli import app
 from lmmsqueeze.reducers import Signals, TokenState, create_reducer, get_reducer, list_reducers
-from lmmsqueeze.reducers.sparsevlm import SCHEDULES, SparseVLMLayer
+from lmmsqueeze.reducers.sparsevlm import SparseVLMLayer
 from lmmsqueeze.testing import tiny_inputs, tiny_llava
 
 #: the token reducers of the library (the registry also holds ProxyV, which is tested on its own)
@@ -145,10 +145,12 @@ def test_sparsevlm_raters_and_schedule_by_hand():
     assert layer.reduce(state, Signals(text_image_attention=rows)).index.tolist() == [0, 1, 5]
     parts = create_reducer("sparsevlm", budget=128).substages()
     assert [p.layer for p in parts] == [2, 6, 15]
-    counts = [576]
-    for p in parts:
-        counts.append(math.floor(counts[-1] * p.keep + 0.5))
-    assert counts[1:] == list(SCHEDULES[128])
+    # the released schedules (SparseVLM v1, sparsevlm.py's layer_dict): tokens kept after layers 2, 6 and 15
+    released = {192: [300, 200, 110], 128: [303, 110, 36], 96: [238, 48, 26], 64: [66, 30, 17]}
+    for budget, kept in released.items():
+        plan = lmmsqueeze.compile(f"sparsevlm(budget={budget}, recycle=false)")
+        per_layer = plan.tokens_per_layer()
+        assert [per_layer[2], per_layer[6], per_layer[15]] == kept, budget
 
 
 def _dpc_knn_reference(x, c, knn=5):
@@ -517,3 +519,8 @@ def test_the_refused_pairs_are_the_expected_ones(tiny6):
             assert "cannot follow" in message
         else:
             assert breaks and needs_grid and "needs the token grid" in message, message
+    # and every pair the rules forbid is refused: nothing slips through
+    predicted = {(a, pa, b, pb) for (a, pa), (b, pb) in PAIRS
+                 if rank[pb] < rank[pa] or (not get_reducer(a).keeps_grid and getattr(get_reducer(b), "requires_grid",
+                                                                                      False))}
+    assert predicted and {r[:4] for r in refused} == predicted

@@ -76,8 +76,8 @@ def test_cached_generate_matches_no_cache_forward_after_llm_reduction(tiny_dev, 
     with lmmsqueeze.apply(model, pipeline) as run:
         out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
                              return_dict_in_generate=True, output_logits=True)
-    kept_image = run.trace[0][0].numel()
-    dropped = 36 - kept_image
+    dropped = 18  # keep=0.5 of 36
+    assert run.trace[0][0].numel() == 36 - dropped
     # per-layer KV cache: full prompt below layer K, the kept tokens from K on (+ generated tokens)
     lengths = [out.cache.layers[i].keys.shape[-2] for i in range(4)]
     full = prompt_len + new_tokens - 1
