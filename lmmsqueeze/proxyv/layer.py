@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
+from ..reducers._common import bilinear_grids
 from .modules import ProxyVAdapter, VisionMLP
 from .stage import ProxyV
 
@@ -78,18 +79,9 @@ def make_proxies(stage: ProxyV, adapter: ProxyVAdapter, image: Tensor, grids: An
         proxies ``[B, P, d]``, assign ``[n]`` (spatial) or None, splat ``[B, n, P]`` (non-spatial) or None.
     """
     b, n, d = image.shape
-    if stage.variant == "spatial":
-        proxies, assign, start, offset = [], [], 0, 0
-        for (h, w), (oh, ow) in zip(grids, stage.proxy_grids(grids)):
-            crop = image[:, start:start + h * w].reshape(b, h, w, d).permute(0, 3, 1, 2)
-            small = F.interpolate(crop.float(), size=(oh, ow), mode="bilinear", align_corners=False)
-            proxies.append(small.to(image.dtype).permute(0, 2, 3, 1).reshape(b, oh * ow, d))
-            rows = torch.arange(h, device=image.device).repeat_interleave(w) * oh // h
-            cols = torch.arange(w, device=image.device).repeat(h) * ow // w
-            assign.append(offset + rows * ow + cols)
-            start += h * w
-            offset += oh * ow
-        return torch.cat(proxies, 1), torch.cat(assign), None
+    if stage.variant == "spatial":  # each crop's grid resized, as the bilinear reducer does
+        proxies, assign = bilinear_grids(image, grids, stage.proxy_grids(grids))
+        return proxies, assign, None
     proxies = []
     ids = torch.unique(groups)
     total = stage.proxies * ids.numel()

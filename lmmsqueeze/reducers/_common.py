@@ -5,15 +5,38 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Reducer, Signals, TokenState
+from .base import Grids, Reducer, Signals, TokenState
 
 
 def unit_rows(x: Tensor) -> Tensor:
     """Rows of ``x`` scaled to unit L2 norm, in float32 (cosine similarity is then ``a @ b.T``)."""
     x = x.float()
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def bilinear_grids(hidden: Tensor, grids: Grids, out_grids: Grids) -> tuple[Tensor, Tensor]:
+    """Resize each crop's token grid (``hidden``: ``[..., N, D]``, crops one after another in
+    row-major order) to its output grid with bilinear interpolation (``align_corners=False``).
+
+    Returns the resized tokens ``[..., M, D]`` (in ``hidden``'s dtype) and, for every input token,
+    the output token whose cell holds it (``[N]``).
+    """
+    lead, d = hidden.shape[:-2], hidden.shape[-1]
+    device = hidden.device
+    pieces, targets, start, offset = [], [], 0, 0
+    for (h, w), (oh, ow) in zip(grids, out_grids):
+        crop = hidden[..., start:start + h * w, :].reshape(-1, h, w, d).permute(0, 3, 1, 2).float()
+        resized = F.interpolate(crop, size=(oh, ow), mode="bilinear", align_corners=False)
+        pieces.append(resized.permute(0, 2, 3, 1).reshape(*lead, oh * ow, d))
+        rows = torch.arange(h, device=device).repeat_interleave(w) * oh // h
+        cols = torch.arange(w, device=device).repeat(h) * ow // w
+        targets.append(offset + rows * ow + cols)
+        start += h * w
+        offset += oh * ow
+    return torch.cat(pieces, -2).to(hidden.dtype), torch.cat(targets)
 
 
 def weighted_means(target: Tensor, hidden: Tensor, weights: Tensor, m: int) -> Tensor:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
+from ._common import bilinear_grids
 from .base import Grids, Reducer, Signals, TokenState
 from .registry import register_reducer
 
@@ -61,19 +61,9 @@ class BilinearReducer(Reducer):
 
     def reduce(self, state: TokenState, signals: Signals) -> TokenState:
         out_grids = self.output_grids(state.grids)
+        hidden, target = bilinear_grids(state.hidden, state.grids, out_grids)
         device = state.hidden.device
-        pieces, targets, offset = [], [], 0
-        for (h, w), (oh, ow), part in zip(state.grids, out_grids, state.crop_slices()):
-            grid = state.hidden[part].float().T.reshape(1, -1, h, w)
-            resized = F.interpolate(grid, size=(oh, ow), mode="bilinear", align_corners=False)
-            pieces.append(resized.reshape(-1, oh * ow).T)
-            rows = torch.arange(h, device=device).repeat_interleave(w) * oh // h
-            cols = torch.arange(w, device=device).repeat(h) * ow // w
-            targets.append(offset + rows * ow + cols)
-            offset += oh * ow
-        target = torch.cat(targets)
-        first = torch.full((offset,), state.n, dtype=torch.long, device=device)
+        first = torch.full((hidden.shape[0],), state.n, dtype=torch.long, device=device)
         first.scatter_reduce_(0, target, torch.arange(state.n, device=device), reduce="amin")
-        hidden = torch.cat(pieces).to(state.hidden.dtype)
         return state.regroup(target, hidden, first, out_grids)
 
