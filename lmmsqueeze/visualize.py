@@ -161,10 +161,9 @@ def trace_pipeline(model: Any, processor: Any, image: Image.Image, question: str
     import torch
 
     from .pipelines import apply, build_prompt
+    from .pipelines.loading import model_inputs
 
-    inputs = processor(images=image, text=build_prompt(processor, question), return_tensors="pt").to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = model_inputs(processor, model, [image], [build_prompt(processor, question)])
     with torch.no_grad(), apply(model, pipeline, adapter=adapter) as run:
         model(**inputs)
     views = [StageView(stage.label(), run.trace[i][0].tolist(), run.groups[i][0].tolist())

@@ -57,14 +57,11 @@ class _Engine:
 
     @torch.no_grad()
     def generate(self, images: list[Any], text: str, max_new_tokens: int, until: list[str]) -> str:
-        from ..pipelines.loading import build_prompt
+        from ..pipelines.loading import build_prompt, model_inputs
         from ..pipelines.runtime import apply
 
         prompt = build_prompt(self.processor, text)
-        inputs = self.processor(images=images[0] if len(images) == 1 else images, text=prompt, return_tensors="pt")
-        param = next(self.model.parameters())
-        inputs = inputs.to(param.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
+        inputs = model_inputs(self.processor, self.model, images, [prompt])
         with apply(self.model, self.plan, adapter=self.adapter):
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         answer = self.processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -75,15 +72,12 @@ class _Engine:
 
     @torch.no_grad()
     def loglikelihood(self, images: list[Any], context: str, continuation: str) -> tuple[float, bool]:
-        from ..pipelines.loading import build_prompt
+        from ..pipelines.loading import build_prompt, model_inputs
         from ..pipelines.runtime import apply
 
         prompt = build_prompt(self.processor, context)
-        full = self.processor(images=images[0], text=f"{prompt} {continuation}", return_tensors="pt")
+        full = model_inputs(self.processor, self.model, images[:1], [f"{prompt} {continuation}"])
         head = self.processor(images=images[0], text=prompt, return_tensors="pt")
-        param = next(self.model.parameters())
-        full = full.to(param.device)
-        full["pixel_values"] = full["pixel_values"].to(param.dtype)
         start = head["input_ids"].shape[1]
         with apply(self.model, self.plan, adapter=self.adapter) as run:
             logits = self.model(**full).logits[0].float().log_softmax(-1)

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from ..pipelines.hooks import HookSet
-from ..pipelines.loading import build_prompt
+from ..pipelines.loading import build_prompt, model_inputs
 from ..pipelines.measure import _Clock, peak_prefill_memory
 from ..pipelines.runtime import InputCosts, apply, compile_for
 from ..proxyv.attach import resolve_adapter
@@ -19,15 +19,8 @@ MEMORY_SAMPLES = 3
 
 
 def _inputs(processor: Any, model: Any, items: list[Any]) -> Any:
-    texts = [build_prompt(processor, item.question) for item in items]
-    images = [item.image for item in items]
-    batch = processor(images=images if len(items) > 1 else images[0], text=texts if len(items) > 1 else texts[0],
-                      return_tensors="pt", padding=len(items) > 1)
-    param = next(model.parameters())
-    batch = batch.to(param.device)
-    if "pixel_values" in batch:
-        batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
-    return batch
+    return model_inputs(processor, model, [item.image for item in items],
+                        [build_prompt(processor, item.question) for item in items])
 
 
 @torch.no_grad()

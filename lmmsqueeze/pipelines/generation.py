@@ -9,7 +9,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import LmmsqueezeError
-from .loading import build_prompt, load_model
+from .loading import build_prompt, load_model, model_inputs
 from .runtime import apply
 
 
@@ -24,10 +24,7 @@ def open_image(path: str | Path) -> Image.Image:
 def generate_answer(model: Any, processor: Any, image: Image.Image, question: str, pipeline: Any,
                     max_new_tokens: int = 32, adapter: Any = None) -> dict[str, Any]:
     """Greedy answer of ``model`` with ``pipeline`` installed, plus what the pipeline did."""
-    text = build_prompt(processor, question)
-    inputs = processor(images=image, text=text, return_tensors="pt").to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = model_inputs(processor, model, [image], [build_prompt(processor, question)])
     with apply(model, pipeline, adapter=adapter) as run:
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new_tokens = out[0, inputs["input_ids"].shape[1]:]

@@ -99,6 +99,19 @@ def _load_processor(path: Path, model_type: str) -> Any:
         return QwenImageProcessor.from_pretrained(path, local_files_only=True)
 
 
+def model_inputs(processor: Any, model: Any, images: list[Any], texts: list[str]) -> Any:
+    """Processor outputs for ``texts`` (one prompt per sample; several: a left-padded batch) and their
+    ``images``, on the model's device, pixel values in the model's dtype."""
+    batch = len(texts) > 1
+    inputs = processor(images=images if batch or len(images) != 1 else images[0], text=texts if batch else texts[0],
+                       return_tensors="pt", padding=batch)
+    param = next(model.parameters())
+    inputs = inputs.to(param.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
+    return inputs
+
+
 def build_prompt(processor: Any, text: str) -> str:
     """The prompt for one image and one question: the processor's chat template when it has one,
     else the LLaVA-1.5 format. Text that already holds the image token is used as is."""

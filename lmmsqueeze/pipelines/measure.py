@@ -147,13 +147,10 @@ def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: 
     ``realized_fraction`` is the measured decoder-time saving over the analytic FLOPs saving (1.0:
     the FLOPs saving turned fully into time).
     """
-    from .loading import build_prompt
+    from .loading import build_prompt, model_inputs
     from .runtime import InputCosts, compile_for
 
-    text = build_prompt(processor, prompt)
-    inputs = processor(images=image, text=text, return_tensors="pt").to(next(model.parameters()).device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+    inputs = model_inputs(processor, model, [image], [build_prompt(processor, prompt)])
     plans = [compile_for(model, p)[0] for p in ["none", *pipelines]]
     image_tokens = compile_for(model, "none")[1].count_image_tokens(inputs)
     text_tokens = inputs["input_ids"].shape[1] - image_tokens
