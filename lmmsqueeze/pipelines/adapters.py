@@ -95,7 +95,28 @@ class ModelAdapter:
 
     def hook_packed_features(self, hooks: HookSet,
                              fn: Callable[[list[Tensor], list[PackedImage]], list[Tensor]]) -> None:
-        """Install ``fn`` on the packed image features (only for ``packs_features`` families)."""
+        """Install ``fn`` on the packed image features (only for ``packs_features`` families): this
+        instance's ``get_image_features`` (which ``generate`` and ``forward`` both call) is wrapped so
+        its per-image outputs go through ``fn`` with their layouts."""
+        original = self.base.get_image_features
+
+        @functools.wraps(original)
+        def get_image_features(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            layouts = self.call_layouts(args, kwargs)
+            if layouts is None or getattr(out, "pooler_output", None) is None:
+                raise ModelError(f"{type(self.model).__name__} image features must be computed with return_dict=True "
+                                 f"and {self.layout_inputs} while a pipeline is applied")
+            out.pooler_output = fn(list(out.pooler_output), layouts)
+            return out
+
+        hooks.patch(self.base, "get_image_features", get_image_features)
+
+    #: the ``get_image_features`` argument that layouts are read from (packing families)
+    layout_inputs: ClassVar[str] = ""
+
+    def call_layouts(self, args: tuple, kwargs: dict) -> list[PackedImage] | None:
+        """The layouts of a ``get_image_features(pixel_values, <layout_inputs>, ...)`` call, or None."""
         raise NotImplementedError
 
     def count_image_tokens(self, inputs: Any) -> int:
@@ -158,23 +179,12 @@ class LlavaNextAdapter(LlavaAdapter):
 
     packs_features: ClassVar[bool] = True
 
-    def hook_packed_features(self, hooks: HookSet,
-                             fn: Callable[[list[Tensor], list[PackedImage]], list[Tensor]]) -> None:
-        original = self.base.get_image_features  # the bound method (generate and forward both call it)
+    layout_inputs: ClassVar[str] = "image_sizes"
 
-        @functools.wraps(original)
-        def get_image_features(*args: Any, **kwargs: Any) -> Any:
-            out = original(*args, **kwargs)
-            sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
-            strategy = kwargs.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
-            packed = getattr(out, "pooler_output", None)
-            if packed is None or sizes is None:
-                raise ModelError("LLaVA-NeXT image features must be computed with image_sizes and return_dict=True "
-                                 "while a pipeline is applied")
-            out.pooler_output = fn(list(packed), self.layouts(sizes, strategy))
-            return out
-
-        hooks.patch(self.base, "get_image_features", get_image_features)
+    def call_layouts(self, args: tuple, kwargs: dict) -> list[PackedImage] | None:
+        sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
+        strategy = kwargs.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
+        return None if sizes is None else self.layouts(sizes, strategy)
 
     def count_image_tokens(self, inputs: Any) -> int:
         return sum(g.image_tokens for g in self.image_geometries(inputs))  # newline separators are text
@@ -257,26 +267,16 @@ class QwenVLAdapter(ModelAdapter):
         return self.base.get_image_features(pixel_values=base_kwargs["pixel_values"], image_grid_thw=grid,
                                             return_dict=True)
 
-    def hook_packed_features(self, hooks: HookSet,
-                             fn: Callable[[list[Tensor], list[PackedImage]], list[Tensor]]) -> None:
-        original = self.base.get_image_features
+    layout_inputs: ClassVar[str] = "image_grid_thw"
 
-        @functools.wraps(original)
-        def get_image_features(*args: Any, **kwargs: Any) -> Any:
-            out = original(*args, **kwargs)
-            grid = kwargs.get("image_grid_thw", args[1] if len(args) > 1 else None)
-            if grid is None or getattr(out, "pooler_output", None) is None:
-                raise ModelError("Qwen2-VL image features must be computed with image_grid_thw and "
-                                 "return_dict=True while a pipeline is applied")
-            out.pooler_output = fn(list(out.pooler_output), self.layouts(grid))
-            return out
-
-        hooks.patch(self.base, "get_image_features", get_image_features)
+    def call_layouts(self, args: tuple, kwargs: dict) -> list[PackedImage] | None:
+        grid = kwargs.get("image_grid_thw", args[1] if len(args) > 1 else None)
+        return None if grid is None else self.layouts(grid)
 
     def image_geometries(self, inputs: Any) -> list[ModelGeometry]:
-        unit = self.merge * self.merge
-        return [dataclasses.replace(self.geometry, image_tokens=lay.crops, grids=lay.grids,
-                                    vision_tokens=lay.crops * unit) for lay in self.layouts(inputs["image_grid_thw"])]
+        m = self.merge
+        return [dataclasses.replace(self.geometry, image_tokens=(h // m) * (w // m), grids=((h // m, w // m),),
+                                    vision_tokens=h * w) for _, h, w in inputs["image_grid_thw"].tolist()]
 
     def layouts(self, image_grid_thw: Tensor) -> list[PackedImage]:
         """Each image's merged grid; ``source`` maps its raster-order tokens to the merger's rows."""
