@@ -127,12 +127,12 @@ def vision_probe_macs(g: ModelGeometry, needs: frozenset[str]) -> int:
     if not t or not dv:
         return 0
     macs = 0
-    if "cls_attention" in needs and g.cls_attention == "mean":  # q and k of every token, all of Q K^T
-        macs += 2 * t * dv * dv + t * t * dv
-    elif "cls_attention" in needs:  # q of [CLS], k of every token, one row of Q K^T
-        macs += dv * dv + t * dv * dv + t * dv
-    if "vision_keys" in needs:
+    if needs & {"cls_attention", "vision_keys"}:  # the keys of every token, projected once for both
         macs += t * dv * dv
+    if "cls_attention" in needs and g.cls_attention == "mean":  # q of every token, all of Q K^T
+        macs += t * dv * dv + t * t * dv
+    elif "cls_attention" in needs:  # q of [CLS], one row of Q K^T
+        macs += dv * dv + t * dv
     return g.vision_crops * macs
 
 

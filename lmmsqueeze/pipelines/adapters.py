@@ -135,11 +135,12 @@ class ModelAdapter:
         from .probes import cls_query_attention
 
         hidden = kwargs.get("hidden_states", args[0] if args else None)
+        keys = attention.k_proj(hidden)  # read by both signals: projected once
         out = {}
         if "cls_attention" in needs:
-            out["cls_attention"] = cls_query_attention(attention, hidden)
+            out["cls_attention"] = cls_query_attention(attention, hidden, keys)
         if "vision_keys" in needs:
-            out["vision_keys"] = attention.k_proj(hidden)
+            out["vision_keys"] = keys
         return out
 
     # -- packing families: the projector's input rows and the per-image layouts index into them
@@ -312,13 +313,13 @@ class QwenVLAdapter(ModelAdapter):
 
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         unit = self.merge * self.merge
+        keys = vision_keys_fused(attention, hidden)  # read by both signals: projected once
         out = {}
         if "cls_attention" in needs:
             received = mean_received_attention(attention, hidden, kwargs["cu_seqlens"],
-                                               kwargs["position_embeddings"])
+                                               kwargs["position_embeddings"], keys)
             out["cls_attention"] = received.view(-1, unit).mean(1)
         if "vision_keys" in needs:
-            keys = vision_keys_fused(attention, hidden)
             out["vision_keys"] = keys.view(-1, unit, keys.shape[-1]).mean(1)
         return out
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 
-def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     # x: [B, H, N, hd]; cos/sin: [B, N, hd]
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return x * cos + rotate_half(x) * sin
@@ -57,8 +57,8 @@ def rows_attention(
     cos, sin = position_embeddings
     q = attn.q_proj(hidden_states[:, rows]).view(b, rows.numel(), -1, hd).transpose(1, 2)
     k = attn.k_proj(hidden_states).view(b, n, -1, hd).transpose(1, 2)
-    q = _rope(q, cos[:, rows], sin[:, rows])
-    k = repeat_kv(_rope(k, cos, sin), attn.num_key_value_groups)
+    q = apply_rope(q, cos[:, rows], sin[:, rows])
+    k = repeat_kv(apply_rope(k, cos, sin), attn.num_key_value_groups)
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling  # [B, H, R, N]
     allowed = torch.arange(n, device=rows.device)[None, :] <= rows[:, None]  # causal
     allowed = allowed[None, None].expand(b, 1, -1, -1)
@@ -68,12 +68,13 @@ def rows_attention(
     return logits.softmax(dim=-1).mean(dim=1)
 
 
-def cls_query_attention(attn: nn.Module, hidden_states: Tensor) -> Tensor:
+def cls_query_attention(attn: nn.Module, hidden_states: Tensor, keys: Tensor | None = None) -> Tensor:
     """Head-mean attention of token 0 ([CLS]) to every token in a ViT attention layer (CLIP-style).
 
     Args:
         attn: a vision self-attention module with ``q_proj``, ``k_proj``, ``head_dim`` and ``scale``.
         hidden_states: ``[B, T, D]`` the (normed) input of the attention module.
+        keys: ``attn.k_proj(hidden_states)`` when the caller has it already.
 
     Returns:
         ``[B, T]`` float32 weights (column 0 is [CLS] attending to itself).
@@ -81,13 +82,14 @@ def cls_query_attention(attn: nn.Module, hidden_states: Tensor) -> Tensor:
     b, t, _ = hidden_states.shape
     hd = attn.head_dim
     q = attn.q_proj(hidden_states[:, :1]).view(b, 1, -1, hd).transpose(1, 2)
-    k = attn.k_proj(hidden_states).view(b, t, -1, hd).transpose(1, 2)
+    k = (attn.k_proj(hidden_states) if keys is None else keys).view(b, t, -1, hd).transpose(1, 2)
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 
 
 def mean_received_attention(attn: nn.Module, hidden_states: Tensor, cu_seqlens: Tensor,
-                            position_embeddings: tuple[Tensor, Tensor], budget: int = 2 ** 26) -> Tensor:
+                            position_embeddings: tuple[Tensor, Tensor], keys: Tensor | None = None,
+                            budget: int = 2 ** 26) -> Tensor:
     """For a vision tower without [CLS] (Qwen2-VL's): the attention each token receives, averaged over
     heads and over every query of its own segment (an image, as ``cu_seqlens`` delimits them).
 
@@ -100,16 +102,19 @@ def mean_received_attention(attn: nn.Module, hidden_states: Tensor, cu_seqlens: 
         hidden_states: ``[S, C]`` the (normed) input of the attention module, all images packed.
         cu_seqlens: ``[segments + 1]`` segment boundaries.
         position_embeddings: vision RoPE ``(cos, sin)``, each ``[S, head_dim]``.
+        keys: :func:`vision_keys_fused` of ``hidden_states`` when the caller has them already.
 
     Returns:
         ``[S]`` float32; each segment's values sum to 1.
     """
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
     s, c = hidden_states.shape
-    qk = torch.nn.functional.linear(hidden_states, attn.qkv.weight[:2 * c], attn.qkv.bias[:2 * c])
-    q, k = qk.reshape(s, 2, attn.num_heads, -1).unbind(1)  # [S, H, hd]
-    cos, sin = (t.float()[:, None, :] for t in position_embeddings)
-    q = (q.float() * cos + rotate_half(q.float()) * sin).transpose(0, 1)  # [H, S, hd]
-    k = (k.float() * cos + rotate_half(k.float()) * sin).transpose(0, 1)
+    q = torch.nn.functional.linear(hidden_states, attn.qkv.weight[:c], attn.qkv.bias[:c])
+    k = vision_keys_fused(attn, hidden_states) if keys is None else keys
+    q, k = apply_rotary_pos_emb_vision(q.view(s, attn.num_heads, -1).float(), k.view(s, attn.num_heads, -1).float(),
+                                       *position_embeddings)
+    q, k = q.transpose(0, 1), k.transpose(0, 1)  # [H, S, hd]
     out = torch.zeros(s, dtype=torch.float32, device=hidden_states.device)
     bounds = cu_seqlens.tolist()
     for a, b in zip(bounds[:-1], bounds[1:]):

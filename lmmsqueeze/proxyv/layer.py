@@ -15,16 +15,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
+from transformers.models.llama.modeling_llama import repeat_kv
 
+from ..pipelines.probes import apply_rope
 from ..reducers._common import bilinear_grids
 from .modules import ProxyVAdapter, VisionMLP
 from .stage import ProxyV
-
-
-def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
 
 
 def _rows(x: Tensor, index: Tensor) -> Tensor:
@@ -130,8 +126,8 @@ def _proxyv_sample(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Te
     q = attn.q_proj(_rows(normed, q_rows)).view(b, nq, -1, hd).transpose(1, 2)
     k = attn.k_proj(normed).view(b, nk, -1, hd).transpose(1, 2)
     v = attn.v_proj(normed).view(b, nk, -1, hd).transpose(1, 2)
-    q = _rope(q, *st.layout.q_rope)
-    k = _rope(k, *st.layout.kv_rope)
+    q = apply_rope(q, *st.layout.q_rope)
+    k = apply_rope(k, *st.layout.kv_rope)
     k_seq, v_seq = k[:, :, :n_seq], v[:, :, :n_seq]  # what the cache keeps: no proxy entries
     k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
     if getattr(attn.config, "_attn_implementation", "sdpa") == "eager":  # plain matmuls, as eager layers do
