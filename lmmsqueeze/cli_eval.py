@@ -75,7 +75,8 @@ def eval_cmd(
     """
     from .compose import compile_pipeline, geometry_from_path
     from .evaluation.store import Key, ResultStore
-    from .evaluation.sweep import Grid, GridItem, adapter_pipeline
+    from .evaluation.sweep import Grid, GridItem
+    from .proxyv.attach import pipeline_for
     from .evaluation.tasks import get_task
     from .pipelines.loading import model_dir
 
@@ -87,8 +88,7 @@ def eval_cmd(
                 f"({r['n']} samples, stored in {results})", highlight=False))
             return
         t = get_task(task)
-        if adapter and pipeline == "none":
-            pipeline = adapter_pipeline(adapter)
+        pipeline = pipeline_for(pipeline, adapter)
         n = min(limit or t.size, t.size)
         grid = Grid(model=model, tasks=[task], limit=n, seed=seed, items=[GridItem(pipeline, adapter)])
         canonical = compile_pipeline(pipeline, geometry_from_path(model_dir(model))).canonical

@@ -44,13 +44,11 @@ class _Engine:
     """The model, processor and pipeline shared by the lmms-eval classes."""
 
     def __init__(self, pretrained: str, pipeline: str, adapter: str | None, device: str | None):
-        from ..evaluation.sweep import adapter_pipeline
         from ..pipelines.loading import load_model
         from ..pipelines.runtime import compile_for
-        from ..proxyv.attach import resolve_adapter
+        from ..proxyv.attach import pipeline_for, resolve_adapter
 
-        if adapter and pipeline.strip() in ("", "none"):
-            pipeline = adapter_pipeline(adapter)
+        pipeline = pipeline_for(pipeline, adapter)
         self.model, self.processor = load_model(pretrained, device=device)
         self.plan = compile_for(self.model, pipeline)[0]
         self.adapter = resolve_adapter(self.model, self.plan, adapter)  # loaded once for every request

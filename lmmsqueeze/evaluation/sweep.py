@@ -41,23 +41,18 @@ def expand_item(text: str, adapter: str | None = None) -> list[GridItem]:
     return [GridItem(spec.format(), adapter) for spec in expand_lists(parse_pipeline(text))]
 
 
-def adapter_pipeline(adapter: str) -> str:
-    """The pipeline an adapter was trained for (recorded in its config)."""
-    from ..proxyv.attach import adapter_path
-    from ..proxyv.modules import read_config
-
-    return read_config(adapter_path(adapter)).get("pipeline") or ""
-
-
 def parse_items(entries: list[Any], source: str) -> list[GridItem]:
-    """Grid entries: pipeline strings, or mappings ``{pipeline: ..., adapter: ...}``."""
+    """Grid entries: pipeline strings, or mappings ``{pipeline: ..., adapter: ...}`` (an adapter without
+    a pipeline runs the pipeline it was trained for)."""
+    from ..proxyv.attach import pipeline_for
+
     items: list[GridItem] = []
     for i, entry in enumerate(entries, 1):
         if isinstance(entry, str):
             items += expand_item(entry)
         elif isinstance(entry, dict) and set(entry) <= {"pipeline", "adapter"} and entry:
             adapter = entry.get("adapter")
-            text = entry.get("pipeline") or (adapter_pipeline(adapter) if adapter else "")
+            text = pipeline_for(str(entry.get("pipeline") or ""), adapter)
             items += expand_item(str(text), str(adapter) if adapter else None)
         else:
             raise LmmsqueezeError(
@@ -106,7 +101,7 @@ def default_items(model: str = "bundled") -> list[GridItem]:
     """The default grid: budgets of the classic reducers, and on the bundled model its shipped ProxyV
     adapters (trained for it alone). VisionZip keeps 16/32/48 of the bundled model's 144 image
     tokens (about 5 dominant to 1 contextual), and the same fractions of any other model's."""
-    from ..proxyv.attach import adapter_path
+    from ..proxyv.attach import adapter_path, adapter_pipeline
 
     zips = ["dominant=14, contextual=2", "dominant=27, contextual=5", "dominant=41, contextual=7"]
     if str(model) != "bundled":

@@ -40,9 +40,8 @@ def answer(model_ref: str, image_path: str | Path, question: str, pipeline: Any,
            device: str | None = None, adapter: str | None = None) -> dict[str, Any]:
     """Load a model and answer one question about one image file (with a ProxyV ``adapter``: its
     recorded pipeline when ``pipeline`` is empty)."""
-    if adapter and str(pipeline).strip() in ("", "none"):
-        from ..evaluation.sweep import adapter_pipeline
+    from ..proxyv.attach import pipeline_for
 
-        pipeline = adapter_pipeline(adapter)
+    pipeline = pipeline_for(pipeline, adapter)
     model, processor = load_model(model_ref, device=device)
     return generate_answer(model, processor, open_image(image_path), question, pipeline, max_new_tokens, adapter)

@@ -28,6 +28,20 @@ def adapter_path(ref: str | Path) -> Path:
     return Path(ref)
 
 
+def adapter_pipeline(adapter: str) -> str:
+    """The pipeline an adapter was trained for (recorded in its config)."""
+    from .modules import read_config
+
+    return read_config(adapter_path(adapter)).get("pipeline") or ""
+
+
+def pipeline_for(pipeline: str, adapter: str | None) -> str:
+    """``pipeline``, or the adapter's own when there is an adapter and the pipeline is empty/none."""
+    if adapter and str(pipeline).strip() in ("", "none"):
+        return adapter_pipeline(adapter)
+    return pipeline
+
+
 def config_for(model: nn.Module, plan: Any) -> ProxyVConfig:
     """The adapter config a plan's ProxyV stage needs on ``model``."""
     stage = plan.proxyv
