@@ -240,14 +240,18 @@ class PipelineRun:
         stages = [s for s in self._pre_llm if s.placement == "vision"]
         if not stages:
             return None
-        out = self._run_image_stages(stages)
+        self._run_image_stages(stages)
+        out = self._stacked_images()
         return ((out, *args[1:]), kwargs) if args else (args, {**kwargs, "image_features": out})
 
     def _projector_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Any:
         for rec, hidden in zip(self._images, output):
             rec.state = rec.state.with_hidden(hidden)
         stages = [s for s in self._pre_llm if s.placement == "projector"]
-        return self._run_image_stages(stages) if stages else None
+        if not stages:
+            return None
+        self._run_image_stages(stages)
+        return self._stacked_images()
 
     def _packed_features(self, packed: list[Tensor], layouts: list[Any]) -> list[Tensor]:
         """Pre-LLM stages on packed images (LLaVA-NeXT, Qwen2-VL): each image is one state whose crops
@@ -295,17 +299,17 @@ class PipelineRun:
             out.append(row)
         return out
 
-    def _run_image_stages(self, stages: list[PlannedStage]) -> Tensor | list[Tensor]:
+    def _run_image_stages(self, stages: list[PlannedStage]) -> None:
         for rec in self._images:
             for stage in stages:
                 signals = _signals(stage, rec.state, rec.vision)
                 rec.state = _checked_reduce(stage, rec.state, signals)
                 rec.trace.append(rec.state.index)
                 rec.groups.append(rec.state.assign)
-        outs = [rec.state.hidden for rec in self._images]
-        if len({o.shape[0] for o in outs}) == 1:
-            return torch.stack(outs)
-        return outs
+
+    def _stacked_images(self) -> Tensor:
+        """``[images, n, D]`` (a non-packing family: every image keeps the same number of tokens)."""
+        return torch.stack([rec.state.hidden for rec in self._images])
 
     # ------------------------------------------------------------------ base model: prefill / decode
     def _base_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -414,7 +418,7 @@ class PipelineRun:
                 self._groups[si].append(torch.cat(groups) if groups else empty)
         self._proxyv_state = None
         self._prefill = _Prefill(
-            batch=batch, length=new_len, padding=padding, source_columns=source.masked_fill(~present, -1),
+            batch=batch, length=new_len, padding=padding, source_columns=source,
             rewritten=rewritten, new_mask=new_mask, input_length=length, removed=removed, samples=samples,
             mrope=mrope,
         )
@@ -548,7 +552,7 @@ class PipelineRun:
             if not p.decoding:
                 stage = next((s for s in self._llm if s.layer == layer), None)
                 if stage is not None:
-                    hidden = self._run_llm_stage(stage, hidden, kwargs)
+                    hidden = self._run_llm_stage(stage, hidden)
                 seg = p.segment_for(layer)
                 if seg is None:
                     return None
@@ -573,7 +577,7 @@ class PipelineRun:
 
         return hook
 
-    def _run_llm_stage(self, stage: PlannedStage, hidden: Tensor, kwargs: dict) -> Tensor:
+    def _run_llm_stage(self, stage: PlannedStage, hidden: Tensor) -> Tensor:
         p = self._prefill
         prev = p.segment_for(stage.layer - 1)
         current_len = hidden.shape[1]
@@ -636,9 +640,9 @@ class PipelineRun:
             self.image_tokens_per_layer[i] = count
         return torch.stack(rows)
 
-    def proxyv_state(self, layer: int, hidden: Tensor, kwargs: dict) -> Any:
-        """The ProxyV state for decoder layer ``layer`` at prefill (made at the first ProxyV layer), or
-        None when the layer should run as usual (decode steps, calls without images)."""
+    def proxyv_state(self, hidden: Tensor, kwargs: dict) -> Any:
+        """The ProxyV state of this prefill (made at the first ProxyV layer), or None when the layer
+        should run as usual (decode steps, calls without images)."""
         p = self._prefill
         if p is None or p.decoding:
             return None
@@ -851,9 +855,6 @@ class InputCosts:
         costs = [(self._plans[g].cost(text_tokens=text_tokens), n) for g, n in counts.items()]
         prefill = sum(c.prefill_flops * n for c, n in costs) / total
         vanilla = sum(c.vanilla_prefill_flops * n for c, n in costs) / total
-        if len(costs) == 1:
-            return {"prefill_flops": costs[0][0].prefill_flops,
-                    "vanilla_prefill_flops": costs[0][0].vanilla_prefill_flops, "saving": costs[0][0].saving}
         return {"prefill_flops": round(prefill), "vanilla_prefill_flops": round(vanilla),
                 "saving": 1.0 - prefill / vanilla if vanilla else 0.0}
 

@@ -185,7 +185,7 @@ class ProxyVDecoderLayer(nn.Module):
         object.__setattr__(self, "_run", run)  # not a submodule
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        state = self._run.proxyv_state(self.index, hidden_states, kwargs)
+        state = self._run.proxyv_state(hidden_states, kwargs)
         if state is None:
             return self.inner(hidden_states, *args, **kwargs)
         mlp = self._run.proxyv_adapter.mlp(self.index)
