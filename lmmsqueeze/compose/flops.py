@@ -189,8 +189,7 @@ def plan_cost(plan: Any, text_tokens: int = 64, convention: str = "exact", text_
         if pv is not None and i >= pv.layer:
             stage = pv.reducer
             groups = images * (len(pv.grids_in) if pv.grids_in else 1)
-            proxies = images * stage.proxy_count(pv.tokens_in, pv.grids_in, groups=1) if stage.variant == "spatial" \
-                else stage.proxies * groups
+            proxies = images * stage.proxy_count(pv.tokens_in, pv.grids_in)
             width = stage.width(g.hidden_size)
             nonspatial = stage.variant == "nonspatial"
             proj, attn, ffn, light = proxyv_layer_macs(g, image_tokens, proxies, text_tokens, width, splat=nonspatial)

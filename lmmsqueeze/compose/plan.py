@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import PipelineError
-from ..reducers.base import LLM_SIGNALS, Grids, Reducer
+from ..reducers.base import LLM_SIGNALS, PLACEMENTS, Grids, Reducer
 from ..reducers.registry import build_reducer, reducer_params
 from .flops import Cost, plan_cost
 from .geometry import ModelGeometry, geometry_from_config, preset
 from .spec import PipelineSpec, StageSpec, parse_pipeline
 
-PLACEMENT_ORDER = {"vision": 0, "projector": 1, "llm": 2, "proxyv": 3}
+PLACEMENT_ORDER = {p: i for i, p in enumerate(PLACEMENTS)}  # the order stages run in
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,7 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any =
                     raise PipelineError(f"{where}: {stage.name} runs inside the LLM only; give layer=K")
             rank = PLACEMENT_ORDER[placement]
             if rank < last_rank:
-                after = {v: k for k, v in PLACEMENT_ORDER.items()}[last_rank]
+                after = PLACEMENTS[last_rank]
                 after = {"proxyv": "the proxyv stage", "llm": "an llm stage"}.get(after, f"a {after} stage")
                 raise PipelineError(
                     f"{where}: a {placement} stage cannot follow {after}; order stages as they run: "

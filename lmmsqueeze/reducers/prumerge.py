@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._common import unit_rows
-from .base import Grids, ScoredPruner, Signals, TokenState, resolve_keep
+from .base import Grids, ScoredPruner, Signals, TokenState, resolve_keep, top_k_slots
 from .registry import register_reducer
 
 
@@ -55,7 +55,7 @@ class PruMergeReducer(ScoredPruner):
         """The kept slots: outliers by score, then evenly spaced samples of the rest."""
         q1, q3 = torch.quantile(scores, torch.tensor([0.25, 0.75], device=scores.device))
         outliers = torch.nonzero(scores > q3 + 1.5 * (q3 - q1)).flatten()
-        outliers = outliers[torch.sort(scores[outliers], descending=True, stable=True).indices][:k]
+        outliers = outliers[top_k_slots(scores[outliers], k)]
         rest = torch.ones_like(scores, dtype=torch.bool)
         rest[outliers] = False
         candidates = torch.nonzero(rest).flatten()

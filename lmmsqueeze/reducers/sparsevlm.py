@@ -136,7 +136,7 @@ class SparseVLMLayer(Reducer):
             return state
         device = state.hidden.device
         scores = self.score(signals)
-        order = torch.sort(scores, descending=True, stable=True).indices
+        order = top_k_slots(scores, k + m)  # the kept tokens, then the best-scored dropped ones
         kept = torch.sort(order[:k]).values
         target = torch.full((state.n,), -1, dtype=torch.long, device=device)
         target[kept] = torch.arange(k, device=device)
