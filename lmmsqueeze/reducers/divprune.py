@@ -44,17 +44,17 @@ class DivPruneReducer(ScoredPruner):
             return state
         x = unit_rows(state.hidden)
         dist = 1.0 - x @ x.T
-        # first pick: the largest nearest-neighbour distance (self-distance excluded)
-        off_diag = dist + torch.diag(torch.full((n,), float("inf"), device=x.device))
-        picked = [int(torch.argmax(off_diag.min(dim=1).values))]
+        # picks stay on the device (no host sync per pick): first the token with the largest
+        # nearest-neighbour distance (self-distance excluded), then the farthest from the picked set
+        picked = torch.empty(k, dtype=torch.long, device=x.device)
+        picked[0] = torch.argmax(dist.fill_diagonal_(float("inf")).min(dim=1).values)
+        dist.fill_diagonal_(0.0)
         nearest = dist[picked[0]].clone()  # distance of every token to the picked set
         chosen = torch.zeros(n, dtype=torch.bool, device=x.device)
         chosen[picked[0]] = True
-        for _ in range(k - 1):
-            candidate = nearest.masked_fill(chosen, float("-inf"))
-            i = int(torch.argmax(candidate))
-            picked.append(i)
-            chosen[i] = True
-            nearest = torch.minimum(nearest, dist[i])
-        return state.select(torch.tensor(picked, device=x.device))
+        for j in range(1, k):
+            picked[j] = torch.argmax(nearest.masked_fill(chosen, float("-inf")))
+            chosen[picked[j]] = True
+            nearest = torch.minimum(nearest, dist[picked[j]])
+        return state.select(picked)
 
