@@ -131,10 +131,10 @@ def _geometry(model: Optional[str], model_config: Optional[str], vision_tokens: 
 
 
 def _si(x: float) -> str:
-    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.2f} {unit}"
-    return f"{x:.0f}"
+    from .compose.flops import si_unit
+
+    unit, scale = si_unit(x)
+    return f"{x / scale:.2f} {unit}" if unit else f"{x:.0f}"
 
 
 @app.command("explain")

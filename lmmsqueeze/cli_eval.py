@@ -7,20 +7,16 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .cli import AdapterOpt, DeviceOpt, JsonOpt, app, console, emit, err_console, user_errors
+from .cli import AdapterOpt, DeviceOpt, JsonOpt, _si, app, console, emit, err_console, user_errors
 from .errors import LmmsqueezeError
+from .evaluation.store import DEFAULT_PATH
 
 ResultsOpt = Annotated[Path, typer.Option("--results", help="SQLite results file.")]
-DEFAULT_RESULTS = Path("lmmsqueeze-results.db")
-
-
-def escape(text: str) -> str:
-    from rich.markup import escape as rich_escape
-
-    return rich_escape(text)
+DEFAULT_RESULTS = Path(DEFAULT_PATH)
 
 
 def _progress() -> Progress:
@@ -106,7 +102,7 @@ def eval_cmd(
         for q, acc in r["per_type"].items():
             table.add_row(f"  {q}", f"{100 * acc:.1f}%")
         table.add_row("loyalty", "-" if r["loyalty"] is None else f"{100 * r['loyalty']:.1f}%")
-        table.add_row("prefill FLOPs", f"{r['prefill_flops'] / 1e9:.3f} G (saving {100 * r['saving']:.1f}%)")
+        table.add_row("prefill FLOPs", f"{_si(r['prefill_flops'])} (saving {100 * r['saving']:.1f}%)")
         table.add_row("latency (median/sample)", f"{r['latency_ms']:.2f} ms")
         table.add_row("peak memory", f"{r['peak_memory_mb']:.2f} MB")
         table.add_row("image tokens (layer avg)", f"{r['image_tokens_avg']:.1f}")

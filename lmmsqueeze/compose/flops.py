@@ -91,6 +91,12 @@ class Cost:
 
 
 
+def si_unit(x: float) -> tuple[str, float]:
+    """The SI prefix (``"P"`` ... ``"K"``, or ``""``) and scale to print ``x`` FLOPs with."""
+    return next(((u, s) for u, s in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)) if abs(x) >= s),
+                ("", 1.0))
+
+
 def layer_macs(g: ModelGeometry, n: int, c: int | None = None, convention: str = "exact") -> tuple[int, int, int]:
     """(projections, attention, ffn) MACs of an ordinary decoder layer with ``n`` queries over ``c`` keys."""
     c = n if c is None else c

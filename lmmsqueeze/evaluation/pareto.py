@@ -71,10 +71,10 @@ def _fmt(key: str, value: Any) -> str:
     if key == "saving":
         return f"{100 * value:.1f}%"
     if key == "prefill_flops":
-        for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
-            if value >= scale:
-                return f"{value / scale:.3g} {unit}"
-        return f"{value:.3g}"
+        from ..compose.flops import si_unit
+
+        unit, scale = si_unit(value)
+        return f"{value / scale:.3g} {unit}".rstrip()
     if key in ("latency_ms", "peak_memory_mb", "image_tokens_avg"):
         return f"{value:.3g}"
     return str(value)
@@ -119,9 +119,9 @@ def plot(rows: list[dict[str, Any]], path: str, x: str = "flops", title: str = "
         raise LmmsqueezeError("plotting needs matplotlib: pip install 'lmmsqueeze[plot]'") from None
     field = X_FIELDS[x]
     top = max(float(r[field]) for r in rows) if rows else 1.0
-    unit, scale = next(((u, s) for u, s in (("T", 1e12), ("G", 1e9), ("M", 1e6)) if top >= s), ("", 1.0))
-    if x != "flops":
-        unit, scale = "", 1.0
+    from ..compose.flops import si_unit
+
+    unit, scale = si_unit(top) if x == "flops" else ("", 1.0)
     fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
     xs = [r[field] / scale for r in rows]
     ys = [100 * r["accuracy"] for r in rows]
