@@ -33,7 +33,6 @@ def train_proxyv_cmd(
     Resumes from OUT/checkpoint.pt when it exists; writes OUT/adapter (adapter.safetensors +
     adapter_config.json) and, with --full, OUT/model.
     """
-    from .evaluation.runner import evaluate
     from .evaluation.tasks import get_task
     from .pipelines.loading import load_model
     from .proxyv.train import TrainSettings, train_proxyv
@@ -44,16 +43,11 @@ def train_proxyv_cmd(
         settings = TrainSettings(steps=steps, batch=batch, lr=lr, full=full, llm_lr=llm_lr, seed=seed,
                                  save_every=save_every, eval_every=eval_every, eval_size=eval_size)
 
-        def held_out(adapter) -> float:
-            return evaluate(loaded, processor, pipeline, task, limit=eval_size, adapter=adapter, batch_size=16,
-                            measure_memory=False, split="val")["accuracy"]
-
         with Progress(TextColumn("train-proxyv"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
                       TimeElapsedColumn(), console=err_console) as progress:
             bar = progress.add_task("train", total=steps, loss=float("nan"))
             adapter = train_proxyv(loaded, processor, pipeline, task, out, settings,
-                                   on_step=lambda s, loss: progress.update(bar, completed=s, loss=loss),
-                                   evaluate_fn=held_out)
+                                   on_step=lambda s, loss: progress.update(bar, completed=s, loss=loss))
         if full:
             loaded.save_pretrained(out / "model")
             processor.save_pretrained(out / "model")

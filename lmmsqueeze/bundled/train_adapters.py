@@ -45,18 +45,14 @@ def main(argv: list[str] | None = None) -> None:
     model, processor = load_model("bundled", device="cpu")
     task = get_task("bundled")
     settings = TrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, eval_every=max(1, args.steps // 6),
-                             save_every=50)
-
-    def held_out(pipeline: str):
-        return lambda adapter: evaluate(model, processor, pipeline, task, limit=200, adapter=adapter, batch_size=50,
-                                        measure_memory=False, split="val")["accuracy"]
+                             save_every=50, eval_size=200, eval_batch=50)
 
     table = []
     for name, pipeline in (("proxyv-spatial", SPATIAL), ("proxyv-nonspatial", NONSPATIAL)):
         if args.only and not name.endswith(args.only):
             continue
         work = args.work / name
-        adapter = train_proxyv(model, processor, pipeline, task, work, settings, evaluate_fn=held_out(pipeline))
+        adapter = train_proxyv(model, processor, pipeline, task, work, settings)
         target = adapter_path(f"bundled:{name}")
         if target.exists():
             shutil.rmtree(target)

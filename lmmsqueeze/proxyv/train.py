@@ -40,7 +40,8 @@ class TrainSettings:
     seed: int = 0
     save_every: int = 100
     eval_every: int = 100
-    eval_size: int = 100
+    eval_size: int = 100  # held-out (validation split) samples scored every eval_every steps; 0: none
+    eval_batch: int = 16
 
 
 def _batch(processor: Any, items: list[Any], device: torch.device, dtype: torch.dtype) -> tuple[dict, torch.Tensor]:
@@ -79,9 +80,11 @@ def train_proxyv(
     settings: TrainSettings,
     adapter: ProxyVAdapter | None = None,
     on_step: Callable[[int, float], None] | None = None,
-    evaluate_fn: Callable[[ProxyVAdapter], float] | None = None,
 ) -> ProxyVAdapter:
-    """Train (or resume training) a ProxyV adapter for ``pipeline`` on ``task``'s train split."""
+    """Train (or resume training) a ProxyV adapter for ``pipeline`` on ``task``'s train split, scoring
+    ``settings.eval_size`` validation samples every ``settings.eval_every`` steps (in the log)."""
+    from ..evaluation.runner import evaluate
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan, _ = compile_for(model, pipeline)
@@ -139,9 +142,11 @@ def train_proxyv(
             optimizer.step()
             step += 1
             record: dict[str, Any] = {"step": step, "loss": loss.item(), "elapsed_s": round(time.time() - start, 1)}
-            if evaluate_fn is not None and (step % settings.eval_every == 0 or step == settings.steps):
+            if settings.eval_size and (step % settings.eval_every == 0 or step == settings.steps):
                 model.eval()
-                record["val_accuracy"] = evaluate_fn(adapter)
+                record["val_accuracy"] = evaluate(model, processor, plan, task, limit=settings.eval_size,
+                                                  adapter=adapter, batch_size=settings.eval_batch,
+                                                  measure_memory=False, split="val")["accuracy"]
                 model.train(settings.full)
             log.write(json.dumps(record) + "\n")
             log.flush()
