@@ -234,3 +234,28 @@ def test_a_finished_sweep_skips_without_loading_the_model(tiny_dir, tmp_path, mo
     events = []
     assert run_sweep(grid, tmp_path / "r.db", on_event=lambda kind, info: events.append(kind)) == []
     assert events == ["skip", "skip"]
+
+
+def test_loglikelihood_scores_the_continuation_at_the_rows_that_predict_it():
+    """Against a per-token reference: log-prob of each continuation token at the logits row of the
+    column before it (rows are mapped back through output_positions after an llm reduction)."""
+    import torch
+
+    from lmmsqueeze.evaluation.lmms_bridge import _Engine
+    from lmmsqueeze.pipelines.loading import build_prompt
+    from lmmsqueeze.pipelines.runtime import apply
+    from lmmsqueeze.testing import random_image
+
+    engine = _Engine("bundled", "pool | fastv(layer=2, keep=0.5)", None, "cpu")
+    image, question, answer = random_image(0, 96), "what is the colour of the cell at row 3 column c ?", "red , 3"
+    total, greedy = engine.loglikelihood([image], question, answer)
+    prompt = build_prompt(engine.processor, question)
+    full = engine.processor(images=image, text=f"{prompt} {answer}", return_tensors="pt")
+    start = engine.processor(images=image, text=prompt, return_tensors="pt")["input_ids"].shape[1]
+    with torch.no_grad(), apply(engine.model, engine.plan) as run:
+        logits = engine.model(**full).logits[0].float().log_softmax(-1)
+    rows, ids = run.output_positions[0].tolist(), full["input_ids"][0].tolist()
+    assert len(ids) - start == 3
+    expected = sum(float(logits[rows.index(col - 1), ids[col]]) for col in range(start, len(ids)))
+    all_greedy = all(int(logits[rows.index(col - 1)].argmax()) == ids[col] for col in range(start, len(ids)))
+    assert abs(total - expected) < 1e-5 and greedy == all_greedy

@@ -81,12 +81,14 @@ class _Engine:
             logits = self.model(**full).logits[0].float().log_softmax(-1)
             rows = run.output_positions[0]
         ids = full["input_ids"][0]
-        total, greedy = 0.0, True
-        for col in range(start, ids.shape[0]):  # token `col` is predicted by the row of column col-1
-            row = int(torch.nonzero(rows == col - 1)[0])
-            total += float(logits[row, ids[col]])
-            greedy &= int(logits[row].argmax()) == int(ids[col])
-        return total, greedy
+        row_of = torch.full_like(ids, -1)  # the logits row of every input column
+        real = rows >= 0
+        row_of[rows[real]] = torch.nonzero(real).flatten()
+        cols = torch.arange(start, ids.shape[0], device=ids.device)
+        predicting = row_of[cols - 1]  # token `col` is predicted by the row of column col-1
+        scores = logits[predicting]
+        total = float(scores.gather(1, ids[cols][:, None]).sum())
+        return total, bool((scores.argmax(-1) == ids[cols]).all())
 
 
 def _make_classes() -> tuple[type, type]:
