@@ -382,11 +382,15 @@ def _llava_parts(model: nn.Module) -> dict[str, Any]:
     }
 
 
+#: the adapter of every supported ``model_type`` (loaded with ``AutoModelForImageTextToText``)
+ADAPTERS: dict[str, type[ModelAdapter]] = {"llava": LlavaAdapter, "llava_next": LlavaNextAdapter,
+                                           "qwen2_vl": QwenVLAdapter, "qwen2_5_vl": QwenVLAdapter}
+
+
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter of a loaded model; a :class:`ModelError` names what is supported."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    family = {"llava": LlavaAdapter, "llava_next": LlavaNextAdapter, "qwen2_vl": QwenVLAdapter,
-              "qwen2_5_vl": QwenVLAdapter}.get(model_type)
+    family = ADAPTERS.get(model_type)
     if family is not None and hasattr(model, "model") and hasattr(model.model, "language_model"):
         return family.from_model(model)
     raise ModelError(

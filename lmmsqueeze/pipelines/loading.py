@@ -55,11 +55,11 @@ def load_model(ref: str | Path, device: str | None = None, dtype: torch.dtype | 
     dev = pick_device(device)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     path = model_dir(ref)
-    import transformers
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
     from ..compose.geometry import SUPPORTED_MODELS
+    from .adapters import ADAPTERS
 
     hf_logging.disable_progress_bar()
 
@@ -67,12 +67,10 @@ def load_model(ref: str | Path, device: str | None = None, dtype: torch.dtype | 
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read the config of {str(ref)!r}: {str(exc).splitlines()[0]}") from None
-    families = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-                "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
-    if config.model_type not in families:
+    if config.model_type not in ADAPTERS:
         raise ModelError(f"{str(ref)!r} is a {config.model_type!r} model; lmmsqueeze runs {SUPPORTED_MODELS}")
     try:
-        model = getattr(transformers, families[config.model_type]).from_pretrained(
+        model = AutoModelForImageTextToText.from_pretrained(
             path, local_files_only=True, dtype=dtype, attn_implementation=attention_backend(dev)
         )
         processor = _load_processor(path, config.model_type)
