@@ -67,6 +67,9 @@ def text_geometry(text_cfg: Any) -> dict[str, Any]:
     )
 
 
+#: every signal the runtime measures on a LLaVA-style model with a CLIP tower
+LLAVA_SIGNALS = frozenset({"text_attention", "text_image_attention", "llm_keys", "cls_attention", "vision_keys"})
+
 SUPPORTED_MODELS = ("LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
                     "Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration")
 
@@ -84,27 +87,30 @@ def geometry_from_config(config: Any, name: str = "") -> ModelGeometry:
         return _qwen_vl_geometry(config, name)
     if model_type != "llava":
         raise ModelError(f"model type {model_type!r} is not supported yet; lmmsqueeze runs {SUPPORTED_MODELS}")
+    geometry, side, has_cls = _clip_llava_geometry(config, name, "llava")
+    if getattr(config, "vision_feature_select_strategy", "default") == "full":  # the features keep [CLS]
+        return dataclasses.replace(geometry, image_tokens=side * side + (1 if has_cls else 0),
+                                   grids=None if has_cls else geometry.grids)
+    return geometry
+
+
+def _clip_llava_geometry(config: Any, name: str, default_name: str) -> tuple[ModelGeometry, int, bool]:
+    """A LLaVA-style model with a ViT tower (a [CLS] token when it is CLIP): one ``side x side``
+    grid per crop. Returns the geometry, the side and whether the tower has [CLS]."""
     vision = config.vision_config
     side = int(vision.image_size) // int(vision.patch_size)
-    strategy = getattr(config, "vision_feature_select_strategy", "default")
     has_cls = getattr(vision, "model_type", "") == "clip_vision_model"
-    if strategy == "full":
-        tokens, grids = side * side + (1 if has_cls else 0), (None if has_cls else ((side, side),))
-    else:
-        tokens, grids = side * side, ((side, side),)
-    signals = {"text_attention", "text_image_attention", "llm_keys", "vision_keys"}
-    if has_cls:
-        signals.add("cls_attention")
-    return ModelGeometry(
-        name=name or getattr(config, "_name_or_path", "") or "llava",
-        family="llava",
-        image_tokens=tokens,
-        grids=grids,
-        signals=frozenset(signals),
+    geometry = ModelGeometry(
+        name=name or getattr(config, "_name_or_path", "") or default_name,
+        family=config.model_type,
+        image_tokens=side * side,
+        grids=((side, side),),
+        signals=LLAVA_SIGNALS if has_cls else LLAVA_SIGNALS - {"cls_attention"},
         vision_hidden_size=int(vision.hidden_size),
         vision_tokens=side * side + (1 if has_cls else 0),
         **text_geometry(config.get_text_config()),
     )
+    return geometry, side, has_cls
 
 
 def _llava_next_geometry(config: Any, name: str) -> ModelGeometry:
@@ -112,25 +118,11 @@ def _llava_next_geometry(config: Any, name: str) -> ModelGeometry:
     rows, which counts as text). The plan assumes a square image on a 2x2 crop grid, i.e. 5 crops:
     the base ``s x s`` grid and a ``2s x 2s`` sub-crop grid; at run time the real grids come from
     each image's size."""
-    vision = config.vision_config
-    side = int(vision.image_size) // int(vision.patch_size)
     if getattr(config, "vision_feature_select_strategy", "default") == "full":
         raise ModelError("LLaVA-NeXT with vision_feature_select_strategy='full' is not supported; use 'default'")
-    has_cls = getattr(vision, "model_type", "") == "clip_vision_model"
-    signals = {"text_attention", "text_image_attention", "llm_keys", "vision_keys"}
-    if has_cls:
-        signals.add("cls_attention")
-    return ModelGeometry(
-        name=name or getattr(config, "_name_or_path", "") or "llava-next",
-        family="llava_next",
-        image_tokens=5 * side * side,
-        grids=((side, side), (2 * side, 2 * side)),
-        signals=frozenset(signals),
-        vision_hidden_size=int(vision.hidden_size),
-        vision_tokens=side * side + (1 if has_cls else 0),
-        vision_crops=5,
-        **text_geometry(config.get_text_config()),
-    )
+    geometry, side, _ = _clip_llava_geometry(config, name, "llava-next")
+    return dataclasses.replace(geometry, image_tokens=5 * side * side, grids=((side, side), (2 * side, 2 * side)),
+                               vision_crops=5)
 
 
 def _qwen_vl_geometry(config: Any, name: str) -> ModelGeometry:
@@ -171,7 +163,6 @@ def geometry_from_path(path: str | Path) -> ModelGeometry:
     return geometry_from_config(config, name=str(path))
 
 
-LLAVA_SIGNALS = frozenset({"text_attention", "text_image_attention", "llm_keys", "cls_attention", "vision_keys"})
 
 #: Decoder shapes of published backbones: (layers, hidden, heads, kv heads, ffn, vocab).
 _DECODERS = {
