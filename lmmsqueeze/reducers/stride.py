@@ -7,9 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from .base import Grids, Reducer, Signals, TokenState
+from .pool import PoolReducer
 from .registry import register_reducer
 
 
@@ -43,11 +42,6 @@ class StrideReducer(Reducer):
         return sum(h * w for h, w in self.output_grids(grids))
 
     def reduce(self, state: TokenState, signals: Signals) -> TokenState:
-        out_grids = self.output_grids(state.grids)
-        device = state.hidden.device
-        keep = []
-        for (h, w), part in zip(state.grids, state.crop_slices()):
-            rows = torch.arange(0, h, self.stride, device=device)
-            cols = torch.arange(0, w, self.stride, device=device)
-            keep.append(part.start + (rows[:, None] * w + cols[None, :]).flatten())
-        return dataclasses.replace(state.select(torch.cat(keep)), grids=out_grids)
+        # the kept tokens are the top-left tokens of the stride x stride pooling windows
+        _, first, out_grids = PoolReducer(size=self.stride).windows(state)
+        return dataclasses.replace(state.select(first), grids=out_grids)
