@@ -18,22 +18,28 @@ WORDS = (
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 
 
-def tiny_tokenizer():
-    """A word-level fast tokenizer with ``<image>`` as a special token (id 4)."""
+def _word_tokenizer(specials: list[str], extra_special_tokens: dict[str, str], atomic: tuple[str, ...] = ()):
+    """A word-level fast tokenizer over ``specials`` + :data:`WORDS`, left padding; ``atomic``
+    specials are never split by the punctuation pre-tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(dict.fromkeys(WORDS)))}
+    vocab = {tok: i for i, tok in enumerate(specials + list(dict.fromkeys(WORDS)))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    if atomic:
+        tok.add_special_tokens(list(atomic))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens=extra_special_tokens,
     )
     fast.padding_side = "left"
     return fast
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer with ``<image>`` as a special token (id 4)."""
+    return _word_tokenizer(SPECIALS, {"image_token": "<image>"})
 
 
 def _tiny_configs(vocab: int, image_size: int, patch_size: int, layers: int, hidden: int, heads: int,
@@ -110,9 +116,8 @@ def tiny_llava(
 
 
 def random_image(seed: int = 0, size: int = 48) -> Image.Image:
-    """A reproducible RGB noise image."""
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    """A reproducible square RGB noise image."""
+    return noise_image(seed, size, size)
 
 
 #: parameters that make a reducer fit the tiny models (few image tokens, 4 layers); defaults otherwise
@@ -161,9 +166,13 @@ PROMPTS = (
 
 def tiny_inputs(processor, batch: int = 1, image_size: int = 48):
     """Processor outputs for batch 1, or a left-padded batch of prompts of different lengths."""
-    images = [random_image(i, image_size) for i in range(batch)]
-    texts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-    if batch == 1:
+    return _prompts_with_images(processor, [random_image(i, image_size) for i in range(batch)])
+
+
+def _prompts_with_images(processor, images: list[Image.Image]):
+    """Sample ``i`` asks ``PROMPTS[i]`` about ``images[i]`` (several samples: a left-padded batch)."""
+    texts = [PROMPTS[i % len(PROMPTS)] for i in range(len(images))]
+    if len(images) == 1:
         return processor(images=images[0], text=texts[0], return_tensors="pt")
     return processor(images=images, text=texts, return_tensors="pt", padding=True)
 
@@ -219,11 +228,7 @@ def tiny_llava_next(
 
 def tiny_next_inputs(processor, batch: int = 1, sizes: tuple[tuple[int, int], ...] = ((64, 64),)):
     """LLaVA-NeXT processor outputs: sample ``i`` gets an image of ``sizes[i % len(sizes)]`` (w, h)."""
-    images = [noise_image(i, *sizes[i % len(sizes)]) for i in range(batch)]
-    texts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-    if batch == 1:
-        return processor(images=images[0], text=texts[0], return_tensors="pt")
-    return processor(images=images, text=texts, return_tensors="pt", padding=True)
+    return _prompts_with_images(processor, [noise_image(i, *sizes[i % len(sizes)]) for i in range(batch)])
 
 
 QWEN_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>",
@@ -233,19 +238,8 @@ QWEN_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|image_pad|>", "<|vision_sta
 def tiny_qwen_tokenizer():
     """A word-level fast tokenizer with Qwen2-VL's vision markers: ``<|image_pad|>`` is id 4,
     ``<|vision_start|>`` 5, ``<|vision_end|>`` 6, ``<|video_pad|>`` 7."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(QWEN_SPECIALS + list(dict.fromkeys(WORDS)))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.add_special_tokens(QWEN_SPECIALS)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-    )
-    fast.padding_side = "left"
-    return fast
+    return _word_tokenizer(QWEN_SPECIALS, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+                           atomic=tuple(QWEN_SPECIALS))
 
 
 def tiny_qwen2_vl(
