@@ -47,8 +47,7 @@ class _ImageRecord:
 
     state: TokenState
     vision: dict[str, Tensor]  # vision signals, first dim aligned with the original features
-    trace: list[Tensor] = field(default_factory=list)  # surviving original indices after each stage
-    groups: list[Tensor] = field(default_factory=list)  # slot of every original token after each stage
+    history: list[TokenState] = field(default_factory=list)  # the state after each pre-LLM stage
     crops: int = 1  # crops of the image (crop ids of its tokens are 0..crops-1)
     separators: Tensor | None = None  # [run] True at separator placeholders (newlines) of the output run
     separator_values: Tensor | None = None  # [k, D] the separators' features
@@ -304,8 +303,7 @@ class PipelineRun:
             for stage in stages:
                 signals = _signals(stage, rec.state, rec.vision)
                 rec.state = _checked_reduce(stage, rec.state, signals)
-                rec.trace.append(rec.state.index)
-                rec.groups.append(rec.state.assign)
+                rec.history.append(rec.state)
 
     def _stacked_images(self) -> Tensor:
         """``[images, n, D]`` (a non-packing family: every image keeps the same number of tokens)."""
@@ -405,17 +403,10 @@ class PipelineRun:
         self._groups = [[] for _ in self.plan.stages]
         for si in range(len(self._pre_llm)):
             for mine in per_sample:
-                index_off = slot_off = 0
-                trace, groups = [], []
-                for j in mine:
-                    rec = images[j]
-                    trace.append(rec.trace[si] + index_off)
-                    groups.append(torch.where(rec.groups[si] >= 0, rec.groups[si] + slot_off, rec.groups[si]))
-                    index_off += rec.state.n_original
-                    slot_off += rec.trace[si].numel()
-                empty = torch.empty(0, dtype=torch.long, device=is_image.device)  # a sample without images
-                self._trace[si].append(torch.cat(trace) if trace else empty)
-                self._groups[si].append(torch.cat(groups) if groups else empty)
+                state = _sample_state([images[j].history[si] for j in mine], [images[j].crops for j in mine],
+                                      is_image.device)
+                self._trace[si].append(state.index)
+                self._groups[si].append(state.assign)
         self._proxyv_state = None
         self._prefill = _Prefill(
             batch=batch, length=new_len, padding=padding, source_columns=source,
@@ -464,28 +455,7 @@ class PipelineRun:
                 tokens = torch.cat([~r if r is not None else torch.ones(images[j].state.n, dtype=torch.bool)
                                     for j, r in zip(mine, runs)]).to(slots.device)
                 slots = slots[tokens]
-            states = [images[j].state for j in mine]
-            index_off = slot_off = crop_off = 0
-            index, assign, crops, sizes, grids = [], [], [], [], []
-            for j, s in zip(mine, states):
-                index.append(s.index + index_off)
-                assign.append(torch.where(s.assign >= 0, s.assign + slot_off, s.assign))
-                crops.append(s.crop_ids + crop_off)
-                sizes.append(s.sizes)
-                grids.append(s.grids)
-                index_off += s.n_original
-                slot_off += s.n
-                crop_off += images[j].crops
-            cat_grids = None if any(g is None for g in grids) else tuple(g for gs in grids for g in gs)
-            device = slots.device
-            meta = TokenState(
-                hidden=torch.empty(slots.numel(), 0, device=device),
-                index=torch.cat(index) if index else torch.empty(0, dtype=torch.long, device=device),
-                sizes=torch.cat(sizes) if sizes else torch.empty(0, device=device),
-                crop_ids=torch.cat(crops) if crops else torch.empty(0, dtype=torch.long, device=device),
-                grids=cat_grids,
-                assign=torch.cat(assign) if assign else torch.empty(0, dtype=torch.long, device=device),
-            )
+            meta = _sample_state([images[j].state for j in mine], [images[j].crops for j in mine], slots.device)
             vision = {name: torch.cat([images[j].vision[name] for j in mine])
                       for name in (images[mine[0]].vision if mine else {})}
             out.append(_Sample(slots, meta, vision))
@@ -715,6 +685,12 @@ class PipelineRun:
             return mask
         tail = torch.ones(seg.alive.shape[0], total - seg.alive.shape[1], dtype=torch.bool, device=seg.alive.device)
         return _mask_filler(mask, torch.cat([seg.alive, tail], 1), square=False, queries=queries, flat=self._flat_masks)
+
+
+def _sample_state(states: list[TokenState], crops: list[int], device: Any) -> TokenState:
+    """One sample's images as one state, without hidden states (they live in the sequence)."""
+    states = [s.with_hidden(s.hidden[:, :0]) for s in states]
+    return TokenState.concat(states, crops, device)
 
 
 def _proxy_mrope(stage: Any, meta: TokenState, image_mrope: Tensor) -> Tensor:
