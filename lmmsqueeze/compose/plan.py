@@ -141,6 +141,14 @@ class Plan:
         }
 
 
+def _llm_after_proxyv(where: str, layer: int, proxyv_layer: int) -> PipelineError:
+    return PipelineError(
+        f"{where}: an llm reducer at layer {layer} >= {proxyv_layer} cannot run with ProxyV from layer "
+        f"{proxyv_layer}, which keeps every image token there; move the reducer below layer {proxyv_layer} "
+        "or start ProxyV later"
+    )
+
+
 def canonical_stage(reducer: Reducer) -> StageSpec:
     """Every parameter of a reducer, defaults filled, keys sorted, unset (None) ones left out."""
     params = {}
@@ -220,19 +228,11 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any =
                 if proxyv_layer is not None:
                     raise PipelineError(f"{where}: a pipeline holds at most one proxyv stage")
                 if last_layer >= layer:
-                    raise PipelineError(
-                        f"{where}: an llm reducer at layer {last_layer} >= {layer} cannot run with ProxyV from "
-                        f"layer {layer}, which keeps every image token there; move the reducer below layer {layer} "
-                        "or start ProxyV later"
-                    )
+                    raise _llm_after_proxyv(where, last_layer, layer)
                 proxyv_layer = layer
             elif layer is not None:
                 if proxyv_layer is not None and layer >= proxyv_layer:
-                    raise PipelineError(
-                        f"{where}: an llm reducer at layer {layer} >= {proxyv_layer} cannot run with ProxyV from "
-                        f"layer {proxyv_layer}, which keeps every image token there; move the reducer below "
-                        f"layer {proxyv_layer} or start ProxyV later"
-                    )
+                    raise _llm_after_proxyv(where, layer, proxyv_layer)
                 if "llm" not in reducer.placements:
                     raise PipelineError(
                         f"{where}: {stage.name} does not run inside the LLM (placements: "
