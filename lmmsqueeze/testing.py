@@ -316,3 +316,19 @@ def qwen_prompt(text: str) -> str:
 def to_device(inputs, device):
     """Processor outputs with every tensor moved to ``device``."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in dict(inputs).items()}
+
+
+def padded_positions(mask):
+    """Position ids of a left-padded 2-D attention mask (0 at padding), as ``generate`` builds them."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def assert_steps_match(step_logits, logits, rows, prompt: int, atol: float = 1e-4) -> None:
+    """Each generated step's logits (``step_logits[step][b]``) equal the no-cache forward's row that
+    predicts it: the row whose input column (``rows``, a run's ``output_positions``) is
+    ``prompt + step - 1``."""
+    for step, expected in enumerate(step_logits):
+        for b in range(expected.shape[0]):
+            row = int(torch.nonzero(rows[b] == prompt + step - 1))
+            diff = float((logits[b, row].float() - expected[b].float()).abs().max())
+            assert diff < atol, (step, b, diff)

@@ -12,6 +12,8 @@ import torch
 import lmmsqueeze
 from lmmsqueeze.reducers import list_reducers
 from lmmsqueeze.testing import (
+    assert_steps_match,
+    padded_positions,
     tiny_inputs,
     tiny_llava,
     tiny_llava_next,
@@ -105,16 +107,13 @@ def test_cached_generate_matches_no_cache_forward_under_flash(flash, pipeline):
             grown["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(extra, dtype=types.dtype)], 1)
         else:
             mask = grown["attention_mask"]
-            grown["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            grown["position_ids"] = padded_positions(mask)
         first = [t.clone() for t in run.trace[0]]
         logits = model(**grown, use_cache=False).logits
         rows = run.output_positions
     if not pipeline.startswith("fastv"):  # fastv's no-cache query is another token
         assert all(torch.equal(a, b) for a, b in zip(first, run.trace[0]))
-        for step in range(steps):
-            for b in range(2):
-                row = int(torch.nonzero(rows[b] == prompt + step - 1))
-                assert (logits[b, row].float() - out.logits[step][b].float()).abs().max() < 5e-2
+        assert_steps_match(out.logits, logits, rows, prompt, atol=5e-2)
 
 
 def test_filler_columns_under_flash_give_each_sample_its_own_result():

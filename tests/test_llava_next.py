@@ -12,8 +12,10 @@ from lmmsqueeze.compose.geometry import preset
 from lmmsqueeze.pipelines import adapter_for, count_hooks
 from lmmsqueeze.reducers import list_reducers
 from lmmsqueeze.testing import (
+    assert_steps_match,
     count_flops,
     noise_image,
+    padded_positions,
     tiny_llava_next,
     tiny_next_inputs,
     tiny_pipeline,
@@ -43,8 +45,6 @@ def next_eager():
     return tiny_llava_next(attn="eager")
 
 
-def _positions(mask):
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 class _Embeds:
@@ -200,14 +200,12 @@ def test_cached_generate_matches_no_cache_forward_after_llm_reduction(next_sdpa,
     mask = torch.cat([inputs["attention_mask"], torch.ones(batch, steps, dtype=torch.long, device=model.device)], 1)
     with lmmsqueeze.apply(model, pipeline) as ref_run:
         logits = model(input_ids=out.sequences, pixel_values=inputs["pixel_values"],
-                       image_sizes=inputs["image_sizes"], attention_mask=mask, position_ids=_positions(mask),
+                       image_sizes=inputs["image_sizes"], attention_mask=mask, position_ids=padded_positions(mask),
                        use_cache=False).logits
     rows = ref_run.output_positions
     for b in range(batch):
         assert torch.equal(ref_run.trace[0][b], run.trace[0][b])
-        for step in range(steps):
-            row = int(torch.nonzero(rows[b] == prompt + step - 1))
-            assert (logits[b, row] - out.logits[step][b]).abs().max() < 1e-4
+    assert_steps_match(out.logits, logits, rows, prompt)
 
 
 @pytest.mark.parametrize("pipeline", ["pool", "random(keep=30, seed=1)", "visionzip(dominant=20, contextual=4)",
@@ -222,7 +220,7 @@ def test_projector_reduction_generate_equals_forward_loop(next_sdpa, pipeline, s
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         for _ in range(steps):
             logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
-                           attention_mask=mask, position_ids=_positions(mask), use_cache=False).logits
+                           attention_mask=mask, position_ids=padded_positions(mask), use_cache=False).logits
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], 1)
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
@@ -241,14 +239,11 @@ def test_proxyv_cached_generate_matches_no_cache_reference(next_sdpa, pipeline, 
                              output_logits=True)
         mask = torch.cat([inputs["attention_mask"], torch.ones(batch, steps, dtype=torch.long, device=model.device)], 1)
         logits = model(input_ids=out.sequences, pixel_values=inputs["pixel_values"],
-                       image_sizes=inputs["image_sizes"], attention_mask=mask, position_ids=_positions(mask),
+                       image_sizes=inputs["image_sizes"], attention_mask=mask, position_ids=padded_positions(mask),
                        use_cache=False).logits
         rows = run.output_positions
     prompt = inputs["input_ids"].shape[1]
-    for step in range(steps):
-        for b in range(batch):
-            row = int(torch.nonzero(rows[b] == prompt + step - 1))
-            assert (logits[b, row] - out.logits[step][b]).abs().max() < 1e-4
+    assert_steps_match(out.logits, logits, rows, prompt)
 
 
 def test_spatial_proxyv_proxies_are_per_crop(next_sdpa):

@@ -10,7 +10,7 @@ import lmmsqueeze
 from lmmsqueeze.errors import ModelError, PipelineError
 from lmmsqueeze.proxyv import ProxyVAdapter
 from lmmsqueeze.proxyv.attach import config_for
-from lmmsqueeze.testing import tiny_inputs, tiny_llava, to_device
+from lmmsqueeze.testing import assert_steps_match, padded_positions, tiny_inputs, tiny_llava, to_device
 
 VARIANTS = ["proxyv(layer=2, factor=2)", "proxyv(layer=1, variant=nonspatial, proxies=4)",
             "random(keep=0.5) | proxyv(layer=2, variant=nonspatial, proxies=3)",
@@ -92,7 +92,7 @@ def test_cached_generate_matches_no_cache_reference(tiny_dev, pipeline, batch):
                              output_logits=True)
         mask = torch.cat([inputs["attention_mask"], torch.ones(batch, steps, dtype=torch.long, device=model.device)],
                          1)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        positions = padded_positions(mask)
         logits = model(input_ids=out.sequences, pixel_values=inputs["pixel_values"], attention_mask=mask,
                        position_ids=positions, use_cache=False).logits
         rows = run.output_positions
@@ -100,10 +100,7 @@ def test_cached_generate_matches_no_cache_reference(tiny_dev, pipeline, batch):
     # no proxy entries in the cache: every layer holds the (reduced) prompt + generated tokens
     dropped = 36 - KEPT[pipeline]
     assert {layer.keys.shape[-2] for layer in out.cache.layers} == {prompt - dropped + steps - 1}
-    for step in range(steps):
-        for b in range(batch):
-            row = int(torch.nonzero(rows[b] == prompt + step - 1))
-            assert (logits[b, row] - out.logits[step][b]).abs().max() < 1e-4
+    assert_steps_match(out.logits, logits, rows, prompt)
 
 
 def test_frozen_llm_gradients_reach_only_proxyv_parameters(tiny_sdpa):

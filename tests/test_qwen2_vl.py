@@ -14,6 +14,7 @@ from lmmsqueeze.pipelines import adapter_for, count_hooks
 from lmmsqueeze.reducers import list_reducers
 from lmmsqueeze.testing import (
     PROMPTS,
+    assert_steps_match,
     count_flops,
     noise_image,
     qwen_prompt,
@@ -162,10 +163,6 @@ def test_manual_decode_without_position_ids_uses_consistent_rope_deltas(qwen):
             cache = step.cache
 
 
-def _positions(mask):
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
-
 @pytest.mark.parametrize("pipeline", ["random(layer=2, keep=0.5, seed=3)", "divprune(layer=1, keep=10)",
                                       "proxyv(layer=2, factor=2)", "proxyv(layer=1, variant=nonspatial, proxies=4)",
                                       "pool | proxyv(layer=2, variant=nonspatial, proxies=3)"])
@@ -183,10 +180,7 @@ def test_cached_generate_matches_no_cache_forward(qwen, pipeline, batch):
     if pipeline.startswith("random"):
         full = prompt + steps - 1
         assert [out.cache.layers[i].keys.shape[-2] for i in range(4)] == [full] * 2 + [full - 18] * 2
-    for step in range(steps):
-        for b in range(batch):
-            row = int(torch.nonzero(rows[b] == prompt + step - 1))
-            assert (logits[b, row] - out.logits[step][b]).abs().max() < 1e-4
+    assert_steps_match(out.logits, logits, rows, prompt)
 
 
 
@@ -299,10 +293,7 @@ def test_multi_image_prompt(qwen):
             logits = model(**_grow(inputs, out.sequences), use_cache=False).logits
             rows = run.output_positions
         assert run.image_tokens_per_layer[-1] == image_tokens
-        prompt = inputs["input_ids"].shape[1]
-        for step in range(3):
-            row = int(torch.nonzero(rows[0] == prompt + step - 1))
-            assert (logits[0, row] - out.logits[step][0]).abs().max() < 1e-4, pipeline
+        assert_steps_match(out.logits, logits, rows, inputs["input_ids"].shape[1])
         if pipeline == "pool":  # one group per image, both merged grids
             assert run._prefill.samples[0].meta.grids == ((3, 3), (3, 2))
 
@@ -432,9 +423,8 @@ def test_eval_costs_use_the_real_image_grid(qwen_dir, tmp_path):
 def test_show_draws_the_merged_grid_over_the_whole_image(qwen_dir, tmp_path):
     import json
 
-    from typer.testing import CliRunner
-
     from PIL import Image
+    from typer.testing import CliRunner
 
     from lmmsqueeze.cli import app
     from lmmsqueeze.visualize import MARGIN, TITLE_HEIGHT

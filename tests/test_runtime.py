@@ -8,8 +8,7 @@ import torch
 
 import lmmsqueeze
 from lmmsqueeze.pipelines import count_hooks
-
-from lmmsqueeze.testing import tiny_inputs, to_device
+from lmmsqueeze.testing import assert_steps_match, padded_positions, tiny_inputs, to_device
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -63,8 +62,6 @@ def test_fastv_keeps_top_k_of_eager_attention(tiny_dev, layer, batch):
         assert torch.equal(run.trace[0][b], expected)
 
 
-def _reference_positions(mask):
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -88,16 +85,11 @@ def test_cached_generate_matches_no_cache_forward_after_llm_reduction(tiny_dev, 
     mask = torch.cat([inputs["attention_mask"], generated], 1)
     with lmmsqueeze.apply(model, pipeline) as ref_run:
         logits = model(input_ids=sequences, pixel_values=inputs["pixel_values"], attention_mask=mask,
-                       position_ids=_reference_positions(mask), use_cache=False).logits
+                       position_ids=padded_positions(mask), use_cache=False).logits
     for b in range(batch):
         assert torch.equal(ref_run.trace[0][b], run.trace[0][b])
     rows = ref_run.output_positions
-    for step in range(new_tokens):
-        column = prompt_len + step - 1
-        for b in range(batch):
-            row = int(torch.nonzero(rows[b] == column))
-            diff = (logits[b, row] - out.logits[step][b]).abs().max().item()
-            assert diff < 1e-4, (step, b, diff)
+    assert_steps_match(out.logits, logits, rows, prompt_len)
 
 
 @pytest.mark.parametrize("pipeline", ["pool", "random(keep=10, seed=1)", "pool | random(layer=2, keep=4)"])
@@ -111,7 +103,7 @@ def test_projector_reduction_generate_equals_forward_loop(tiny_dev, pipeline, ba
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         for _ in range(steps):
             logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=mask,
-                           position_ids=_reference_positions(mask), use_cache=False).logits
+                           position_ids=padded_positions(mask), use_cache=False).logits
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], 1)
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
