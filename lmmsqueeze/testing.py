@@ -332,3 +332,11 @@ def assert_steps_match(step_logits, logits, rows, prompt: int, atol: float = 1e-
             row = int(torch.nonzero(rows[b] == prompt + step - 1))
             diff = float((logits[b, row].float() - expected[b].float()).abs().max())
             assert diff < atol, (step, b, diff)
+
+
+def miniature_inputs(processor, question: str = "what is the colour of the cell at row one ?"):
+    """One 336 px noise image and a LLaVA-1.5 style prompt, as double-precision processor outputs."""
+    inputs = processor(images=noise_image(0, 336, 336), text=f"USER: <image>\n{question} ASSISTANT:",
+                       return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    return inputs

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -74,3 +77,33 @@ def saved_tiny(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_dir(saved_tiny):
     return saved_tiny[0]
+
+
+@dataclass
+class Miniature:
+    """LLaVA-1.5 in miniature for the fidelity tests: 336 px images at patch 14 (576 patch tokens), a
+    24-layer CLIP tower read at layer -2 and a 32-layer decoder, so every method's defaults apply
+    unchanged. ``model`` (sdpa) runs lmmsqueeze; ``eager`` (the same weights, eager attention) feeds
+    the transcriptions of the released code. Float64, and query/key weights scaled up so attention is
+    peaked: rankings have no near-ties that numerical noise could flip."""
+
+    model: Any
+    eager: Any
+    processor: Any
+    inputs: Any
+
+
+@pytest.fixture(scope="session")
+def miniature():
+    from lmmsqueeze.testing import miniature_inputs, tiny_llava
+
+    model, processor = tiny_llava(image_size=336, patch_size=14, layers=32, vision_layers=24, hidden=64, heads=4,
+                                  kv_heads=4, ffn=128, vision_hidden=32)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                weight.mul_(6.0)
+    model = model.double()
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    return Miniature(model, eager, processor, miniature_inputs(processor))
