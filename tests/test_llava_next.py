@@ -174,7 +174,7 @@ def test_every_reducer_runs_and_keeps_every_newline(next_sdpa, name):
         prompt - (80 - tokens) + 1 for tokens in plan.tokens_per_layer()]
     newline = seen.newlines()
     assert newline.sum(1).tolist() == [8, 8]
-    prefill = run._prefill
+    prefill = run.prefill
     everything = torch.arange(newline.shape[1], device=newline.device).expand(2, -1)
     kept = prefill.segments[-1].keep if prefill.segments else everything
     for b in range(2):
@@ -292,8 +292,8 @@ def test_multi_image_prompt(next_sdpa):
         assert int(seen.newlines().sum()) == 14
         assert run.image_tokens_per_layer[-1] == image_tokens
         if pipeline == "pool":  # one crop id per crop of every image, grids of both images
-            assert run._prefill.samples[0].meta.grids == ((2, 2), (4, 4), (2, 2), (3, 4))
-            assert run._prefill.samples[0].meta.crop_ids.unique().tolist() == [0, 1, 2, 3]
+            assert run.prefill.samples[0].meta.grids == ((2, 2), (4, 4), (2, 2), (3, 4))
+            assert run.prefill.samples[0].meta.crop_ids.unique().tolist() == [0, 1, 2, 3]
 
 
 def test_batch_with_different_image_token_counts(next_sdpa):

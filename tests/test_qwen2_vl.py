@@ -295,7 +295,7 @@ def test_multi_image_prompt(qwen):
         assert run.image_tokens_per_layer[-1] == image_tokens
         assert_steps_match(out.logits, logits, rows, inputs["input_ids"].shape[1])
         if pipeline == "pool":  # one group per image, both merged grids
-            assert run._prefill.samples[0].meta.grids == ((3, 3), (3, 2))
+            assert run.prefill.samples[0].meta.grids == ((3, 3), (3, 2))
 
 
 def test_batch_with_different_image_token_counts(qwen):

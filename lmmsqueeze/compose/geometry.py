@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
-from ..reducers.base import Grids
+from ..reducers.base import LLM_SIGNALS, VISION_SIGNALS, Grids
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class ModelGeometry:
     grids: Grids  # (h, w) per crop of one image; None when the features are not a grid
     signals: frozenset[str]  # signals the runtime can measure on this model
     vision_hidden_size: int = 0  # width of the vision feature layer
+    vision_heads: int = 1  # attention heads of the vision tower (head-mean keys are vision_hidden_size / heads wide)
     vision_tokens: int = 0  # tokens per crop in the vision tower, [CLS] included
     vision_crops: int = 1  # crops the vision tower encodes per image (LLaVA-NeXT: base + sub-crops)
     vision_merge: int = 1  # vision-tower tokens per LLM image token (Qwen2-VL's 2x2 patch merger: 4)
@@ -67,8 +68,10 @@ def text_geometry(text_cfg: Any) -> dict[str, Any]:
     )
 
 
-#: every signal the runtime measures on a LLaVA-style model with a CLIP tower
-LLAVA_SIGNALS = frozenset({"text_attention", "text_image_attention", "llm_keys", "cls_attention", "vision_keys"})
+#: every signal the runtime measures on a LLaVA-style model with a CLIP tower read before its last layer
+LLAVA_SIGNALS = LLM_SIGNALS | VISION_SIGNALS
+#: what a vision tower without a [CLS] token cannot give
+CLS_SIGNALS = frozenset({"cls_attention", "cls_hidden", "next_cls_attention"})
 
 SUPPORTED_MODELS = ("LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
                     "Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration")
@@ -100,13 +103,18 @@ def _clip_llava_geometry(config: Any, name: str, default_name: str) -> tuple[Mod
     vision = config.vision_config
     side = int(vision.image_size) // int(vision.patch_size)
     has_cls = getattr(vision, "model_type", "") == "clip_vision_model"
+    signals = LLAVA_SIGNALS if has_cls else LLAVA_SIGNALS - CLS_SIGNALS
+    feature_layer = getattr(config, "vision_feature_layer", -2)
+    if feature_layer in (-1, getattr(vision, "num_hidden_layers", None)):  # no layer after the feature layer
+        signals = signals - {"next_cls_attention", "next_vision_keys"}
     geometry = ModelGeometry(
         name=name or getattr(config, "_name_or_path", "") or default_name,
         family=config.model_type,
         image_tokens=side * side,
         grids=((side, side),),
-        signals=LLAVA_SIGNALS if has_cls else LLAVA_SIGNALS - {"cls_attention"},
+        signals=signals,
         vision_hidden_size=int(vision.hidden_size),
+        vision_heads=int(getattr(vision, "num_attention_heads", 1)),
         vision_tokens=side * side + (1 if has_cls else 0),
         **text_geometry(config.get_text_config()),
     )
@@ -139,8 +147,9 @@ def _qwen_vl_geometry(config: Any, name: str) -> ModelGeometry:
         family=config.model_type,
         image_tokens=h * w,
         grids=((h, w),),
-        signals=LLAVA_SIGNALS,
+        signals=LLAVA_SIGNALS - {"cls_hidden"},
         vision_hidden_size=width,
+        vision_heads=int(vision.num_heads),
         vision_tokens=h * w * merge * merge,
         vision_merge=merge * merge,
         cls_attention="mean",
@@ -179,7 +188,8 @@ def _clip_l336_llava(name: str, decoder: str, vocab: int | None = None) -> Model
     return ModelGeometry(
         name=name, family="llava", num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv,
         head_dim=hidden // heads, intermediate_size=ffn, vocab_size=vocab or voc, gated_ffn=True,
-        image_tokens=576, grids=((24, 24),), signals=LLAVA_SIGNALS, vision_hidden_size=1024, vision_tokens=577,
+        image_tokens=576, grids=((24, 24),), signals=LLAVA_SIGNALS, vision_hidden_size=1024, vision_heads=16,
+        vision_tokens=577,
     )
 
 
@@ -200,8 +210,8 @@ def _qwen2_vl(name: str) -> ModelGeometry:
     return ModelGeometry(
         name=name, family="qwen2_vl", num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv,
         head_dim=hidden // heads, intermediate_size=ffn, vocab_size=voc, gated_ffn=True, image_tokens=576,
-        grids=((24, 24),), signals=LLAVA_SIGNALS, vision_hidden_size=1280, vision_tokens=2304, vision_merge=4,
-        cls_attention="mean",
+        grids=((24, 24),), signals=LLAVA_SIGNALS - {"cls_hidden"}, vision_hidden_size=1280, vision_heads=16,
+        vision_tokens=2304, vision_merge=4, cls_attention="mean",
     )
 
 

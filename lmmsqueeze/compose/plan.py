@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import PipelineError
-from ..reducers.base import LLM_SIGNALS, PLACEMENTS, Grids, Reducer
+from ..reducers.base import LLM_SIGNALS, PLACEMENTS, POSITION_POLICIES, Grids, Reducer
 from ..reducers.registry import build_reducer, reducer_params
 from .flops import Cost, plan_cost
 from .geometry import ModelGeometry, geometry_from_config, preset
@@ -33,6 +33,13 @@ class PlannedStage:
     grids_in: Grids
     grids_out: Grids
     part: tuple[int, int] | None = None  # (i, n) when a stage runs as n parts (e.g. PyramidDrop's layers)
+    positions: str = "renumber"  # keep | renumber: the positions of the tokens after this stage
+    index: int = 0  # 0-based index among the plan's stages
+
+    @property
+    def adaptive(self) -> bool:
+        """The reducer's output count depends on the data: ``tokens_out`` is an estimate."""
+        return self.reducer.adaptive
 
     @property
     def name(self) -> str:
@@ -42,6 +49,12 @@ class PlannedStage:
         where = f"llm@{self.layer}" if self.placement == "llm" else self.placement
         part = f" part {self.part[0]}/{self.part[1]}" if self.part else ""
         return f"{self.spec.format()}{part} [{where}]"
+
+
+def default_positions(reducer: Reducer, placement: str) -> str:
+    """The position policy of a stage that does not give ``positions=``: the released code's (an ``llm``
+    stage: the reducer's ``llm_positions``; before the LLM: renumber, as the shorter prompt is)."""
+    return reducer.llm_positions if placement == "llm" else "renumber"
 
 
 @dataclass(frozen=True)
@@ -116,8 +129,10 @@ class Plan:
                     "family": s.reducer.family,
                     "placement": s.placement,
                     "layer": s.layer,
+                    "positions": s.positions if s.placement != "proxyv" else None,
                     "tokens_in": s.tokens_in,
                     "tokens_out": s.tokens_out,
+                    "adaptive": s.adaptive,
                     "keeps_grid": s.grids_out is not None,
                     "part": list(s.part) if s.part else None,
                 }
@@ -171,13 +186,16 @@ def resolve_geometry(model_or_config: Any) -> ModelGeometry:
     return geometry_from_config(config, name=getattr(config, "_name_or_path", "") or "")
 
 
-def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any = None) -> Plan:
+def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any = None,
+                     observed: dict[int, int] | None = None) -> Plan:
     """Parse, validate and plan a pipeline for a model.
 
     Args:
         pipeline: pipeline text, ``@file.yaml|json``, a :class:`PipelineSpec`, or None (vanilla).
         model_or_config: a transformers model or config, a :class:`ModelGeometry`, a preset name,
             or None for the LLaVA-1.5-7B geometry.
+        observed: for adaptive stages (whose output count depends on the data), the count a run saw,
+            by stage index, in place of the reducer's estimate.
 
     Raises:
         PipelineError: with a one-line reason, for any refused pipeline.
@@ -198,7 +216,15 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any =
         where = f"stage {pos} ({stage.name})"
         params = dict(stage.params)
         at = params.pop("at", None)
+        positions = params.pop("positions", None)
         parent = build_reducer(stage.name, params, where)
+        if positions is not None:
+            if "proxyv" in parent.placements:
+                raise PipelineError(f"{where}: {stage.name} keeps every image token, so positions= does not "
+                                    "apply; remove it")
+            if positions not in POSITION_POLICIES:
+                raise PipelineError(f"{where}: positions={positions!r} is not a position policy; give "
+                                    f"{' or '.join(POSITION_POLICIES)}")
         if at is not None:
             before_llm = [p for p in parent.placements if p in ("vision", "projector")]
             if at not in before_llm:
@@ -210,8 +236,12 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any =
                 raise PipelineError(f"{where}: give either at={at} or layer={parent.placement_layer}, not both")
         canonical = canonical_stage(parent)
         default_at = next((p for p in parent.placements if p in ("vision", "projector")), None)
-        if at is not None and at != default_at:
-            canonical = StageSpec(canonical.name, dict(sorted({**canonical.params, "at": at}.items())))
+        extra = {"at": at} if at is not None and at != default_at else {}
+        parent_placement = "llm" if parent.placement_layer is not None else default_at
+        if positions is not None and positions != default_positions(parent, parent_placement):
+            extra["positions"] = positions
+        if extra:
+            canonical = StageSpec(canonical.name, dict(sorted({**canonical.params, **extra}.items())))
         canonical_specs.append(canonical)
         parts = parent.substages() or [parent]
         for part, reducer in enumerate(parts, 1):
@@ -292,13 +322,16 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any =
                 out_grids = reducer.output_grids(grids)
             except ValueError as exc:
                 raise PipelineError(f"{where}: {exc}") from None
+            if observed and len(stages) in observed:
+                out = observed[len(stages)]
+            policy = positions or default_positions(reducer, placement)
             stages.append(
                 PlannedStage(pos, reducer, canonical, placement, layer, tokens, out, grids, out_grids,
-                             (part, len(parts)) if len(parts) > 1 else None)
+                             (part, len(parts)) if len(parts) > 1 else None, policy, len(stages))
             )
             tokens, grids = out, out_grids
     canonical = PipelineSpec(tuple(canonical_specs))
     return Plan(canonical, tuple(stages), geometry)
 
 
-__all__ = ["Plan", "PlannedStage", "canonical_stage", "compile_pipeline", "resolve_geometry"]
+__all__ = ["Plan", "PlannedStage", "canonical_stage", "compile_pipeline", "default_positions", "resolve_geometry"]

@@ -10,7 +10,8 @@ import torch
 from ..pipelines.hooks import HookSet
 from ..pipelines.loading import build_prompt, model_inputs
 from ..pipelines.measure import _Clock, peak_prefill_memory
-from ..pipelines.runtime import InputCosts, apply, compile_for
+from ..pipelines.costs import InputCosts
+from ..pipelines.runtime import apply, compile_for
 from ..proxyv.attach import resolve_adapter
 from .tasks import Task
 
@@ -55,7 +56,7 @@ def evaluate(
     text_tokens: list[float] = []
     marks: dict[str, Any] = {}
 
-    with HookSet() as timers, apply(model, plan, adapter=adapter):
+    with HookSet() as timers, apply(model, plan, adapter=adapter) as run:
         # prefill = from the call (image encoding, pre-LLM stages, the prompt rewrite) to the end of
         # the first forward of the multimodal base model
         def prefill_end(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
@@ -70,6 +71,7 @@ def evaluate(
             marks.clear()
             start = clock.mark()
             out = model.generate(**inputs, max_new_tokens=task.max_new_tokens, do_sample=False)
+            costs.observe(run)
             latencies.append(clock.elapsed_ms(start, marks["end"]) / len(chunk))
             real = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
             text_tokens.append((real - sum(g.image_tokens for g in geometries)) / len(chunk))  # separators are text

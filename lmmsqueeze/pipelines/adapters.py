@@ -16,8 +16,16 @@ from torch import Tensor, nn
 
 from ..compose.geometry import SUPPORTED_MODELS, ModelGeometry, geometry_from_config
 from ..errors import ModelError
-from ..reducers.base import Grids
+from ..reducers.base import VISION_SIGNALS, Grids
 from .hooks import HookSet
+from .probes import (
+    VisionProbe,
+    cls_hidden_probe,
+    feature_layer_probe,
+    mean_received_attention,
+    next_layer_probe,
+    vision_keys_fused,
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,9 @@ class ModelAdapter:
             ``vision``/``projector`` placements).
         vision_attention: the self-attention of the vision feature layer, for [CLS] attention.
         features_have_cls: whether the features fed to the projector start with the [CLS] token.
+        final_norm: the decoder's norm before the LM head (the ``normed_hidden`` signals).
+        vision_layer: the vision layer whose output the projector reads (the ``cls_hidden`` signal).
+        next_vision_attention: the self-attention of the vision layer after that (``next_*`` signals).
         image_token_id: id of the image placeholder token.
         pad_token_id: id used to left-pad rewritten prompts.
         geometry: shapes for the compiler.
@@ -81,6 +92,9 @@ class ModelAdapter:
     image_token_id: int
     pad_token_id: int
     geometry: ModelGeometry
+    final_norm: nn.Module | None = None  # the decoder's norm before the LM head
+    vision_layer: nn.Module | None = None  # the vision layer whose output is the feature layer
+    next_vision_attention: nn.Module | None = None  # the self-attention of the vision layer after it
 
     def image_features(self, base_kwargs: dict[str, Any]) -> Any:
         """Run the vision tower and projector on the image inputs of a base-model call."""
@@ -129,19 +143,18 @@ class ModelAdapter:
         pixels = inputs.get("pixel_values")
         return [self.geometry] * (0 if pixels is None else int(pixels.shape[0]))
 
-    def vision_signals(self, attention: nn.Module, args: tuple, kwargs: dict, needs: set[str]) -> dict[str, Tensor]:
-        """Vision-side signals measured in a forward hook on ``vision_attention`` (a CLIP-style layer
-        whose first token is [CLS]): ``[crops, tokens, ...]`` per signal."""
-        from .probes import cls_query_attention
-
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        keys = attention.k_proj(hidden)  # read by both signals: projected once
-        out = {}
-        if "cls_attention" in needs:
-            out["cls_attention"] = cls_query_attention(attention, hidden, keys)
-        if "vision_keys" in needs:
-            out["vision_keys"] = keys
-        return out
+    def vision_probes(self, needs: set[str]) -> list[tuple[nn.Module, VisionProbe]]:
+        """Forward hooks measuring the vision signals in ``needs`` (a CLIP-style tower whose first token
+        is [CLS]): ``(module, probe)``, each probe returning ``{signal: [crops, tokens, ...]}`` (the
+        [CLS] row included; ``cls_hidden``: ``[crops, 1, width]``)."""
+        probes: list[tuple[nn.Module, VisionProbe]] = []
+        if needs & {"cls_attention", "vision_keys"}:
+            probes.append((self.vision_attention, functools.partial(feature_layer_probe, needs=needs)))
+        if "cls_hidden" in needs:
+            probes.append((self.vision_layer, cls_hidden_probe))
+        if needs & {"next_cls_attention", "next_vision_keys"}:
+            probes.append((self.next_vision_attention, functools.partial(next_layer_probe, needs=needs)))
+        return probes
 
     # -- packing families: the projector's input rows and the per-image layouts index into them
     def projector_rows(self, features: Tensor) -> Tensor:
@@ -255,6 +268,7 @@ class QwenVLAdapter(ModelAdapter):
             projector=visual.merger, vision_attention=visual.blocks[-1].attn, features_have_cls=False,
             image_token_id=int(config.image_token_id), pad_token_id=_pad_token_id(config),
             geometry=geometry_from_config(config, name=getattr(config, "_name_or_path", "") or ""),
+            final_norm=base.language_model.norm,
         )
 
     @property
@@ -308,19 +322,30 @@ class QwenVLAdapter(ModelAdapter):
                                                   window_size=visual.window_size, patch_size=visual.patch_size)
         return torch.argsort(window_index.cpu())
 
-    def vision_signals(self, attention: nn.Module, args: tuple, kwargs: dict, needs: set[str]) -> dict[str, Tensor]:
-        from .probes import mean_received_attention, vision_keys_fused
+    def vision_probes(self, needs: set[str]) -> list[tuple[nn.Module, VisionProbe]]:
+        """One hook on the last block (the tower has no [CLS] and nothing after its feature layer): the
+        stand-ins ``cls_attention`` = ``next_cls_attention`` = the mean attention each token receives from
+        its image's tokens, ``vision_keys`` (head-mean) and ``next_vision_keys`` (full width), each averaged
+        over a merge unit's four patches."""
+        if not needs & set(self.geometry.signals):
+            return []
+        return [(self.vision_attention, functools.partial(self._last_block_probe, needs=needs))]
 
+    def _last_block_probe(self, attention: nn.Module, args: tuple, kwargs: dict, output: Any,
+                          needs: set[str]) -> dict[str, Tensor]:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         unit = self.merge * self.merge
-        keys = vision_keys_fused(attention, hidden)  # read by both signals: projected once
+        keys = vision_keys_fused(attention, hidden)  # read by every signal: projected once
         out = {}
-        if "cls_attention" in needs:
+        if needs & {"cls_attention", "next_cls_attention"}:
             received = mean_received_attention(attention, hidden, kwargs["cu_seqlens"],
-                                               kwargs["position_embeddings"], keys)
-            out["cls_attention"] = received.view(-1, unit).mean(1)
+                                               kwargs["position_embeddings"], keys).view(-1, unit).mean(1)
+            out.update({name: received for name in needs & {"cls_attention", "next_cls_attention"}})
         if "vision_keys" in needs:
-            out["vision_keys"] = keys.view(-1, unit, keys.shape[-1]).mean(1)
+            heads = keys.view(keys.shape[0], attention.num_heads, -1).mean(1)
+            out["vision_keys"] = heads.view(-1, unit, heads.shape[-1]).mean(1)
+        if "next_vision_keys" in needs:
+            out["next_vision_keys"] = keys.view(-1, unit, keys.shape[-1]).mean(1)
         return out
 
     def projector_rows(self, features: Tensor) -> Tensor:
@@ -353,10 +378,10 @@ def _pad_token_id(config: Any) -> int:
 
 
 def _llava_parts(model: nn.Module) -> dict[str, Any]:
-    """What LLaVA and LLaVA-NeXT share: module paths, the [CLS] attention layer, ids, geometry."""
+    """What LLaVA and LLaVA-NeXT share: module paths, the vision layers the probes read, ids, geometry."""
     config = model.config
     base = model.model
-    vision_attention = None
+    vision_layer = next_layer = None
     layer = config.vision_feature_layer
     tower = base.vision_tower
     encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)  # CLIPVisionModel(Transformer)
@@ -364,21 +389,28 @@ def _llava_parts(model: nn.Module) -> dict[str, Any]:
         n = len(encoder.layers)
         idx = layer if layer >= 0 else n + 1 + layer  # hidden_states[idx] is the output of layers[idx-1]
         if 1 <= idx <= n:
-            vision_attention = encoder.layers[idx - 1].self_attn
+            vision_layer = encoder.layers[idx - 1]
+            next_layer = encoder.layers[idx] if idx < n else None
     geometry = geometry_from_config(config, name=getattr(config, "_name_or_path", "") or "")
-    if vision_attention is None:
-        geometry = ModelGeometry(**{**geometry.__dict__, "signals": geometry.signals - {"cls_attention", "vision_keys"}})
+    missing = set() if vision_layer is not None else VISION_SIGNALS
+    if next_layer is None:
+        missing |= {"next_cls_attention", "next_vision_keys"}
+    if missing & geometry.signals:
+        geometry = dataclasses.replace(geometry, signals=geometry.signals - missing)
     return {
         "model": model,
         "base": base,
         "layers": base.language_model.layers,
         "rotary": base.language_model.rotary_emb,
         "projector": base.multi_modal_projector,
-        "vision_attention": vision_attention,
+        "vision_attention": None if vision_layer is None else vision_layer.self_attn,
         "features_have_cls": config.vision_feature_select_strategy == "full",
         "image_token_id": int(config.image_token_id),
         "pad_token_id": _pad_token_id(config),
         "geometry": geometry,
+        "final_norm": base.language_model.norm,
+        "vision_layer": vision_layer,
+        "next_vision_attention": None if next_layer is None else next_layer.self_attn,
     }
 
 

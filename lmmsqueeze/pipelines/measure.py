@@ -148,7 +148,8 @@ def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: 
     the FLOPs saving turned fully into time).
     """
     from .loading import build_prompt, model_inputs
-    from .runtime import InputCosts, compile_for
+    from .costs import InputCosts
+    from .runtime import compile_for
 
     inputs = model_inputs(processor, model, [image], [build_prompt(processor, prompt)])
     plans = [compile_for(model, p)[0] for p in ["none", *pipelines]]

@@ -6,6 +6,8 @@ computes the single softmax row it needs, O(N * d), so they work under sdpa and 
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
@@ -132,3 +134,48 @@ def vision_keys_fused(attn: nn.Module, hidden_states: Tensor) -> Tensor:
     """``[S, C]`` the keys (before RoPE, heads concatenated) of a fused-``qkv`` vision attention."""
     c = hidden_states.shape[-1]
     return torch.nn.functional.linear(hidden_states, attn.qkv.weight[c:2 * c], attn.qkv.bias[c:2 * c])
+
+
+#: a forward hook's body that measures vision signals: ``(module, args, kwargs, output) -> {signal: tensor}``
+VisionProbe = Callable[[nn.Module, tuple, dict, Any], dict[str, Tensor]]
+
+
+def _input(args: tuple, kwargs: dict) -> Tensor:
+    return kwargs.get("hidden_states", args[0] if args else None)
+
+
+def feature_layer_probe(attn: nn.Module, args: tuple, kwargs: dict, output: Any, needs: set[str]) -> dict[str, Tensor]:
+    """At the feature layer's self-attention (CLIP-style, [CLS] first): ``cls_attention`` (head-mean
+    [CLS] row, ``[B, T]``) and ``vision_keys`` (keys averaged over heads, ``[B, T, head_dim]``); the
+    keys are projected once for both."""
+    hidden = _input(args, kwargs)
+    keys = attn.k_proj(hidden)
+    out = {}
+    if "cls_attention" in needs:
+        out["cls_attention"] = cls_query_attention(attn, hidden, keys)
+    if "vision_keys" in needs:
+        b, t, _ = keys.shape
+        out["vision_keys"] = keys.view(b, t, -1, attn.head_dim).mean(2)
+    return out
+
+
+def cls_hidden_probe(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> dict[str, Tensor]:
+    """At the vision layer that produces the features: the [CLS] token's feature, ``[B, 1, width]``."""
+    hidden = output[0] if isinstance(output, tuple) else output
+    return {"cls_hidden": hidden[:, :1]}
+
+
+def next_layer_probe(attn: nn.Module, args: tuple, kwargs: dict, output: Any, needs: set[str]) -> dict[str, Tensor]:
+    """At the self-attention of the vision layer after the feature layer: its q and k projections as one
+    full-width head, ``next_cls_attention`` = softmax over every token of ``q_cls . k / sqrt(width)``
+    (``[B, T]``) and ``next_vision_keys`` (``[B, T, width]``)."""
+    hidden = _input(args, kwargs)
+    keys = attn.k_proj(hidden)
+    out = {}
+    if "next_cls_attention" in needs:
+        q = attn.q_proj(hidden[:, :1])
+        logits = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * keys.shape[-1] ** -0.5
+        out["next_cls_attention"] = logits.softmax(dim=-1)[:, 0]
+    if "next_vision_keys" in needs:
+        out["next_vision_keys"] = keys
+    return out

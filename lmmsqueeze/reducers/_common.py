@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Grids, Reducer, Signals, TokenState
+from .base import UNALIGNED_SIGNALS, Grids, Reducer, Signals, TokenState, wide
 
 
 def unit_rows(x: Tensor) -> Tensor:
-    """Rows of ``x`` scaled to unit L2 norm, in float32 (cosine similarity is then ``a @ b.T``)."""
-    x = x.float()
+    """Rows of ``x`` scaled to unit L2 norm, in at least float32 (cosine similarity is then ``a @ b.T``)."""
+    x = wide(x)
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
@@ -28,7 +28,7 @@ def bilinear_grids(hidden: Tensor, grids: Grids, out_grids: Grids) -> tuple[Tens
     device = hidden.device
     pieces, targets, start, offset = [], [], 0, 0
     for (h, w), (oh, ow) in zip(grids, out_grids):
-        crop = hidden[..., start:start + h * w, :].reshape(-1, h, w, d).permute(0, 3, 1, 2).float()
+        crop = wide(hidden[..., start:start + h * w, :].reshape(-1, h, w, d).permute(0, 3, 1, 2))
         resized = F.interpolate(crop, size=(oh, ow), mode="bilinear", align_corners=False)
         pieces.append(resized.permute(0, 2, 3, 1).reshape(*lead, oh * ow, d))
         rows = torch.arange(h, device=device).repeat_interleave(w) * oh // h
@@ -40,27 +40,28 @@ def bilinear_grids(hidden: Tensor, grids: Grids, out_grids: Grids) -> tuple[Tens
 
 
 def weighted_means(target: Tensor, hidden: Tensor, weights: Tensor, m: int) -> Tensor:
-    """``[m, D]`` float32 weighted mean of the rows of ``hidden`` sent to each new slot by ``target``
-    (rows with ``target == -1`` are left out)."""
+    """``[m, D]`` weighted mean (in at least float32) of the rows of ``hidden`` sent to each new slot by
+    ``target`` (rows with ``target == -1`` are left out)."""
     alive = target >= 0
-    w = weights.float()[alive]
-    num = torch.zeros(m, hidden.shape[1], dtype=torch.float32, device=hidden.device)
-    num.index_add_(0, target[alive], hidden.float()[alive] * w[:, None])
-    den = torch.zeros(m, dtype=torch.float32, device=hidden.device).index_add_(0, target[alive], w)
+    x = wide(hidden)
+    w = weights.to(x.dtype)[alive]
+    num = torch.zeros(m, hidden.shape[1], dtype=x.dtype, device=hidden.device)
+    num.index_add_(0, target[alive], x[alive] * w[:, None])
+    den = torch.zeros(m, dtype=x.dtype, device=hidden.device).index_add_(0, target[alive], w)
     return num / den.clamp_min(1e-12)[:, None]
 
 
-def realign(signals: Signals, before: TokenState, after: TokenState) -> Signals:
-    """Signals of ``before`` restricted to the tokens of ``after`` (each new token reads the signal
-    of its representative), so a multi-part reducer can run its parts back to back."""
-    lookup = torch.full((before.n_original,), -1, dtype=torch.long, device=before.index.device)
-    lookup[before.index] = torch.arange(before.n, device=before.index.device)
-    slots = lookup[after.index]
+def realign(signals: Signals, after: TokenState) -> Signals:
+    """Signals of a state restricted to the tokens of ``after``, one reduction later (each new token
+    reads the signal of its representative), so a multi-part reducer can run its parts back to back."""
+    slots = after.sources()
     out = Signals()
     for field in dataclasses.fields(Signals):
         value = getattr(signals, field.name)
-        if value is not None:
-            value = value[:, slots] if field.name == "text_image_attention" else value[slots]
+        if value is not None and field.name not in UNALIGNED_SIGNALS:
+            value = value[slots]
+        elif value is not None and field.name == "text_image_attention":
+            value = value[:, slots]
         setattr(out, field.name, value)
     return out
 
@@ -70,6 +71,6 @@ def run_parts(parts: list[Reducer], state: TokenState, signals: Signals) -> Toke
     except that later parts see the first part's signals, not fresh ones)."""
     for part in parts:
         new = part.reduce(state, signals)
-        signals = realign(signals, state, new)
+        signals = realign(signals, new)
         state = new
     return state

@@ -8,87 +8,117 @@ import torch
 from torch import Tensor
 
 from ._common import unit_rows
-from .base import Grids, ScoredPruner, Signals, TokenState, resolve_keep, top_k_slots
+from .base import Grids, ScoredPruner, Signals, TokenState, check_keep, resolve_keep, top_k_slots, wide
 from .registry import register_reducer
+
+#: the IQR fence of the outlier rule, and the share of outliers PruMerge+ keeps on LLaVA-1.5 on average
+#: (about 32 of 576, as its paper reports): the estimate a plan uses before the data decides
+FENCE = 1.5
+TYPICAL_OUTLIERS = 32 / 576
 
 
 @register_reducer(
     "prumerge",
     family="merging",
     placements=("vision",),
-    needs=("cls_attention", "vision_keys"),
+    needs=("next_cls_attention", "next_vision_keys"),
     keeps_grid=False,
     cite="Shang et al., LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models "
     "(PruMerge+), ICCV 2025",
+    code="42Shawn/LLaVA-PruMerge, llava/model/multimodal_encoder/clip_encoder.py::"
+    "CLIPVisionTower.token_prune_merge_advanced_plus (if_adaptive=True)",
+    fidelity="exact on LLaVA-1.5 (576 tokens, the released lattice's hard-coded 575 is the last index); "
+    "approx on Qwen2-VL (no [CLS] and no layer after the feature layer: stand-ins) and on LLaVA-NeXT (one "
+    "selection over the image's crops)",
 )
 @dataclass(frozen=True)
 class PruMergeReducer(ScoredPruner):
-    """Keep ``keep`` tokens: the [CLS]-attention outliers (above Q3 + 1.5 IQR, best first), then spatially
-    uniform samples of the others; each kept token adds the [CLS]-attention-weighted sum of its
-    ``neighbors`` most key-cosine-similar other tokens to itself (PruMerge+; paper: about 25% of the
-    tokens, 32 neighbours).
+    """PruMerge+ as released: the [CLS] attention of the vision layer after the feature layer (its q and
+    k as one full-width head) picks the outliers above Q3 + 1.5 IQR (best first); spatial samples
+    every ``int(int(N / outliers) / 3)`` tokens that are not outliers follow (ascending); each kept
+    token adds the [CLS]-attention-weighted sum of the features of its ``neighbors`` most key-similar
+    tokens (kept or not); one extra token, the attention-weighted sum of every pruned token, comes
+    last (index -1; the pruned tokens are its group). The count depends on the image.
 
-    The paper's outlier count is adaptive; a plan needs a fixed count, so ``keep`` is the total and the
-    spatial samples fill what the outliers leave (outliers beyond ``keep`` are cut, best first).
-    Groups (for traces and sizes) give every pruned token to the kept token it is most similar to
-    among those that absorbed it; pruned tokens nobody absorbed are dropped. The released code's
-    extra token summarising all pruned tokens is not added. Survivors keep their original order.
+    ``keep`` (a departure) fixes the count instead: the outliers, best first and at most ``keep``,
+    then evenly spaced samples of the other tokens up to ``keep``.
     """
 
-    keep: int | float = 0.25
+    keep: int | float | None = None
     neighbors: int = 32
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        if self.keep is not None:
+            check_keep(self.keep)
         if isinstance(self.neighbors, bool) or self.neighbors < 0:
             raise ValueError(f"neighbors={self.neighbors} must be an integer >= 0 (paper: 32; 0 disables merging)")
 
+    @property
+    def adaptive(self) -> bool:
+        return self.keep is None
+
+    def _kept(self, n: int) -> int:
+        """Tokens kept before the extra one: the fixed count, or the estimate of a typical image."""
+        if self.keep is not None:
+            return resolve_keep(self.keep, n)
+        outliers = max(1, int(n * TYPICAL_OUTLIERS))
+        step = max(1, int(int(1 / (outliers / n)) / 3))
+        return min(n, outliers + len(range(0, n - 1, step)))
+
+    def output_count(self, n: int, grids: Grids) -> int:
+        k = self._kept(n)
+        return k + 1 if k < n else n
+
     def metric_signal(self) -> str | None:
-        return "vision_keys"
+        return "next_vision_keys"
 
     def cost_macs(self, n: int, dim: int, grids: Grids) -> int:
-        """``dim`` is the width of the vision keys: (kept x dim) @ (dim x all)."""
-        k = resolve_keep(self.keep, n)
+        """``dim`` is the width of the keys: (kept x dim) @ (dim x all)."""
+        k = self._kept(n)
         return k * n * dim if self.neighbors and k < n else 0
 
-    def select_slots(self, scores: Tensor, k: int) -> Tensor:
-        """The kept slots: outliers by score, then evenly spaced samples of the rest."""
-        q1, q3 = torch.quantile(scores, torch.tensor([0.25, 0.75], device=scores.device))
-        outliers = torch.nonzero(scores > q3 + 1.5 * (q3 - q1)).flatten()
-        outliers = outliers[top_k_slots(scores[outliers], k)]
-        rest = torch.ones_like(scores, dtype=torch.bool)
-        rest[outliers] = False
-        candidates = torch.nonzero(rest).flatten()
-        m = k - outliers.numel()
-        spaced = torch.div((2 * torch.arange(m, device=scores.device) + 1) * candidates.numel(), 2 * m,
-                           rounding_mode="floor") if m else candidates[:0]
-        return torch.sort(torch.cat([outliers, candidates[spaced]])).values
+    def select(self, scores: Tensor) -> Tensor:
+        """The kept slots in the released order: outliers by score, then the spatial samples."""
+        n = scores.numel()
+        single = scores.float()  # the released outlier rule runs in float32
+        q1, q3 = torch.quantile(single, torch.tensor([0.25, 0.75], device=scores.device))
+        outliers = int((single > q3 + FENCE * (q3 - q1)).sum())
+        if self.keep is not None:
+            k = resolve_keep(self.keep, n)
+            top = top_k_slots(scores, min(outliers, k))
+            rest = torch.ones(n, dtype=torch.bool, device=scores.device)
+            rest[top] = False
+            candidates = torch.nonzero(rest).flatten()
+            m = k - top.numel()
+            spaced = torch.div((2 * torch.arange(m, device=scores.device) + 1) * candidates.numel(), 2 * m,
+                               rounding_mode="floor") if m else candidates[:0]
+            return torch.cat([top, candidates[spaced]])
+        ratio = outliers / n
+        top = top_k_slots(scores, int(n * ratio))
+        step = int(int(1 / ratio) / 3) if ratio else n
+        lattice = torch.arange(0, n - 1, max(step, 1), device=scores.device)
+        return torch.cat([top, lattice[~torch.isin(lattice, top)]])
 
     def reduce(self, state: TokenState, signals: Signals) -> TokenState:
-        k = self.output_count(state.n, state.grids)
-        if k >= state.n:
+        attention = wide(signals.require("next_cls_attention"))
+        kept = self.select(attention)
+        if kept.numel() >= state.n:
             return state
-        attention = signals.require("cls_attention").float()
-        kept = self.select_slots(attention, k)
         device = state.hidden.device
-        target = torch.full((state.n,), -1, dtype=torch.long, device=device)
-        target[kept] = torch.arange(k, device=device)
-        hidden = state.hidden[kept].float()
+        k = kept.numel()
+        pruned = torch.ones(state.n, dtype=torch.bool, device=device)
+        pruned[kept] = False
+        x = wide(state.hidden)
+        hidden = x[kept].clone()
         nn_count = min(self.neighbors, state.n - 1)
         if nn_count:
-            keys = unit_rows(signals.require("vision_keys"))
+            keys = unit_rows(signals.require("next_vision_keys"))
             similarity = keys[kept] @ keys.T  # [k, N]
             similarity[torch.arange(k, device=device), kept] = float("-inf")  # not itself
-            sim, nbr = torch.topk(similarity, nn_count, dim=1)
-            hidden = hidden + (state.hidden[nbr].float() * attention[nbr][..., None]).sum(dim=1)
-            # groups: a pruned token joins the most similar kept token that absorbed it
-            owner_sim = torch.full((state.n,), float("-inf"), device=device)
-            owner_sim.scatter_reduce_(0, nbr.flatten(), sim.flatten(), reduce="amax")
-            best = (sim == owner_sim[nbr]) & (target[nbr] < 0)
-            rows = torch.arange(k, device=device)[:, None].expand_as(nbr)
-            owner = torch.full((state.n,), k, dtype=torch.long, device=device)
-            owner.scatter_reduce_(0, nbr[best], rows[best], reduce="amin")  # ties: the lowest kept slot
-            owner[owner == k] = -1
-            pruned = target < 0
-            target[pruned] = owner[pruned]
-        return state.regroup(target, hidden.to(state.hidden.dtype), kept)
+            nbr = torch.topk(similarity, nn_count, dim=1).indices
+            hidden = hidden + (x[nbr] * attention[nbr][..., None]).sum(dim=1)
+        extra = (x[pruned] * attention[pruned][:, None]).sum(dim=0, keepdim=True)
+        target = torch.full((state.n,), k, dtype=torch.long, device=device)  # the pruned: the extra token
+        target[kept] = torch.arange(k, device=device)
+        representative = torch.cat([kept, torch.full((1,), -1, dtype=torch.long, device=device)])
+        return state.regroup(target, torch.cat([hidden, extra]).to(state.hidden.dtype), representative)

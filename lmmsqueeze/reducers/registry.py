@@ -18,11 +18,12 @@ import fnmatch
 import importlib.metadata
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from ..errors import PipelineError, RegistryError
-from .base import FAMILIES, PLACEMENTS, SIGNALS, Reducer
+from .base import FAMILIES, PLACEMENTS, POSITION_POLICIES, SIGNALS, Reducer
 
 ENTRY_POINT_GROUP = "lmmsqueeze.reducers"
 
@@ -39,8 +40,12 @@ def register_reducer(
     family: str,
     placements: tuple[str, ...] | list[str],
     needs: tuple[str, ...] | list[str] = (),
+    optional: tuple[str, ...] | list[str] = (),
     keeps_grid: bool,
     cite: str = "",
+    code: str = "",
+    fidelity: str = "",
+    llm_positions: str = "keep",
     override: bool = False,
 ) -> Callable[[R], R]:
     """Class decorator that registers a reducer dataclass under ``name``.
@@ -51,8 +56,13 @@ def register_reducer(
         placements: where the stage may run: any of ``vision``, ``projector``, ``llm``.
             Without a ``layer`` parameter the first non-``llm`` placement is the default.
         needs: signals the reducer reads (see :data:`lmmsqueeze.reducers.base.SIGNALS`).
+        optional: signals it reads when the model provides them (never a reason to refuse a pipeline).
         keeps_grid: whether the output is still a row-major grid per crop.
         cite: one line naming the method's paper.
+        code: the released code the defaults reproduce, ``"owner/repo, path::function"``.
+        fidelity: ``"exact"``, or ``"approx: <what differs and why>"``.
+        llm_positions: the position policy of an ``llm`` stage by default (``keep`` or ``renumber``), as the
+            released code does; stages before the LLM renumber by default.
         override: replace an existing registration instead of raising.
     """
 
@@ -70,9 +80,12 @@ def register_reducer(
             raise RegistryError(
                 f"reducer {name!r}: placements {list(placements)} must be a non-empty subset of {list(PLACEMENTS)}"
             )
-        unknown = [s for s in needs if s not in SIGNALS]
+        unknown = [s for s in (*needs, *optional) if s not in SIGNALS]
         if unknown:
             raise RegistryError(f"reducer {name!r}: unknown signals {unknown}; known: {', '.join(SIGNALS)}")
+        if llm_positions not in POSITION_POLICIES:
+            raise RegistryError(f"reducer {name!r}: llm_positions={llm_positions!r} is not one of "
+                                f"{', '.join(POSITION_POLICIES)}")
         if "llm" in placements and "layer" not in {f.name for f in dataclasses.fields(cls)}:
             raise RegistryError(f"reducer {name!r} declares the llm placement but has no `layer` parameter")
         if name in _REGISTRY and not override and _REGISTRY[name] is not cls:
@@ -86,8 +99,12 @@ def register_reducer(
         cls.family = family
         cls.placements = tuple(placements)
         cls.needs = frozenset(needs)
+        cls.optional = frozenset(optional)
         cls.keeps_grid = bool(keeps_grid)
         cls.cite = cite
+        cls.code = code
+        cls.fidelity = fidelity
+        cls.llm_positions = llm_positions
         _REGISTRY[name] = cls
         return cls
 
@@ -259,10 +276,14 @@ def reducer_info(name: str) -> dict[str, Any]:
         "family": cls.family,
         "placements": list(cls.placements),
         "needs": sorted(cls.needs),
+        "optional": sorted(cls.optional),
         "keeps_grid": cls.keeps_grid,
+        "llm_positions": cls.llm_positions,
         "params": {p.name: {"type": p.kind, "default": p.default} for p in _param_specs(cls).values()},
         "summary": " ".join(doc.split()),
         "cite": cls.cite,
+        "code": cls.code,
+        "fidelity": cls.fidelity,
         "module": cls.__module__,
     }
 

@@ -7,8 +7,9 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from .base import Grids, Reducer, Signals, TokenState
-from .pool import PoolReducer
 from .registry import register_reducer
 
 
@@ -17,7 +18,10 @@ from .registry import register_reducer
     family="pooling",
     placements=("projector",),
     keeps_grid=True,
-    cite="Uniform spatial subsampling (the downsampling baseline of VTC-Bench, Liao et al., ACL 2026)",
+    cite="Uniform token subsampling: every stride-th token of every stride-th row of each crop's grid "
+    "(a no-signal baseline; not image downsampling, which re-encodes a smaller image)",
+    code="",
+    fidelity="baseline: no released code; the rule is its definition",
 )
 @dataclass(frozen=True)
 class StrideReducer(Reducer):
@@ -42,6 +46,11 @@ class StrideReducer(Reducer):
         return sum(h * w for h, w in self.output_grids(grids))
 
     def reduce(self, state: TokenState, signals: Signals) -> TokenState:
-        # the kept tokens are the top-left tokens of the stride x stride pooling windows
-        _, first, out_grids = PoolReducer(size=self.stride).windows(state)
-        return dataclasses.replace(state.select(first), grids=out_grids)
+        device = state.hidden.device
+        kept, start = [], 0
+        for h, w in state.grids:
+            rows = torch.arange(0, h, self.stride, device=device)
+            cols = torch.arange(0, w, self.stride, device=device)
+            kept.append(start + (rows[:, None] * w + cols[None, :]).flatten())
+            start += h * w
+        return dataclasses.replace(state.select(torch.cat(kept)), grids=self.output_grids(state.grids))

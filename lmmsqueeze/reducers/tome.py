@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from ._common import unit_rows, weighted_means
-from .base import Grids, ScoredPruner, Signals, TokenState, check_layer, resolve_keep
+from .base import Grids, ScoredPruner, Signals, TokenState, check_layer, resolve_keep, wide
 from .registry import register_reducer
 
 
@@ -19,19 +19,24 @@ from .registry import register_reducer
     needs=("vision_keys",),
     keeps_grid=False,
     cite="Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023",
+    code="facebookresearch/ToMe, tome/merge.py::bipartite_soft_matching, merge_wavg "
+    "(tome/patch/timm.py for the head-mean key metric)",
+    fidelity="approx: the released code merges r tokens inside every ViT block (with proportional attention); "
+    "here the same matching and size-weighted merge run at one placement, in rounds until keep remain (at "
+    "the default keep=0.5 one round: exactly the released matching)",
 )
 @dataclass(frozen=True)
 class ToMeReducer(ScoredPruner):
     """Merge tokens by bipartite soft matching until ``keep`` remain: split the tokens alternately
     into A (even slots) and B (odd slots), match every A token to its most cosine-similar B token,
     and merge the best-matched A tokens into their partners as size-weighted means; one round
-    merges at most half the tokens, so a budget below one half takes several rounds.
+    merges at most half the tokens, so a budget below one half takes several rounds. Output order
+    is ToMe's: the unmerged A tokens (best match first), then every B token.
 
-    ``metric=keys`` compares the vision tower's keys (the paper's metric; in later rounds the merged
-    keys are size-weighted means, normalised again), ``metric=hidden`` the tokens' own hidden states.
-    Runs on the vision features (default) or at the input of decoder layer ``layer``. A merged token
-    takes the position of its B token; survivors keep their original order. The paper merges r
-    tokens in every ViT block (proportional attention is not used here).
+    ``metric=keys`` compares the vision tower's keys averaged over heads (the paper's metric; in later
+    rounds the merged keys are size-weighted means, normalised again), ``metric=hidden`` the tokens'
+    own hidden states. Runs on the vision features (default) or at the input of decoder layer
+    ``layer``. A merged token takes the position of its B token.
     """
 
     keep: int | float = 0.5
@@ -62,26 +67,26 @@ class ToMeReducer(ScoredPruner):
     def reduce(self, state: TokenState, signals: Signals) -> TokenState:
         k = self.output_count(state.n, state.grids)
         metric = signals.require("vision_keys") if self.metric == "keys" else state.hidden
-        metric = metric.float()
+        metric = wide(metric)
         for _a, _b, r in self._rounds(state.n, k):
             state, metric = _merge_round(state, metric, r)
         return state
 
 
 def _merge_round(state: TokenState, metric: torch.Tensor, r: int) -> tuple[TokenState, torch.Tensor]:
-    """One bipartite round: the ``r`` A tokens with the best matches merge into their B partners."""
+    """One bipartite round: the ``r`` A tokens with the best matches merge into their B partners; the
+    output is the unmerged A tokens in match order, then the B tokens."""
     n, device = state.n, state.hidden.device
     a, b = torch.arange(0, n, 2, device=device), torch.arange(1, n, 2, device=device)
     x = unit_rows(metric)
     best, partner = (x[a] @ x[b].T).max(dim=1)
-    merged = torch.sort(best, descending=True, stable=True).indices[:r]
-    dest = torch.arange(n, device=device)
-    dest[a[merged]] = b[partner[merged]]
-    survivors = torch.unique(dest)  # sorted slots that remain
-    new_slot = torch.full((n,), -1, dtype=torch.long, device=device)
-    new_slot[survivors] = torch.arange(survivors.numel(), device=device)
-    target = new_slot[dest]
-    m = survivors.numel()
+    order = torch.sort(best, descending=True, stable=True).indices
+    merged, unmerged = order[:r], order[r:]
+    m = unmerged.numel() + b.numel()
+    target = torch.empty(n, dtype=torch.long, device=device)
+    target[a[unmerged]] = torch.arange(unmerged.numel(), device=device)
+    target[b] = unmerged.numel() + torch.arange(b.numel(), device=device)
+    target[a[merged]] = target[b[partner[merged]]]
     hidden = weighted_means(target, state.hidden, state.sizes, m).to(state.hidden.dtype)
     new_metric = weighted_means(target, metric, state.sizes, m)
-    return state.regroup(target, hidden, survivors), new_metric
+    return state.regroup(target, hidden, torch.cat([a[unmerged], b])), new_metric

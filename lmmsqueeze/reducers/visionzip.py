@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ._common import unit_rows
-from .base import Grids, Reducer, Signals, TokenState, check_keep, resolve_keep, top_k_per_group
+from .base import Grids, Reducer, Signals, TokenState, check_keep, resolve_keep, top_k_per_group, wide
 from .registry import register_reducer
 
 
@@ -16,27 +16,32 @@ from .registry import register_reducer
     family="merging",
     placements=("vision",),
     needs=("cls_attention", "vision_keys"),
+    optional=("cls_hidden",),
     keeps_grid=False,
     cite="Yang et al., VisionZip: Longer is Better but Not Necessary in Vision Language Models, CVPR 2025",
+    code="dvlab-research/VisionZip, visionzip/clip_encoder.py::CLIPVisionTower_VisionZip.forward "
+    "(utils.py::CLIPAttention_forward for the keys, main.py::visionzip for dominant - 1)",
+    fidelity="exact on one-crop images; approx on LLaVA-NeXT (the released code runs the whole budget and a "
+    "[CLS] per crop; here the dominant budget is shared across crops and no [CLS] is kept) and on Qwen2-VL "
+    "(no [CLS] token: cls_attention is a stand-in and every dominant token is a patch)",
 )
 @dataclass(frozen=True)
 class VisionZipReducer(Reducer):
-    """Keep the ``dominant`` tokens with the highest [CLS] attention, then merge the others into
-    ``contextual`` tokens: targets evenly spaced among them, every other token assigned to its most
-    key-cosine-similar target, each contextual token = its target + the mean of the tokens assigned
-    to it (paper: 54 + 10 for 64 tokens, 108 + 20 for 128, 162 + 30 for 192).
+    """``dominant`` tokens: the vision tower's [CLS] feature and the ``dominant - 1`` patches its [CLS]
+    attends to most (in their original order), then ``contextual`` tokens merged from the rest: targets
+    every ``max(1, rest // contextual)``-th of them, every other token assigned to its most
+    key-cosine-similar target (keys averaged over heads), each contextual token = its target + the mean
+    of the tokens assigned to it. Paper: 54 + 10 for 64 tokens, 108 + 20 for 128, 162 + 30 for 192.
 
-    ``contextual=0`` gives the dominant part alone. Output order: dominant tokens in their original
-    order, then contextual tokens in their targets' order. Differences from the released code: LLaVA
-    drops the [CLS] token from the features, so all ``dominant`` tokens are patches (the paper keeps
-    [CLS] as one of them), and keys are the concatenated heads of the vision feature layer rather
-    than their head mean. Counts are clamped to the tokens received. With several crops (LLaVA-NeXT)
-    the dominant budget is split across crops by their token counts, each crop keeping its own top
-    tokens (the released code runs per crop); contextual tokens are merged over the whole image.
+    Output order: [CLS], the dominant patches, the contextual tokens in their targets' order. The [CLS]
+    token stands for no patch (index -1); ``cls=false`` (a departure) keeps ``dominant`` patches instead,
+    as happens on towers without [CLS] and on several crops (LLaVA-NeXT, whose dominant budget is split
+    across crops by their token counts). ``contextual=0`` gives the dominant part alone.
     """
 
     dominant: int | float = 54
     contextual: int | float = 10
+    cls: bool = True
 
     def __post_init__(self) -> None:
         check_keep(self.dominant, "dominant")
@@ -46,7 +51,7 @@ class VisionZipReducer(Reducer):
     def _counts(self, n: int) -> tuple[int, int]:
         dom = resolve_keep(self.dominant, n)
         ctx = 0 if self.contextual == 0 else resolve_keep(self.contextual, n)
-        return dom, min(ctx, n - dom)
+        return dom, min(ctx, n - dom + (1 if self.cls else 0))
 
     def output_count(self, n: int, grids: Grids) -> int:
         return sum(self._counts(n))
@@ -55,33 +60,44 @@ class VisionZipReducer(Reducer):
         return "vision_keys"
 
     def cost_macs(self, n: int, dim: int, grids: Grids) -> int:
-        """``dim`` is the width of the vision keys: (others x dim) @ (dim x targets)."""
+        """``dim`` is the width of the head-mean vision keys: (others x dim) @ (dim x targets)."""
         dom, ctx = self._counts(n)
-        return (n - dom - ctx) * ctx * dim if ctx else 0
+        rest = n - dom + (1 if self.cls else 0)  # with [CLS] one more patch is left for merging
+        return (rest - ctx) * ctx * dim if ctx else 0
 
     def reduce(self, state: TokenState, signals: Signals) -> TokenState:
         dom, ctx = self._counts(state.n)
         device = state.hidden.device
-        dominant = torch.sort(top_k_per_group(signals.require("cls_attention"), dom, state.crop_ids)).values
+        cls = signals.cls_hidden if self.cls and state.grids is not None and len(state.grids) == 1 else None
+        if cls is not None and cls.shape[0] != 1:
+            cls = None
+        patches = dom - (1 if cls is not None else 0)
+        dominant = torch.sort(top_k_per_group(signals.require("cls_attention"), patches, state.crop_ids)).values
         rest_mask = torch.ones(state.n, dtype=torch.bool, device=device)
         rest_mask[dominant] = False
         rest = torch.nonzero(rest_mask).flatten()
+        ctx = min(ctx, rest.numel())
+        first = 1 if cls is not None else 0
         target = torch.full((state.n,), -1, dtype=torch.long, device=device)
-        target[dominant] = torch.arange(dom, device=device)
-        hidden = [state.hidden[dominant].float()]
+        target[dominant] = first + torch.arange(patches, device=device)
+        hidden = [state.hidden[dominant]]
         representative = [dominant]
+        if cls is not None:
+            hidden.insert(0, cls.to(state.hidden.dtype))
+            representative.insert(0, torch.full((1,), -1, dtype=torch.long, device=device))
         if ctx:
-            step = rest.numel() // ctx
+            step = max(1, rest.numel() // ctx)
             is_target = torch.zeros(rest.numel(), dtype=torch.bool, device=device)
-            is_target[torch.arange(ctx, device=device) * step] = True
+            is_target[torch.arange(0, rest.numel(), step, device=device)[:ctx]] = True
             targets, others = rest[is_target], rest[~is_target]
             keys = unit_rows(signals.require("vision_keys"))
             nearest = (keys[others] @ keys[targets].T).argmax(dim=1) if others.numel() else others
-            target[targets] = dom + torch.arange(ctx, device=device)
-            target[others] = dom + nearest
-            sums = torch.zeros(ctx, state.hidden.shape[1], dtype=torch.float32, device=device)
-            sums.index_add_(0, nearest, state.hidden[others].float())
-            counts = torch.bincount(nearest, minlength=ctx).float().clamp_min(1.0)
-            hidden.append(state.hidden[targets].float() + sums / counts[:, None])
+            base = first + patches
+            target[targets] = base + torch.arange(ctx, device=device)
+            target[others] = base + nearest
+            x = wide(state.hidden)
+            sums = torch.zeros(ctx, x.shape[1], dtype=x.dtype, device=device).index_add_(0, nearest, x[others])
+            counts = torch.bincount(nearest, minlength=ctx).to(x.dtype).clamp_min(1.0)
+            hidden.append((x[targets] + sums / counts[:, None]).to(state.hidden.dtype))
             representative.append(targets)
-        return state.regroup(target, torch.cat(hidden).to(state.hidden.dtype), torch.cat(representative))
+        return state.regroup(target, torch.cat(hidden), torch.cat(representative))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ._common import unit_rows
-from .base import Grids, ScoredPruner, Signals, TokenState, resolve_keep, top_k_slots
+from .base import Grids, ScoredPruner, Signals, TokenState, resolve_keep, wide
 from .registry import register_reducer
 
 
@@ -21,13 +20,17 @@ from .registry import register_reducer
     keeps_grid=False,
     cite="Zhang et al., Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token Pruning "
     "in VLMs (VisPruner), ICCV 2025",
+    code="Theia-4869/VisPruner, llava/model/llava_arch.py::encode_images",
+    fidelity="exact (where the released code's odd-sized split indexes past its tensors and fails, the "
+    "survivors are taken as the matching describes)",
 )
 @dataclass(frozen=True)
 class VisPrunerReducer(ScoredPruner):
-    """Keep ``keep`` tokens: the fraction ``important`` of them with the highest [CLS] attention, the rest
-    chosen among the others by removing duplicates: split the remaining tokens alternately into A
-    and B, drop the ``r`` tokens of A most cosine-similar to some token of B, repeat until the budget
-    is met (paper: important_ratio 0.5, r = 8).
+    """Keep ``keep`` tokens: ``int(keep * important)`` of them with the highest [CLS] attention, the rest
+    chosen among the others by removing duplicates. The others stay in [CLS]-attention rank order;
+    each round splits them alternately into A and B, drops the ``r`` tokens of A most cosine-similar
+    to some token of B (at most what the budget allows) and continues with A's survivors, most
+    duplicated first, followed by B (paper: important_ratio 0.5, r = 8).
 
     Runs on the vision features before the projector; similarity is measured on those features, as
     in the paper. Survivors keep their original order.
@@ -46,23 +49,20 @@ class VisPrunerReducer(ScoredPruner):
 
     def _split(self, n: int) -> tuple[int, int]:
         total = resolve_keep(self.keep, n)
-        n_imp = min(total, math.floor(total * self.important + 0.5))
+        n_imp = int(total * self.important)
         return n_imp, total - n_imp
 
     def _rounds(self, rest: int, target: int) -> list[tuple[int, int, int]]:
         """(|A|, |B|, dropped) of every duplicate-removal round."""
         rounds = []
-        while rest > target:
-            a, b = (rest + 1) // 2, rest // 2
-            drop = min(self.r, rest - target, a)
-            rounds.append((a, b, drop))
+        while target > 0 and rest > target:
+            drop = min(self.r, rest - target)
+            rounds.append(((rest + 1) // 2, rest // 2, drop))
             rest -= drop
         return rounds
 
     def cost_macs(self, n: int, dim: int, grids: Grids) -> int:
         n_imp, n_div = self._split(n)
-        if n_div == 0:
-            return 0
         return sum(a * b * dim for a, b, _ in self._rounds(n - n_imp, n_div))  # A @ B.T per round
 
     def score(self, state: TokenState, signals: Signals) -> Tensor:
@@ -72,17 +72,12 @@ class VisPrunerReducer(ScoredPruner):
         n_imp, n_div = self._split(state.n)
         if n_imp + n_div >= state.n:
             return state
-        device = state.hidden.device
-        important = top_k_slots(self.score(state, signals), n_imp)
-        rest_mask = torch.ones(state.n, dtype=torch.bool, device=device)
-        rest_mask[important] = False
-        rest = torch.nonzero(rest_mask).flatten()
-        if n_div == 0:
-            rest = rest[:0]
+        ranked = torch.argsort(wide(self.score(state, signals)), descending=True, stable=True)
+        important, rest = ranked[:n_imp], ranked[n_imp:]
         x = unit_rows(state.hidden)
         for _a, _b, drop in self._rounds(rest.numel(), n_div):
             a, b = rest[0::2], rest[1::2]
             duplication = (x[a] @ x[b].T).max(dim=1).values
-            gone = a[top_k_slots(duplication, drop)]
-            rest = rest[~torch.isin(rest, gone)]
-        return state.select(torch.cat([important, rest]))
+            survivors = a[torch.argsort(duplication, descending=True, stable=True)[drop:]]
+            rest = torch.cat([survivors, b])
+        return state.select(torch.cat([important, rest if n_div else rest[:0]]))

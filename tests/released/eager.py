@@ -28,7 +28,7 @@ def vision_run(model: nn.Module, pixel_values: Tensor, hooked: tuple[int, ...] =
     """Run the vision tower with ``output_attentions`` and ``output_hidden_states`` and hooks on the
     ``q_proj``/``k_proj`` of the ``hooked`` layers."""
     tower = model.model.vision_tower
-    layers = tower.vision_model.encoder.layers
+    layers = getattr(tower, "vision_model", tower).encoder.layers
     q: dict[int, Tensor] = {}
     k: dict[int, Tensor] = {}
     handles = []

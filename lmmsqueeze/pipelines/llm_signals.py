@@ -1,0 +1,100 @@
+"""Decoder-side signals of an ``llm`` stage at layer K: one-query probes of layer K-1, readings of the
+stage's input, and the relevance of the text to the image at the decoder input.
+
+Every value is indexed by the columns of the current sequence (``[B, L, ...]``), except the rows of
+text-to-image attention (one ``[T, L]`` per sample, T = the prompt tokens after its last image
+token); :func:`stage_signals` cuts each reducer's rows out of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..reducers.base import Signals
+from .probes import apply_rope, last_query_attention, rows_attention
+
+
+def _wide(x: Tensor) -> Tensor:
+    """At least float32 (double precision models keep theirs)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def post_rope_keys(attn: nn.Module, hidden: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """``[B, L, d_kv]`` a layer's keys after RoPE (KV heads side by side), as its cache holds them."""
+    b, n, _ = hidden.shape
+    k = attn.k_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)
+    return apply_rope(k, *rope).transpose(1, 2).reshape(b, n, -1)
+
+
+def previous_layer_signals(attn: nn.Module, hidden: Tensor, rope: tuple[Tensor, Tensor], padding: Tensor,
+                           text: list[Tensor], needs: frozenset[str]) -> dict[str, Any]:
+    """Measured at layer K-1's self-attention from its (normed) input: ``text_attention`` ``[B, L]``,
+    post-RoPE ``keys`` ``[B, L, d_kv]`` (for ``llm_keys`` and ``text_keys``) and ``text_image_attention``
+    (the rows of each sample's ``text`` columns, ``[T, L]``)."""
+    out: dict[str, Any] = {}
+    pad = None if bool(padding.all()) else padding
+    if "text_attention" in needs:
+        out["text_attention"] = last_query_attention(attn, hidden, rope, pad)
+    if needs & {"llm_keys", "text_keys"}:
+        out["keys"] = post_rope_keys(attn, hidden, rope)
+    if "text_image_attention" in needs:
+        out["text_image_attention"] = [
+            rows_attention(attn, hidden[b:b + 1], (rope[0][b:b + 1], rope[1][b:b + 1]), cols, padding[b:b + 1])[0]
+            for b, cols in enumerate(text)]
+    return out
+
+
+def input_signals(layer: nn.Module, final_norm: nn.Module | None, hidden: Tensor, rope: tuple[Tensor, Tensor],
+                  padding: Tensor, needs: frozenset[str]) -> dict[str, Any]:
+    """Read from the input of layer K itself: ``input_text_attention`` (layer K's own input norm, q/k
+    projections and RoPE) and the input through the decoder's final norm (``normed``)."""
+    out: dict[str, Any] = {}
+    if "input_text_attention" in needs:
+        pad = None if bool(padding.all()) else padding
+        out["input_text_attention"] = last_query_attention(layer.self_attn, layer.input_layernorm(hidden), rope, pad)
+    if needs & {"normed_hidden", "text_normed_hidden"}:
+        out["normed"] = final_norm(hidden)
+    return out
+
+
+def text_relevance(image: Tensor, text: Tensor) -> Tensor:
+    """``[T]``: the mean over image tokens (``[N, D]``) of the softmax over the text tokens (``[T, D]``) of
+    their dot products."""
+    return (_wide(image) @ _wide(text).T).softmax(dim=-1).mean(dim=0)
+
+
+def stage_signals(needs: frozenset[str], measured: dict[str, Any], b: int, slots: Tensor, text: Tensor,
+                  columns: Tensor, relevance: Tensor | None) -> dict[str, Tensor]:
+    """The llm signals in ``needs`` for sample ``b``: rows of its image ``slots`` (in state order) or of
+    its ``text`` columns; ``columns`` ``[L]`` is each column's index in the sample's own sequence."""
+    out: dict[str, Tensor] = {}
+    for name in needs:
+        if name in ("text_attention", "input_text_attention"):
+            out[name] = measured[name][b, slots]
+        elif name == "text_image_attention":
+            out[name] = measured[name][b][:, slots]
+        elif name == "llm_keys":
+            out[name] = measured["keys"][b, slots]
+        elif name == "text_keys":
+            out[name] = measured["keys"][b, text]
+        elif name == "normed_hidden":
+            out[name] = measured["normed"][b, slots]
+        elif name == "text_normed_hidden":
+            out[name] = measured["normed"][b, text]
+        elif name == "sequence_index":
+            out[name] = columns[slots]
+        elif name == "text_sequence_index":
+            out[name] = columns[text]
+        elif name == "text_relevance":
+            out[name] = relevance
+    return out
+
+
+def signals_of(values: dict[str, Tensor]) -> Signals:
+    signals = Signals()
+    for name, value in values.items():
+        setattr(signals, name, value)
+    return signals
