@@ -124,7 +124,8 @@ def random_image(seed: int = 0, size: int = 48) -> Image.Image:
 TINY_STAGE_PARAMS: dict[str, str] = {
     "proxyv": "layer=2, factor=2",
     "pdrop": "layer=1, step=1, stages=3",
-    "sparsevlm": 'layer=1, more_layers="2,3"',
+    "sparsevlm": 'layer=1, more_layers="2,3", budget=64',
+    "dart": "keep=16",
 }
 
 
@@ -142,11 +143,47 @@ def tiny_pipeline(name: str, placement: str | None = None) -> str:
     return f"{name}({params})" if params else name
 
 
-def count_flops(fn) -> int:
-    """FLOPs of ``fn()`` as ``torch.utils.flop_counter`` counts them (no autograd)."""
+def _cdist_flop(x1_shape, x2_shape, *args, **kwargs) -> int:
+    """torch's counter has no formula for ``cdist``: its m x n distances over d dimensions are m*n*d
+    multiply-adds, like the matrix product it replaces (2 FLOPs each)."""
+    *_, m, d = x1_shape
+    return 2 * m * x2_shape[-2] * d
+
+
+def flop_counter():
+    """``torch.utils.flop_counter.FlopCounterMode`` that also counts ``cdist`` (SparseVLM's clustering)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten._cdist_forward: _cdist_flop})
+
+
+def random_signals(n: int, width: int = 4, text: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32,
+                   keys: int = 6):
+    """Every signal of :data:`lmmsqueeze.reducers.base.SIGNALS` for ``n`` tokens of ``width`` and ``text``
+    prompt tokens after the image (keys ``keys`` wide), drawn from ``seed`` (the shapes the runtime delivers)."""
+    from .reducers.base import Signals
+
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g).to(dtype)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    return Signals(
+        text_attention=rand(n), text_image_attention=rand(text, n), input_text_attention=rand(n),
+        llm_keys=randn(n, keys), text_keys=randn(text, keys), normed_hidden=randn(n, width),
+        text_normed_hidden=randn(text, width), sequence_index=torch.arange(5, 5 + n),
+        text_sequence_index=torch.arange(5 + n, 5 + n + text), text_relevance=rand(text),
+        cls_attention=rand(n), vision_keys=randn(n, keys), cls_hidden=randn(1, width), next_cls_attention=rand(n),
+        next_vision_keys=randn(n, keys),
+    )
+
+
+def count_flops(fn) -> int:
+    """FLOPs of ``fn()`` as ``torch.utils.flop_counter`` counts them (no autograd; ``cdist`` counted)."""
+    with torch.no_grad(), flop_counter() as counter:
         fn()
     return counter.get_total_flops()
 
@@ -340,3 +377,21 @@ def miniature_inputs(processor, question: str = "what is the colour of the cell 
                        return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].double()
     return inputs
+
+
+def plan_as_run(run, geometry=None, image: int = 0):
+    """The run's plan (compiled for ``geometry``) with every adaptive stage's count the one image
+    ``image`` of the last prefill kept."""
+    from .compose.plan import compile_pipeline
+
+    plan = run.plan
+    kept = run.observed_counts()[image] if run.observed_counts() else []
+    observed = {s.index: kept[s.index] for s in plan.stages if s.adaptive}
+    return compile_pipeline(plan.canonical, geometry or plan.geometry, observed=observed or None)
+
+
+def tokens_per_layer_as_run(run, geometry=None) -> list[int]:
+    """The image tokens entering each layer by the plan, with every adaptive stage's count the one the
+    run's images kept (the largest over the batch's images: what sets the cache length)."""
+    per_image = [plan_as_run(run, geometry, i).tokens_per_layer() for i in range(max(1, len(run.observed_counts())))]
+    return [max(layer) for layer in zip(*per_image)]

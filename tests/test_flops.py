@@ -11,7 +11,7 @@ from lmmsqueeze.compose.geometry import preset, with_tokens
 from lmmsqueeze.errors import ModelError
 from lmmsqueeze.pipelines import adapter_for
 from lmmsqueeze.reducers import get_reducer, list_reducers
-from lmmsqueeze.testing import count_flops, tiny_inputs, tiny_llava, tiny_pipeline
+from lmmsqueeze.testing import count_flops, plan_as_run, tiny_inputs, tiny_llava, tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,9 @@ def test_analytic_prefill_flops_match_the_counter(eager_tiny, pipeline):
         pytest.fail(f"{pipeline} does not fit the tiny model ({exc}); add parameters to TINY_STAGE_PARAMS")
     g = adapter_for(model).geometry
     text = inputs["input_ids"].shape[1] - g.image_tokens
-    with lmmsqueeze.apply(model, plan):
+    with lmmsqueeze.apply(model, plan) as run:
         total = count_flops(lambda: model(**inputs, logits_to_keep=1))
+    plan = plan_as_run(run)  # an adaptive stage (PruMerge+) costs what it kept
     vision = count_flops(lambda: model.model.vision_tower(inputs["pixel_values"]))
     projector_tokens = plan.at("vision")[-1].tokens_out if plan.at("vision") else g.image_tokens
     dv, d = g.vision_hidden_size, g.hidden_size

@@ -14,6 +14,7 @@ from lmmsqueeze.reducers import list_reducers
 from lmmsqueeze.testing import (
     assert_steps_match,
     count_flops,
+    tokens_per_layer_as_run,
     noise_image,
     padded_positions,
     tiny_llava_next,
@@ -171,7 +172,7 @@ def test_every_reducer_runs_and_keeps_every_newline(next_sdpa, name):
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
     prompt = inputs["input_ids"].shape[1]
     assert [layer.keys.shape[-2] for layer in out.cache.layers] == [
-        prompt - (80 - tokens) + 1 for tokens in plan.tokens_per_layer()]
+        prompt - (80 - tokens) + 1 for tokens in tokens_per_layer_as_run(run, geometry)]
     newline = seen.newlines()
     assert newline.sum(1).tolist() == [8, 8]
     prefill = run.prefill
@@ -249,7 +250,7 @@ def test_proxyv_cached_generate_matches_no_cache_reference(next_sdpa, pipeline, 
 def test_spatial_proxyv_proxies_are_per_crop(next_sdpa):
     """Spatial proxies resize each crop's grid: 4x4 -> 2x2 and 8x8 -> 4x4 (20 proxies); newline
     tokens are queries like text."""
-    from lmmsqueeze.proxyv import layer as proxyv_layer
+    from lmmsqueeze.pipelines import proxyv_state as proxyv_layer
 
     model, processor = next_sdpa
     inputs = _inputs(model, processor, 1, SQUARE)

@@ -16,6 +16,7 @@ from lmmsqueeze.testing import (
     PROMPTS,
     assert_steps_match,
     count_flops,
+    tokens_per_layer_as_run,
     noise_image,
     qwen_prompt,
     tiny_pipeline,
@@ -96,15 +97,8 @@ def test_identity_pipelines_are_bit_identical(qwen, pipeline, sizes, batch):
     assert count_hooks(model) == before and "get_image_features" not in vars(model.model)
 
 
-@pytest.mark.parametrize("pipeline", ["pool", "random(keep=20, seed=2)", "visionzip(dominant=10, contextual=4)"])
-def test_projector_reduction_keeps_every_tokens_original_mrope_ids(qwen, pipeline):
-    """The prompt shrinks; each kept column (text, and every surviving image token) enters the decoder
-    with the M-RoPE ids the model gives it in the full prompt; rope deltas match the shorter prompt."""
-    model, _ = qwen
-    inputs = _inputs(qwen, 2, SQUARE + WIDE)
-    full, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-                                         image_grid_thw=inputs["image_grid_thw"],
-                                         attention_mask=inputs["attention_mask"])
+def _decoder_positions(model, inputs, pipeline):
+    """The position ids the decoder receives for a prompt with ``pipeline`` applied, and the run."""
     seen = []
     hook = model.model.language_model.register_forward_pre_hook(
         lambda m, a, kw: seen.append(kw["position_ids"]), with_kwargs=True)
@@ -113,12 +107,41 @@ def test_projector_reduction_keeps_every_tokens_original_mrope_ids(qwen, pipelin
             model(**inputs)
     finally:
         hook.remove()
-    pos = seen[0]
+    return seen[0], run
+
+
+def _represented_columns(model, inputs, run, b):
+    """For each column of the shorter prompt of sample ``b``, the column of the full prompt whose token
+    it is: text keeps its own, an image token is its representative's (first image column + trace)."""
+    columns = run.output_positions[b].clone()
+    image = torch.nonzero(inputs["input_ids"][b] == model.config.image_token_id).flatten()
+    rows = torch.nonzero(torch.isin(columns, image)).flatten()  # the reduced image run, in sequence order
+    columns[rows] = image[0] + run.trace[0][b].to(columns.device)
+    return columns
+
+
+def _full_rope_index(model, inputs):
+    return model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                      image_grid_thw=inputs["image_grid_thw"],
+                                      attention_mask=inputs["attention_mask"])[0]
+
+
+@pytest.mark.parametrize("pipeline", ["pool(positions=keep)", "random(keep=20, seed=2, positions=keep)",
+                                      "visionzip(dominant=10, contextual=4, positions=keep)"])
+def test_projector_reduction_keeps_every_tokens_original_mrope_ids(qwen, pipeline):
+    """positions=keep: the prompt shrinks; each kept column (text, and every surviving image token)
+    enters the decoder with the M-RoPE ids the model gives it in the full prompt; rope deltas match
+    the shorter prompt."""
+    model, _ = qwen
+    inputs = _inputs(qwen, 2, SQUARE + WIDE)
+    full = _full_rope_index(model, inputs)
+    pos, run = _decoder_positions(model, inputs, pipeline)
     assert pos.shape[0] == 4
     columns = run.output_positions
     real = columns >= 0
     for b in range(2):
-        assert torch.equal(pos[1:, b][:, real[b]], full[:, b, columns[b][real[b]]])
+        represented = _represented_columns(model, inputs, run, b)
+        assert torch.equal(pos[1:, b][:, real[b]], full[:, b, represented[real[b]]])
         # deltas as get_rope_index defines them, over the shorter prompt's real tokens
         tokens = real[b] & (inputs["attention_mask"][b][columns[b].clamp(min=0)] == 1)
         removed = int(inputs["mm_token_type_ids"][b].sum()) - run.trace[0][b].numel()
@@ -127,7 +150,50 @@ def test_projector_reduction_keeps_every_tokens_original_mrope_ids(qwen, pipelin
     assert pos.shape[-1] < inputs["input_ids"].shape[1]
 
 
-@pytest.mark.parametrize("pipeline", ["pool", "visionzip(dominant=10, contextual=4)", "pool | random(layer=2, keep=4)"])
+def test_pooling_renumbers_as_the_model_numbers_the_pooled_image(qwen):
+    """positions=renumber (pool's default): the pooled image is numbered as the model numbers an image
+    of the pooled grid (its own get_rope_index on a prompt with that many placeholders and that grid)."""
+    model, processor = qwen
+    inputs = _inputs(qwen, 1, SQUARE)
+    pos, run = _decoder_positions(model, inputs, "pool")
+    ids = inputs["input_ids"][0]
+    image = ids == model.config.image_token_id
+    first = int(torch.nonzero(image)[0])
+    pooled = torch.cat([ids[:first], ids[first:first + 9], ids[first + 36:]])[None]  # 6x6 -> 3x3 merged tokens
+    types = (pooled == model.config.image_token_id).long()
+    expected, _ = model.model.get_rope_index(pooled, mm_token_type_ids=types,
+                                             image_grid_thw=torch.tensor([[1, 6, 6]], device=ids.device))
+    assert torch.equal(pos[1:, 0], expected[:, 0])
+
+
+def test_pruning_renumbers_by_the_models_rule(qwen):
+    """positions=renumber after a pruner (no grid left): each kept image token keeps its (row, column)
+    offset in its image, and the text after the image follows the largest kept offset, as the model's
+    own rule would number the shorter prompt (a plain loop over the columns)."""
+    model, _ = qwen
+    inputs = _inputs(qwen, 1, SQUARE)
+    full = _full_rope_index(model, inputs)[:, 0]
+    pos, run = _decoder_positions(model, inputs, "random(keep=12, seed=3)")
+    columns = _represented_columns(model, inputs, run, 0).tolist()
+    image = (inputs["input_ids"][0] == model.config.image_token_id).tolist()
+    start = full[0, image.index(True)]
+    expected, nxt, offsets = [], 0, []
+    for col in columns:
+        if image[col]:
+            offsets.append(full[:, col] - start)
+            continue
+        if offsets:  # the image run just ended: it took its kept offsets from nxt on
+            expected += [nxt + o for o in offsets]
+            nxt = nxt + int(torch.stack(offsets).max()) + 1
+            offsets = []
+        expected.append(torch.full((3,), nxt))
+        nxt += 1
+    assert torch.equal(pos[1:, 0], torch.stack(expected, 1).to(pos.dtype))
+
+
+@pytest.mark.parametrize("pipeline", ["pool", "visionzip(dominant=10, contextual=4)", "pool | random(layer=2, keep=4)",
+                                      "random(keep=12, seed=3, positions=keep) | random(layer=2, keep=5, "
+                                      "positions=renumber)"])
 @pytest.mark.parametrize("sizes, batch", [(SQUARE, 1), (SQUARE + WIDE, 2)])
 def test_projector_reduction_generate_equals_no_cache_forward_loop(qwen, pipeline, sizes, batch):
     """Cached generate (M-RoPE ids from generate's prefill positions) equals recomputing the whole
@@ -196,7 +262,7 @@ def test_every_reducer_runs_end_to_end(qwen, name):
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
     prompt = inputs["input_ids"].shape[1]
     assert [layer.keys.shape[-2] for layer in out.cache.layers] == [
-        prompt - (36 - tokens) + 1 for tokens in plan.tokens_per_layer()]
+        prompt - (36 - tokens) + 1 for tokens in tokens_per_layer_as_run(run, geometry)]
     for stage_trace in run.trace:
         for b in range(2):
             assert stage_trace[b].numel() == 0 or int(stage_trace[b].max()) < 36

@@ -1,6 +1,8 @@
-"""The reducer library against independent references: every method's rule recomputed by hand or by
-a plain loop, every reducer end to end on a tiny LLaVA at every placement it declares, and every
-ordered pair of reducers either run end to end or refused in one line."""
+"""The reducer library: plans of every method's defaults, hand-checked rules of the parameters the
+released code does not have (budgets per crop, multi-round ToMe, PruMerge+'s fixed count, the
+bilinear formula), every reducer end to end on a tiny LLaVA at every placement it declares, and every
+ordered pair of reducers either run end to end or refused in one line. Each method's defaults are
+checked against a transcription of its released code in ``test_fidelity*.py``."""
 
 from __future__ import annotations
 
@@ -12,15 +14,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
 import lmmsqueeze
 from lmmsqueeze import PipelineError
 from lmmsqueeze.cli import app
 from lmmsqueeze.reducers import Signals, TokenState, create_reducer, get_reducer, list_reducers
-from lmmsqueeze.reducers.sparsevlm import SparseVLMLayer
-from lmmsqueeze.testing import tiny_inputs, tiny_llava
+from lmmsqueeze.testing import flop_counter, random_signals, tiny_inputs, tiny_llava, tokens_per_layer_as_run
 
 #: the token reducers of the library (the registry also holds ProxyV, which is tested on its own)
 REDUCERS = [n for n in list_reducers() if get_reducer(n).family in ("pruning", "merging", "pooling")]
@@ -59,29 +59,29 @@ def test_paper_default_plans_on_llava_1_5_7b():
 
     # PyramidDrop: lambda = 0.5 at layers 8, 16, 24
     assert per_layer("pdrop") == [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8
-    # SparseVLM without recycling follows the released schedule exactly: 66 / 30 / 17 at layers 2 / 6 / 15
-    assert per_layer("sparsevlm(budget=64, recycle=false)") == [576] * 2 + [66] * 4 + [30] * 9 + [17] * 17
-    # with recycling every layer adds m // 10 + 1 merged tokens, m = 30% of the dropped (276 -> 83 -> 9)
-    assert per_layer("sparsevlm")[2:7] == [309, 309, 309, 309, 210]
-    assert per_layer("visionzip") == [64] * 32  # 54 dominant + 10 contextual
-    assert per_layer("dart") == [576] * 2 + [128] * 30  # reduction 0.778
-    assert per_layer("divprune") == [56] * 32  # 0.098 of 576
+    # SparseVLM prunes the outputs of layers 2, 6, 15 (the inputs of 3, 7, 16) to the released counts
+    assert per_layer("sparsevlm(budget=64, recycle=false)") == [576] * 3 + [66] * 4 + [30] * 9 + [17] * 16
+    # recycling adds int(m / 10) + 1 merged tokens, m = int(0.3 * dropped) + 1: 276 -> 83 -> 9, 109 -> 33 -> 4, ...
+    assert per_layer("sparsevlm") == [576] * 3 + [309] * 4 + [204] * 9 + [113] * 16
+    released = {192: [300, 200, 110], 128: [303, 110, 36], 96: [238, 48, 26], 64: [66, 30, 17]}
+    for budget, kept in released.items():  # SparseVLM v1, score.py's sparse_token_dict
+        counts = lmmsqueeze.compile(f"sparsevlm(budget={budget}, recycle=false)").tokens_per_layer()
+        assert [counts[3], counts[7], counts[16]] == kept, budget
+    assert per_layer("visionzip") == [64] * 32  # [CLS] + 53 dominant + 10 contextual
+    assert per_layer("dart") == [576] * 2 + [132] * 30  # 4 image pivots + 8 pivots x (128 // 8)
+    assert per_layer("divprune") == [56] * 32  # round(0.098 * 576)
     assert per_layer("bilinear") == [144] * 32 and per_layer("stride") == [144] * 32
-    assert per_layer("prumerge") == [144] * 32 and per_layer("tome") == [288] * 32
+    assert per_layer("pool") == [144] * 32 and per_layer("tome") == [288] * 32
     assert per_layer("fastervlm") == [58] * 32 and per_layer("vispruner") == [58] * 32
+    assert lmmsqueeze.compile("prumerge").stages[0].adaptive  # IQR outliers: the count depends on the image
+    assert per_layer("prumerge(keep=144)") == [145] * 32  # 144 + the summary of the pruned tokens
 
 
 @pytest.mark.parametrize("name", REDUCERS)
 def test_every_reducer_runs_in_bfloat16(name):
     state = TokenState.initial(torch.randn(36, 8).bfloat16(), grids=((6, 6),))
-    g = torch.Generator().manual_seed(1)
-    signals = Signals(text_attention=torch.rand(36, generator=g).bfloat16(),
-                      text_image_attention=torch.rand(4, 36, generator=g).bfloat16(),
-                      llm_keys=torch.randn(36, 8, generator=g).bfloat16(),
-                      cls_attention=torch.rand(36, generator=g).bfloat16(),
-                      vision_keys=torch.randn(36, 6, generator=g).bfloat16())
     reducer = create_reducer(name, **SMALL.get(name, {}))
-    out = reducer.reduce(state, signals)
+    out = reducer.reduce(state, random_signals(36, width=8, seed=1, dtype=torch.bfloat16))
     assert out.hidden.dtype == torch.bfloat16 and out.n == reducer.output_count(36, state.grids)
 
 
@@ -127,86 +127,12 @@ def test_pdrop_is_fastv_repeated_at_each_stage():
     att = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.8, 0.2, 0.7, 0.05, 0.6, 0.4, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65])
     reducer = create_reducer("pdrop", keep=0.5, layer=2, step=3, stages=3)
     assert [p.layer for p in reducer.substages()] == [2, 5, 8]
-    out = reducer.reduce(state, Signals(text_attention=att))
+    out = reducer.reduce(state, Signals(input_text_attention=att))
     # 16 -> 8 -> 4 -> 2; with one score per token every stage keeps the overall best: 0.9 (0) and 0.8 (4)
     assert out.index.tolist() == [0, 4]
     plan = lmmsqueeze.compile("pdrop(layer=2, step=3, stages=3)")
     assert [(s.layer, s.tokens_out, s.part) for s in plan.stages] == [(2, 288, (1, 3)), (5, 144, (2, 3)),
                                                                        (8, 72, (3, 3))]
-
-
-def test_sparsevlm_raters_and_schedule_by_hand():
-    state = _state(6)
-    rows = torch.tensor([[0.30, 0.10, 0.05, 0.20, 0.05, 0.10],  # mass 0.80: a rater
-                         [0.01, 0.01, 0.01, 0.01, 0.01, 0.05],  # mass 0.10: not a rater
-                         [0.10, 0.25, 0.05, 0.10, 0.02, 0.28]])  # mass 0.80: a rater
-    # rater mean: [0.20, 0.175, 0.05, 0.15, 0.035, 0.19] -> the top 3 are tokens 0, 5, 1
-    layer = SparseVLMLayer(layer=2, keep=0.5, recycle=False)
-    assert layer.reduce(state, Signals(text_image_attention=rows)).index.tolist() == [0, 1, 5]
-    parts = create_reducer("sparsevlm", budget=128).substages()
-    assert [p.layer for p in parts] == [2, 6, 15]
-    # the released schedules (SparseVLM v1, sparsevlm.py's layer_dict): tokens kept after layers 2, 6 and 15
-    released = {192: [300, 200, 110], 128: [303, 110, 36], 96: [238, 48, 26], 64: [66, 30, 17]}
-    for budget, kept in released.items():
-        plan = lmmsqueeze.compile(f"sparsevlm(budget={budget}, recycle=false)")
-        per_layer = plan.tokens_per_layer()
-        assert [per_layer[2], per_layer[6], per_layer[15]] == kept, budget
-
-
-def _dpc_knn_reference(x, c, knn=5):
-    m, width = x.shape
-    dist = [[math.sqrt(float(((x[i] - x[j]) ** 2).sum()) / width) for j in range(m)] for i in range(m)]
-    k = min(knn, m - 1)
-    rho = [math.exp(-sum(d * d for d in sorted(dist[i][:i] + dist[i][i + 1:])[:k]) / k) for i in range(m)]
-    delta = []
-    for i in range(m):
-        higher = [dist[i][j] for j in range(m) if rho[j] > rho[i] or (rho[j] == rho[i] and j < i)]
-        delta.append(min(higher) if higher else max(dist[i]))
-    score = [rho[i] * delta[i] for i in range(m)]
-    centres = sorted(sorted(range(m), key=lambda i: -score[i])[:c])
-    cluster = [min(range(c), key=lambda j: dist[i][centres[j]]) for i in range(m)]
-    return centres, cluster
-
-
-def test_sparsevlm_recycles_dropped_tokens_by_dpc_knn():
-    state = _state(40, d=3, seed=4)
-    g = torch.Generator().manual_seed(5)
-    rows = torch.rand(2, 40, generator=g)
-    layer = SparseVLMLayer(layer=2, keep=0.25, recycle=True)
-    out = layer.reduce(state, Signals(text_image_attention=rows))
-    mass = rows.sum(1)
-    score = rows[mass > mass.mean()].mean(0)
-    order = sorted(range(40), key=lambda i: -float(score[i]))
-    kept, dropped = sorted(order[:10]), order[10:]
-    recycled = dropped[: math.floor(0.3 * 30 + 0.5)]  # 9 tokens -> 9 // 10 + 1 = 1 cluster
-    assert out.n == 11 == layer.output_count(40, None)
-    assert out.index[:10].tolist() == kept
-    centres, _ = _dpc_knn_reference(state.hidden[recycled], 1)
-    assert out.index[10] == recycled[centres[0]]
-    assert _members(out, 10) == sorted(recycled)
-    assert torch.allclose(out.hidden[10], state.hidden[recycled].mean(0), atol=1e-6)
-
-    # several clusters: 60 recycled tokens -> 7 centres, against the loop reference
-    big = _state(70, d=3, seed=6)
-    centres, cluster = _dpc_knn_reference(big.hidden, 7)
-    from lmmsqueeze.reducers.sparsevlm import dpc_knn
-
-    got_centres, got_cluster = dpc_knn(big.hidden, 7)
-    assert got_centres.tolist() == centres and got_cluster.tolist() == cluster
-
-
-def test_dart_matches_a_loop_reference():
-    state = _state(30, d=5, seed=2)
-    keys = torch.randn(30, 6, generator=torch.Generator().manual_seed(3))
-    out = create_reducer("dart", keep=11, pivots=3).reduce(state, Signals(llm_keys=keys))
-    norms = keys.abs().sum(1).tolist()
-    pivots = sorted(range(30), key=lambda i: -norms[i])[:3]
-    chosen = set(pivots)
-    for p, take in zip(pivots, (3, 3, 2)):  # (11 - 3) split over 3 pivots, the first ones get the extra
-        free = [i for i in range(30) if i not in chosen]
-        free.sort(key=lambda i: _cos(state.hidden[p], state.hidden[i]))
-        chosen.update(free[:take])
-    assert out.index.tolist() == sorted(chosen)
 
 
 def test_divprune_matches_a_naive_greedy_loop():
@@ -219,20 +145,6 @@ def test_divprune_matches_a_naive_greedy_loop():
     while len(picked) < 6:
         picked.append(max((i for i in range(25) if i not in picked), key=lambda i: min(dist[i][s] for s in picked)))
     assert out.index.tolist() == sorted(picked)
-
-
-def test_vispruner_matches_a_loop_reference():
-    state = _state(40, d=4, seed=8)
-    cls = torch.rand(40, generator=torch.Generator().manual_seed(9))
-    out = create_reducer("vispruner", keep=14, important=0.5, r=3).reduce(state, Signals(cls_attention=cls))
-    important = sorted(range(40), key=lambda i: -float(cls[i]))[:7]
-    rest = [i for i in range(40) if i not in important]
-    while len(rest) > 7:
-        a, b = rest[0::2], rest[1::2]
-        dup = {i: max(_cos(state.hidden[i], state.hidden[j]) for j in b) for i in a}
-        drop = sorted(a, key=lambda i: -dup[i])[: min(3, len(rest) - 7)]
-        rest = [i for i in rest if i not in drop]
-    assert out.index.tolist() == sorted(important + rest)
 
 
 # ----------------------------------------------------------------------------- merging
@@ -258,7 +170,7 @@ def test_visionzip_dominant_and_contextual_by_hand():
 
 
 def _tome_round_reference(hidden, metric, sizes, r):
-    """One bipartite round written as loops over pairs."""
+    """One bipartite round written as loops over pairs; output [unmerged A (best match first), B]."""
     n = len(hidden)
     a_side, b_side = list(range(0, n, 2)), list(range(1, n, 2))
     matches = []
@@ -270,7 +182,7 @@ def _tome_round_reference(hidden, metric, sizes, r):
     dest = list(range(n))
     for t in order[:r]:
         dest[matches[t][1]] = matches[t][2]
-    survivors = sorted(set(dest))
+    survivors = [matches[t][1] for t in order[r:]] + b_side
     groups = [[i for i in range(n) if dest[i] == s] for s in survivors]
     w = [sum(float(sizes[i]) for i in g) for g in groups]
     merged = torch.stack([sum(hidden[i].double() * float(sizes[i]) for i in g) / wt for g, wt in zip(groups, w)])
@@ -302,24 +214,28 @@ def test_tome_matches_brute_force_bipartite_matching_with_sizes(keep):
     assert out.sizes.tolist() == sizes.tolist()
 
 
-def test_prumerge_matches_a_loop_reference():
+def test_prumerge_with_a_fixed_count_by_hand():
+    """keep=6 (a departure from the adaptive count): the 2 outliers best first, 4 evenly spaced others,
+    each plus the attention-weighted sum of its 3 nearest keys; the pruned tokens' summary comes last."""
     state = _state(30, d=3, seed=14)
     g = torch.Generator().manual_seed(15)
     cls = torch.rand(30, generator=g) * 0.02
-    cls[[4, 17]] = torch.tensor([0.4, 0.3])  # two clear outliers
+    cls[[4, 17]] = torch.tensor([0.3, 0.4])  # two clear outliers, 17 the larger
     keys = torch.randn(30, 4, generator=g)
-    out = create_reducer("prumerge", keep=6, neighbors=3).reduce(state, Signals(cls_attention=cls, vision_keys=keys))
+    out = create_reducer("prumerge", keep=6, neighbors=3).reduce(
+        state, Signals(next_cls_attention=cls, next_vision_keys=keys))
     q1, q3 = np.percentile(cls.numpy(), [25, 75])
-    outliers = [i for i in range(30) if cls[i] > q3 + 1.5 * (q3 - q1)]
-    assert sorted(outliers) == [4, 17]
-    rest = [i for i in range(30) if i not in outliers]
-    spatial = [rest[(2 * t + 1) * len(rest) // (2 * 4)] for t in range(4)]  # 4 evenly spaced samples
-    kept = sorted(outliers + spatial)
-    assert out.index.tolist() == kept
+    assert [i for i in range(30) if cls[i] > q3 + 1.5 * (q3 - q1)] == [4, 17]
+    rest = [i for i in range(30) if i not in (4, 17)]
+    kept = [17, 4] + [rest[(2 * t + 1) * len(rest) // (2 * 4)] for t in range(4)]
+    assert out.index.tolist() == [*kept, -1]
     for slot, i in enumerate(kept):
         others = sorted((j for j in range(30) if j != i), key=lambda j: -_cos(keys[i], keys[j]))[:3]
         expected = state.hidden[i] + sum(cls[j] * state.hidden[j] for j in others)
         assert torch.allclose(out.hidden[slot], expected, atol=1e-6)
+    pruned = [i for i in range(30) if i not in kept]
+    assert torch.allclose(out.hidden[6], sum(cls[j] * state.hidden[j] for j in pruned), atol=1e-6)
+    assert _members(out, 6) == pruned and out.sizes[6] == 24
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -369,12 +285,13 @@ def test_stride_by_hand():
     assert create_reducer("stride", stride=3).reduce(state, Signals()).index.tolist() == [0, 3, 15, 18]
 
 
-def test_maxpool_by_hand_on_a_3x3_grid_with_ragged_border():
-    hidden = torch.tensor([[5.0, 0], [1, 7], [2, 2], [0, 9], [3, 3], [4, 1], [8, 0], [6, 6], [1, 5]])
-    out = create_reducer("maxpool").reduce(TokenState.initial(hidden, grids=((3, 3),)), Signals())
-    # windows: {0,1,3,4} {2,5} {6,7} {8}
-    assert out.hidden.tolist() == [[5, 9], [4, 2], [8, 6], [1, 5]]
-    assert out.index.tolist() == [0, 2, 6, 8] and out.sizes.tolist() == [4, 2, 2, 1]
+def test_maxpool_by_hand_on_a_4x3_grid_with_ragged_border():
+    hidden = torch.tensor([[5.0, 0], [1, 7], [2, 2], [0, 9], [3, 3], [4, 1], [8, 0], [6, 6], [1, 5], [0, 1], [7, 2],
+                           [9, 9]])
+    out = create_reducer("maxpool").reduce(TokenState.initial(hidden, grids=((4, 3),)), Signals())
+    # windows {0,1,3,4} {6,7,9,10}; the last column (2, 5, 8, 11) fills no whole window
+    assert out.hidden.tolist() == [[5, 9], [8, 6]]
+    assert out.index.tolist() == [0, 6] and out.sizes.tolist() == [4, 4]
 
 
 # ----------------------------------------------------------------------------- costs
@@ -386,16 +303,13 @@ def test_maxpool_by_hand_on_a_3x3_grid_with_ragged_border():
     ("sparsevlm", {"layer": 1, "more_layers": "2"}),
 ])
 def test_cost_macs_equals_the_flop_counter(name, params):
-    """The declared matmul MACs equal what torch's flop counter sees (FLOPs = 2 x MACs)."""
+    """The declared matmul MACs equal what torch's flop counter sees (FLOPs = 2 x MACs; SparseVLM's
+    distances, ``cdist``, counted as the matrix product they replace)."""
     n, d = 30, 8
     state = _state(n, d=d, seed=18)
-    g = torch.Generator().manual_seed(19)
-    signals = Signals(text_attention=torch.rand(n, generator=g), text_image_attention=torch.rand(3, n, generator=g),
-                      llm_keys=torch.randn(n, d, generator=g), cls_attention=torch.rand(n, generator=g),
-                      vision_keys=torch.randn(n, d, generator=g))
     reducer = create_reducer(name, **params)
-    with FlopCounterMode(display=False) as counter:
-        reducer.reduce(state, signals)
+    with flop_counter() as counter:
+        reducer.reduce(state, random_signals(n, width=d, seed=19, keys=d))
     assert counter.get_total_flops() == 2 * reducer.cost_macs(n, d, None) > 0
 
 
@@ -429,7 +343,7 @@ def _stage(name, placement, start):
             params.update(layer=start, step=1, stages=2)
             used = 2
         elif name == "sparsevlm":
-            params.update(layer=start, more_layers=str(start + 1))
+            params.update(layer=start, more_layers=str(start + 1), budget=64)
             used = 2
         else:
             params["layer"] = start
@@ -459,10 +373,11 @@ def _check_run_matches_plan(model, pipeline, inputs, generate):
             model.generate(**inputs, max_new_tokens=2, do_sample=False)
         else:
             model(**inputs)
-    assert run.image_tokens_per_layer == plan.tokens_per_layer(), pipeline
+    assert run.image_tokens_per_layer == tokens_per_layer_as_run(run), pipeline
     batch = inputs["input_ids"].shape[0]
     for i, stage in enumerate(plan.stages):
-        assert [t.numel() for t in run.trace[i]] == [stage.tokens_out] * batch, (pipeline, stage.label())
+        if not stage.adaptive:
+            assert [t.numel() for t in run.trace[i]] == [stage.tokens_out] * batch, (pipeline, stage.label())
     return plan, run
 
 

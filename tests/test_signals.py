@@ -13,6 +13,7 @@ from lmmsqueeze import PipelineError, ScoredPruner, register_reducer
 from lmmsqueeze.compose import preset
 from lmmsqueeze.pipelines.probes import cls_query_attention, last_query_attention
 from lmmsqueeze.reducers import unregister_reducer
+from lmmsqueeze.reducers.base import SIGNALS
 from lmmsqueeze.testing import tiny_inputs
 
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -123,8 +124,7 @@ RECORDED: list = []
 @pytest.fixture(scope="module")
 def recorder():
     @register_reducer("test_recorder", family="pruning", placements=("projector", "llm"),
-                      needs=("text_attention", "text_image_attention", "llm_keys", "vision_keys"),
-                      keeps_grid=True, cite="test")
+                      needs=tuple(set(SIGNALS) - {"cls_hidden"}), keeps_grid=True, cite="test")
     @dataclass(frozen=True)
     class Recorder(ScoredPruner):
         """Keep everything; record the signals."""
@@ -140,13 +140,15 @@ def recorder():
     unregister_reducer("test_recorder")
 
 
-def test_llm_and_vision_signals_match_independent_recomputation(tiny_sdpa, recorder):
+def test_every_signal_matches_an_independent_recomputation(tiny_sdpa, recorder):
+    """Each signal an llm stage at layer 2 receives, against what the model itself computes in eager mode
+    (attention maps, the KV cache, hidden states) or the signal's formula on the model's own tensors."""
     model, processor = tiny_sdpa
     inputs = tiny_inputs(processor, 2)
     RECORDED.clear()
     captured = {}
-    lm_layer = model.model.language_model.layers[1]
-    vis_attn = model.model.vision_tower.encoder.layers[0].self_attn
+    vision = model.model.vision_tower.encoder.layers
+
     def keep_first(name):
         def hook(module, args, output):
             if name not in captured:  # the first call is the full-length prefill
@@ -154,8 +156,9 @@ def test_llm_and_vision_signals_match_independent_recomputation(tiny_sdpa, recor
 
         return hook
 
-    handles = [lm_layer.self_attn.k_proj.register_forward_hook(keep_first("k")),
-               vis_attn.k_proj.register_forward_hook(keep_first("vk"))]
+    handles = [vision[0].self_attn.k_proj.register_forward_hook(keep_first("vk")),
+               vision[1].self_attn.q_proj.register_forward_hook(keep_first("nq")),
+               vision[1].self_attn.k_proj.register_forward_hook(keep_first("nk"))]
     try:
         with lmmsqueeze.apply(model, f"{recorder}(layer=2, keep=35)"):  # < 36, so score() runs
             model(**inputs)
@@ -164,18 +167,36 @@ def test_llm_and_vision_signals_match_independent_recomputation(tiny_sdpa, recor
             h.remove()
     model.set_attn_implementation("eager")
     try:
-        attn = model(**inputs, output_attentions=True).attentions[1].mean(1)  # [B, L, L]
+        out = model(**inputs, output_attentions=True, output_hidden_states=True, use_cache=True)
     finally:
         model.set_attn_implementation("sdpa")
+    before, at = out.attentions[1].mean(1), out.attentions[2].mean(1)  # layers K-1 and K, [B, L, L]
+    keys = out.cache.layers[1].keys.transpose(1, 2).flatten(2)  # layer K-1's cache: [B, L, d_kv]
+    normed = model.model.language_model.norm(out.hidden_states[2])  # the input of layer K
+    embeds = out.hidden_states[0]
+    heads = model.config.vision_config.num_attention_heads
     image = inputs["input_ids"] == model.config.image_token_id
     assert len(RECORDED) == 2
     for b, signals in enumerate(RECORDED):
         cols = torch.nonzero(image[b]).flatten()
         after = torch.arange(int(cols.max()) + 1, image.shape[1])
-        assert torch.allclose(signals.text_image_attention, attn[b][after][:, cols], atol=1e-6)
-        assert torch.allclose(signals.text_attention, attn[b, -1, cols], atol=1e-6)
-        assert torch.allclose(signals.llm_keys, captured["k"][b, cols], atol=1e-6)
-        assert torch.allclose(signals.vision_keys, captured["vk"][b, 1:], atol=1e-6)
+        pad = int((inputs["attention_mask"][b] == 0).sum())
+        assert torch.allclose(signals.text_image_attention, before[b][after][:, cols], atol=1e-6)
+        assert torch.allclose(signals.text_attention, before[b, -1, cols], atol=1e-6)
+        assert torch.allclose(signals.input_text_attention, at[b, -1, cols], atol=1e-6)
+        assert torch.allclose(signals.llm_keys, keys[b, cols], atol=1e-5)
+        assert torch.allclose(signals.text_keys, keys[b, after], atol=1e-5)
+        assert torch.allclose(signals.normed_hidden, normed[b, cols], atol=1e-5)
+        assert torch.allclose(signals.text_normed_hidden, normed[b, after], atol=1e-5)
+        assert torch.equal(signals.sequence_index, cols - pad) and torch.equal(signals.text_sequence_index, after - pad)
+        relevance = (embeds[b, cols] @ embeds[b, after].T).softmax(-1).mean(0)  # SparseVLM's rater formula
+        assert torch.allclose(signals.text_relevance, relevance, atol=1e-6)
+        vk = captured["vk"][b, 1:]
+        assert torch.allclose(signals.vision_keys, vk.view(36, heads, -1).mean(1), atol=1e-6)
+        width = captured["nk"].shape[-1]
+        cls = (captured["nq"][b, :1] @ captured["nk"][b].T / width ** 0.5).softmax(-1)[0, 1:]
+        assert torch.allclose(signals.next_cls_attention, cls, atol=1e-6)
+        assert torch.allclose(signals.next_vision_keys, captured["nk"][b, 1:], atol=1e-6)
 
 
 def test_llm_signals_are_refused_before_the_llm():

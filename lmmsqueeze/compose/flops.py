@@ -112,19 +112,26 @@ def layer_macs(g: ModelGeometry, n: int, c: int | None = None, convention: str =
 
 
 def probe_macs(g: ModelGeometry, needs: frozenset[str], n: int, text_after_image: int) -> int:
-    """MACs of the decoder-side signal probes at a layer holding ``n`` tokens."""
+    """MACs of the decoder-side signal probes of a stage at layer K, where ``n`` tokens enter layers K-1
+    and K (one-query rows recomputed from the layers' own projections; readings of the input are free)."""
     d = g.hidden_size
     d_q = g.num_heads * g.head_dim
     d_kv = g.num_kv_heads * g.head_dim
     macs = 0
-    if "text_attention" in needs:  # q of one row, k of all rows, one row of Q K^T
-        macs += d * d_q + n * d * d_kv + n * d_q
+    for name in ("text_attention", "input_text_attention"):  # q of one row, k of all rows, one row of Q K^T
+        if name in needs:
+            macs += d * d_q + n * d * d_kv + n * d_q
     if "text_image_attention" in needs:
         r = text_after_image
         macs += r * d * d_q + n * d * d_kv + r * n * d_q
-    if "llm_keys" in needs:
+    if needs & {"llm_keys", "text_keys"}:  # k of every row, once for both
         macs += n * d * d_kv
     return macs
+
+
+def relevance_macs(g: ModelGeometry, image_tokens: int, text_after_image: int) -> int:
+    """MACs of ``text_relevance`` at the decoder input: image embeddings @ text embeddings^T."""
+    return image_tokens * text_after_image * g.hidden_size
 
 
 def vision_probe_macs(g: ModelGeometry, needs: frozenset[str]) -> int:
@@ -133,19 +140,26 @@ def vision_probe_macs(g: ModelGeometry, needs: frozenset[str]) -> int:
     if not t or not dv:
         return 0
     macs = 0
-    if needs & {"cls_attention", "vision_keys"}:  # the keys of every token, projected once for both
-        macs += t * dv * dv
-    if "cls_attention" in needs and g.cls_attention == "mean":  # q of every token, all of Q K^T
-        macs += t * dv * dv + t * t * dv
-    elif "cls_attention" in needs:  # q of [CLS], one row of Q K^T
-        macs += dv * dv + t * dv
+    if g.cls_attention == "mean":  # one block gives every signal: its keys, and all of Q K^T for the stand-ins
+        if needs & {"cls_attention", "vision_keys", "next_cls_attention", "next_vision_keys"}:
+            macs += t * dv * dv
+        if needs & {"cls_attention", "next_cls_attention"}:
+            macs += t * dv * dv + t * t * dv
+        return g.vision_crops * macs
+    for attention, keys in (("cls_attention", "vision_keys"), ("next_cls_attention", "next_vision_keys")):
+        if needs & {attention, keys}:  # the keys of every token of that layer, projected once
+            macs += t * dv * dv
+        if attention in needs:  # q of [CLS], one row of Q K^T
+            macs += dv * dv + t * dv
     return g.vision_crops * macs
 
 
 def _metric_width(g: ModelGeometry, stage: Any) -> int:
     """The width of the rows a stage's reducer multiplies (see ``Reducer.metric_signal``)."""
     signal = stage.reducer.metric_signal()
-    if signal == "vision_keys":
+    if signal == "vision_keys":  # averaged over heads
+        return g.vision_hidden_size // g.vision_heads
+    if signal == "next_vision_keys":
         return g.vision_hidden_size
     if signal == "llm_keys":
         return g.num_kv_heads * g.head_dim
@@ -178,7 +192,10 @@ def plan_cost(plan: Any, text_tokens: int = 64, convention: str = "exact", text_
     pre_llm = 0
     needs_all = frozenset().union(*(s.reducer.needs for s in plan.stages)) if plan.stages else frozenset()
     if exact:
-        pre_llm += images * vision_probe_macs(g, needs_all)
+        reads = needs_all | frozenset().union(*(s.reducer.optional & g.signals for s in plan.stages))
+        pre_llm += images * vision_probe_macs(g, reads)
+        if "text_relevance" in needs_all:
+            overhead_at[0] = relevance_macs(g, tokens_per_layer[0], after)
         for stage in plan.stages:
             if stage.placement == "llm":
                 n_at_probe = text_tokens + tokens_per_layer[stage.layer - 1] if stage.layer > 0 else 0

@@ -243,7 +243,7 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any =
         if extra:
             canonical = StageSpec(canonical.name, dict(sorted({**canonical.params, **extra}.items())))
         canonical_specs.append(canonical)
-        parts = parent.substages() or [parent]
+        parts = [p.bind(geometry.signals) for p in (parent.substages() or [parent])]
         for part, reducer in enumerate(parts, 1):
             if len(parts) > 1:
                 where = f"stage {pos} ({stage.name}, part {part} of {len(parts)})"
@@ -302,6 +302,9 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any =
                     f"{where}: {stage.name} reads {', '.join(inside)}, which exists only inside the LLM; "
                     "give layer=K to run it at decoder layer K"
                 )
+            if "cls_hidden" in reducer.needs and placement != "vision":
+                raise PipelineError(f"{where}: {stage.name} reads cls_hidden, which exists only at the vision "
+                                    "placement; run it there (at=vision)")
             missing = sorted(reducer.needs - geometry.signals)
             if missing:
                 raise PipelineError(
@@ -317,13 +320,13 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any =
                     f"{where}: keep={keep} is more than the {tokens} image tokens this stage receives; "
                     f"give keep <= {tokens} or a fraction in (0, 1]"
                 )
+            if observed and len(stages) in observed:  # an adaptive stage, as a run saw it
+                reducer = reducer.observed(observed[len(stages)])
             try:
                 out = reducer.output_count(tokens, grids)
                 out_grids = reducer.output_grids(grids)
             except ValueError as exc:
                 raise PipelineError(f"{where}: {exc}") from None
-            if observed and len(stages) in observed:
-                out = observed[len(stages)]
             policy = positions or default_positions(reducer, placement)
             stages.append(
                 PlannedStage(pos, reducer, canonical, placement, layer, tokens, out, grids, out_grids,

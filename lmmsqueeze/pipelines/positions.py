@@ -8,9 +8,10 @@ Every stage has ``positions=keep|renumber`` (the default is what the method's re
 * ``renumber``: the shortened sequence is numbered by the model's own rule, as if it were the prompt.
   With 1-D RoPE (LLaVA, LLaVA-NeXT) that counts the tokens: position = first position + the number
   of tokens before. With M-RoPE (Qwen2-VL), whose image tokens take ``(s, s + row, s + column)`` from
-  their image's first id ``s`` and whose text continues after an image's largest id, each surviving
-  image token keeps its (row, column) offset, each image starts at the next free id and the text
-  after it follows its surviving tokens' largest id.
+  their image's first id ``s`` and whose text continues after an image's largest id, an image whose
+  tokens still form a grid (pooling) is numbered as an image of that grid; otherwise each surviving
+  image token keeps its (row, column) offset; each image starts at the next free id and the text
+  after it follows its tokens' largest id.
 
 Positions are carried as ids ``[R, B, L]``: ``R = 1`` for 1-D RoPE, ``R = 3`` for M-RoPE (temporal,
 height, width). Decode steps continue each layer's numbering: a layer whose prefill was renumbered

@@ -81,13 +81,15 @@ class ImageRecord:
 
     def apply(self, new: TokenState, positions: str) -> None:
         """Take a stage's output: survivors keep their representatives' offsets (``keep``), or the run is
-        numbered afresh (``renumber``: 1-D counts the run, M-RoPE keeps grid offsets and shrinks the span
-        to the largest surviving one)."""
+        numbered afresh (``renumber``): 1-D RoPE counts the run; M-RoPE numbers an image that is still a
+        grid as that grid, and otherwise keeps each token's offset and shrinks the span to the largest."""
         src = new.sources()
         offsets = self.offsets[src.clamp(min=0)].clone()
         offsets[src < 0] = 0
         if positions == "renumber":
-            if offsets.shape[1] == 3:
+            if offsets.shape[1] == 3 and new.grids is not None and len(new.grids) == 1:  # numbered as that grid
+                offsets, self.span = grid_offsets(new.grids, 3, offsets.device)
+            elif offsets.shape[1] == 3:
                 self.span = int(offsets.max()) + 1 if offsets.numel() else 0
             elif self.separators is None:
                 offsets = torch.arange(new.n, device=offsets.device)[:, None]

@@ -341,11 +341,11 @@ class PipelineRun:
             orig = mrope if mrope is not None else (
                 torch.arange(length, device=is_image.device)[None] if pos is None else pos).expand(batch, -1)[None]
             new_ids = rewritten_ids(orig, runs, [[images[j] for j in mine] for mine in per_sample], safe, present)
+            shift = next_position(orig, real) - next_position(new_ids, padding)
             if mrope is not None:
                 mrope = self._rewrite_mrope(kwargs, new_ids, safe, present, padding)
             else:
                 kwargs["position_ids"] = new_ids[0]
-                shift = next_position(orig, real) - next_position(new_ids, padding)
             is_image = is_image.gather(1, safe) & present
         samples = self._samples(is_image, per_sample, images)
         self._trace = [[] for _ in self.plan.stages]
@@ -423,15 +423,16 @@ class PipelineRun:
             tail = torch.ones(p.batch, past - p.length + q, dtype=torch.long, device=p.padding.device)
             kwargs = {**kwargs, "attention_mask": torch.cat([p.new_mask, tail], dim=1)}
         pos = kwargs.get("position_ids")
-        if pos is not None and pos.dim() == 3 and pos.shape[0] == 4:
-            # text row + M-RoPE rows: the text row orders the shorter sequence; rope_deltas continue the rest
-            pos = torch.cat([pos[:1] - p.removed.to(pos.device)[:, None], pos[1:]])
+        shift = p.shift.to(p.padding.device)[:, None]
+        if pos is not None and pos.dim() == 3:  # M-RoPE rows (after a text row, which orders the sequence)
+            rows = pos[-3:] - shift
+            pos = rows if pos.shape[0] == 3 else torch.cat([pos[:1] - p.removed.to(pos.device)[:, None], rows])
         elif not self.adapter.mrope:  # the caller's numbering (or the model's own), moved to the prompt's
             if pos is None:
-                pos = (past + torch.arange(q, device=p.shift.device))[None] + (p.input_length - p.length)
-            pos = pos - p.shift.to(pos.device)[:, None]
-        kwargs = {**kwargs, "position_ids": pos}
-        return kwargs
+                pos = (past + torch.arange(q, device=shift.device))[None] + (p.input_length - p.length)
+            pos = pos - shift
+        # (M-RoPE without position ids: the model continues from rope_deltas, which the rewrite set)
+        return {**kwargs, "position_ids": pos}
 
     # ------------------------------------------------------------------ decoder side
     def _relevance_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

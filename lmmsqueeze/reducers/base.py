@@ -112,6 +112,16 @@ class Reducer:
     #: set by reducers that read the token grid (the validator refuses them after a grid breaker)
     requires_grid: ClassVar[bool] = False
 
+    def bind(self, available: frozenset[str]) -> "Reducer":
+        """This reducer as it runs on a model that provides the ``available`` signals (a reducer with
+        ``optional`` signals may plan differently without them); the compiler plans with it."""
+        return self
+
+    def observed(self, count: int) -> "Reducer":
+        """An adaptive reducer as it ran when it kept ``count`` tokens (its count and cost as a plan
+        takes them); others are what they are."""
+        return self
+
     @property
     def adaptive(self) -> bool:
         """True when the number of tokens out depends on the data (e.g. PruMerge+'s outlier count):

@@ -89,7 +89,7 @@ class DARTReducer(Reducer):
                 if take <= 0:
                     break
                 pivot = image[row] if kind == "image" else text[row]
-                similarity = (image @ pivot).masked_fill(chosen, float("inf"))
+                similarity = (image @ pivot[:, None])[:, 0].masked_fill(chosen, float("inf"))
                 chosen[top_k_slots(-similarity, take)] = True
                 left -= take
             if len(order) == self.pivots + self.text_pivots:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,10 @@ class PruMergeReducer(ScoredPruner):
     @property
     def adaptive(self) -> bool:
         return self.keep is None
+
+    def observed(self, count: int) -> "PruMergeReducer":
+        """Kept ``count - 1`` tokens and the summary token: planned and costed as that fixed count."""
+        return dataclasses.replace(self, keep=count - 1) if self.adaptive and count > 1 else self
 
     def _kept(self, n: int) -> int:
         """Tokens kept before the extra one: the fixed count, or the estimate of a typical image."""

@@ -119,7 +119,7 @@ class SparseVLMLayer(Reducer):
 
     def cost_macs(self, n: int, dim: int, grids: Grids) -> int:
         _, m, _ = self._counts(n)
-        return m * m * dim if m > 1 else 0  # the recycled tokens' pairwise distances
+        return m * m * dim  # the recycled tokens' pairwise distances
 
     @staticmethod
     def score(signals: Signals) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -48,29 +49,40 @@ class VisionZipReducer(Reducer):
         if not (isinstance(self.contextual, int) and not isinstance(self.contextual, bool) and self.contextual == 0):
             check_keep(self.contextual, "contextual")
 
-    def _counts(self, n: int) -> tuple[int, int]:
+    def bind(self, available: frozenset[str]) -> "VisionZipReducer":
+        return self if "cls_hidden" in available else dataclasses.replace(self, cls=False)
+
+    def _uses_cls(self, grids: Grids) -> bool:
+        """The [CLS] feature is a dominant token on one-crop images (several crops: LLaVA-NeXT)."""
+        return self.cls and (grids is None or len(grids) == 1)
+
+    def _counts(self, n: int, grids: Grids) -> tuple[int, int]:
+        """(dominant, contextual) tokens out of ``n``: never more than ``n`` in all (a budget of all the
+        tokens keeps them as they are)."""
         dom = resolve_keep(self.dominant, n)
         ctx = 0 if self.contextual == 0 else resolve_keep(self.contextual, n)
-        return dom, min(ctx, n - dom + (1 if self.cls else 0))
+        return dom, min(ctx, n - dom)
 
     def output_count(self, n: int, grids: Grids) -> int:
-        return sum(self._counts(n))
+        return sum(self._counts(n, grids))
 
     def metric_signal(self) -> str | None:
         return "vision_keys"
 
     def cost_macs(self, n: int, dim: int, grids: Grids) -> int:
         """``dim`` is the width of the head-mean vision keys: (others x dim) @ (dim x targets)."""
-        dom, ctx = self._counts(n)
-        rest = n - dom + (1 if self.cls else 0)  # with [CLS] one more patch is left for merging
-        return (rest - ctx) * ctx * dim if ctx else 0
+        dom, ctx = self._counts(n, grids)
+        rest = n - dom + (1 if self._uses_cls(grids) else 0)  # with [CLS] one more patch is left for merging
+        return (rest - ctx) * ctx * dim if ctx and dom < n else 0
 
     def reduce(self, state: TokenState, signals: Signals) -> TokenState:
-        dom, ctx = self._counts(state.n)
+        dom, ctx = self._counts(state.n, state.grids)
+        if dom >= state.n:  # the budget holds every token: kept as they are (no longer a grid, as planned)
+            return dataclasses.replace(state, grids=None)
         device = state.hidden.device
-        cls = signals.cls_hidden if self.cls and state.grids is not None and len(state.grids) == 1 else None
-        if cls is not None and cls.shape[0] != 1:
-            cls = None
+        cls = signals.cls_hidden if self._uses_cls(state.grids) else None
+        if cls is not None and (cls.shape[0] != 1 or bool((state.crop_ids != 0).any())):
+            cls = None  # the image's tokens come from several crops
         patches = dom - (1 if cls is not None else 0)
         dominant = torch.sort(top_k_per_group(signals.require("cls_attention"), patches, state.crop_ids)).values
         rest_mask = torch.ones(state.n, dtype=torch.bool, device=device)

@@ -56,8 +56,9 @@ class VisPrunerReducer(ScoredPruner):
         """(|A|, |B|, dropped) of every duplicate-removal round."""
         rounds = []
         while target > 0 and rest > target:
-            drop = min(self.r, rest - target)
-            rounds.append(((rest + 1) // 2, rest // 2, drop))
+            a = (rest + 1) // 2
+            drop = min(self.r, rest - target, a)  # a cut beyond A drops all of A
+            rounds.append((a, rest // 2, drop))
             rest -= drop
         return rounds
 
