@@ -29,7 +29,7 @@ from .reducers import (
     register_reducer,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def compile(pipeline: str | PipelineSpec | None, model_or_config: Any = None) -> Plan:  # noqa: A001

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
 
 import typer
-from rich.markup import escape
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import LmmsqueezeError
@@ -94,13 +94,16 @@ def reducers_cmd(
 
     def render(rows: list[dict]) -> None:
         table = Table(title=f"{len(rows)} reducers", show_lines=False)
-        for col in ("name", "family", "placements", "needs", "parameters", "paper"):
+        for col in ("name", "family", "placements", "parameters", "released code", "fidelity"):
             table.add_column(col, overflow="fold")
         for r in rows:
             params = ", ".join(f"{k}={_fmt(v['default'])}" for k, v in r["params"].items())
-            table.add_row(r["name"], r["family"], ", ".join(r["placements"]), ", ".join(r["needs"]) or "-",
-                          params, r["cite"])
+            if "llm" in r["placements"]:
+                params += f" (llm positions: {r['llm_positions']})"
+            table.add_row(r["name"], r["family"], ", ".join(r["placements"]), escape(params), escape(r["code"] or "-"),
+                          escape(r["fidelity"] or "-"))
         console.print(table)
+        console.print("Papers and signals: lmmsqueeze reducers --json", highlight=False)
         for name, why in broken.items():
             err_console.print(f"[yellow]warning:[/] plugin {escape(repr(name))} failed to load: {escape(str(why))}")
 
@@ -163,15 +166,19 @@ def explain_cmd(
         console.print(f"[bold]{escape(d['pipeline'])}[/] on {escape(str(d['model']))} ({d['image_tokens']} image tokens per image, "
                       f"{d['text_tokens']} text tokens)", highlight=False)
         table = Table()
-        for col in ("#", "stage", "family", "placement", "tokens in", "tokens out", "grid kept"):
+        for col in ("#", "stage", "family", "placement", "positions", "tokens in", "tokens out", "grid kept"):
             table.add_column(col)
         for s in d["stages"]:
             where = f"llm @ layer {s['layer']}" if s["placement"] == "llm" else s["placement"]
             part = f" ({s['part'][0]}/{s['part'][1]})" if s.get("part") else ""
-            table.add_row(str(s["position"]), s["stage"] + part, s["family"], where, str(s["tokens_in"]),
-                          str(s["tokens_out"]), "yes" if s["keeps_grid"] else "no")
+            out = f"~{s['tokens_out']}" if s.get("adaptive") else str(s["tokens_out"])
+            table.add_row(str(s["position"]), escape(s["stage"] + part), s["family"], where, s["positions"] or "-",
+                          str(s["tokens_in"]), out, "yes" if s["keeps_grid"] else "no")
         if d["stages"]:
             console.print(table)
+        if any(s.get("adaptive") for s in d["stages"]):
+            console.print("~: the stage's count depends on the image; the plan assumes a typical one, and eval "
+                          "costs what each image kept", highlight=False)
         for note in d.get("notes", []):
             console.print(f"note: {note}", highlight=False)
         spans, start = [], 0

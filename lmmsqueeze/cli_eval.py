@@ -72,9 +72,9 @@ def eval_cmd(
     from .compose import compile_pipeline, geometry_from_path
     from .evaluation.store import Key, ResultStore
     from .evaluation.sweep import Grid, GridItem
-    from .proxyv.attach import pipeline_for
     from .evaluation.tasks import get_task
     from .pipelines.loading import model_dir
+    from .proxyv.attach import pipeline_for
 
     with user_errors():
         if task.startswith("lmms:"):
@@ -196,7 +196,17 @@ def pareto_cmd(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Only this model.")] = None,
 ) -> None:
     """The Pareto trade-off table (accuracy vs prefill cost) of the stored results."""
-    from .evaluation.pareto import HEADERS, TERMINAL, _fmt, grouped, pareto_rows, plot, to_csv, to_json, to_markdown
+    from .evaluation.pareto import (
+        HEADERS,
+        TERMINAL,
+        _fmt,
+        grouped,
+        pareto_rows,
+        plot,
+        to_csv,
+        to_json,
+        to_markdown,
+    )
     from .evaluation.store import ResultStore
 
     with user_errors():

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from lmmsqueeze import ScoredPruner, register_reducer
 from lmmsqueeze.cli import app
+from lmmsqueeze.errors import LmmsqueezeError
 from lmmsqueeze.evaluation.pareto import frontier, pareto_rows
 from lmmsqueeze.evaluation.runner import loyalty
 from lmmsqueeze.evaluation.store import Key, ResultStore
@@ -64,6 +65,29 @@ def test_store_round_trip_and_replace(tmp_path):
         store.put(key, {"accuracy": 0.5}, answers)  # same identity: replaced, not duplicated
         assert store.has(key) and store.answers(key) == answers
         assert [r["accuracy"] for r in store.rows()] == [0.5]
+
+
+def test_a_store_measured_with_earlier_method_behaviour_is_refused(tmp_path):
+    """A results file written before the methods followed their released code (no semantics mark) holds
+    rows whose pipeline strings now name other computations: refused with the fix, not reused."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, model TEXT NOT NULL, pipeline TEXT NOT NULL, "
+               "adapter TEXT NOT NULL DEFAULT '', task TEXT NOT NULL, limit_n INTEGER NOT NULL, seed INTEGER NOT NULL, "
+               "status TEXT NOT NULL, error TEXT, accuracy REAL, metrics TEXT NOT NULL, created REAL NOT NULL)")
+    db.execute("INSERT INTO runs (model, pipeline, task, limit_n, seed, status, metrics, created) "
+               "VALUES ('bundled', 'pdrop(keep=0.5, layer=8, stages=3, step=8)', 'bundled', 10, 0, 'ok', '{}', 0)")
+    db.commit()
+    db.close()
+    with pytest.raises(LmmsqueezeError, match="earlier lmmsqueeze whose methods compute differently"):
+        ResultStore(path)
+    result = CliRunner().invoke(app, ["pareto", "--results", str(path)])
+    assert result.exit_code == 2 and "give a new --results file" in result.stderr
+    with ResultStore(tmp_path / "new.db") as store:  # a new store is marked and opens again
+        store.put(Key("m", "none", "", "t", 1, 0), {"accuracy": 1.0})
+    ResultStore(tmp_path / "new.db").close()
 
 
 def test_default_grid_offers_the_shipped_adapters_on_the_bundled_model_only():

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import lmmsqueeze
 from released import eager as E
 from released.fastv import fastv_keep_indexs
+
+import lmmsqueeze
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 

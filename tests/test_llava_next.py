@@ -14,13 +14,13 @@ from lmmsqueeze.reducers import list_reducers
 from lmmsqueeze.testing import (
     assert_steps_match,
     count_flops,
-    tokens_per_layer_as_run,
     noise_image,
     padded_positions,
     tiny_llava_next,
     tiny_next_inputs,
     tiny_pipeline,
     to_device,
+    tokens_per_layer_as_run,
 )
 
 pytestmark = pytest.mark.usefixtures("no_grad")

@@ -16,13 +16,13 @@ from lmmsqueeze.testing import (
     PROMPTS,
     assert_steps_match,
     count_flops,
-    tokens_per_layer_as_run,
     noise_image,
     qwen_prompt,
     tiny_pipeline,
     tiny_qwen2_vl,
     tiny_qwen_inputs,
     to_device,
+    tokens_per_layer_as_run,
 )
 
 pytestmark = pytest.mark.usefixtures("no_grad")

@@ -113,3 +113,21 @@ def test_states_of_several_images_concatenate_with_offsets():
     assert s.index.tolist() == [0, 1, 4, 5] and s.assign.tolist() == [0, 1, 1, -1, 2, 3]
     assert s.crop_ids.tolist() == [0, 0, 1, 2] and s.sizes.tolist() == [1, 2, 1, 1] and s.grids is None
     assert s.hidden.shape == (4, 3) and TokenState.concat([b, b], crops=[2, 2]).grids == ((1, 1),) * 4
+
+
+BUILT_IN = [n for n in list_reducers() if lmmsqueeze.get_reducer(n).__module__.startswith("lmmsqueeze.reducers.")]
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_every_built_in_reducer_names_its_released_code_and_has_a_fidelity_test(name):
+    """A built-in method says which released code its defaults reproduce and how faithfully, and a test
+    in tests/test_fidelity*.py runs it against a transcription of that code (baselines: their definition)."""
+    from pathlib import Path
+
+    from lmmsqueeze.reducers import reducer_info
+
+    info = reducer_info(name)
+    assert info["fidelity"].startswith(("exact", "approx: ", "baseline: ")), info["fidelity"]
+    assert info["code"] or info["fidelity"].startswith("baseline: ")
+    tests = "".join(p.read_text() for p in Path(__file__).parent.glob("test_fidelity*.py"))
+    assert f"def test_{name}(" in tests or f'"{name}"' in tests

@@ -7,10 +7,10 @@ from typing import Any, Callable
 
 import torch
 
+from ..pipelines.costs import InputCosts
 from ..pipelines.hooks import HookSet
 from ..pipelines.loading import build_prompt, model_inputs
 from ..pipelines.measure import _Clock, peak_prefill_memory
-from ..pipelines.costs import InputCosts
 from ..pipelines.runtime import apply, compile_for
 from ..proxyv.attach import resolve_adapter
 from .tasks import Task

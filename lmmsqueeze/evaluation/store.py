@@ -18,6 +18,10 @@ from ..errors import LmmsqueezeError
 
 DEFAULT_PATH = "lmmsqueeze-results.db"
 
+#: the behaviour of the built-in methods a store's rows were measured with; bumped whenever a method's
+#: selection or positions change for the same pipeline string (2: every method follows its released code)
+SEMANTICS = 2
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,
@@ -33,6 +37,10 @@ CREATE TABLE IF NOT EXISTS runs (
     metrics TEXT NOT NULL,
     created REAL NOT NULL,
     UNIQUE (model, pipeline, adapter, task, limit_n, seed)
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS answers (
     run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -80,8 +88,28 @@ class ResultStore:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(_SCHEMA)
+            self._check_semantics()
         except sqlite3.DatabaseError as exc:
             raise LmmsqueezeError(f"{str(self.path)!r} is not a lmmsqueeze results file: {exc}") from None
+
+    def _check_semantics(self) -> None:
+        """Refuse a store whose rows were measured with other method behaviour: the same pipeline string
+        would name different computations (a store without the mark predates it: semantics 1)."""
+        found = self.db.execute("SELECT value FROM meta WHERE key='semantics'").fetchone()
+        has_rows = self.db.execute("SELECT 1 FROM runs LIMIT 1").fetchone() is not None
+        stored = int(found[0]) if found else (1 if has_rows else SEMANTICS)
+        if stored != SEMANTICS:
+            self.db.close()
+            raise LmmsqueezeError(
+                f"{str(self.path)!r} holds results of an earlier lmmsqueeze whose methods compute differently "
+                f"(semantics {stored}, now {SEMANTICS}); give a new --results file or move this one away"
+            )
+        if not found:
+            try:
+                with self.db:
+                    self.db.execute("INSERT INTO meta (key, value) VALUES ('semantics', ?)", (str(SEMANTICS),))
+            except sqlite3.OperationalError:  # a read-only store: readable as it is
+                pass
 
     def __enter__(self) -> "ResultStore":
         return self

@@ -147,8 +147,8 @@ def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: 
     ``realized_fraction`` is the measured decoder-time saving over the analytic FLOPs saving (1.0:
     the FLOPs saving turned fully into time).
     """
-    from .loading import build_prompt, model_inputs
     from .costs import InputCosts
+    from .loading import build_prompt, model_inputs
     from .runtime import compile_for
 
     inputs = model_inputs(processor, model, [image], [build_prompt(processor, prompt)])

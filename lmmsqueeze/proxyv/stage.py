@@ -16,6 +16,10 @@ from ..reducers.registry import register_reducer
     placements=("proxyv",),
     keeps_grid=True,
     cite="Wu, Lu, Liu, Streamline Without Sacrifice: Squeeze out Computation Redundancy in LMM, ICML 2025",
+    code="penghao-wu/ProxyV, llava/model/language_model/llava_llama.py::LlavaLlamaModel.forward, decoder_forward "
+    "(llava/model/vision_mlp.py, llava/model/llava_arch.py for masks and positions)",
+    fidelity="exact for one image per prompt (the layer computation, tested from the weights); several images "
+    "share the first image's start for proxy positions and masks",
 )
 @dataclass(frozen=True)
 class ProxyV(Reducer):

@@ -19,6 +19,8 @@ from .registry import register_reducer
     placements=("projector",),
     keeps_grid=True,
     cite="Bilinear grid resize, as get_2dPool(mode='bilinear') in LLaVA-OneVision (Li et al., arXiv 2408.03326)",
+    code="LLaVA-VL/LLaVA-NeXT, llava/model/llava_arch.py::get_2dPool (mm_spatial_pool_mode='bilinear')",
+    fidelity="exact",
 )
 @dataclass(frozen=True)
 class BilinearReducer(Reducer):

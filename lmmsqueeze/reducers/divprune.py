@@ -17,6 +17,9 @@ from .registry import register_reducer
     placements=("projector", "llm"),
     keeps_grid=False,
     cite="Alvar et al., DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models, CVPR 2025",
+    code="vbdi/divprune, LLaVA/llava/model/llava_arch.py::DivPrune (LAYER_INDEX=0, SUBSET_RATIO=0.098)",
+    fidelity="exact at the projector placement (layer=K, a departure, runs the same selection on the hidden "
+    "states entering decoder layer K)",
 )
 @dataclass(frozen=True)
 class DivPruneReducer(ScoredPruner):

@@ -17,6 +17,8 @@ from .registry import register_reducer
     placements=("projector", "llm"),
     keeps_grid=False,
     cite="Uniform random subset; the baseline of UniPruneBench (arXiv 2511.02650) and FastV with K=0",
+    code="",
+    fidelity="baseline: no released code; a seeded uniform subset (torch.rand from seed, top keep)",
 )
 @dataclass(frozen=True)
 class RandomReducer(ScoredPruner):
