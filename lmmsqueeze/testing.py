@@ -176,8 +176,8 @@ def random_signals(n: int, width: int = 4, text: int = 3, seed: int = 0, dtype: 
         llm_keys=randn(n, keys), text_keys=randn(text, keys), normed_hidden=randn(n, width),
         text_normed_hidden=randn(text, width), sequence_index=torch.arange(5, 5 + n),
         text_sequence_index=torch.arange(5 + n, 5 + n + text), text_relevance=rand(text),
-        cls_attention=rand(n), vision_keys=randn(n, keys), cls_hidden=randn(1, width), next_cls_attention=rand(n),
-        next_vision_keys=randn(n, keys),
+        cls_attention=rand(n), vision_keys=randn(n, keys), cls_hidden=randn(1, width), last_cls_attention=rand(n),
+        last_vision_keys=randn(n, keys),
     )
 
 

@@ -222,7 +222,7 @@ def test_prumerge_with_a_fixed_count_by_hand():
     cls[[4, 17]] = torch.tensor([0.3, 0.4])  # two clear outliers, 17 the larger
     keys = torch.randn(30, 4, generator=g)
     out = create_reducer("prumerge", keep=6, neighbors=3).reduce(
-        state, Signals(next_cls_attention=cls, next_vision_keys=keys))
+        state, Signals(last_cls_attention=cls, last_vision_keys=keys))
     q1, q3 = np.percentile(cls.numpy(), [25, 75])
     assert [i for i in range(30) if cls[i] > q3 + 1.5 * (q3 - q1)] == [4, 17]
     rest = [i for i in range(30) if i not in (4, 17)]

@@ -195,8 +195,8 @@ def test_every_signal_matches_an_independent_recomputation(tiny_sdpa, recorder):
         assert torch.allclose(signals.vision_keys, vk.view(36, heads, -1).mean(1), atol=1e-6)
         width = captured["nk"].shape[-1]
         cls = (captured["nq"][b, :1] @ captured["nk"][b].T / width ** 0.5).softmax(-1)[0, 1:]
-        assert torch.allclose(signals.next_cls_attention, cls, atol=1e-6)
-        assert torch.allclose(signals.next_vision_keys, captured["nk"][b, 1:], atol=1e-6)
+        assert torch.allclose(signals.last_cls_attention, cls, atol=1e-6)
+        assert torch.allclose(signals.last_vision_keys, captured["nk"][b, 1:], atol=1e-6)
 
 
 def test_llm_signals_are_refused_before_the_llm():

@@ -141,12 +141,12 @@ def vision_probe_macs(g: ModelGeometry, needs: frozenset[str]) -> int:
         return 0
     macs = 0
     if g.cls_attention == "mean":  # one block gives every signal: its keys, and all of Q K^T for the stand-ins
-        if needs & {"cls_attention", "vision_keys", "next_cls_attention", "next_vision_keys"}:
+        if needs & {"cls_attention", "vision_keys", "last_cls_attention", "last_vision_keys"}:
             macs += t * dv * dv
-        if needs & {"cls_attention", "next_cls_attention"}:
+        if needs & {"cls_attention", "last_cls_attention"}:
             macs += t * dv * dv + t * t * dv
         return g.vision_crops * macs
-    for attention, keys in (("cls_attention", "vision_keys"), ("next_cls_attention", "next_vision_keys")):
+    for attention, keys in (("cls_attention", "vision_keys"), ("last_cls_attention", "last_vision_keys")):
         if needs & {attention, keys}:  # the keys of every token of that layer, projected once
             macs += t * dv * dv
         if attention in needs:  # q of [CLS], one row of Q K^T
@@ -159,7 +159,7 @@ def _metric_width(g: ModelGeometry, stage: Any) -> int:
     signal = stage.reducer.metric_signal()
     if signal == "vision_keys":  # averaged over heads
         return g.vision_hidden_size // g.vision_heads
-    if signal == "next_vision_keys":
+    if signal == "last_vision_keys":
         return g.vision_hidden_size
     if signal == "llm_keys":
         return g.num_kv_heads * g.head_dim

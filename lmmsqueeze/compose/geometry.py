@@ -71,7 +71,7 @@ def text_geometry(text_cfg: Any) -> dict[str, Any]:
 #: every signal the runtime measures on a LLaVA-style model with a CLIP tower read before its last layer
 LLAVA_SIGNALS = LLM_SIGNALS | VISION_SIGNALS
 #: what a vision tower without a [CLS] token cannot give
-CLS_SIGNALS = frozenset({"cls_attention", "cls_hidden", "next_cls_attention"})
+CLS_SIGNALS = frozenset({"cls_attention", "cls_hidden", "last_cls_attention"})
 
 SUPPORTED_MODELS = ("LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
                     "Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration")
@@ -104,9 +104,6 @@ def _clip_llava_geometry(config: Any, name: str, default_name: str) -> tuple[Mod
     side = int(vision.image_size) // int(vision.patch_size)
     has_cls = getattr(vision, "model_type", "") == "clip_vision_model"
     signals = LLAVA_SIGNALS if has_cls else LLAVA_SIGNALS - CLS_SIGNALS
-    feature_layer = getattr(config, "vision_feature_layer", -2)
-    if feature_layer in (-1, getattr(vision, "num_hidden_layers", None)):  # no layer after the feature layer
-        signals = signals - {"next_cls_attention", "next_vision_keys"}
     geometry = ModelGeometry(
         name=name or getattr(config, "_name_or_path", "") or default_name,
         family=config.model_type,

@@ -23,7 +23,7 @@ from .probes import (
     cls_hidden_probe,
     feature_layer_probe,
     mean_received_attention,
-    next_layer_probe,
+    last_layer_probe,
     vision_keys_fused,
 )
 
@@ -67,7 +67,7 @@ class ModelAdapter:
         features_have_cls: whether the features fed to the projector start with the [CLS] token.
         final_norm: the decoder's norm before the LM head (the ``normed_hidden`` signals).
         vision_layer: the vision layer whose output the projector reads (the ``cls_hidden`` signal).
-        next_vision_attention: the self-attention of the vision layer after that (``next_*`` signals).
+        last_vision_attention: the self-attention of the vision tower's last layer (``last_*`` signals).
         image_token_id: id of the image placeholder token.
         pad_token_id: id used to left-pad rewritten prompts.
         geometry: shapes for the compiler.
@@ -94,7 +94,7 @@ class ModelAdapter:
     geometry: ModelGeometry
     final_norm: nn.Module | None = None  # the decoder's norm before the LM head
     vision_layer: nn.Module | None = None  # the vision layer whose output is the feature layer
-    next_vision_attention: nn.Module | None = None  # the self-attention of the vision layer after it
+    last_vision_attention: nn.Module | None = None  # the self-attention of the vision tower's last layer
 
     def image_features(self, base_kwargs: dict[str, Any]) -> Any:
         """Run the vision tower and projector on the image inputs of a base-model call."""
@@ -152,8 +152,8 @@ class ModelAdapter:
             probes.append((self.vision_attention, functools.partial(feature_layer_probe, needs=needs)))
         if "cls_hidden" in needs:
             probes.append((self.vision_layer, cls_hidden_probe))
-        if needs & {"next_cls_attention", "next_vision_keys"}:
-            probes.append((self.next_vision_attention, functools.partial(next_layer_probe, needs=needs)))
+        if needs & {"last_cls_attention", "last_vision_keys"}:
+            probes.append((self.last_vision_attention, functools.partial(last_layer_probe, needs=needs)))
         return probes
 
     # -- packing families: the projector's input rows and the per-image layouts index into them
@@ -324,8 +324,8 @@ class QwenVLAdapter(ModelAdapter):
 
     def vision_probes(self, needs: set[str]) -> list[tuple[nn.Module, VisionProbe]]:
         """One hook on the last block (the tower has no [CLS] and nothing after its feature layer): the
-        stand-ins ``cls_attention`` = ``next_cls_attention`` = the mean attention each token receives from
-        its image's tokens, ``vision_keys`` (head-mean) and ``next_vision_keys`` (full width), each averaged
+        stand-ins ``cls_attention`` = ``last_cls_attention`` = the mean attention each token receives from
+        its image's tokens, ``vision_keys`` (head-mean) and ``last_vision_keys`` (full width), each averaged
         over a merge unit's four patches."""
         if not needs & set(self.geometry.signals):
             return []
@@ -337,15 +337,15 @@ class QwenVLAdapter(ModelAdapter):
         unit = self.merge * self.merge
         keys = vision_keys_fused(attention, hidden)  # read by every signal: projected once
         out = {}
-        if needs & {"cls_attention", "next_cls_attention"}:
+        if needs & {"cls_attention", "last_cls_attention"}:
             received = mean_received_attention(attention, hidden, kwargs["cu_seqlens"],
                                                kwargs["position_embeddings"], keys).view(-1, unit).mean(1)
-            out.update({name: received for name in needs & {"cls_attention", "next_cls_attention"}})
+            out.update({name: received for name in needs & {"cls_attention", "last_cls_attention"}})
         if "vision_keys" in needs:
             heads = keys.view(keys.shape[0], attention.num_heads, -1).mean(1)
             out["vision_keys"] = heads.view(-1, unit, heads.shape[-1]).mean(1)
-        if "next_vision_keys" in needs:
-            out["next_vision_keys"] = keys.view(-1, unit, keys.shape[-1]).mean(1)
+        if "last_vision_keys" in needs:
+            out["last_vision_keys"] = keys.view(-1, unit, keys.shape[-1]).mean(1)
         return out
 
     def projector_rows(self, features: Tensor) -> Tensor:
@@ -381,7 +381,7 @@ def _llava_parts(model: nn.Module) -> dict[str, Any]:
     """What LLaVA and LLaVA-NeXT share: module paths, the vision layers the probes read, ids, geometry."""
     config = model.config
     base = model.model
-    vision_layer = next_layer = None
+    vision_layer = last = None
     layer = config.vision_feature_layer
     tower = base.vision_tower
     encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)  # CLIPVisionModel(Transformer)
@@ -390,11 +390,11 @@ def _llava_parts(model: nn.Module) -> dict[str, Any]:
         idx = layer if layer >= 0 else n + 1 + layer  # hidden_states[idx] is the output of layers[idx-1]
         if 1 <= idx <= n:
             vision_layer = encoder.layers[idx - 1]
-            next_layer = encoder.layers[idx] if idx < n else None
+            last = encoder.layers[-1]
     geometry = geometry_from_config(config, name=getattr(config, "_name_or_path", "") or "")
     missing = set() if vision_layer is not None else VISION_SIGNALS
-    if next_layer is None:
-        missing |= {"next_cls_attention", "next_vision_keys"}
+    if last is None:
+        missing |= {"last_cls_attention", "last_vision_keys"}
     if missing & geometry.signals:
         geometry = dataclasses.replace(geometry, signals=geometry.signals - missing)
     return {
@@ -410,7 +410,7 @@ def _llava_parts(model: nn.Module) -> dict[str, Any]:
         "geometry": geometry,
         "final_norm": base.language_model.norm,
         "vision_layer": vision_layer,
-        "next_vision_attention": None if next_layer is None else next_layer.self_attn,
+        "last_vision_attention": None if last is None else last.self_attn,
     }
 
 

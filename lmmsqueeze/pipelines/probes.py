@@ -165,17 +165,17 @@ def cls_hidden_probe(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -
     return {"cls_hidden": hidden[:, :1]}
 
 
-def next_layer_probe(attn: nn.Module, args: tuple, kwargs: dict, output: Any, needs: set[str]) -> dict[str, Tensor]:
-    """At the self-attention of the vision layer after the feature layer: its q and k projections as one
-    full-width head, ``next_cls_attention`` = softmax over every token of ``q_cls . k / sqrt(width)``
-    (``[B, T]``) and ``next_vision_keys`` (``[B, T, width]``)."""
+def last_layer_probe(attn: nn.Module, args: tuple, kwargs: dict, output: Any, needs: set[str]) -> dict[str, Tensor]:
+    """At the self-attention of the vision tower's last layer: its q and k projections as one
+    full-width head, ``last_cls_attention`` = softmax over every token of ``q_cls . k / sqrt(width)``
+    (``[B, T]``) and ``last_vision_keys`` (``[B, T, width]``)."""
     hidden = _input(args, kwargs)
     keys = attn.k_proj(hidden)
     out = {}
-    if "next_cls_attention" in needs:
+    if "last_cls_attention" in needs:
         q = attn.q_proj(hidden[:, :1])
         logits = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * keys.shape[-1] ** -0.5
-        out["next_cls_attention"] = logits.softmax(dim=-1)[:, 0]
-    if "next_vision_keys" in needs:
-        out["next_vision_keys"] = keys
+        out["last_cls_attention"] = logits.softmax(dim=-1)[:, 0]
+    if "last_vision_keys" in needs:
+        out["last_vision_keys"] = keys
     return out

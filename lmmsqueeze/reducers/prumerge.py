@@ -22,20 +22,20 @@ TYPICAL_OUTLIERS = 32 / 576
     "prumerge",
     family="merging",
     placements=("vision",),
-    needs=("next_cls_attention", "next_vision_keys"),
+    needs=("last_cls_attention", "last_vision_keys"),
     keeps_grid=False,
     cite="Shang et al., LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models "
     "(PruMerge+), ICCV 2025",
     code="42Shawn/LLaVA-PruMerge, llava/model/multimodal_encoder/clip_encoder.py::"
     "CLIPVisionTower.token_prune_merge_advanced_plus (if_adaptive=True)",
     fidelity="exact on LLaVA-1.5 (576 tokens, the released lattice's hard-coded 575 is the last index); "
-    "approx on Qwen2-VL (no [CLS] and no layer after the feature layer: stand-ins) and on LLaVA-NeXT (one "
+    "approx on Qwen2-VL (no [CLS]: stand-ins) and on LLaVA-NeXT (one "
     "selection over the image's crops)",
 )
 @dataclass(frozen=True)
 class PruMergeReducer(ScoredPruner):
-    """PruMerge+ as released: the [CLS] attention of the vision layer after the feature layer (its q and
-    k as one full-width head) picks the outliers above Q3 + 1.5 IQR (best first); spatial samples
+    """PruMerge+ as released: the [CLS] attention of the vision tower's last layer (the released code hooks
+    CLIP-L's layer 23; its q and k as one full-width head) picks the outliers above Q3 + 1.5 IQR (best first); spatial samples
     every ``int(int(N / outliers) / 3)`` tokens that are not outliers follow (ascending); each kept
     token adds the [CLS]-attention-weighted sum of the features of its ``neighbors`` most key-similar
     tokens (kept or not); one extra token, the attention-weighted sum of every pruned token, comes
@@ -75,7 +75,7 @@ class PruMergeReducer(ScoredPruner):
         return k + 1 if k < n else n
 
     def metric_signal(self) -> str | None:
-        return "next_vision_keys"
+        return "last_vision_keys"
 
     def cost_macs(self, n: int, dim: int, grids: Grids) -> int:
         """``dim`` is the width of the keys: (kept x dim) @ (dim x all)."""
@@ -105,7 +105,7 @@ class PruMergeReducer(ScoredPruner):
         return torch.cat([top, lattice[~torch.isin(lattice, top)]])
 
     def reduce(self, state: TokenState, signals: Signals) -> TokenState:
-        attention = wide(signals.require("next_cls_attention"))
+        attention = wide(signals.require("last_cls_attention"))
         kept = self.select(attention)
         if kept.numel() >= state.n:
             return state
@@ -117,7 +117,7 @@ class PruMergeReducer(ScoredPruner):
         hidden = x[kept].clone()
         nn_count = min(self.neighbors, state.n - 1)
         if nn_count:
-            keys = unit_rows(signals.require("next_vision_keys"))
+            keys = unit_rows(signals.require("last_vision_keys"))
             similarity = keys[kept] @ keys.T  # [k, N]
             similarity[torch.arange(k, device=device), kept] = float("-inf")  # not itself
             nbr = torch.topk(similarity, nn_count, dim=1).indices

@@ -34,15 +34,16 @@ SIGNALS = {
     "(any placement)",
     "cls_hidden": "[crops, d_vision] the [CLS] token's feature at the vision feature layer, per crop the tower "
     "encodes (vision placement; towers with a [CLS] token)",
-    "next_cls_attention": "[N] attention of the [CLS] token to each patch in the vision layer after the feature "
-    "layer, its q and k projections taken as one full-width head (softmax of q.k / sqrt(d_vision)) (any placement)",
-    "next_vision_keys": "[N, d_vision] full-width key projections of each patch in the vision layer after the "
-    "feature layer (any placement)",
+    "last_cls_attention": "[N] attention of the [CLS] token to each patch in the vision tower's last layer (CLIP-L's "
+    "layer 23, after LLaVA-1.5's feature layer), its q and k projections taken as one full-width head: softmax "
+    "of q.k / sqrt(d_vision) (any placement)",
+    "last_vision_keys": "[N, d_vision] full-width key projections of each patch in the vision tower's last layer "
+    "(any placement)",
 }
 LLM_SIGNALS = frozenset({"text_attention", "text_image_attention", "input_text_attention", "llm_keys", "text_keys",
                          "normed_hidden", "text_normed_hidden", "sequence_index", "text_sequence_index",
                          "text_relevance"})
-VISION_SIGNALS = frozenset({"cls_attention", "vision_keys", "cls_hidden", "next_cls_attention", "next_vision_keys"})
+VISION_SIGNALS = frozenset({"cls_attention", "vision_keys", "cls_hidden", "last_cls_attention", "last_vision_keys"})
 #: signals that describe the text after the image or a whole image, not one row per image token
 UNALIGNED_SIGNALS = frozenset({"text_image_attention", "text_keys", "text_normed_hidden", "text_sequence_index",
                                "text_relevance", "cls_hidden"})
@@ -70,8 +71,8 @@ class Signals:
     cls_attention: Tensor | None = None
     vision_keys: Tensor | None = None
     cls_hidden: Tensor | None = None
-    next_cls_attention: Tensor | None = None
-    next_vision_keys: Tensor | None = None
+    last_cls_attention: Tensor | None = None
+    last_vision_keys: Tensor | None = None
 
     def require(self, name: str) -> Tensor:
         value = getattr(self, name, None)
