@@ -22,8 +22,8 @@ from .probes import (
     VisionProbe,
     cls_hidden_probe,
     feature_layer_probe,
-    mean_received_attention,
     last_layer_probe,
+    mean_received_attention,
     vision_keys_fused,
 )
 

@@ -164,6 +164,10 @@ def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: 
         total, dec = Timing.summary(timing.total), Timing.summary(timing.decoder)
         costs = InputCosts(plan, compile_for(model, "none")[1])
         costs.add(inputs)
+        if any(s.adaptive for s in plan.stages):  # cost what an adaptive stage kept on this input
+            with apply(model, plan, adapter=adapter) as run, torch.no_grad():
+                model(**inputs, logits_to_keep=1)
+            costs.observe(run)
         analytic = costs.cost(text_tokens)["saving"]
         measured = 1.0 - dec["median"] / base_decoder
         rows.append({
