@@ -1,4 +1,5 @@
-"""Decoder-side reducers at their default parameters against transcriptions of their released code.
+"""Decoder-side reducers (FastV, PyramidDrop, DART) at their default parameters against transcriptions
+of their released code.
 
 Each test drives the miniature's 32-layer decoder (eager) the way the released forward does, with the
 rank & drop steps of ``tests/released``, and compares the kept original image indices of every stage
@@ -11,6 +12,7 @@ import pytest
 import torch
 from released import eager as E
 from released.dart import DART_K, dart_keep_indexs, dart_retained_image_tokens
+from released.fastv import fastv_keep_indexs
 from released.pdrop import LAYER_LIST, pdrop_rank_drop, stage_counts
 
 import lmmsqueeze
@@ -110,4 +112,25 @@ def test_dart(miniature, embeds):
     got = run.trace[0][0]
     assert torch.equal(got.cpu(), kept), f"{got.numel()} vs {kept.numel()} kept, " \
         f"{len(set(got.tolist()) ^ set(kept.tolist()))} differ"
+    _check_logits(logits, expected)
+
+
+def test_fastv(miniature, embeds):
+    """FastV K=2, R=50%: the kept set, and the logits of the pruned decoder with kept positions."""
+    mini = miniature
+    start, length = _image_span(mini)
+    positions = torch.arange(embeds.shape[1])[None]
+    hidden = embeds
+    for i in range(2):
+        out = E.run_layer(mini.eager, i, hidden, positions)
+        hidden = out.hidden
+    keep = fastv_keep_indexs(out.attention, start, length, fastv_r=0.5)
+    hidden, positions = hidden[:, keep], keep[None]
+    for i in range(2, 32):
+        hidden = E.run_layer(mini.eager, i, hidden, positions).hidden
+    expected = E.logits_of(mini.eager, hidden)
+
+    run, logits = _run(mini, "fastv")
+    kept = keep[(keep >= start) & (keep < start + length)] - start
+    assert torch.equal(run.trace[0][0], kept)
     _check_logits(logits, expected)
