@@ -205,16 +205,24 @@ def test_train_proxyv_runs_resumes_and_the_adapter_alone_is_enough(tmp_path):
     assert bad.exit_code == 2 and "does not fit this pipeline or model" in bad.stderr
 
 
+@pytest.mark.parametrize("images", [1, 2])
 @pytest.mark.parametrize("variant", ["spatial", "nonspatial"])
-def test_the_proxyv_layer_is_the_papers_computation_written_out(variant):
+def test_the_proxyv_layer_is_the_papers_computation_written_out(variant, images):
     """One ProxyV layer (the last one) on the tiny eager LLaVA against the method written out from
-    the weights: proxies (bilinear 6x6 -> 3x3, or the initializer's softmax pooling), attention of
-    proxies + text over image + proxies + text under the paper's mask rules (built here by loops),
-    the FFN on the queries only, and every image token's VisionMLP update from its proxy."""
+    the weights, image by image: each image's proxies (bilinear 6x6 -> 3x3, or the initializer's
+    softmax pooling) take consecutive positions from that image's start; attention of proxies + text
+    over image + proxies + text under the paper's mask rules (built here by loops: a proxy sees the
+    proxies and the text before its own image); the FFN on the queries only; and every image token's
+    VisionMLP update from its proxy."""
     from lmmsqueeze.proxyv.attach import config_for
+    from lmmsqueeze.testing import random_image
 
     model, processor = tiny_llava(attn="eager")
-    inputs = tiny_inputs(processor, 1)
+    if images == 1:
+        inputs = tiny_inputs(processor, 1)
+    else:
+        inputs = processor(images=[random_image(0), random_image(1)], return_tensors="pt",
+                           text="USER: <image>\nwhat is <image>\nthe colour ? ASSISTANT:")
     lm = model.model.language_model
     layer = lm.layers[3]
     pipeline = "proxyv(layer=3, factor=2)" if variant == "spatial" else "proxyv(layer=3, variant=nonspatial, proxies=4)"
@@ -238,29 +246,38 @@ def test_the_proxyv_layer_is_the_papers_computation_written_out(variant):
         ids = inputs["input_ids"][0]
         image = torch.nonzero(ids == model.config.image_token_id).flatten()
         text = torch.nonzero(ids != model.config.image_token_id).flatten()
-        n_seq, d, s = ids.numel(), x.shape[-1], int(image.min())
-        x_img = x[image]
+        n_seq, d = ids.numel(), x.shape[-1]
         mlp = adapter.mlps[0]
-        if variant == "spatial":
-            grid = x_img.T.reshape(1, d, 6, 6)
-            proxies = F.interpolate(grid, size=(3, 3), mode="bilinear", align_corners=False).reshape(d, 9).T
-            owner = torch.tensor([(r // 2) * 3 + c // 2 for r in range(6) for c in range(6)])
-            spread = torch.zeros(36, 9).scatter(1, owner[:, None], 1.0)  # each token takes its proxy's guidance
-        else:
-            init = adapter.initializer
-            logits = init.queries @ (x_img @ init.key.weight.T).T / init.width ** 0.5  # [P, 36]
-            proxies = logits.softmax(-1) @ x_img
-            spread = logits.T.softmax(-1)  # [36, P] splat weights
+        proxies, spreads, positions, owner_of = [], [], [], []
+        for j in range(images):  # each image alone: its 36 tokens, its proxies, its start position
+            cols = image[36 * j: 36 * (j + 1)]
+            x_img = x[cols]
+            if variant == "spatial":
+                grid = x_img.T.reshape(1, d, 6, 6)
+                pj = F.interpolate(grid, size=(3, 3), mode="bilinear", align_corners=False).reshape(d, 9).T
+                owner = torch.tensor([(r // 2) * 3 + c // 2 for r in range(6) for c in range(6)])
+                spread = torch.zeros(36, 9).scatter(1, owner[:, None], 1.0)  # each token takes its proxy's
+            else:
+                init = adapter.initializer
+                logits = init.queries @ (x_img @ init.key.weight.T).T / init.width ** 0.5  # [P, 36]
+                pj = logits.softmax(-1) @ x_img
+                spread = logits.T.softmax(-1)  # [36, P] splat weights
+            proxies.append(pj)
+            spreads.append(spread)
+            positions.append(int(cols.min()) + torch.arange(pj.shape[0]))
+            owner_of += [int(cols.min())] * pj.shape[0]
+        proxies = torch.cat(proxies)
         n_p = proxies.shape[0]
         rows = torch.cat([x, proxies])
-        positions = torch.cat([torch.arange(n_seq), s + torch.arange(n_p)])
+        positions = torch.cat([torch.arange(n_seq), *positions])
         kind = ["image" if i in image.tolist() else "text" for i in range(n_seq)] + ["proxy"] * n_p
         queries = list(range(n_seq, n_seq + n_p)) + text.tolist()
         allowed = torch.zeros(len(queries), n_seq + n_p, dtype=torch.bool)
         for qi, q in enumerate(queries):
             for k in range(n_seq + n_p):
-                if kind[q] == "proxy":  # proxies see proxies (causally) and the text before the image
-                    ok = (kind[k] == "proxy" and positions[k] <= positions[q]) or (kind[k] == "text" and k < s)
+                if kind[q] == "proxy":  # proxies see proxies (causally) and the text before their image
+                    start = owner_of[q - n_seq]
+                    ok = (kind[k] == "proxy" and positions[k] <= positions[q]) or (kind[k] == "text" and k < start)
                 else:  # text sees every sequence token up to itself, never a proxy
                     ok = kind[k] != "proxy" and positions[k] <= positions[q]
                 allowed[qi, k] = ok
@@ -286,11 +303,13 @@ def test_the_proxyv_layer_is_the_papers_computation_written_out(variant):
         h = rows[q_idx] + out
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         new_proxies, new_text = h[:n_p], h[n_p:]
-        guidance = spread @ (new_proxies @ mlp.context_proj.weight.T)
-        fused = F.silu(torch.cat([x_img @ mlp.input_proj.weight.T, guidance], -1) @ mlp.fuse.weight.T)
-        y = fused @ mlp.out_proj.weight.T + x_img
-        image_out = mlp.norm.weight * y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + mlp.norm.eps)
         expected = x.clone()
         expected[text] = new_text
-        expected[image] = image_out
+        per_image = n_p // images
+        for j in range(images):
+            cols = image[36 * j: 36 * (j + 1)]
+            guidance = spreads[j] @ (new_proxies[per_image * j: per_image * (j + 1)] @ mlp.context_proj.weight.T)
+            fused = F.silu(torch.cat([x[cols] @ mlp.input_proj.weight.T, guidance], -1) @ mlp.fuse.weight.T)
+            y = fused @ mlp.out_proj.weight.T + x[cols]
+            expected[cols] = mlp.norm.weight * y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + mlp.norm.eps)
     assert torch.allclose(seen["y"], expected, atol=1e-5), (seen["y"] - expected).abs().max()

@@ -121,6 +121,7 @@ class Sample:
     slots: Tensor  # [n] column of each current image token in the current sequence, in state order
     meta: TokenState  # index/sizes/crops/grids/assign of the current tokens (hidden is a placeholder)
     vision: dict[str, Tensor]  # vision signals over the sample's original image tokens
+    image_of_crop: Tensor  # [crops] the image (0, 1, ... in the prompt) each crop id belongs to
 
 
 @dataclass

@@ -405,7 +405,9 @@ class PipelineRun:
             meta = _sample_state([images[j].state for j in mine], [images[j].crops for j in mine], slots.device)
             vision = {name: torch.cat([images[j].vision[name] for j in mine])
                       for name in (images[mine[0]].vision if mine else {})}
-            out.append(Sample(slots, meta, vision))
+            owners = [torch.full((images[j].crops,), i, dtype=torch.long) for i, j in enumerate(mine)]
+            image_of_crop = torch.cat(owners).to(slots.device) if owners else slots.new_zeros(0)
+            out.append(Sample(slots, meta, vision, image_of_crop))
         return out
 
     def _decode_kwargs(self, kwargs: dict, past: int) -> dict:

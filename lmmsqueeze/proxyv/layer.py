@@ -40,6 +40,7 @@ class ProxyVState:
     proxy_rope: tuple[Tensor, Tensor]  # cos/sin [B, P, head_dim]
     assign: Tensor | None  # [n] proxy of each image token (spatial)
     splat: Tensor | None  # [B, n, P] splat weights (non-spatial)
+    proxy_start: Tensor | None = None  # [B, P] the first position of each proxy's image
     layout: "_Layout | None" = None  # query rows, RoPE and mask: the same in every ProxyV layer
 
 
@@ -152,24 +153,24 @@ def _proxyv_sample(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Te
 
 
 def proxyv_mask(st: ProxyVState, q_rows: Tensor, n_seq: int) -> Tensor:
-    """``[B, nq, N+P]`` True where a query may attend: causal by position over real tokens; proxies
-    see the proxies and the tokens before the image only (never image tokens, nor text or newline
-    tokens inside or after the image, whatever the number of proxies); text never sees proxies
-    (every query sees itself)."""
+    """``[B, nq, N+P]`` True where a query may attend: causal by position over real tokens; a proxy
+    sees the proxies and the non-image tokens before its own image only (never image tokens, nor text
+    or newline tokens inside or after its image, whatever the number of proxies); text never sees
+    proxies (every query sees itself)."""
     b, p = st.proxies.shape[:2]
     device = q_rows.device
     key_pos = torch.cat([st.positions, st.proxy_positions], 1)
     query_pos = key_pos.gather(1, q_rows)
     key_real = torch.cat([st.padding, torch.ones(b, p, dtype=torch.bool, device=device)], 1)
-    if st.image.shape[1]:
-        start = st.positions.gather(1, st.image).min(dim=1, keepdim=True).values
-    else:  # no image (and no proxies): nothing is after the image
-        start = st.positions.max(dim=1, keepdim=True).values + 1
     key_proxy = (torch.arange(n_seq + p, device=device) >= n_seq)[None, :].expand(b, -1)
-    before_image = torch.cat([st.positions < start, torch.zeros(b, p, dtype=torch.bool, device=device)], 1)
+    is_image = torch.zeros(b, n_seq + p, dtype=torch.bool, device=device).scatter(1, st.image, True)
     query_proxy = (torch.arange(q_rows.shape[1], device=device) < p)[None, :, None]
     allowed = (key_pos[:, None, :] <= query_pos[:, :, None]) & key_real[:, None, :]
-    allowed &= ~(query_proxy & ~(key_proxy | before_image)[:, None, :])
+    if p:  # proxy queries: proxies, and non-image tokens before their image
+        start = st.proxy_start if st.proxy_start is not None else st.proxy_positions[:, :1].expand(-1, p)
+        before = (key_pos[:, None, :] < start[:, :, None]) & ~is_image[:, None, :] & ~key_proxy[:, None, :]
+        for_proxies = key_proxy[:, None, :] | before  # [B, P, N+P]
+        allowed[:, :p] &= for_proxies
     allowed &= ~(~query_proxy & key_proxy[:, None, :])
     return allowed | (torch.arange(n_seq + p, device=device)[None, None, :] == q_rows[:, :, None])
 
