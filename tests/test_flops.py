@@ -106,6 +106,22 @@ def test_proxyv_paper_savings(backbone, starts, reported):
         assert 100 * plan.cost(text_tokens=55).saving == pytest.approx(expected, abs=1.0)
 
 
+def test_the_fastv_convention_counts_proxyv_layers_the_fastv_way():
+    """ProxyV L12 on Vicuna-7B (2880 image + 55 other tokens, 180 proxies, h = d/4) with FastV's formula
+    for every layer: ordinary ones 4nd^2 + 2n^2d + 2ndm, ProxyV ones 2*nq*d^2 (Q, O) + 2*nkv*d^2 (K, V)
+    + 2*nq*nkv*d + 2*nq*d*m, plus the light MLP N(2dh + 2h^2) + Pdh, as the exact convention counts it."""
+    g = with_tokens(preset("vicuna-7b"), 2880)
+    d, m, h = 4096, 11008, 1024
+    n, nq = 2880 + 55, 180 + 55
+    nkv = 2880 + nq
+    ordinary = 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+    proxyv = 2 * nq * d * d + 2 * nkv * d * d + 2 * nq * nkv * d + 2 * nq * d * m
+    light = 2880 * (2 * d * h + 2 * h * h) + 180 * d * h
+    cost = lmmsqueeze.compile("proxyv(layer=12)", g).cost(text_tokens=55, convention="fastv")
+    assert cost.prefill_macs == 12 * ordinary + 20 * (proxyv + light)
+    assert cost.vanilla_macs == 32 * ordinary
+
+
 def test_explain_json_carries_costs():
     from typer.testing import CliRunner
 

@@ -215,11 +215,12 @@ def plan_cost(plan: Any, text_tokens: int = 64, convention: str = "exact", text_
             proxies = images * stage.proxy_count(pv.tokens_in, pv.grids_in)
             width = stage.width(g.hidden_size)
             nonspatial = stage.variant == "nonspatial"
-            proj, attn, ffn, light = proxyv_layer_macs(g, image_tokens, proxies, text_tokens, width, splat=nonspatial)
+            proj, attn, ffn, light = proxyv_layer_macs(g, image_tokens, proxies, text_tokens, width, splat=nonspatial,
+                                                       convention=convention)
             if nonspatial and i == pv.layer:  # the initializer: keys, logits, pooling
                 light += image_tokens * g.hidden_size * width + proxies * (image_tokens // groups) * (width + g.hidden_size)
             layers.append(LayerCost(i, image_tokens, proxies + text_tokens, image_tokens + proxies + text_tokens,
-                                    proj, attn, ffn, overhead_at.get(i, 0) + (light if exact else 0)))
+                                    proj, attn, ffn, overhead_at.get(i, 0) + light))
             continue
         proj, attn, ffn = layer_macs(g, n, n, convention)
         layers.append(LayerCost(i, image_tokens, n, n, proj, attn, ffn, overhead_at.get(i, 0)))
@@ -234,23 +235,30 @@ def plan_cost(plan: Any, text_tokens: int = 64, convention: str = "exact", text_
 
 
 def proxyv_layer_macs(g: ModelGeometry, image_tokens: int, proxies: int, other_tokens: int, mlp_hidden: int,
-                      splat: bool = False) -> tuple[int, int, int, int]:
+                      splat: bool = False, convention: str = "exact") -> tuple[int, int, int, int]:
     """(projections, attention, ffn, light-MLP) MACs of one ProxyV layer.
 
     ``nq = proxies + other_tokens`` queries (proxies, newlines, text); keys and values over every
     image token too (``nkv = image_tokens + nq``); the FFN runs on the ``nq`` queries only; each
     image token is updated by the light MLP (two d->h inputs, 2h->h, h->d), whose guidance
     projection runs on the proxies (and, for the non-spatial variant, the projected proxies are
-    splatted back to every image token, ``image_tokens * proxies * h``).
+    splatted back to every image token, ``image_tokens * proxies * h``). With ``convention="fastv"``
+    the layer is counted as FastV counts one: ``d^2`` per token for each of Q, O (queries) and K, V
+    (keys), no GQA, a two-matrix FFN; the light MLP the same in both conventions.
     """
     d, m, h = g.hidden_size, g.intermediate_size, mlp_hidden
     d_q = g.num_heads * g.head_dim
     d_kv = g.num_kv_heads * g.head_dim
     nq = proxies + other_tokens
     nkv = image_tokens + nq
-    projections = nq * 2 * d * d_q + nkv * 2 * d * d_kv
-    attention = 2 * nq * nkv * d_q
-    ffn = (3 if g.gated_ffn else 2) * nq * d * m
+    if convention == "fastv":
+        projections = nq * 2 * d * d + nkv * 2 * d * d
+        attention = 2 * nq * nkv * d
+        ffn = 2 * nq * d * m
+    else:
+        projections = nq * 2 * d * d_q + nkv * 2 * d * d_kv
+        attention = 2 * nq * nkv * d_q
+        ffn = (3 if g.gated_ffn else 2) * nq * d * m
     light = image_tokens * (d * h + 2 * h * h + h * d)
     light += proxies * d * h  # the guidance projection runs on the proxies
     if splat:  # then every image token takes its splat of them
