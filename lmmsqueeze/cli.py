@@ -305,7 +305,7 @@ def show_cmd(
 # --- show (reducer library) ---
 
 
-from . import cli_eval, cli_proxyv  # noqa: E402,F401  (register eval, sweep, pareto, train-proxyv on `app`)
+from . import cli_convert, cli_eval, cli_proxyv  # noqa: E402,F401  (register the other commands on `app`)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .cli import DeviceOpt, app, console, err_console, user_errors
+from .errors import LmmsqueezeError
 
 
 @app.command("train-proxyv")
@@ -17,10 +18,17 @@ def train_proxyv_cmd(
     pipeline: Annotated[str, typer.Option("--pipeline", "-p", help='Pipeline ending in proxyv, e.g. "proxyv(layer=1)".')],
     out: Annotated[Path, typer.Option(help="Output directory (checkpoints, log, adapter/).")],
     data: Annotated[str, typer.Option(help="Task whose train split is used.")] = "bundled",
-    steps: Annotated[int, typer.Option(min=1)] = 500,
+    steps: Annotated[int, typer.Option(min=1)] = 400,
     batch: Annotated[int, typer.Option(min=1)] = 16,
-    lr: Annotated[float, typer.Option(help="Learning rate of the ProxyV parameters.")] = 1e-3,
-    full: Annotated[bool, typer.Option("--full", help="Also fine-tune the LLM; saves the whole model too.")] = False,
+    lr: Annotated[float, typer.Option(help="Learning rate of the ProxyV parameters.")] = 2e-3,
+    objective: Annotated[str, typer.Option(help="distill: imitate the frozen vanilla model on unlabelled image + "
+                                           "question pairs (no labels); task: the answers' cross-entropy.")] = "distill",
+    hidden_weight: Annotated[float, typer.Option(help="distill: weight of an MSE between the last hidden "
+                                                 "states.")] = 0.0,
+    control: Annotated[bool, typer.Option("--control", help="With --objective task: also train the "
+                                          "parameter-matched control (OUT/control) the same way.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Also fine-tune the LLM and projector (never the vision "
+                                       "tower); saves the whole model too.")] = False,
     llm_lr: Annotated[float, typer.Option(help="Learning rate of the LLM with --full.")] = 1e-4,
     seed: Annotated[int, typer.Option()] = 0,
     eval_every: Annotated[int, typer.Option(min=1, help="Held-out accuracy every N steps.")] = 100,
@@ -28,28 +36,40 @@ def train_proxyv_cmd(
     save_every: Annotated[int, typer.Option(min=1)] = 100,
     device: DeviceOpt = None,
 ) -> None:
-    """Train ProxyV (VisionMLPs, proxy initializer) with the LLM frozen, or everything with --full.
+    """Train ProxyV (VisionMLPs, proxy initializer) with the LLM frozen, or the LLM too with --full.
 
-    Resumes from OUT/checkpoint.pt when it exists; writes OUT/adapter (adapter.safetensors +
-    adapter_config.json) and, with --full, OUT/model.
+    By default the adapter learns to reproduce the vanilla model (--objective distill); --objective task
+    trains on the answers, and --control trains the control that measures what task training alone
+    brings. Resumes from OUT/checkpoint.pt when it exists; writes OUT/adapter (adapter.safetensors +
+    adapter_config.json), with --control OUT/control/adapter, and with --full the models too.
     """
     from .evaluation.tasks import get_task
     from .pipelines.loading import load_model
-    from .proxyv.train import TrainSettings, train_proxyv
+    from .proxyv.train import TrainSettings, train_proxyv, train_with_control
 
     with user_errors():
+        settings = TrainSettings(steps=steps, batch=batch, lr=lr, objective=objective, hidden_weight=hidden_weight,
+                                 full=full, llm_lr=llm_lr, seed=seed, save_every=save_every, eval_every=eval_every,
+                                 eval_size=eval_size)
+        if control and objective != "task":
+            raise LmmsqueezeError("--control trains the yardstick of task training: give --objective task with it")
         task = get_task(data)
         loaded, processor = load_model(model, device=device)
-        settings = TrainSettings(steps=steps, batch=batch, lr=lr, full=full, llm_lr=llm_lr, seed=seed,
-                                 save_every=save_every, eval_every=eval_every, eval_size=eval_size)
-
         with Progress(TextColumn("train-proxyv"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
                       TimeElapsedColumn(), console=err_console) as progress:
             bar = progress.add_task("train", total=steps, loss=float("nan"))
-            adapter = train_proxyv(loaded, processor, pipeline, task, out, settings,
-                                   on_step=lambda s, loss: progress.update(bar, completed=s, loss=loss))
+
+            def on_step(s: int, loss: float) -> None:
+                progress.update(bar, completed=s, loss=loss)
+
+            if control:
+                adapter, _ = train_with_control(loaded, processor, pipeline, task, out, settings, on_step=on_step)
+            else:
+                adapter = train_proxyv(loaded, processor, pipeline, task, out, settings, on_step=on_step)
+                if full:
+                    loaded.save_pretrained(out / "model")
         if full:
-            loaded.save_pretrained(out / "model")
             processor.save_pretrained(out / "model")
-    console.print(f"wrote {out / 'adapter'}" + (f" and {out / 'model'}" if full else "")
+    console.print(f"wrote {out / 'adapter'}" + (f" and {out / 'control' / 'adapter'}" if control else "")
+                  + (f" (and the models: {out / 'model'})" if full else "")
                   + f" (pipeline {adapter.config.pipeline})", highlight=False)

@@ -209,6 +209,12 @@ def plan_cost(plan: Any, text_tokens: int = 64, convention: str = "exact", text_
     layers = []
     for i, image_tokens in enumerate(tokens_per_layer):
         n = text_tokens + image_tokens
+        if pv is not None and i >= pv.layer and pv.reducer.variant == "control":  # an ordinary layer + a branch
+            proj, attn, ffn = layer_macs(g, n, n, convention)
+            h = pv.reducer.width(g.hidden_size)
+            branch = image_tokens * (3 * g.hidden_size * h + 2 * h * h)
+            layers.append(LayerCost(i, image_tokens, n, n, proj, attn, ffn, overhead_at.get(i, 0) + branch))
+            continue
         if pv is not None and i >= pv.layer:
             stage = pv.reducer
             groups = images * (len(pv.grids_in) if pv.grids_in else 1)

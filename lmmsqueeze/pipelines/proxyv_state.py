@@ -50,6 +50,9 @@ def _state_for(run: Any, hidden: Tensor, image: Tensor, positions: Tensor, paddi
         no_tokens = torch.zeros(0, dtype=torch.long, device=device)
         return ProxyVState(image, others, positions, padding, proxies, empty, rope, no_tokens, None)
     stage = run.plan.proxyv.reducer
+    if stage.variant == "control":  # ordinary layers: the image tokens are all it needs
+        return ProxyVState(image, others, positions, padding, hidden.new_zeros(batch, 0, hidden.shape[-1]),
+                           positions[:, :0], (hidden[:, :0], hidden[:, :0]), None, None)
     tokens = hidden.gather(1, image[..., None].expand(-1, -1, hidden.shape[-1]))
     proxies, assign, splat = make_proxies(stage, run.proxyv_adapter, tokens, meta.grids, meta.crop_ids)
     owner = sample.image_of_crop[proxy_crops(stage, meta)]  # [P] the image of every proxy

@@ -190,4 +190,19 @@ class ProxyVDecoderLayer(nn.Module):
         if state is None:
             return self.inner(hidden_states, *args, **kwargs)
         mlp = self._run.proxyv_adapter.mlp(self.index)
+        if self._run.plan.proxyv.reducer.variant == "control":
+            return control_layer(self.inner(hidden_states, *args, **kwargs), hidden_states, mlp, state)
         return proxyv_layer(self.inner, mlp, state, hidden_states, kwargs["position_embeddings"], kwargs.get("cache"))
+
+
+def control_layer(out: Tensor, hidden: Tensor, mlp: VisionMLP, st: ProxyVState | list[ProxyVState]) -> Tensor:
+    """The control's layer: the ordinary layer's output, plus on every image token the VisionMLP branch of
+    its input (guided by its own output)."""
+    if isinstance(st, list):  # samples whose image tokens differ: one by one
+        return torch.cat([control_layer(out[b:b + 1], hidden[b:b + 1], mlp, s) for b, s in enumerate(st)])
+    if not st.image.shape[1]:
+        return out
+    index = st.image[..., None].expand(-1, -1, out.shape[-1])
+    new = out.gather(1, index)
+    update = mlp.branch(hidden.gather(1, index), mlp.context_proj(new))
+    return out + torch.zeros_like(out).scatter(1, index, update)

@@ -49,8 +49,11 @@ class VisionMLP(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         """``x``: ``[..., N, d]`` image tokens; ``context``: ``[..., N, h]`` projected guidance."""
-        fused = self.out_proj(F.silu(self.fuse(torch.cat([self.input_proj(x), context], dim=-1))))
-        return self.norm(fused + x)
+        return self.norm(self.branch(x, context) + x)
+
+    def branch(self, x: Tensor, context: Tensor) -> Tensor:
+        """``W_out silu(W_fuse [W_in x ; context])``: the update before the residual and the norm."""
+        return self.out_proj(F.silu(self.fuse(torch.cat([self.input_proj(x), context], dim=-1))))
 
 
 class ProxyInitializer(nn.Module):
@@ -85,6 +88,9 @@ class ProxyVConfig:
     rms_norm_eps: float
     base_model: str = ""
     pipeline: str = ""
+    objective: str = ""  # what training optimised: "distill" (imitate the vanilla model) or "task" (answers)
+    control: str = ""  # for a task-trained adapter: its trained control's directory, relative to this one
+    training: dict | None = None  # the settings it was trained with
 
     def mismatch(self, other: "ProxyVConfig") -> str | None:
         for name in ("hidden_size", "num_layers", "layer", "variant", "factor", "proxies", "width"):
@@ -106,6 +112,9 @@ class ProxyVAdapter(nn.Module):
         self.config = config
         layers = range(config.layer, config.num_layers)
         self.mlps = nn.ModuleList(VisionMLP(config.hidden_size, config.width, config.rms_norm_eps) for _ in layers)
+        if config.variant == "control":  # a residual branch that starts as nothing: the vanilla model
+            for mlp in self.mlps:
+                nn.init.zeros_(mlp.out_proj.weight)
         self.initializer = (
             ProxyInitializer(config.hidden_size, config.width, config.proxies)
             if config.variant == "nonspatial" else None

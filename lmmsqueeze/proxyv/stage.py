@@ -31,10 +31,16 @@ class ProxyV(Reducer):
     ``proxies`` learned queries per crop (per image once crops are gone) pooling the image tokens,
     so they can follow any reducer. ``mlp_hidden=0`` picks the paper's width (d/4, or d/2 below
     d=1024). Needs trained weights (``--adapter``); without them the modules are freshly initialised.
+
+    ``control`` is not ProxyV: the trained control of a task-trained adapter ("vanilla-ft"). Its layers
+    are ordinary, and each image token gets a residual branch with the same VisionMLP weights (its own
+    input and its layer output as guidance; the output projection starts at zero, so it starts as the
+    vanilla model). It saves nothing; trained like the adapter, it shows what the extra parameters and
+    training alone bring.
     """
 
     layer: int = 12
-    variant: Literal["spatial", "nonspatial"] = "spatial"
+    variant: Literal["spatial", "nonspatial", "control"] = "spatial"
     factor: int = 4
     proxies: int = 36
     mlp_hidden: int = 0
@@ -73,6 +79,8 @@ class ProxyV(Reducer):
         """Proxies made from ``n`` image tokens (``groups``: crops or images when the grid is gone)."""
         if self.variant == "spatial":
             return sum(h * w for h, w in self.proxy_grids(grids))
+        if self.variant == "control":
+            return 0
         return self.proxies * (len(grids) if grids else groups)
 
     def width(self, hidden_size: int) -> int:

@@ -1,28 +1,30 @@
 """Training ProxyV's parameters (and optionally the LLM) on a task's training split.
 
-The pipeline runs exactly as at inference (any reducers before ProxyV included); the loss is the
-next-token cross-entropy of the answer (and end-of-sequence) tokens, read from the logits rows
-that survive the pipeline. Checkpoints (adapter, optimizer, step) are written every
-``save_every`` steps, so a stopped run resumes where it left off.
+The pipeline runs exactly as at inference (any reducers before ProxyV included); what the
+parameters learn is the objective's (:mod:`.objectives`: distillation from the vanilla model by
+default, or the task's answers). Checkpoints (adapter, optimizer, step) are written every
+``save_every`` steps, so a stopped run resumes where it left off. Every parameter's
+``requires_grad`` is what the caller had when training returns; the vision tower is never trained.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
+from ..compose.spec import PipelineSpec, StageSpec, parse_pipeline
 from ..errors import LmmsqueezeError
-from ..pipelines.loading import build_prompt
 from ..pipelines.runtime import apply, compile_for
 from .attach import config_for
 from .modules import ProxyVAdapter
+from .objectives import OBJECTIVES, answer_loss, distill_batch, distill_loss, task_batch
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
@@ -30,12 +32,14 @@ LOG = "train_log.jsonl"
 
 @dataclass
 class TrainSettings:
-    steps: int = 500
+    steps: int = 400
     batch: int = 16
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup: int = 20
     weight_decay: float = 0.0
-    full: bool = False  # also train the LLM (and save the whole model)
+    objective: str = "distill"  # distill | task (see .objectives)
+    hidden_weight: float = 0.0  # distill: weight of the last hidden states' MSE
+    full: bool = False  # also train the LLM and the projector (and save the whole model); never the vision tower
     llm_lr: float = 1e-4
     seed: int = 0
     save_every: int = 100
@@ -43,32 +47,28 @@ class TrainSettings:
     eval_size: int = 100  # held-out (validation split) samples scored every eval_every steps; 0: none
     eval_batch: int = 16
 
-
-def _batch(processor: Any, items: list[Any], device: torch.device, dtype: torch.dtype) -> tuple[dict, torch.Tensor]:
-    """Inputs with the answer appended, and labels: -100 everywhere but the answer and end tokens."""
-    tok = processor.tokenizer
-    prompts = [build_prompt(processor, item.question) for item in items]
-    full = [f"{p} {item.answer} {tok.eos_token}" for p, item in zip(prompts, items)]
-    inputs = processor(images=[i.image for i in items], text=full, return_tensors="pt", padding=True)
-    prompt_ids = processor(images=[i.image for i in items], text=prompts, return_tensors="pt", padding=True)
-    labels = torch.full_like(inputs["input_ids"], -100)
-    lengths = inputs["attention_mask"].sum(1)
-    prompt_lengths = prompt_ids["attention_mask"].sum(1)
-    width = inputs["input_ids"].shape[1]
-    for b in range(len(items)):
-        start = width - int(lengths[b]) + int(prompt_lengths[b])  # left padding
-        labels[b, start:] = inputs["input_ids"][b, start:]
-    inputs = inputs.to(device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    return dict(inputs), labels.to(device)
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise LmmsqueezeError(f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
 
 
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of next-token predictions, mapping each logits row to the input column it came from."""
-    nxt = positions + 1
-    valid = (positions >= 0) & (nxt < labels.shape[1])
-    targets = torch.where(valid, labels.gather(1, nxt.clamp(max=labels.shape[1] - 1)), torch.full_like(nxt, -100))
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+def control_pipeline(pipeline: str) -> str:
+    """The trained control of a ProxyV pipeline: the same stages, the proxyv stage made ``variant=control``
+    at the same layer (what the extra parameters and task training bring, with nothing saved)."""
+    spec = parse_pipeline(pipeline)
+    stages = []
+    for stage in spec.stages:
+        if stage.name == "proxyv":
+            stage = StageSpec("proxyv", {k: v for k, v in stage.params.items() if k in ("layer", "mlp_hidden")}
+                              | {"variant": "control"})
+        stages.append(stage)
+    return PipelineSpec(tuple(stages)).format()
+
+
+def _vision_parameters(model: Any) -> set[int]:
+    base = model.model
+    tower = getattr(base, "vision_tower", None) or getattr(base, "visual", None)
+    return {id(p) for p in tower.parameters()} if tower is not None else set()
 
 
 def train_proxyv(
@@ -92,13 +92,20 @@ def train_proxyv(
         raise LmmsqueezeError(f"pipeline {plan.canonical!r} has no proxyv stage before the last layer to train")
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     torch.manual_seed(settings.seed)
-    adapter = adapter or ProxyVAdapter(config_for(model, plan))
+    config = replace(config_for(model, plan), objective=settings.objective, training=asdict(settings))
+    adapter = adapter or ProxyVAdapter(config)
     adapter = adapter.to(device=device, dtype=dtype)
+    before = [(p, p.requires_grad) for p in model.parameters()]
+    vision = _vision_parameters(model)
+    trainable = [p for p in model.parameters() if id(p) not in vision] if settings.full else []
+    teacher = copy.deepcopy(model).eval() if settings.full and settings.objective == "distill" else model
     for p in model.parameters():
-        p.requires_grad_(settings.full)
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
     groups = [{"params": list(adapter.parameters()), "lr": settings.lr}]
-    if settings.full:
-        groups.append({"params": [p for p in model.parameters()], "lr": settings.llm_lr})
+    if trainable:
+        groups.append({"params": trainable, "lr": settings.llm_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
     base_lrs = [g["lr"] for g in groups]
     step = 0
@@ -128,14 +135,11 @@ def train_proxyv(
     try:
         while step < settings.steps:
             items = task.samples("train", settings.batch, settings.seed * 1_000_003 + step)
-            inputs, labels = _batch(processor, items, device, dtype)
             scale = min(1.0, (step + 1) / max(1, settings.warmup))
             scale *= 0.5 * (1 + math.cos(math.pi * step / max(1, settings.steps)))
             for g, lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = lr * max(scale, 0.05)
-            with apply(model, plan, adapter=adapter) as run:
-                logits = model(**inputs).logits
-                loss = answer_loss(logits, labels, run.output_positions)
+            loss = _loss(model, teacher, processor, plan, adapter, items, task, settings, device, dtype)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
@@ -157,7 +161,56 @@ def train_proxyv(
     finally:
         log.close()
         model.eval()
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for p, grad in before:
+            p.requires_grad_(grad)
     adapter.save(out / "adapter")
     return adapter
+
+
+def _loss(model: Any, teacher: Any, processor: Any, plan: Any, adapter: ProxyVAdapter, items: list[Any], task: Any,
+          settings: TrainSettings, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """One batch's loss under the objective, the pipeline installed on ``model``."""
+    if settings.objective == "task":
+        inputs, labels = task_batch(processor, items, device, dtype)
+        with apply(model, plan, adapter=adapter) as run:
+            logits = model(**inputs).logits
+            return answer_loss(logits, labels, run.output_positions)
+    was_training = teacher.training
+    teacher.eval()
+    inputs, where = distill_batch(teacher, processor, items, device, dtype, model.config.image_token_id,
+                                  task.max_new_tokens)
+    hidden = bool(settings.hidden_weight)
+    with torch.no_grad():
+        target = teacher(**inputs, output_hidden_states=hidden)
+    teacher.train(was_training)
+    with apply(model, plan, adapter=adapter) as run:
+        student = model(**inputs, output_hidden_states=hidden)
+        return distill_loss(student.logits, run.output_positions, target.logits, where,
+                            student.hidden_states[-1] if hidden else None,
+                            target.hidden_states[-1] if hidden else None, settings.hidden_weight)
+
+
+def train_with_control(model: Any, processor: Any, pipeline: str, task: Any, out: str | Path,
+                       settings: TrainSettings, on_step: Callable[[int, float], None] | None = None,
+                       ) -> tuple[ProxyVAdapter, ProxyVAdapter]:
+    """Task training and its control: the adapter (``OUT/adapter``) and the parameter-matched control
+    (``OUT/control/adapter``, see :func:`control_pipeline`) from the same start checkpoint, with the same
+    data stream, seed, steps and schedule; the adapter's config names its control. With ``full`` each
+    run's whole model is saved beside its adapter (``model/``) and the caller's model is restored."""
+    if settings.objective != "task":
+        raise LmmsqueezeError("a trained control is the yardstick of task training: use it with --objective task "
+                              "(a distilled adapter is compared with the vanilla model itself)")
+    out = Path(out)
+    start = copy.deepcopy(model.state_dict()) if settings.full else None
+    adapter = train_proxyv(model, processor, pipeline, task, out, settings, on_step=on_step)
+    if start is not None:
+        model.save_pretrained(out / "model")
+        model.load_state_dict(start)
+    control = train_proxyv(model, processor, control_pipeline(pipeline), task, out / "control", settings,
+                           on_step=on_step)
+    if start is not None:
+        model.save_pretrained(out / "control" / "model")
+        model.load_state_dict(start)
+    adapter.config = replace(adapter.config, control="../control/adapter")
+    adapter.save(out / "adapter")
+    return adapter, control
