@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -12,10 +12,10 @@ from .cli import app, console, err_console, user_errors
 
 @app.command("convert-proxyv")
 def convert_proxyv_cmd(
-    src: Annotated[Path, typer.Argument(help="Checkpoint directory of the official ProxyV code (config.json + "
-                                             "weights, e.g. craigwu/proxyv_vicuna_7b_layer12 downloaded).")],
+    src: Annotated[Path, typer.Argument(help="A checkpoint directory of the official ProxyV code (config"
+                                             ".json + weights), e.g. craigwu/proxyv_vicuna_7b_layer12.")],
     out: Annotated[Path, typer.Argument(help="Output directory: OUT/model and OUT/adapter are written.")],
-    vision_config: Annotated[Optional[Path], typer.Option(
+    vision_config: Annotated[Path | None, typer.Option(
         "--vision-config", help="CLIP config directory, when the tower SRC names is not local nor cached "
                                 "(else it is read off the weights, as OpenAI CLIP).")] = None,
 ) -> None:

@@ -200,7 +200,9 @@ def pareto_cmd(
         HEADERS,
         TERMINAL,
         _fmt,
+        delta_cell,
         grouped,
+        label,
         pareto_rows,
         plot,
         to_csv,
@@ -238,10 +240,9 @@ def pareto_cmd(
             table.add_column(HEADERS[c], overflow="fold", ratio=4 if c == "pipeline" else None,
                              min_width=24 if c == "pipeline" else None)
         for r in group:
-            cells = [_fmt(c, r.get(c)) for c in TERMINAL]
-            if r.get("adapter"):
-                cells[1] += f" [{r['adapter']}]"
-            table.add_row(*cells, style="bold" if r["pareto"] else None)
+            cells = [delta_cell(r) if c == "accuracy_delta" else _fmt(c, r.get(c)) for c in TERMINAL]
+            cells[1] = label(r) + (f" [{r['adapter']}]" if r.get("adapter") else "")
+            table.add_row(*(escape(c) for c in cells), style="bold" if r["pareto"] else None)
         console.print(table)
     for r in failed:
         err_console.print(f"[red]failed:[/] {escape(r['pipeline'])} ({r['task']}): {escape(str(r['error']))}",

@@ -50,6 +50,35 @@ def test_pareto_rows_sorted_with_relative_columns():
     assert by_latency[0]["saving"] == pytest.approx(0.6)
 
 
+def test_a_task_trained_adapter_is_measured_against_its_trained_control(tmp_path):
+    """A task-trained adapter whose control ran in the same group: its Δ acc is against the control row
+    (vanilla-ft), which the tables name as such; a distilled adapter's Δ acc is against vanilla."""
+    from lmmsqueeze.evaluation.pareto import delta_cell, label, to_markdown
+    from lmmsqueeze.proxyv.attach import provenance
+
+    for name, config in (("task", {"objective": "task", "control": "../control/adapter"}), ("control/adapter", {}),
+                         ("distilled", {"objective": "distill"})):
+        (tmp_path / name).mkdir(parents=True, exist_ok=True)
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(config))
+    task_ref, control_ref, distilled_ref = (str(tmp_path / n) for n in ("task", "control/adapter", "distilled"))
+    rows = [
+        {"pipeline": "none", "adapter": "", "accuracy": 0.80, "prefill_flops": 100, "saving": 0.0},
+        {"pipeline": "proxyv(layer=1, variant=control)", "adapter": control_ref, "accuracy": 0.90,
+         "prefill_flops": 105, "saving": -0.05, **provenance(control_ref)},
+        {"pipeline": "proxyv(layer=1)", "adapter": task_ref, "accuracy": 0.93, "prefill_flops": 55, "saving": 0.45,
+         **provenance(task_ref)},
+        {"pipeline": "proxyv(layer=1)", "adapter": distilled_ref, "accuracy": 0.79, "prefill_flops": 55,
+         "saving": 0.45, **provenance(distilled_ref)},
+    ]
+    out = {r["adapter"]: r for r in pareto_rows(rows)}
+    assert out[task_ref]["accuracy_delta"] == pytest.approx(0.03) and delta_cell(out[task_ref]) == "+3.0 vs ft"
+    assert out[distilled_ref]["accuracy_delta"] == pytest.approx(-0.01) and delta_cell(out[distilled_ref]) == "-1.0"
+    assert label(out[control_ref]).startswith("vanilla-ft: ") and out[control_ref]["accuracy_delta"] == pytest.approx(0.1)
+    assert "vanilla-ft: proxyv(layer=1, variant=control)" in to_markdown(list(out.values()))
+    alone = {r["adapter"]: r for r in pareto_rows(rows[:1] + rows[2:])}  # no control row: no Δ to show
+    assert alone[task_ref]["accuracy_delta"] is None and alone[task_ref]["reference"] is None
+
+
 def test_loyalty_counts_identical_answers():
     ref = [{"uid": str(i), "prediction": p} for i, p in enumerate("aabb")]
     ours = [{"uid": str(i), "prediction": p} for i, p in enumerate("abbb")]

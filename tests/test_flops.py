@@ -34,6 +34,7 @@ def _pipelines():
 @pytest.mark.parametrize("pipeline", [
     "none", "pool", "fastv", "random(layer=1, keep=0.25)", *_pipelines(),
     "proxyv(layer=1, variant=nonspatial, proxies=4)",
+    "proxyv(layer=1, variant=control)",
     "pool | proxyv(layer=2, factor=3)",
     "random(keep=0.5) | fastv(layer=1, keep=6) | proxyv(layer=2, variant=nonspatial, proxies=5)",
 ])

@@ -164,3 +164,21 @@ def test_control_needs_task_training_on_the_command_line(tmp_path):
     result = CliRunner().invoke(app, ["train-proxyv", "-m", "bundled", "-p", "proxyv(layer=1)", "--out",
                                       str(tmp_path), "--control"])
     assert result.exit_code == 2 and "--objective task" in result.stderr and "Traceback" not in result.output
+
+
+def test_the_shipped_adapters_were_trained_with_the_scripts_defaults():
+    """`python -m lmmsqueeze.bundled.train_adapters` with its defaults is how the shipped adapters were
+    made: each adapter recorded exactly the settings the script's defaults give, for the script's
+    pipeline (and the same seed trains the same adapter: test_the_same_seed_trains_the_same_adapter)."""
+    from dataclasses import asdict
+
+    from lmmsqueeze.bundled import WEIGHTS_DIR, train_adapters
+    from lmmsqueeze.compose import geometry_from_path
+    from lmmsqueeze.proxyv.attach import adapter_path
+
+    settings = asdict(train_adapters.settings_of(train_adapters.build_parser().parse_args([])))
+    bundled = geometry_from_path(WEIGHTS_DIR)
+    for name, pipeline in (("proxyv-spatial", train_adapters.SPATIAL), ("proxyv-nonspatial", train_adapters.NONSPATIAL)):
+        config = json.loads((adapter_path(f"bundled:{name}") / "adapter_config.json").read_text())
+        assert config["objective"] == "distill" and config["training"] == settings
+        assert config["pipeline"] == lmmsqueeze.compile(pipeline, bundled).canonical

@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ..errors import LmmsqueezeError
 
@@ -42,13 +43,31 @@ def pareto_rows(rows: Iterable[dict[str, Any]], x: str = "flops") -> list[dict[s
     out = []
     for r, flag in zip(ok, flags):
         row = {k: r.get(k) for k in COLUMNS}
-        row.update(pareto=flag, task=r.get("task"), model=r.get("model"))
-        if vanilla is not None:
-            row["accuracy_delta"] = r["accuracy"] - vanilla["accuracy"]
-            if x == "latency" and vanilla.get("latency_ms"):
-                row["saving"] = 1.0 - r["latency_ms"] / vanilla["latency_ms"]
+        row.update(pareto=flag, task=r.get("task"), model=r.get("model"), reference="vanilla",
+                   control=is_control(r["pipeline"]))
+        baseline = vanilla
+        if r.get("adapter_control"):  # task-trained: measured against its trained control, when it ran
+            from ..proxyv.attach import same_adapter
+
+            baseline = next((c for c in ok if c.get("adapter") and same_adapter(c["adapter"], r["adapter_control"])),
+                            None)
+            row["reference"] = "vanilla-ft" if baseline is not None else None
+        if baseline is not None:
+            row["accuracy_delta"] = r["accuracy"] - baseline["accuracy"]
+        if vanilla is not None and x == "latency" and vanilla.get("latency_ms"):
+            row["saving"] = 1.0 - r["latency_ms"] / vanilla["latency_ms"]
         out.append(row)
     return sorted(out, key=lambda r: (r[field], -r["accuracy"]))
+
+
+def is_control(pipeline: str) -> bool:
+    """A ProxyV control row: the vanilla model fine-tuned with the adapter's parameters ("vanilla-ft")."""
+    return "variant=control" in pipeline
+
+
+def label(row: dict[str, Any]) -> str:
+    """A row's pipeline as tables show it: a control is named vanilla-ft."""
+    return f"vanilla-ft: {row['pipeline']}" if row.get("control") else row["pipeline"]
 
 
 def grouped(rows: Iterable[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
@@ -86,11 +105,18 @@ HEADERS = {"pareto": "frontier", "pipeline": "pipeline", "adapter": "adapter", "
            "image_tokens_avg": "img tok/layer"}
 
 
+def delta_cell(row: dict[str, Any]) -> str:
+    """Δ acc as printed: against vanilla, or against the trained control (``vs ft``) for task training."""
+    cell = _fmt("accuracy_delta", row.get("accuracy_delta"))
+    return f"{cell} vs ft" if row.get("reference") == "vanilla-ft" else cell
+
+
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        pipeline = r["pipeline"].replace("|", "\\|")  # a pipe inside a Markdown table cell must be escaped
-        cells = [_fmt(c, r.get(c)) if c != "pipeline" else f"`{pipeline}`" for c in COLUMNS]
+        pipeline = label(r).replace("|", "\\|")  # a pipe inside a Markdown table cell must be escaped
+        cells = [f"`{pipeline}`" if c == "pipeline" else delta_cell(r) if c == "accuracy_delta" else _fmt(c, r.get(c))
+                 for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -131,8 +157,8 @@ def plot(rows: list[dict[str, Any]], path: str, x: str = "flops", title: str = "
         fx, fy = zip(*sorted(front))
         ax.plot(fx, fy, color="#d1495b", marker="o", zorder=3, label="Pareto frontier")
     for a, b, r in zip(xs, ys, rows):
-        label = r["pipeline"] + (f" [{r['adapter']}]" if r.get("adapter") else "")
-        ax.annotate(label if len(label) < 48 else label[:45] + "...", (a, b), fontsize=7,
+        text = label(r) + (f" [{r['adapter']}]" if r.get("adapter") else "")
+        ax.annotate(text if len(text) < 48 else text[:45] + "...", (a, b), fontsize=7,
                     xytext=(4, 4), textcoords="offset points")
     vanilla = [(a, b) for a, b, r in zip(xs, ys, rows) if r["pipeline"] == "none" and not r.get("adapter")]
     if vanilla:

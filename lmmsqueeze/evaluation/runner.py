@@ -12,7 +12,7 @@ from ..pipelines.hooks import HookSet
 from ..pipelines.loading import build_prompt, model_inputs
 from ..pipelines.measure import _Clock, peak_prefill_memory
 from ..pipelines.runtime import apply, compile_for
-from ..proxyv.attach import resolve_adapter
+from ..proxyv.attach import provenance, resolve_adapter
 from .tasks import Task
 
 #: samples whose prefill peak memory is measured (median reported); memory tracking is slow on CPU
@@ -48,6 +48,7 @@ def evaluate(
     n = task.size if limit is None else min(limit, task.size)
     items = task.samples(split, n, seed)
     plan, model_adapter = compile_for(model, pipeline)
+    trained = provenance(adapter)
     adapter = resolve_adapter(model, plan, adapter)  # loaded once, not at every `apply`
     costs = InputCosts(plan, model_adapter)
     clock = _Clock(next(model.parameters()).device)
@@ -104,6 +105,7 @@ def evaluate(
         "peak_memory_mb": statistics.median(memory) if memory else None,
         "image_tokens_per_layer": tokens_per_layer,
         "image_tokens_avg": sum(tokens_per_layer) / len(tokens_per_layer) if tokens_per_layer else None,
+        **trained,
         "answers": answers,
     }
 

@@ -74,3 +74,33 @@ def resolve_adapter(model: nn.Module, plan: Any, adapter: Any) -> ProxyVAdapter 
             raise ModelError(f"the ProxyV adapter does not fit this pipeline or model: {problem}")
     param = next(model.parameters())
     return module.to(device=param.device, dtype=param.dtype)
+
+
+def provenance(adapter: Any) -> dict[str, Any]:
+    """How an adapter (a reference or a loaded :class:`ProxyVAdapter`) was trained, for result rows:
+    ``adapter_objective`` (``distill`` or ``task``) and, for a task-trained one with a trained control,
+    ``adapter_control`` (the control's directory)."""
+    if adapter is None:
+        return {}
+    if isinstance(adapter, ProxyVAdapter):
+        return {"adapter_objective": adapter.config.objective or None}
+    from .modules import read_config
+
+    config = read_config(adapter_path(adapter))
+    out: dict[str, Any] = {"adapter_objective": config.get("objective") or None}
+    if config.get("control"):
+        out["adapter_control"] = control_ref(adapter, config["control"])
+    return out
+
+
+def control_ref(adapter: Any, relative: str) -> str:
+    """The directory of an adapter's control (recorded relative to the adapter), normalised."""
+    return str((adapter_path(adapter) / relative).resolve())
+
+
+def same_adapter(a: Any, b: Any) -> bool:
+    """Whether two adapter references name the same directory."""
+    try:
+        return adapter_path(a).resolve() == adapter_path(b).resolve()
+    except ModelError:
+        return False

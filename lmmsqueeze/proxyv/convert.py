@@ -1,16 +1,16 @@
 """Convert a checkpoint of the official ProxyV code (penghao-wu/ProxyV, a LLaVA-NeXT fork) into a
 transformers LLaVA-NeXT model directory and an lmmsqueeze ProxyV adapter.
 
-The weights and the ProxyV layer are converted exactly: the LLM, the CLIP tower, the mlp2x_gelu
+The weights and the ProxyV layer are converted exactly: the Llama LLM, the CLIP tower, the mlp2x_gelu
 projector and ``image_newline`` keep their values; ``vision_mlp_layers.I.{context_proj, input_proj,
 proj.0, proj.2, layernorm_post}`` become the adapter's ``mlps.I.{context_proj, input_proj, fuse,
 out_proj, norm}`` and ``proxyv_initializer.{Wk, proxyv_tokens}`` its ``initializer.{key, queries}``.
 
 The image layout is not the official one, so answers can differ from the official code's:
 transformers' LLaVA-NeXT unpads the sub-crop grid and puts a newline after every row, while the
-official code concatenates whole crops (no unpadding) with one newline per crop (and gives the
-sub-crop newlines unshifted positions). On LLaVA-NeXT lmmsqueeze also sees the sub-crops as one
-grid, so non-spatial proxies are made per base crop and per sub-crop grid, not per crop.
+official code concatenates whole crops (no unpadding) with one newline per crop (and leaves the
+sub-crop newlines' positions unshifted). lmmsqueeze also sees LLaVA-NeXT's sub-crops as one grid,
+so non-spatial proxies are made for the base crop and for the sub-crop grid, not for every crop.
 """
 
 from __future__ import annotations
@@ -20,44 +20,43 @@ import json
 import math
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import ModelError
 
-OFFICIAL_TOWER = "model.vision_tower.vision_tower.vision_model."
+TOWER = "model.vision_tower.vision_tower.vision_model."  # the official CLIP tower's weights
 MLP_NAMES = {"context_proj.weight": "context_proj.weight", "input_proj.weight": "input_proj.weight",
              "proj.0.weight": "fuse.weight", "proj.2.weight": "out_proj.weight",
              "layernorm_post.weight": "norm.weight"}
 INIT_NAMES = {"Wk.weight": "key.weight", "proxyv_tokens": "queries"}
-TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-             "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps", "attention_bias", "mlp_bias", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+             "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id")
 IGNORED = re.compile(r"(position_ids|rotary_emb\.inv_freq)$")  # buffers older transformers saved
-#: the released checkpoint's prompt format (the official conv template "v1", Vicuna)
+#: the released checkpoint's prompt format (the official conversation template "v1", Vicuna)
 VICUNA_TEMPLATE = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
     "detailed, and polite answers to the user's questions. {% for m in messages %}"
-    "{% if m['role'] == 'user' %}USER: {% if m['content'] is string %}{{ m['content'] }}{% else %}"
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} "
-    "{% else %}ASSISTANT: {% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}</s>{% endif %}{% endfor %}"
+    "{{ 'USER: ' if m['role'] == 'user' else 'ASSISTANT: ' }}"
+    "{% for c in m['content'] if c['type'] == 'image' %}<image>\n{% endfor %}"
+    "{% for c in m['content'] if c['type'] == 'text' %}{{ c['text'] }}{% endfor %}"
+    "{{ ' ' if m['role'] == 'user' else '</s>' }}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+Say = Callable[[str], None]
 
 
 def convert_official(src: str | Path, out: str | Path, vision_config: str | Path | None = None,
-                     say: Callable[[str], None] | None = None) -> tuple[Path, Path]:
+                     say: Say | None = None) -> tuple[Path, Path]:
     """Write ``out/model`` (LLaVA-NeXT: config, safetensors, a processor when ``src`` has a tokenizer)
-    and ``out/adapter`` (the ProxyV adapter, with the lmmsqueeze pipeline it runs under).
-
-    ``vision_config``: a CLIP (vision) config directory when the tower named in ``src``'s config is
-    neither a local directory nor in the Hugging Face cache (else its shape is read off the weights).
-    ``say`` receives notes about what was assumed. Raises :class:`ModelError` naming the problem.
-    """
+    and ``out/adapter`` (the ProxyV adapter, recording its lmmsqueeze pipeline). ``vision_config``: a CLIP
+    config directory for a tower that is neither local nor cached (else the weights' shapes give it).
+    ``say`` gets notes on what was assumed. Raises :class:`ModelError` naming the problem."""
     from transformers.utils import logging as hf_logging
 
     src, out, say = Path(src), Path(out), say or (lambda _: None)
@@ -67,8 +66,8 @@ def convert_official(src: str | Path, out: str | Path, vision_config: str | Path
             raise ModelError(f"{str(out / sub)!r} is not empty; remove it or choose another OUT")
     weights = _read_weights(src)
     if not any(k.startswith("model.vision_mlp_layers.") for k in weights):
-        raise ModelError(f"{str(src)!r} has proxyv in its config.json but no model.vision_mlp_layers.* weights; "
-                         "convert the full fine-tuned checkpoint, not a projector-only one")
+        raise ModelError(f"{str(src)!r} is not a ProxyV checkpoint: it has no model.vision_mlp_layers.* "
+                         "weights; convert the fine-tuned checkpoint, not a projector-only one")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -80,8 +79,8 @@ def convert_official(src: str | Path, out: str | Path, vision_config: str | Path
 
 
 def _convert(src: Path, out: Path, cfg: dict, weights: dict[str, Tensor], vision_config: Any,
-             say: Callable[[str], None]) -> tuple[Path, Path]:
-    from transformers import AddedToken, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+             say: Say) -> tuple[Path, Path]:
+    from transformers import LlavaNextForConditionalGeneration
 
     import lmmsqueeze
 
@@ -89,82 +88,49 @@ def _convert(src: Path, out: Path, cfg: dict, weights: dict[str, Tensor], vision
 
     tokenizer = _tokenizer(src)
     vision = _vision_config(cfg, weights, vision_config, say)
-    side = vision.image_size // vision.patch_size
-    embed = weights.get("model.embed_tokens.weight")
-    if embed is None:
-        raise ModelError(f"{str(src)!r} lacks model.embed_tokens.weight; the checkpoint is incomplete")
-    rows = embed.shape[0]
-    if tokenizer is None:
-        image_id = rows
-        say(f"SRC has no tokenizer: wrote the model only; its image token is the new id {image_id} "
-            "(add '<image>' with that id to the tokenizer you pair it with)")
-    else:
-        if "<image>" not in tokenizer.get_vocab():
-            tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
-        image_id = tokenizer.convert_tokens_to_ids("<image>")
-        if image_id > rows:
-            raise ModelError(f"the tokenizer in {str(src)!r} has {image_id} tokens, the embedding {rows} rows; "
-                             "pair the checkpoint with its own tokenizer")
-    tied = bool(cfg.get("tie_word_embeddings", False))
-    if image_id == rows:  # a new row for the image token: the mean embedding (its input is never used)
-        for name in ("model.embed_tokens.weight",) + (() if tied else ("lm_head.weight",)):
-            if name in weights:
-                weights[name] = torch.cat([weights[name], weights[name].float().mean(0, keepdim=True)
-                                           .to(weights[name].dtype)])
-    rope = dict(cfg.get("rope_scaling") or {})  # the legacy keys, as transformers 5 names them
-    rope = {"rope_type": rope.pop("type", "default"), **rope, "rope_theta": float(cfg.get("rope_theta", 10000.0))}
-    text = LlamaConfig(**{k: cfg[k] for k in TEXT_KEYS if cfg.get(k) is not None}, rope_parameters=rope,
-                       vocab_size=max(rows, image_id + 1))
-    feature = cfg.get("mm_vision_select_feature", "patch")
-    if feature not in ("patch", "cls_patch") or cfg.get("mm_projector_type", "linear") != "mlp2x_gelu":
-        raise ModelError(f"transformers' LLaVA-NeXT has an mlp2x_gelu projector and one CLIP layer's features; "
-                         f"{str(src)!r} has mm_projector_type={cfg.get('mm_projector_type', 'linear')!r}, "
-                         f"mm_vision_select_feature={feature!r}, which it cannot run")
-    config = LlavaNextConfig(
-        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=image_id,
-        image_grid_pinpoints=_pinpoints(cfg, vision.image_size, say), image_seq_length=side * side,
-        vision_feature_layer=int(cfg.get("mm_vision_select_layer", -2)), projector_hidden_act="gelu",
-        vision_feature_select_strategy="default" if feature == "patch" else "full", tie_word_embeddings=tied)
-    config.dtype = embed.dtype
+    image_id = _image_token(tokenizer, weights, say)
+    config = _llava_next_config(cfg, vision, image_id, weights["model.embed_tokens.weight"].shape[0], say)
+    config.dtype = weights["model.embed_tokens.weight"].dtype
     with torch.device("meta"):
         model = LlavaNextForConditionalGeneration(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     renames = _model_renames(expected)
+    text, start = config.text_config, int(cfg["proxyv_start_layer"])
+    adapter_renames = [(f"model.vision_mlp_layers.{i}.{a}", f"mlps.{i}.{b}") for a, b in MLP_NAMES.items()
+                       for i in range(text.num_hidden_layers - start)]
+    adapter_renames += [("model.proxyv_initializer." + a, "initializer." + b) for a, b in INIT_NAMES.items()]
     mapped, adapter_weights = {}, {}
     for name, tensor in weights.items():
         if name.startswith(("model.vision_mlp_layers.", "model.proxyv_initializer.")):
-            adapter_weights[_adapter_key(name)] = (name, tensor)
+            adapter_weights[_rename(name, adapter_renames)] = (name, tensor)
         elif not IGNORED.search(name):
             mapped[_rename(name, renames)] = (name, tensor)
-    if tied and "lm_head.weight" in expected and "lm_head.weight" not in mapped:
-        mapped["lm_head.weight"] = mapped.get(_rename("model.embed_tokens.weight", renames))
-    _check("model", mapped, expected, lambda k: _rename(k, [(b, a) for a, b in renames]))
+    _check("model", mapped, expected, renames)
     model.load_state_dict({k: t for k, (_, t) in mapped.items()}, strict=True, assign=True)
-    if tied:
-        model.tie_weights()
 
-    hidden, layers = text.hidden_size, text.num_hidden_layers
-    start, factor = int(cfg["proxyv_start_layer"]), int(cfg.get("proxyv_reduce_factor", 4))
+    hidden, factor = text.hidden_size, int(cfg.get("proxyv_reduce_factor", 4))
     variant = "nonspatial" if cfg.get("learn_proxy") else "spatial"
-    proxies = int(cfg.get("per_crop_token_len", side * side)) // factor ** 2
-    first = weights.get("model.vision_mlp_layers.0.context_proj.weight")
-    width = first.shape[0] if first is not None else 0
-    default = hidden // (4 if hidden >= 1024 else 2)
-    pipeline = (f"proxyv(layer={start}, variant={variant}, factor={factor}, proxies={max(proxies, 1)}, "
+    side = vision.image_size // vision.patch_size
+    proxies = max(int(cfg.get("per_crop_token_len", side * side)) // factor ** 2, 1)
+    default = hidden // (4 if hidden >= 1024 else 2)  # the official width (hidden_size_reduce_factor)
+    width = int(weights.get("model.vision_mlp_layers.0.context_proj.weight", torch.empty(default)).shape[0])
+    pipeline = (f"proxyv(layer={start}, variant={variant}, factor={factor}, proxies={proxies}, "
                 f"mlp_hidden={0 if width == default else width})")
-    canonical = lmmsqueeze.compile(pipeline, config).canonical
     model_dir, adapter_dir = out / "model", out / "adapter"
-    pconfig = ProxyVConfig(layer=start, variant=variant, factor=factor, proxies=max(proxies, 1), hidden_size=hidden,
-                           width=width or default, num_layers=layers, rms_norm_eps=float(text.rms_norm_eps),
-                           base_model=str(model_dir), pipeline=canonical)
+    pconfig = ProxyVConfig(
+        layer=start, variant=variant, factor=factor, proxies=proxies, hidden_size=hidden, width=width,
+        num_layers=text.num_hidden_layers, rms_norm_eps=float(text.rms_norm_eps), base_model=str(model_dir),
+        pipeline=lmmsqueeze.compile(pipeline, config).canonical)
     with torch.device("meta"):
         adapter = ProxyVAdapter(pconfig)
-    _check("ProxyV", adapter_weights, {k: v.shape for k, v in adapter.state_dict().items()}, _official_adapter_key)
+    _check("ProxyV", adapter_weights, {k: v.shape for k, v in adapter.state_dict().items()}, adapter_renames)
     adapter.load_state_dict({k: t for k, (_, t) in adapter_weights.items()}, strict=True, assign=True)
 
     model.save_pretrained(model_dir)
     if tokenizer is not None:
-        _processor(config, vision, tokenizer).save_pretrained(model_dir)
+        if not getattr(tokenizer, "chat_template", None):
+            say("the processor prompts as Vicuna v1 (the released checkpoint); else edit its chat template")
+        _processor(config, tokenizer).save_pretrained(model_dir)
     adapter.save(adapter_dir)
     return model_dir, adapter_dir
 
@@ -172,17 +138,17 @@ def _convert(src: Path, out: Path, cfg: dict, weights: dict[str, Tensor], vision
 def _read_config(src: Path) -> dict:
     path = src / "config.json"
     if not path.is_file():
-        raise ModelError(f"{str(src)!r} has no config.json; pass the directory of an official ProxyV checkpoint")
+        raise ModelError(f"{str(src)!r} has no config.json; pass an official ProxyV checkpoint's directory")
     try:
         cfg = json.loads(path.read_text())
     except ValueError as exc:
         raise ModelError(f"cannot read {str(path)!r}: {exc}") from None
     if not cfg.get("proxyv") or "proxyv_start_layer" not in cfg:
-        raise ModelError(f"{str(src)!r} is not a ProxyV checkpoint (its config.json has no proxyv: true and "
-                         "proxyv_start_layer); pass a checkpoint of the official ProxyV code trained with --proxyv true")
+        raise ModelError(f"{str(src)!r} is not a ProxyV checkpoint (its config.json lacks proxyv: true and "
+                         "proxyv_start_layer); pass one of the official code's, trained with --proxyv true")
     if cfg.get("model_type", "llava_llama") != "llava_llama":
         raise ModelError(f"{str(src)!r} is a {cfg['model_type']!r} checkpoint; convert-proxyv converts the "
-                         "official code's llava_llama (Vicuna/Llama) checkpoints only")
+                         "official code's llava_llama (Vicuna, Llama) checkpoints only")
     return cfg
 
 
@@ -196,6 +162,8 @@ def _read_weights(src: Path) -> dict[str, Tensor]:
     for f in files:
         weights.update(load_file(str(f)) if f.suffix == ".safetensors"
                        else torch.load(f, map_location="cpu", weights_only=True))
+    if "model.embed_tokens.weight" not in weights:
+        raise ModelError(f"{str(src)!r} lacks model.embed_tokens.weight; the checkpoint is incomplete")
     return weights
 
 
@@ -213,50 +181,92 @@ def _tokenizer(src: Path) -> Any:
                          "(a tokenizer.model needs `pip install sentencepiece`)") from None
 
 
-def _vision_config(cfg: dict, weights: dict[str, Tensor], given: Any, say: Callable[[str], None]) -> Any:
-    """The tower's CLIP config: ``given``, the local directory or cached hub model the checkpoint
-    names, else the shape read off the weights (OpenAI CLIP: 64-wide heads, quick_gelu)."""
+def _image_token(tokenizer: Any, weights: dict[str, Tensor], say: Say) -> int:
+    """The id of ``<image>`` (added to the tokenizer when missing); a new embedding row when it has none."""
+    from transformers import AddedToken
+
+    rows = weights["model.embed_tokens.weight"].shape[0]
+    if tokenizer is None:
+        image_id = rows
+        say(f"SRC has no tokenizer: wrote the model only; its image token is the new id {image_id} "
+            "(give '<image>' that id in the tokenizer you pair it with)")
+    else:
+        if "<image>" not in tokenizer.get_vocab():
+            tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+        image_id = tokenizer.convert_tokens_to_ids("<image>")
+        if image_id > rows:
+            raise ModelError(f"the tokenizer has {image_id} tokens but the embedding {rows} rows; "
+                             "pair the checkpoint with its own tokenizer")
+    if image_id == rows:  # the mean embedding (the image token's own embedding is never used)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if name in weights:
+                w = weights[name]
+                weights[name] = torch.cat([w, w.float().mean(0, keepdim=True).to(w.dtype)])
+    return image_id
+
+
+def _llava_next_config(cfg: dict, vision: Any, image_id: int, rows: int, say: Say) -> Any:
+    from transformers import LlamaConfig, LlavaNextConfig
+
+    feature = cfg.get("mm_vision_select_feature", "patch")
+    if feature not in ("patch", "cls_patch") or cfg.get("mm_projector_type", "linear") != "mlp2x_gelu":
+        raise ModelError("transformers' LLaVA-NeXT runs an mlp2x_gelu projector on one tower layer; "
+                         f"this checkpoint has mm_projector_type={cfg.get('mm_projector_type', 'linear')!r}, "
+                         f"mm_vision_select_feature={feature!r}")
+    rope = dict(cfg.get("rope_scaling") or {})  # the legacy keys, as transformers 5 names them
+    rope = {"rope_type": rope.pop("type", "default"), **rope, "rope_theta": float(cfg.get("rope_theta", 1e4))}
+    text = LlamaConfig(**{k: cfg[k] for k in TEXT_KEYS if cfg.get(k) is not None}, rope_parameters=rope,
+                       vocab_size=max(rows, image_id + 1), tie_word_embeddings=False)
+    side = vision.image_size // vision.patch_size
+    return LlavaNextConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=image_id,
+        image_grid_pinpoints=_pinpoints(cfg, vision.image_size, say), image_seq_length=side * side,
+        vision_feature_layer=int(cfg.get("mm_vision_select_layer", -2)), projector_hidden_act="gelu",
+        vision_feature_select_strategy="default" if feature == "patch" else "full", tie_word_embeddings=False)
+
+
+def _vision_config(cfg: dict, weights: dict[str, Tensor], given: Any, say: Say) -> Any:
+    """The tower's CLIP config: ``given``, else the local directory or cached hub model the checkpoint
+    names, else the shape read off the weights (as OpenAI CLIP: 64-wide heads, quick_gelu)."""
     from transformers import CLIPVisionConfig
 
     name = str(cfg.get("mm_vision_tower") or cfg.get("vision_tower") or "")
-    if OFFICIAL_TOWER + "embeddings.patch_embedding.weight" not in weights:
-        raise ModelError(f"the checkpoint has no CLIP tower weights ({OFFICIAL_TOWER}*; its tower is {name!r}); "
+    if TOWER + "embeddings.patch_embedding.weight" not in weights:
+        raise ModelError(f"the checkpoint holds no CLIP tower weights ({TOWER}*; its tower is {name!r}); "
                          "convert-proxyv converts checkpoints that hold their CLIP tower")
-    if given is not None:
+    for where in (given, name):
+        if not where:
+            continue
         try:
-            return CLIPVisionConfig.from_pretrained(str(given), local_files_only=True)
+            return CLIPVisionConfig.from_pretrained(str(where), local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot read a CLIP config in {str(given)!r}: {str(exc).splitlines()[0]}") from None
-    try:
-        if name:
-            return CLIPVisionConfig.from_pretrained(name, local_files_only=True)
-    except (OSError, ValueError):
-        pass
-    patch = weights[OFFICIAL_TOWER + "embeddings.patch_embedding.weight"]  # [hidden, channels, p, p]
-    positions = weights[OFFICIAL_TOWER + "embeddings.position_embedding.weight"].shape[0]
-    layers = {int(k[len(OFFICIAL_TOWER):].split(".")[2]) for k in weights if k.startswith(OFFICIAL_TOWER + "encoder.")}
-    hidden = patch.shape[0]
-    say(f"the CLIP tower {name!r} is not here: its config was read off the weights with {max(hidden // 64, 1)} "
-        "heads of 64 and quick_gelu (OpenAI CLIP); pass --vision-config DIR if it differs")
+            if where is given:
+                message = str(exc).splitlines()[0]
+                raise ModelError(f"cannot read a CLIP config in {str(given)!r}: {message}") from None
+    patch = weights[TOWER + "embeddings.patch_embedding.weight"]  # [hidden, channels, p, p]
+    positions = weights[TOWER + "embeddings.position_embedding.weight"].shape[0]  # patches + [CLS]
+    layers = {k[len(TOWER):].split(".")[2] for k in weights if k.startswith(TOWER + "encoder.layers.")}
+    hidden, heads = patch.shape[0], max(patch.shape[0] // 64, 1)
+    say(f"the CLIP tower {name!r} is not here: its config was read off the weights, with {heads} heads "
+        "and quick_gelu as OpenAI CLIP; pass --vision-config DIR if it differs")
     return CLIPVisionConfig(
-        hidden_size=hidden, num_hidden_layers=len(layers), num_attention_heads=max(hidden // 64, 1),
-        intermediate_size=weights[OFFICIAL_TOWER + "encoder.layers.0.mlp.fc1.weight"].shape[0],
+        hidden_size=hidden, num_hidden_layers=len(layers), num_attention_heads=heads,
+        intermediate_size=weights[TOWER + "encoder.layers.0.mlp.fc1.weight"].shape[0],
         patch_size=patch.shape[-1], image_size=patch.shape[-1] * math.isqrt(positions - 1),
         num_channels=patch.shape[1], hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
 
-def _pinpoints(cfg: dict, size: int, say: Callable[[str], None]) -> list[list[int]]:
+def _pinpoints(cfg: dict, size: int, say: Say) -> list[list[int]]:
     """transformers' (height, width) pinpoints from the official (width, height) ones."""
     raw = cfg.get("image_grid_pinpoints")
     if not str(cfg.get("image_aspect_ratio", "anyres")).startswith("anyres"):
-        say(f"the checkpoint was trained with image_aspect_ratio={cfg.get('image_aspect_ratio')!r} (one crop); "
-            "LLaVA-NeXT adds anyres sub-crops")
-    if isinstance(raw, str) and "x" in raw:
-        found = re.findall(r"\((\d+)x(\d+)\)", raw)
-        (a, b), (c, d) = map(int, found[0]), map(int, found[-1])
-        raw = [(i * size, j * size) for i in range(a, c + 1) for j in range(b, d + 1)]
-    elif isinstance(raw, str):
-        raw = ast.literal_eval(raw)
+        say(f"the checkpoint was trained with image_aspect_ratio={cfg.get('image_aspect_ratio')!r} "
+            "(one crop per image); LLaVA-NeXT adds anyres sub-crops")
+    if isinstance(raw, str):
+        try:
+            raw = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            raise ModelError(f"cannot read image_grid_pinpoints={raw!r}; write [(w, h), ...]") from None
     return [[int(h), int(w)] for w, h in (raw or [(size, size)])]
 
 
@@ -266,7 +276,7 @@ def _model_renames(expected: dict[str, Any]) -> list[tuple[str, str]]:
         return next(k[:-len(suffix)] for k in expected if k.endswith(suffix))
 
     text, proj = prefix("embed_tokens.weight"), prefix("linear_1.weight")
-    return [(OFFICIAL_TOWER, prefix("embeddings.patch_embedding.weight")),
+    return [(TOWER, prefix("embeddings.patch_embedding.weight")),
             ("model.mm_projector.0.", proj + "linear_1."), ("model.mm_projector.2.", proj + "linear_2."),
             ("model.image_newline", prefix("image_newline") + "image_newline"),
             ("model.embed_tokens.", text + "embed_tokens."), ("model.layers.", text + "layers."),
@@ -277,45 +287,30 @@ def _rename(name: str, pairs: list[tuple[str, str]]) -> str:
     return next((new + name[len(old):] for old, new in pairs if name.startswith(old)), name)
 
 
-def _adapter_key(name: str) -> str:
-    if name.startswith("model.proxyv_initializer."):
-        rest = name[len("model.proxyv_initializer."):]
-        return "initializer." + INIT_NAMES.get(rest, rest)
-    index, rest = name[len("model.vision_mlp_layers."):].split(".", 1)
-    return f"mlps.{index}.{MLP_NAMES.get(rest, rest)}"
-
-
-def _official_adapter_key(ours: str) -> str:
-    if ours.startswith("initializer."):
-        back = {v: k for k, v in INIT_NAMES.items()}
-        return "model.proxyv_initializer." + back[ours.split(".", 1)[1]]
-    _, index, rest = ours.split(".", 2)
-    return f"model.vision_mlp_layers.{index}." + {v: k for k, v in MLP_NAMES.items()}[rest]
-
-
-def _check(kind: str, got: dict[str, Any], expected: dict[str, Any], official: Callable[[str], str]) -> None:
-    """Every expected weight present with its shape, and nothing left over."""
-    missing = [official(k) for k in expected if got.get(k) is None]
+def _check(kind: str, got: dict[str, Any], expected: dict[str, Any], renames: list[tuple[str, str]]
+           ) -> None:
+    """Every expected weight present with its shape, and nothing left over (named as in the checkpoint)."""
+    missing = [_rename(k, [(b, a) for a, b in renames]) for k in expected if got.get(k) is None]
     if missing:
-        raise ModelError(f"the checkpoint lacks {len(missing)} {kind} weight(s) its config.json implies, e.g. "
-                         f"{missing[0]!r}; it is incomplete, or config.json does not describe it")
+        raise ModelError(f"the checkpoint lacks {len(missing)} {kind} weight(s) its config.json implies, "
+                         f"e.g. {missing[0]!r}; it is incomplete, or config.json does not describe it")
     extra = [name for k, (name, _) in got.items() if k not in expected]
     if extra:
-        raise ModelError(f"the checkpoint has {len(extra)} {kind} weight(s) the converted model has no place for, "
-                         f"e.g. {extra[0]!r}; its config.json does not describe these weights")
+        raise ModelError(f"the checkpoint has {len(extra)} {kind} weight(s) the converted model has no "
+                         f"place for, e.g. {extra[0]!r}; its config.json does not describe these weights")
     for k, (name, tensor) in got.items():
         if tuple(tensor.shape) != tuple(expected[k]):
-            raise ModelError(f"shape mismatch: {name!r} is {tuple(tensor.shape)} in the checkpoint, its config.json "
-                             f"implies {tuple(expected[k])}; fix config.json (or --vision-config for the tower)")
+            raise ModelError(f"shape mismatch: {name!r} is {tuple(tensor.shape)} in the checkpoint, its "
+                             f"config.json implies {tuple(expected[k])}; fix config.json or --vision-config")
 
 
-def _processor(config: Any, vision: Any, tokenizer: Any) -> Any:
+def _processor(config: Any, tokenizer: Any) -> Any:
     from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
 
-    s = vision.image_size
-    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s},
-                                                 image_grid_pinpoints=config.image_grid_pinpoints)
+    s, vision = config.vision_config.image_size, config.vision_config
+    images = LlavaNextImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s},
+                                        image_grid_pinpoints=config.image_grid_pinpoints)
     return LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=vision.patch_size,
+        image_processor=images, tokenizer=tokenizer, patch_size=vision.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy, num_additional_image_tokens=1,
         chat_template=getattr(tokenizer, "chat_template", None) or VICUNA_TEMPLATE)

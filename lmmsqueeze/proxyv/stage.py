@@ -18,8 +18,10 @@ from ..reducers.registry import register_reducer
     cite="Wu, Lu, Liu, Streamline Without Sacrifice: Squeeze out Computation Redundancy in LMM, ICML 2025",
     code="penghao-wu/ProxyV, llava/model/language_model/llava_llama.py::LlavaLlamaModel.forward, decoder_forward "
     "(llava/model/vision_mlp.py, llava/model/llava_arch.py for masks and positions)",
-    fidelity="exact for one image per prompt (the layer computation, tested from the weights); several images "
-    "share the first image's start for proxy positions and masks",
+    fidelity="exact layer computation (tested from the weights); each image's proxies take positions from "
+    "that image's start and see the text before it, as released. LLaVA-NeXT: transformers unpads the crops "
+    "and adds a newline per row, where the release keeps whole crops and one newline per crop, so the "
+    "sub-crops' proxies come from their one unpadded grid (the base crop has its own), not per crop",
 )
 @dataclass(frozen=True)
 class ProxyV(Reducer):
