@@ -22,6 +22,7 @@ import json
 import math
 import shutil
 import statistics
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,7 +42,7 @@ RESULTS = Path(__file__).resolve().parents[2] / "results" / "bundled"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--limit", type=int, default=1000, help="test samples for the final table")
@@ -137,8 +138,6 @@ def summary_delta(runs: list[dict]) -> dict:
 
 
 def _flags(argv: list[str] | None) -> str:
-    import sys
-
     given = sys.argv[1:] if argv is None else argv
     return (" " + " ".join(given)) if given else ""
 
