@@ -2,7 +2,7 @@
 
 A random LlavaForConditionalGeneration with LLaVA-1.5's token geometry (336 px, patch 14: 576
 image tokens; ~60 text tokens) and a decoder scaled to run on 2 CPU cores (hidden 1024, 8
-layers, SwiGLU 2816). For each pipeline, `lmmsqueeze.pipelines.measure.bench` times the prefill
+layers, SwiGLU 2816). For each pipeline, `lmmsqueeze.runtime.measure.bench` times the prefill
 interleaved with the vanilla model and reports the measured decoder-time saving over the
 analytic FLOPs saving (the realized fraction; target >= 0.9).
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lmmsqueeze.pipelines.measure import bench
+from lmmsqueeze.runtime.measure import bench
 from lmmsqueeze.testing import random_image, tiny_llava
 
 PIPELINES = ["fastv(layer=2, keep=0.5)", "pool", "random(keep=0.5)", "proxyv(layer=3)"]
@@ -38,7 +38,7 @@ def main() -> None:
 
     model, processor = tiny_llava(attn="sdpa", image_size=336, patch_size=14, hidden=1024, layers=8, heads=16,
                                   kv_heads=16, ffn=2816, vision_hidden=128, vision_layers=2)
-    rows = bench(model, processor, args.pipelines, random_image(0, 336), QUESTION, runs=args.runs,
+    rows = bench(model, processor, args.runtime, random_image(0, 336), QUESTION, runs=args.runs,
                  warmup=args.warmup)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,8 @@ from typing import Any
 from . import proxyv, reducers  # noqa: F401  (registers the built-in reducers and the proxyv stage)
 from .compose import ModelGeometry, PipelineSpec, Plan, compile_pipeline, parse_pipeline
 from .errors import LmmsqueezeError, ModelError, PipelineError, RegistryError
-from .pipelines import apply, load_model
+from .models import Family, family_for, geometry_of, register_family
+from .runtime import apply, load_model
 from .reducers import (
     Reducer,
     ScoredPruner,
@@ -37,14 +38,11 @@ def compile(pipeline: str | PipelineSpec | None, model_or_config: Any = None) ->
 
     Raises :class:`PipelineError` with a one-line reason when the pipeline is refused.
     """
-    if model_or_config is not None and hasattr(model_or_config, "config") and hasattr(model_or_config, "model"):
-        from .pipelines import adapter_for
-
-        model_or_config = adapter_for(model_or_config).geometry
-    return compile_pipeline(pipeline, model_or_config)
+    return compile_pipeline(pipeline, geometry_of(model_or_config))
 
 
 __all__ = [
+    "Family",
     "LmmsqueezeError",
     "ModelError",
     "ModelGeometry",
@@ -59,9 +57,11 @@ __all__ = [
     "apply",
     "compile",
     "create_reducer",
+    "family_for",
     "get_reducer",
     "list_reducers",
     "load_model",
     "parse_pipeline",
+    "register_family",
     "register_reducer",
 ]

@@ -117,7 +117,7 @@ def _fmt(value: Any) -> str:
 
 
 def _geometry(model: Optional[str], model_config: Optional[str], vision_tokens: Optional[int] = None) -> Any:
-    from .compose import geometry_from_path, preset
+    from .models import geometry_from_path, preset
     from .compose.geometry import with_tokens
 
     if model and model_config:
@@ -125,7 +125,7 @@ def _geometry(model: Optional[str], model_config: Optional[str], vision_tokens: 
     if model_config:
         geometry = preset(model_config)
     elif model:  # a model directory, its config.json, or `bundled`
-        from .pipelines.loading import model_dir
+        from .runtime.loading import model_dir
 
         geometry = geometry_from_path(model_dir(model) if model == "bundled" else model)
     else:
@@ -210,7 +210,7 @@ def run_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Answer one question about one image (greedy decoding) with a pipeline installed."""
-    from .pipelines.generation import answer
+    from .runtime.generation import answer
 
     with user_errors():
         if not image.is_file():
@@ -233,10 +233,10 @@ def bench_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Prefill latency and peak memory of the vanilla model and each pipeline, measured vs analytic saving."""
-    from .pipelines.generation import open_image
-    from .pipelines.loading import load_model
-    from .pipelines.measure import bench
-    from .pipelines.runtime import compile_for
+    from .runtime.generation import open_image
+    from .runtime.loading import load_model
+    from .runtime.measure import bench
+    from .runtime.runtime import compile_for
     from .proxyv.attach import resolve_adapter
     from .testing import random_image
 
@@ -281,8 +281,8 @@ def show_cmd(
 ) -> None:
     """Draw the image with the patches that survive each stage highlighted, one panel per stage
     (dropped patches darkened, merged patches coloured by group, each token's patch outlined)."""
-    from .pipelines import load_model
-    from .pipelines.generation import open_image
+    from .runtime import load_model
+    from .runtime.generation import open_image
     from .visualize import save_picture, show_pipeline
 
     with user_errors():

@@ -69,11 +69,12 @@ def eval_cmd(
 
     `--task lmms:TASK` runs an lmms-eval task through lmms-eval (the `eval` extra) instead.
     """
-    from .compose import compile_pipeline, geometry_from_path
+    from .compose import compile_pipeline
+    from .models import geometry_from_path
     from .evaluation.store import Key, ResultStore
     from .evaluation.sweep import Grid, GridItem
     from .evaluation.tasks import get_task
-    from .pipelines.loading import model_dir
+    from .runtime.loading import model_dir
     from .proxyv.attach import pipeline_for
 
     with user_errors():

@@ -44,7 +44,7 @@ def train_proxyv_cmd(
     adapter_config.json), with --control OUT/control/adapter, and with --full the models too.
     """
     from .evaluation.tasks import get_task
-    from .pipelines.loading import load_model
+    from .runtime.loading import load_model
     from .proxyv.train import TrainSettings, train_proxyv, train_with_control
 
     with user_errors():

@@ -291,7 +291,7 @@ def tiny_qwen2_vl(
 ):
     """A random ``Qwen2VLForConditionalGeneration`` (``version="2"``) or
     ``Qwen2_5_VLForConditionalGeneration`` (``"2.5"``, windowed vision attention) and its
-    :class:`~lmmsqueeze.pipelines.qwen_processor.QwenImageProcessor`.
+    :class:`~lmmsqueeze.models.qwen2_vl.QwenImageProcessor`.
 
     Patches are 14 px, merged 2x2, so a 168x168 image is a 12x12 patch grid and 6x6 = 36 image
     tokens; M-RoPE sections are (2, 3, 3) over head_dim 16.
@@ -331,7 +331,7 @@ def tiny_qwen2_vl(
     _fixed_length_generation(model)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 256, patch_size=14,
                                                merge_size=2, temporal_patch_size=2)
-    from .pipelines.qwen_processor import QwenImageProcessor
+    from .models.qwen2_vl import QwenImageProcessor
 
     return model, QwenImageProcessor(tokenizer, image_processor)
 
@@ -345,7 +345,7 @@ def tiny_qwen_inputs(processor, batch: int = 1, sizes: tuple[tuple[int, int], ..
 
 def qwen_prompt(text: str) -> str:
     """A LLaVA-style test prompt with Qwen2-VL's image placeholder for each ``<image>``."""
-    from .pipelines.qwen_processor import IMAGE_PLACEHOLDER
+    from .models.qwen2_vl import IMAGE_PLACEHOLDER
 
     return text.replace("<image>", IMAGE_PLACEHOLDER)
 

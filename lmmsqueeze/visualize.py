@@ -160,8 +160,8 @@ def trace_pipeline(model: Any, processor: Any, image: Image.Image, question: str
     processor outputs."""
     import torch
 
-    from .pipelines import apply, build_prompt
-    from .pipelines.loading import model_inputs
+    from .runtime import apply, build_prompt
+    from .runtime.loading import model_inputs
 
     inputs = model_inputs(processor, model, [image], [build_prompt(processor, question)])
     with torch.no_grad(), apply(model, pipeline, adapter=adapter) as run:
@@ -179,7 +179,7 @@ def show_pipeline(model: Any, processor: Any, image: Image.Image, question: str,
     LLaVA-1.5 sees the centre square of the image; LLaVA-NeXT's base crop and sub-crop grid and
     Qwen2-VL's merged grid each cover the whole image.
     """
-    from .pipelines import compile_for
+    from .runtime import compile_for
 
     plan, model_adapter = compile_for(model, pipeline)
     views, inputs = trace_pipeline(model, processor, image, question, plan, adapter)

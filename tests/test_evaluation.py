@@ -274,7 +274,7 @@ def test_eval_with_an_adapter_directory_path(tmp_path):
 
 def test_a_finished_sweep_skips_without_loading_the_model(tiny_dir, tmp_path, monkeypatch):
     from lmmsqueeze.evaluation.sweep import Grid, GridItem, run_sweep
-    from lmmsqueeze.pipelines import loading
+    from lmmsqueeze.runtime import loading
 
     grid = Grid(model=str(tiny_dir), tasks=["bundled"], limit=2, seed=0, items=[GridItem("pool")])
     first = run_sweep(grid, tmp_path / "r.db")
@@ -295,8 +295,8 @@ def test_loglikelihood_scores_the_continuation_at_the_rows_that_predict_it():
     import torch
 
     from lmmsqueeze.evaluation.lmms_bridge import _Engine
-    from lmmsqueeze.pipelines.loading import build_prompt
-    from lmmsqueeze.pipelines.runtime import apply
+    from lmmsqueeze.runtime.loading import build_prompt
+    from lmmsqueeze.runtime.runtime import apply
     from lmmsqueeze.testing import random_image
 
     engine = _Engine("bundled", "pool | fastv(layer=2, keep=0.5)", None, "cpu")

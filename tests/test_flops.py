@@ -7,9 +7,10 @@ import torch
 
 import lmmsqueeze
 from lmmsqueeze.compose.flops import layer_macs, proxyv_layer_macs
-from lmmsqueeze.compose.geometry import preset, with_tokens
+from lmmsqueeze.compose.geometry import with_tokens
+from lmmsqueeze.models import preset
 from lmmsqueeze.errors import ModelError
-from lmmsqueeze.pipelines import adapter_for
+from lmmsqueeze.models import family_for
 from lmmsqueeze.reducers import get_reducer, list_reducers
 from lmmsqueeze.testing import count_flops, plan_as_run, tiny_inputs, tiny_llava, tiny_pipeline
 
@@ -45,7 +46,7 @@ def test_analytic_prefill_flops_match_the_counter(eager_tiny, pipeline):
         plan = lmmsqueeze.compile(pipeline, model)
     except lmmsqueeze.PipelineError as exc:
         pytest.fail(f"{pipeline} does not fit the tiny model ({exc}); add parameters to TINY_STAGE_PARAMS")
-    g = adapter_for(model).geometry
+    g = family_for(model).geometry
     text = inputs["input_ids"].shape[1] - g.image_tokens
     with lmmsqueeze.apply(model, plan) as run:
         total = count_flops(lambda: model(**inputs, logits_to_keep=1))
@@ -73,7 +74,7 @@ def test_decoder_layer_matches_the_counter_exactly(eager_tiny):
                                  position_ids=pos))
     # d=64, d_kv=32, m=128: 50*(2*64*64 + 2*64*32) + 2*50*50*64 + 3*50*64*128
     #                      = 614,400 + 320,000 + 1,228,800 = 2,163,200 MACs
-    assert sum(layer_macs(adapter_for(model).geometry, n)) == 2_163_200
+    assert sum(layer_macs(family_for(model).geometry, n)) == 2_163_200
     assert flops == 2 * 2_163_200
 
 
@@ -162,7 +163,7 @@ def test_bad_model_configs_are_one_line(tmp_path, config, message):
     from typer.testing import CliRunner
 
     from lmmsqueeze.cli import app
-    from lmmsqueeze.compose import geometry_from_path
+    from lmmsqueeze.models import geometry_from_path
 
     (tmp_path / "config.json").write_text(config)
     with pytest.raises(ModelError, match=message):
@@ -195,7 +196,7 @@ def test_bench_runs_on_a_local_model_directory(tmp_path):
 
 
 def test_peak_tensor_memory_counts_live_bytes():
-    from lmmsqueeze.pipelines.measure import PeakTensorMemory
+    from lmmsqueeze.runtime.measure import PeakTensorMemory
 
     with PeakTensorMemory() as mode:
         a = torch.ones(1000)  # 4,000 bytes

@@ -58,7 +58,7 @@ def flash(request):
 
 
 def test_load_model_picks_bf16_and_flash_attention(saved_tiny):
-    from lmmsqueeze.pipelines.loading import load_model
+    from lmmsqueeze.runtime.loading import load_model
 
     model, _ = load_model(saved_tiny[0])
     assert model.device.type == "cuda" and model.dtype == torch.bfloat16

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import lmmsqueeze
-from lmmsqueeze.compose import geometry_from_config
-from lmmsqueeze.compose.geometry import preset
-from lmmsqueeze.pipelines import adapter_for, count_hooks
+from lmmsqueeze.models import geometry_from_config
+from lmmsqueeze.models import preset
+from lmmsqueeze.models import family_for
+from lmmsqueeze.runtime import count_hooks
 from lmmsqueeze.reducers import list_reducers
 from lmmsqueeze.testing import (
     assert_steps_match,
@@ -74,8 +75,8 @@ class _Embeds:
 
 def test_adapter_and_geometry(next_sdpa):
     model, _ = next_sdpa
-    adapter = adapter_for(model)
-    assert type(adapter).__name__ == "LlavaNextAdapter" and adapter.packs_features
+    adapter = family_for(model)
+    assert type(adapter).__name__ == "LlavaNextFamily" and adapter.packs_features
     g = adapter.geometry
     assert g.family == "llava_next" and g.image_tokens == 80 and g.grids == ((4, 4), (8, 8))
     assert geometry_from_config(model.config).vision_crops == 5
@@ -86,7 +87,7 @@ def test_adapter_and_geometry(next_sdpa):
 def test_layouts_match_the_models_packing(next_sdpa):
     model, processor = next_sdpa
     inputs = _inputs(model, processor, 2, SQUARE + WIDE)
-    layouts = adapter_for(model).layouts(inputs["image_sizes"], "default")
+    layouts = family_for(model).layouts(inputs["image_sizes"], "default")
     assert [lay.grids for lay in layouts] == [((4, 4), (8, 8)), ((4, 4), (6, 8))]
     assert [int(lay.separators.sum()) for lay in layouts] == [8, 6]
     packed = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
@@ -107,7 +108,7 @@ def test_image_geometries_follow_each_images_crops(next_sdpa):
     """Costs use each image's own token count and grids (newlines are text), not the plan's 5-crop square."""
     model, processor = next_sdpa
     inputs = _inputs(model, processor, 2, SQUARE + WIDE)
-    geometries = adapter_for(model).image_geometries(inputs)
+    geometries = family_for(model).image_geometries(inputs)
     assert [(g.image_tokens, g.grids, g.vision_crops) for g in geometries] == [
         (80, ((4, 4), (8, 8)), 5), (64, ((4, 4), (6, 8)), 5)]  # 64x48 still encodes a 2x2 crop grid
 
@@ -166,7 +167,7 @@ def test_every_reducer_runs_and_keeps_every_newline(next_sdpa, name):
     crops) says are gone by that layer; the 8 newline tokens always stay."""
     model, processor = next_sdpa
     inputs = _inputs(model, processor, 2, SQUARE)
-    geometry = adapter_for(model).image_geometries(inputs)[0]
+    geometry = family_for(model).image_geometries(inputs)[0]
     plan = lmmsqueeze.compile(tiny_pipeline(name), geometry)  # nothing is refused on LLaVA-NeXT
     with _Embeds(model) as seen, lmmsqueeze.apply(model, plan) as run:
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
@@ -250,7 +251,7 @@ def test_proxyv_cached_generate_matches_no_cache_reference(next_sdpa, pipeline, 
 def test_spatial_proxyv_proxies_are_per_crop(next_sdpa):
     """Spatial proxies resize each crop's grid: 4x4 -> 2x2 and 8x8 -> 4x4 (20 proxies); newline
     tokens are queries like text."""
-    from lmmsqueeze.pipelines import proxyv_state as proxyv_layer
+    from lmmsqueeze.runtime import proxyv_state as proxyv_layer
 
     model, processor = next_sdpa
     inputs = _inputs(model, processor, 1, SQUARE)
@@ -336,7 +337,7 @@ def test_analytic_prefill_flops_match_the_counter(next_eager, pipeline):
     model, processor = next_eager
     inputs = tiny_next_inputs(processor, 1, SQUARE)
     plan = lmmsqueeze.compile(pipeline, model)
-    g = adapter_for(model).geometry
+    g = family_for(model).geometry
     text = inputs["input_ids"].shape[1] - g.image_tokens  # 12 text + 8 newline tokens
     with lmmsqueeze.apply(model, plan):
         total = count_flops(lambda: model(**inputs, logits_to_keep=1))

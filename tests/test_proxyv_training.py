@@ -173,7 +173,7 @@ def test_the_shipped_adapters_were_trained_with_the_scripts_defaults():
     from dataclasses import asdict
 
     from lmmsqueeze.bundled import WEIGHTS_DIR, train_adapters
-    from lmmsqueeze.compose import geometry_from_path
+    from lmmsqueeze.models import geometry_from_path
     from lmmsqueeze.proxyv.attach import adapter_path
 
     settings = asdict(train_adapters.settings_of(train_adapters.build_parser().parse_args([])))

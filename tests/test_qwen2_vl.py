@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import lmmsqueeze
-from lmmsqueeze.pipelines import adapter_for, count_hooks
+from lmmsqueeze.models import family_for
+from lmmsqueeze.runtime import count_hooks
 from lmmsqueeze.reducers import list_reducers
 from lmmsqueeze.testing import (
     PROMPTS,
@@ -60,9 +61,9 @@ def _grow(inputs, ids):
 
 def test_adapter_geometry_and_layouts(qwen):
     model, _ = qwen
-    adapter = adapter_for(model)
+    adapter = family_for(model)
     g = adapter.geometry
-    assert type(adapter).__name__ == "QwenVLAdapter" and adapter.packs_features and adapter.mrope
+    assert type(adapter).__name__ == "QwenVLFamily" and adapter.packs_features and adapter.mrope
     assert g.family == model.config.model_type and g.cls_attention == "mean" and g.vision_merge == 4
     assert "cls_attention" in g.signals and g.image_tokens == 576 and g.grids == ((24, 24),)
     inputs = _inputs(qwen, 2, SQUARE + WIDE)
@@ -256,7 +257,7 @@ def test_every_reducer_runs_end_to_end(qwen, name):
     grid) says are gone by that layer."""
     model, _ = qwen
     inputs = _inputs(qwen, 2, SQUARE)
-    geometry = adapter_for(model).image_geometries(inputs)[0]
+    geometry = family_for(model).image_geometries(inputs)[0]
     plan = lmmsqueeze.compile(tiny_pipeline(name), geometry)  # nothing is refused on Qwen2-VL
     with lmmsqueeze.apply(model, plan) as run:
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
@@ -297,7 +298,7 @@ def _reference_received_attention(model, inputs, per_patch=False):
 
 
 def test_mean_received_attention_in_chunks_equals_the_full_matrix(qwen):
-    from lmmsqueeze.pipelines.probes import mean_received_attention
+    from lmmsqueeze.attention import mean_received_attention
 
     model, _ = qwen
     inputs = _inputs(qwen, 2, SQUARE + WIDE)  # two images: two segments
@@ -312,7 +313,7 @@ def test_mean_received_attention_in_chunks_equals_the_full_matrix(qwen):
 def test_cls_reducers_read_the_mean_received_attention(qwen):
     model, _ = qwen
     inputs = _inputs(qwen, 1, SQUARE)
-    adapter = adapter_for(model)
+    adapter = family_for(model)
     received = _reference_received_attention(model, inputs)
     raster = received[adapter.layouts(inputs["image_grid_thw"])[0].source.to(received.device)]
     with lmmsqueeze.apply(model, "fastervlm(keep=9)") as run:
@@ -395,7 +396,7 @@ def test_analytic_prefill_flops_match_the_counter(qwen_eager, pipeline):
     [CLS]-free probe computes all of the last block's Q K^T."""
     model, processor = qwen_eager
     inputs = tiny_qwen_inputs(processor, 1, SQUARE)
-    g = dataclasses.replace(adapter_for(model).geometry, image_tokens=36, grids=((6, 6),), vision_tokens=144)
+    g = dataclasses.replace(family_for(model).geometry, image_tokens=36, grids=((6, 6),), vision_tokens=144)
     plan = lmmsqueeze.compile(pipeline, g)
     text = inputs["input_ids"].shape[1] - 36
     with lmmsqueeze.apply(model, plan):
@@ -451,7 +452,7 @@ def test_cli_runs_a_local_qwen_directory(qwen_dir):
 
 def test_image_geometries_follow_each_images_grid(qwen):
     model, _ = qwen
-    adapter = adapter_for(model)
+    adapter = family_for(model)
     inputs = _inputs(qwen, 2, SQUARE + WIDE)
     assert [(g.image_tokens, g.grids, g.vision_tokens) for g in adapter.image_geometries(inputs)] == [
         (36, ((6, 6),), 144), (24, ((6, 4),), 96)]
@@ -466,7 +467,7 @@ def test_eval_costs_use_the_real_image_grid(qwen_dir, tmp_path):
 
     from lmmsqueeze.cli import app
     from lmmsqueeze.evaluation.tasks import get_task
-    from lmmsqueeze.pipelines.loading import build_prompt
+    from lmmsqueeze.runtime.loading import build_prompt
 
     result = CliRunner().invoke(app, ["eval", "-m", str(qwen_dir / "m"), "-p", "pool(size=3)", "--limit", "1",
                                       "--results", str(tmp_path / "r.db"), "--json"])

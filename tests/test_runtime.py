@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lmmsqueeze
-from lmmsqueeze.pipelines import count_hooks
+from lmmsqueeze.runtime import count_hooks
 from lmmsqueeze.testing import assert_steps_match, padded_positions, tiny_inputs, to_device
 
 pytestmark = pytest.mark.usefixtures("no_grad")

@@ -10,8 +10,8 @@ import torch
 
 import lmmsqueeze
 from lmmsqueeze import PipelineError, ScoredPruner, register_reducer
-from lmmsqueeze.compose import preset
-from lmmsqueeze.pipelines.probes import cls_query_attention, last_query_attention
+from lmmsqueeze.models import preset
+from lmmsqueeze.attention import cls_query_attention, last_query_attention
 from lmmsqueeze.reducers import unregister_reducer
 from lmmsqueeze.reducers.base import SIGNALS
 from lmmsqueeze.testing import tiny_inputs
@@ -104,9 +104,9 @@ def test_cls_attention_reaches_reducers_at_every_placement(tiny, cls_pruner, pla
 
 
 def test_tiny_llava_provides_both_signals(tiny_sdpa):
-    from lmmsqueeze.pipelines import adapter_for
+    from lmmsqueeze.models import family_for
 
-    adapter = adapter_for(tiny_sdpa[0])
+    adapter = family_for(tiny_sdpa[0])
     assert {"text_attention", "cls_attention", "vision_keys", "llm_keys"} <= adapter.geometry.signals
     assert adapter.vision_attention is tiny_sdpa[0].model.vision_tower.encoder.layers[0].self_attn
 

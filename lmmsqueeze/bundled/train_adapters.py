@@ -30,7 +30,7 @@ import torch
 
 from ..evaluation.runner import evaluate, loyalty
 from ..evaluation.tasks import get_task
-from ..pipelines.loading import load_model
+from ..runtime.loading import load_model
 from ..proxyv.attach import adapter_path
 from ..proxyv.train import TrainSettings, control_pipeline, train_proxyv, train_with_control
 

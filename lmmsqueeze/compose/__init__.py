@@ -1,11 +1,10 @@
 """The pipeline language, its validator and planner (no tensors here)."""
 
-from .geometry import PRESETS, ModelGeometry, geometry_from_config, geometry_from_path, preset
-from .plan import Plan, PlannedStage, compile_pipeline, resolve_geometry
+from .geometry import ModelGeometry
+from .plan import Plan, PlannedStage, compile_pipeline
 from .spec import PipelineSpec, StageSpec, expand_lists, format_value, parse_pipeline, pipeline_from_data
 
 __all__ = [
-    "PRESETS",
     "ModelGeometry",
     "PipelineSpec",
     "Plan",
@@ -14,10 +13,6 @@ __all__ = [
     "compile_pipeline",
     "expand_lists",
     "format_value",
-    "geometry_from_config",
-    "geometry_from_path",
     "parse_pipeline",
     "pipeline_from_data",
-    "preset",
-    "resolve_geometry",
 ]

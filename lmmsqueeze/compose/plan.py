@@ -13,7 +13,7 @@ from ..errors import PipelineError
 from ..reducers.base import LLM_SIGNALS, PLACEMENTS, POSITION_POLICIES, Grids, Reducer
 from ..reducers.registry import build_reducer, reducer_params
 from .flops import Cost, plan_cost
-from .geometry import ModelGeometry, geometry_from_config, preset
+from .geometry import ModelGeometry
 from .spec import PipelineSpec, StageSpec, parse_pipeline
 
 PLACEMENT_ORDER = {p: i for i, p in enumerate(PLACEMENTS)}  # the order stages run in
@@ -174,34 +174,24 @@ def canonical_stage(reducer: Reducer) -> StageSpec:
     return StageSpec(reducer.name, params)
 
 
-def resolve_geometry(model_or_config: Any) -> ModelGeometry:
-    """A geometry from a model, a transformers config, a geometry, a preset name or None (LLaVA-1.5-7B)."""
-    if model_or_config is None:
-        return preset("llava-1.5-7b")
-    if isinstance(model_or_config, ModelGeometry):
-        return model_or_config
-    if isinstance(model_or_config, str):
-        return preset(model_or_config)
-    config = getattr(model_or_config, "config", model_or_config)
-    return geometry_from_config(config, name=getattr(config, "_name_or_path", "") or "")
-
-
-def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any = None,
+def compile_pipeline(pipeline: str | PipelineSpec | None, geometry: ModelGeometry,
                      observed: dict[int, int] | None = None) -> Plan:
     """Parse, validate and plan a pipeline for a model.
 
     Args:
         pipeline: pipeline text, ``@file.yaml|json``, a :class:`PipelineSpec`, or None (vanilla).
-        model_or_config: a transformers model or config, a :class:`ModelGeometry`, a preset name,
-            or None for the LLaVA-1.5-7B geometry.
+        geometry: the model's shapes (``lmmsqueeze.compile`` takes a model, a config or a preset name
+            and reads them through its family).
         observed: for adaptive stages (whose output count depends on the data), the count a run saw,
             by stage index, in place of the reducer's estimate.
 
     Raises:
         PipelineError: with a one-line reason, for any refused pipeline.
     """
+    if not isinstance(geometry, ModelGeometry):
+        raise TypeError(f"compile_pipeline takes a ModelGeometry, not {type(geometry).__name__}; "
+                        "lmmsqueeze.compile(pipeline, model_or_config) reads one from a model, config or preset")
     spec = parse_pipeline(pipeline)
-    geometry = resolve_geometry(model_or_config)
     if spec.has_lists:
         raise PipelineError(
             f"pipeline {spec.format()!r} holds a list of values; lists expand into several pipelines "
@@ -337,4 +327,4 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, model_or_config: Any =
     return Plan(canonical, tuple(stages), geometry)
 
 
-__all__ = ["Plan", "PlannedStage", "canonical_stage", "compile_pipeline", "default_positions", "resolve_geometry"]
+__all__ = ["Plan", "PlannedStage", "canonical_stage", "compile_pipeline", "default_positions"]

@@ -44,8 +44,8 @@ class _Engine:
     """The model, processor and pipeline shared by the lmms-eval classes."""
 
     def __init__(self, pretrained: str, pipeline: str, adapter: str | None, device: str | None):
-        from ..pipelines.loading import load_model
-        from ..pipelines.runtime import compile_for
+        from ..runtime.loading import load_model
+        from ..runtime.runtime import compile_for
         from ..proxyv.attach import pipeline_for, resolve_adapter
 
         pipeline = pipeline_for(pipeline, adapter)
@@ -55,8 +55,8 @@ class _Engine:
 
     @torch.no_grad()
     def generate(self, images: list[Any], text: str, max_new_tokens: int, until: list[str]) -> str:
-        from ..pipelines.loading import build_prompt, model_inputs
-        from ..pipelines.runtime import apply
+        from ..runtime.loading import build_prompt, model_inputs
+        from ..runtime.runtime import apply
 
         prompt = build_prompt(self.processor, text)
         inputs = model_inputs(self.processor, self.model, images, [prompt])
@@ -70,8 +70,8 @@ class _Engine:
 
     @torch.no_grad()
     def loglikelihood(self, images: list[Any], context: str, continuation: str) -> tuple[float, bool]:
-        from ..pipelines.loading import build_prompt, model_inputs
-        from ..pipelines.runtime import apply
+        from ..runtime.loading import build_prompt, model_inputs
+        from ..runtime.runtime import apply
 
         prompt = build_prompt(self.processor, context)
         full = model_inputs(self.processor, self.model, images[:1], [f"{prompt} {continuation}"])

@@ -7,11 +7,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..pipelines.costs import InputCosts
-from ..pipelines.hooks import HookSet
-from ..pipelines.loading import build_prompt, model_inputs
-from ..pipelines.measure import _Clock, peak_prefill_memory
-from ..pipelines.runtime import apply, compile_for
+from ..runtime.costs import InputCosts
+from ..runtime.hooks import HookSet
+from ..runtime.loading import build_prompt, model_inputs
+from ..runtime.measure import _Clock, peak_prefill_memory
+from ..runtime.runtime import apply, compile_for
 from ..proxyv.attach import provenance, resolve_adapter
 from .tasks import Task
 

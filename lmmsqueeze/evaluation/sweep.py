@@ -135,8 +135,9 @@ def run_sweep(
     ``remeasure`` evaluates the grid's items again even when stored (vanilla is reused). The model
     is loaded only when something has to run (keys come from its config).
     """
-    from ..compose import compile_pipeline, geometry_from_path
-    from ..pipelines.loading import load_model, model_dir
+    from ..compose import compile_pipeline
+    from ..models import geometry_from_path
+    from ..runtime.loading import load_model, model_dir
     from .runner import evaluate, loyalty
     from .store import Key, ResultStore
     from .tasks import get_task

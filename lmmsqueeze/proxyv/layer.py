@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import repeat_kv
 
-from ..pipelines.probes import apply_rope
+from ..attention import apply_rope
 from ..reducers._common import bilinear_grids
 from .modules import ProxyVAdapter, VisionMLP
 from .stage import ProxyV
@@ -189,7 +189,7 @@ class ProxyVDecoderLayer(nn.Module):
         state = self._run.proxyv_state(hidden_states, kwargs)
         if state is None:
             return self.inner(hidden_states, *args, **kwargs)
-        mlp = self._run.proxyv_adapter.mlp(self.index)
+        mlp = self._run.weights.mlp(self.index)
         if self._run.plan.proxyv.reducer.variant == "control":
             return control_layer(self.inner(hidden_states, *args, **kwargs), hidden_states, mlp, state)
         return proxyv_layer(self.inner, mlp, state, hidden_states, kwargs["position_embeddings"], kwargs.get("cache"))

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..pipelines.loading import build_prompt
+from ..runtime.loading import build_prompt
 
 OBJECTIVES = ("distill", "task")
 

@@ -21,7 +21,7 @@ import torch
 
 from ..compose.spec import PipelineSpec, StageSpec, parse_pipeline
 from ..errors import LmmsqueezeError
-from ..pipelines.runtime import apply, compile_for
+from ..runtime.runtime import apply, compile_for
 from .attach import config_for
 from .modules import ProxyVAdapter
 from .objectives import OBJECTIVES, answer_loss, distill_batch, distill_loss, task_batch

@@ -1,18 +1,13 @@
-"""Everything that touches a transformers model: adapters, hooks, probes, the prefill runtime."""
+"""Everything that executes a plan on a transformers model: the hook installer, the prefill runtime,
+loading and measuring."""
 
-from .adapters import LlavaAdapter, LlavaNextAdapter, ModelAdapter, PackedImage, adapter_for
 from .hooks import HookSet, count_hooks
 from .loading import build_prompt, load_model, pick_device
 from .runtime import PipelineRun, apply, compile_for
 
 __all__ = [
     "HookSet",
-    "LlavaAdapter",
-    "LlavaNextAdapter",
-    "ModelAdapter",
-    "PackedImage",
     "PipelineRun",
-    "adapter_for",
     "apply",
     "build_prompt",
     "compile_for",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..compose.plan import Plan, compile_pipeline
-from .adapters import ModelAdapter
+from ..models import Family
 
 
 class InputCosts:
@@ -19,8 +19,8 @@ class InputCosts:
     :meth:`cost` averages.
     """
 
-    def __init__(self, plan: Plan, adapter: ModelAdapter):
-        self.plan, self.adapter = plan, adapter
+    def __init__(self, plan: Plan, family: Family):
+        self.plan, self.family = plan, family
         self._plans: dict[Any, Plan] = {(plan.geometry, ()): plan}
         self._counts: dict[Any, int] = {}
         self._pending: list[Any] = []
@@ -28,7 +28,7 @@ class InputCosts:
 
     def add(self, inputs: Any) -> list[Any]:
         """Count the images of a batch; returns their geometries."""
-        geometries = self.adapter.image_geometries(inputs)
+        geometries = self.family.image_geometries(inputs)
         for g in geometries:
             self._plan_for(g, ())
         if self._adaptive:  # counted once the run says what the adaptive stages kept

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..reducers.base import Signals
-from .probes import apply_rope, last_query_attention, rows_attention
+from ..attention import apply_rope, last_query_attention, rows_attention
 
 
 def _wide(x: Tensor) -> Tensor:

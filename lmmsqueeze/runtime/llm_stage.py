@@ -30,9 +30,9 @@ def text_columns(sample: Any, padding: Tensor) -> Tensor:
     return cols[padding[cols]]
 
 
-def segment_rope(adapter: Any, hidden: Tensor, seg: Segment) -> tuple[Tensor, Tensor]:
+def segment_rope(family: Any, hidden: Tensor, seg: Segment) -> tuple[Tensor, Tensor]:
     """cos/sin of a segment's position ids (M-RoPE ids are three rows)."""
-    return adapter.rotary(hidden, seg.ids if adapter.mrope else seg.ids[0])
+    return family.rotary(hidden, seg.ids if family.mrope else seg.ids[0])
 
 
 def run_llm_stage(run: Any, stage: PlannedStage, hidden: Tensor, layer: nn.Module, rope: tuple[Tensor, Tensor],
@@ -47,7 +47,7 @@ def run_llm_stage(run: Any, stage: PlannedStage, hidden: Tensor, layer: nn.Modul
     needs = stage.reducer.needs | (stage.reducer.optional & run.plan.geometry.signals)
     measured = dict(p.llm_signals.get(stage.layer, {}))
     rope = tuple(t.expand(batch, -1, -1) for t in rope)
-    measured.update(input_signals(layer, run.adapter.final_norm, hidden, rope, padding, needs))
+    measured.update(input_signals(layer, run.family.final_norm, hidden, rope, padding, needs))
     columns = torch.cumsum(padding.long(), 1) - 1  # each column's place in its sample's own sequence
     keeps, sources, owners, fills = [], [], [], []
     for b, sample in enumerate(p.samples):

@@ -58,8 +58,7 @@ def load_model(ref: str | Path, device: str | None = None, dtype: torch.dtype | 
     from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
-    from ..compose.geometry import SUPPORTED_MODELS
-    from .adapters import ADAPTERS
+    from ..models import FAMILIES, supported_models
 
     hf_logging.disable_progress_bar()
 
@@ -67,34 +66,19 @@ def load_model(ref: str | Path, device: str | None = None, dtype: torch.dtype | 
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read the config of {str(ref)!r}: {str(exc).splitlines()[0]}") from None
-    if config.model_type not in ADAPTERS:
-        raise ModelError(f"{str(ref)!r} is a {config.model_type!r} model; lmmsqueeze runs {SUPPORTED_MODELS}")
+    if config.model_type not in FAMILIES:
+        raise ModelError(f"{str(ref)!r} is a {config.model_type!r} model; lmmsqueeze runs {supported_models()}")
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             path, local_files_only=True, dtype=dtype, attn_implementation=attention_backend(dev)
         )
-        processor = _load_processor(path, config.model_type)
+        processor = FAMILIES[config.model_type].load_processor(path)
     except OSError as exc:
         raise ModelError(f"cannot load {str(ref)!r}: {str(exc).splitlines()[0]}") from None
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.padding_side = "left"  # batched generation with a decoder-only model needs left padding
     return model.to(dev).eval(), processor
-
-
-def _load_processor(path: Path, model_type: str) -> Any:
-    """The directory's processor; for Qwen2-VL models whose processor cannot be built here (its video
-    processor needs torchvision), the image-only :class:`~.qwen_processor.QwenImageProcessor`."""
-    from transformers import AutoProcessor
-
-    if model_type not in ("qwen2_vl", "qwen2_5_vl"):
-        return AutoProcessor.from_pretrained(path, local_files_only=True)
-    from .qwen_processor import QwenImageProcessor
-
-    try:
-        return AutoProcessor.from_pretrained(path, local_files_only=True)
-    except (ImportError, AttributeError, ValueError, TypeError):
-        return QwenImageProcessor.from_pretrained(path, local_files_only=True)
 
 
 def model_inputs(processor: Any, model: Any, images: list[Any], texts: list[str]) -> Any:
@@ -119,8 +103,8 @@ def build_prompt(processor: Any, text: str) -> str:
     if getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
-    if token == "<|image_pad|>":  # Qwen2-VL family: the image sits between vision markers
-        from .qwen_processor import IMAGE_PLACEHOLDER
+    from ..models import FAMILIES
 
-        token = IMAGE_PLACEHOLDER
+    wrapped = {cls.prompt_image for cls in FAMILIES.values() if cls.prompt_image and token in cls.prompt_image}
+    token = wrapped.pop() if len(wrapped) == 1 else token  # e.g. Qwen2-VL: the image sits between vision markers
     return f"USER: {token}\n{text} ASSISTANT:"

@@ -46,7 +46,7 @@ def _state_for(run: Any, hidden: Tensor, image: Tensor, positions: Tensor, paddi
     if image.shape[1] == 0:  # a sample without images: no proxies, and the layer is an ordinary one
         proxies = hidden.new_zeros(batch, 0, hidden.shape[-1])
         empty = positions.new_zeros(batch, 0)
-        rope = run.adapter.rotary(proxies, empty if mrope is None else empty[None].expand(3, -1, -1))
+        rope = run.family.rotary(proxies, empty if mrope is None else empty[None].expand(3, -1, -1))
         no_tokens = torch.zeros(0, dtype=torch.long, device=device)
         return ProxyVState(image, others, positions, padding, proxies, empty, rope, no_tokens, None)
     stage = run.plan.proxyv.reducer
@@ -54,17 +54,17 @@ def _state_for(run: Any, hidden: Tensor, image: Tensor, positions: Tensor, paddi
         return ProxyVState(image, others, positions, padding, hidden.new_zeros(batch, 0, hidden.shape[-1]),
                            positions[:, :0], (hidden[:, :0], hidden[:, :0]), None, None)
     tokens = hidden.gather(1, image[..., None].expand(-1, -1, hidden.shape[-1]))
-    proxies, assign, splat = make_proxies(stage, run.proxyv_adapter, tokens, meta.grids, meta.crop_ids)
+    proxies, assign, splat = make_proxies(stage, run.weights, tokens, meta.grids, meta.crop_ids)
     owner = sample.image_of_crop[proxy_crops(stage, meta)]  # [P] the image of every proxy
     token_image = sample.image_of_crop[meta.crop_ids]
     start = _image_starts(positions.gather(1, image), token_image, int(sample.image_of_crop.max()) + 1)
     proxy_start = start[:, owner]  # [B, P]
     proxy_positions = proxy_start + _rank_within(owner)[None]  # in the sequence's numbering (the masks')
     if mrope is None:
-        rope = run.adapter.rotary(proxies, proxy_positions)
+        rope = run.family.rotary(proxies, proxy_positions)
     else:
         image_mrope = mrope.gather(2, image[None].expand(3, -1, -1))
-        rope = run.adapter.rotary(proxies, proxy_mrope(stage, meta, image_mrope))
+        rope = run.family.rotary(proxies, proxy_mrope(stage, meta, image_mrope))
     return ProxyVState(image, others, positions, padding, proxies, proxy_positions, rope, assign, splat,
                        proxy_start)
 

@@ -9,13 +9,13 @@ All intervention happens through module hooks installed by one :class:`~.hooks.H
 * a pre-hook on the projector runs ``vision`` stages, a forward hook runs ``projector`` stages;
   for families that pack features after the projector (LLaVA-NeXT: base crop, unpadded sub-crop
   grid, newline tokens; Qwen2-VL: all images' merged patches in one tensor) both run on each
-  image's packed features instead, through the adapter's
-  :meth:`~.adapters.ModelAdapter.hook_packed_features`; separator (newline) placeholders are
+  image's packed features instead, through the family's
+  :meth:`~lmmsqueeze.models.base.Family.hook_packed_features`; separator (newline) placeholders are
   never image tokens for any stage: they stay in the prompt like text;
 * pre-hooks on decoder layers >= K run ``llm`` stages at layer K and slice hidden states, RoPE
   cos/sin, position ids and the attention mask for every later layer (prefill) or the mask's key
   columns (decode), so each layer's KV cache holds exactly the tokens that reached it;
-* forward hooks on attention modules measure one-query signals (see :mod:`.probes`).
+* forward hooks on attention modules measure one-query signals (see :mod:`lmmsqueeze.attention`).
 
 A stage's output order is the order its tokens take in the sequence, and its ``positions`` policy
 (:mod:`.positions`) says which positions they take; decode steps continue each layer's numbering.
@@ -33,7 +33,7 @@ from ..compose.plan import Plan, PlannedStage, compile_pipeline
 from ..compose.spec import PipelineSpec
 from ..errors import ModelError
 from ..reducers.base import LLM_SIGNALS, VISION_SIGNALS, Signals, TokenState
-from .adapters import ModelAdapter, adapter_for
+from ..models import Family, family_for
 from .hooks import HookSet
 from .llm_signals import previous_layer_signals, text_relevance
 from .llm_stage import run_llm_stage, segment_rope, text_columns
@@ -56,11 +56,11 @@ class PipelineRun:
             ``trace[stage][sample]``) each original image token belongs to after that stage (-1 if dropped).
     """
 
-    def __init__(self, model: nn.Module, plan: Plan, adapter: ModelAdapter, proxyv_adapter: Any = None):
+    def __init__(self, model: nn.Module, plan: Plan, family: Family, weights: Any = None):
         self.model = model
         self.plan = plan
-        self.adapter = adapter
-        self.proxyv_adapter = proxyv_adapter
+        self.family = family
+        self.weights = weights
         self._proxyv_state: Any = None
         self._trace: list[list[Tensor]] = []
         self._groups: list[list[Tensor]] = []
@@ -79,7 +79,7 @@ class PipelineRun:
         backend = getattr(model.config.get_text_config(), "_attn_implementation", None) or ""
         self._flat_masks = "flash" in str(backend)  # flash-attn layers take 2-D padding masks only
         self._llm = plan.at("llm")
-        self._rows = 3 if adapter.mrope else 1
+        self._rows = 3 if family.mrope else 1
 
     # ------------------------------------------------------------------ public helpers
     @property
@@ -119,7 +119,7 @@ class PipelineRun:
     def install(self, hooks: HookSet) -> None:
         if self.plan.is_vanilla:
             return
-        a = self.adapter
+        a = self.family
         hooks.pre(a.base, self._base_pre)
         if self._vision_needs:
             for module, probe in a.vision_probes(self._vision_needs):
@@ -155,7 +155,7 @@ class PipelineRun:
 
     def _image_signals(self, i: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Image ``i``'s vision signals (non-packing families): rows of its patch tokens, and per-image ones."""
-        start = 0 if self.adapter.features_have_cls else 1
+        start = 0 if self.family.features_have_cls else 1
         rows = {k: v[i, start:] for k, v in self._vision.items() if k != "cls_hidden"}
         extras = {k: v[i] for k, v in self._vision.items() if k == "cls_hidden"}
         return rows, extras
@@ -163,7 +163,7 @@ class PipelineRun:
     def _projector_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         feats = args[0] if args else kwargs["image_features"]
         self._images = []
-        if self.adapter.packs_features:
+        if self.family.packs_features:
             self._crop_inputs = feats
             return None
         grids = self.plan.geometry.grids
@@ -191,7 +191,7 @@ class PipelineRun:
         """Pre-LLM stages on packed images (LLaVA-NeXT, Qwen2-VL): each image is one state whose crops
         are the layout's grids; separators (newlines) are taken out before the stages and put back
         after them, each after the surviving tokens that preceded it."""
-        a = self.adapter
+        a = self.family
         rows_in = None if self._crop_inputs is None else a.projector_rows(self._crop_inputs)
         total = sum(lay.crops for lay in layouts)
         if rows_in is None or rows_in.shape[0] != total:
@@ -269,8 +269,8 @@ class PipelineRun:
                 "start a new conversation (fresh cache) for each image prompt"
             )
         if kwargs.get("pixel_values") is not None:
-            features = self.adapter.image_features(kwargs)
-            if not self.adapter.packs_features and self._images:  # each image as its stages left it
+            features = self.family.image_features(kwargs)
+            if not self.family.packs_features and self._images:  # each image as its stages left it
                 features.pooler_output = [rec.state.hidden for rec in self._images]
             kwargs = {**kwargs, "pixel_values": None, "mm_encoder_outputs": {**encoder_outputs, "image": features}}
             encoder_outputs = kwargs["mm_encoder_outputs"]
@@ -284,7 +284,7 @@ class PipelineRun:
         return args, self._start_prefill(kwargs, images)
 
     def _start_prefill(self, kwargs: dict, images: list[ImageRecord]) -> dict:
-        a = self.adapter
+        a = self.family
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         is_image = a.image_token_mask(ids, embeds)
         batch, length = is_image.shape
@@ -376,7 +376,7 @@ class PipelineRun:
         if ids is None:
             raise ModelError("a Qwen2-VL prompt given as inputs_embeds needs explicit position_ids while a "
                              "pipeline is applied; pass input_ids instead")
-        positions, _ = self.adapter.rope_index(ids, kwargs.get("mm_token_type_ids"), kwargs.get("image_grid_thw"),
+        positions, _ = self.family.rope_index(ids, kwargs.get("mm_token_type_ids"), kwargs.get("image_grid_thw"),
                                                mask2d)
         return positions
 
@@ -390,7 +390,7 @@ class PipelineRun:
         types = kwargs.get("mm_token_type_ids")
         if types is not None:
             kwargs["mm_token_type_ids"] = types.gather(1, safe).masked_fill(~present, 0)
-        self.adapter.base.rope_deltas = (next_position(new, padding) - padding.sum(1))[:, None]
+        self.family.base.rope_deltas = (next_position(new, padding) - padding.sum(1))[:, None]
         return new
 
     def _samples(self, is_image: Tensor, per_sample: list[list[int]], images: list[ImageRecord]) -> list[Sample]:
@@ -429,7 +429,7 @@ class PipelineRun:
         if pos is not None and pos.dim() == 3:  # M-RoPE rows (after a text row, which orders the sequence)
             rows = pos[-3:] - shift
             pos = rows if pos.shape[0] == 3 else torch.cat([pos[:1] - p.removed.to(pos.device)[:, None], rows])
-        elif not self.adapter.mrope:  # the caller's numbering (or the model's own), moved to the prompt's
+        elif not self.family.mrope:  # the caller's numbering (or the model's own), moved to the prompt's
             if pos is None:
                 pos = (past + torch.arange(q, device=shift.device))[None] + (p.input_length - p.length)
             pos = pos - shift
@@ -475,7 +475,7 @@ class PipelineRun:
                 if seg is None:
                     return None
                 if seg.position_embeddings is None:
-                    seg.position_embeddings = segment_rope(self.adapter, hidden, seg)
+                    seg.position_embeddings = segment_rope(self.family, hidden, seg)
                 source = kwargs.get("attention_mask")
                 mask = seg.sliced_mask(False, source, hidden.shape[1], lambda: mask_filler(
                     slice_square_mask(source, seg.keep), seg.alive, square=True, flat=self._flat_masks))
@@ -523,7 +523,7 @@ class PipelineRun:
         from .positions import shift_rope
 
         cos, sin = (t.expand(delta.shape[0], -1, -1) for t in rope)
-        return shift_rope(cos, sin, self.adapter.rotary, delta.to(cos.device), self.adapter.mrope)
+        return shift_rope(cos, sin, self.family.rotary, delta.to(cos.device), self.family.mrope)
 
     def proxyv_state(self, hidden: Tensor, kwargs: dict) -> Any:
         """The ProxyV state of this prefill (made at the first ProxyV layer), or None when the layer
@@ -560,11 +560,11 @@ def _checked_reduce(stage: PlannedStage, state: TokenState, signals: Signals) ->
     return new
 
 
-def compile_for(model: nn.Module, pipeline: str | PipelineSpec | Plan | None) -> tuple[Plan, ModelAdapter]:
+def compile_for(model: nn.Module, pipeline: str | PipelineSpec | Plan | None) -> tuple[Plan, Family]:
     """Compile a pipeline against a loaded model's geometry."""
-    adapter = adapter_for(model)
-    plan = pipeline if isinstance(pipeline, Plan) else compile_pipeline(pipeline, adapter.geometry)
-    return plan, adapter
+    family = family_for(model)
+    plan = pipeline if isinstance(pipeline, Plan) else compile_pipeline(pipeline, family.geometry)
+    return plan, family
 
 
 @contextlib.contextmanager
@@ -589,9 +589,8 @@ def apply(model: nn.Module, pipeline: str | PipelineSpec | Plan | None, adapter:
     """
     from ..proxyv.attach import resolve_adapter
 
-    plan, model_adapter = compile_for(model, pipeline)
-    proxyv_adapter = resolve_adapter(model, plan, adapter)
-    run = PipelineRun(model, plan, model_adapter, proxyv_adapter)
+    plan, family = compile_for(model, pipeline)
+    run = PipelineRun(model, plan, family, resolve_adapter(model, plan, adapter))
     with HookSet() as hooks:
         run.install(hooks)
         yield run

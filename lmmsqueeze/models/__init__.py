@@ -1,0 +1,38 @@
+"""Model families, one file each, registered by ``model_type`` (see :mod:`.base`).
+
+Adding a family is one file here: a :class:`Family` subclass decorated with
+:func:`register_family`, imported below, and a row in the tests' family table.
+"""
+
+from . import llava, llava_next, qwen2_vl  # noqa: F401  (each registers its family and presets)
+from .base import (
+    FAMILIES,
+    PRESETS,
+    Family,
+    PackedImage,
+    family_class,
+    family_for,
+    geometry_from_config,
+    geometry_from_path,
+    geometry_of,
+    preset,
+    register_family,
+    register_preset,
+    supported_models,
+)
+
+__all__ = [
+    "FAMILIES",
+    "PRESETS",
+    "Family",
+    "PackedImage",
+    "family_class",
+    "family_for",
+    "geometry_from_config",
+    "geometry_from_path",
+    "geometry_of",
+    "preset",
+    "register_family",
+    "register_preset",
+    "supported_models",
+]
