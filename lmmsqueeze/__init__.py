@@ -18,7 +18,7 @@ from . import proxyv, reducers  # noqa: F401  (registers the built-in reducers a
 from .compose import ModelGeometry, PipelineSpec, Plan, compile_pipeline, parse_pipeline
 from .errors import LmmsqueezeError, ModelError, PipelineError, RegistryError
 from .models import Family, family_for, geometry_of, register_family
-from .runtime import apply, load_model
+from .runtime import Prepared, apply, load_model, prepare
 from .reducers import (
     Reducer,
     ScoredPruner,
@@ -48,6 +48,7 @@ __all__ = [
     "ModelGeometry",
     "PipelineError",
     "PipelineSpec",
+    "Prepared",
     "Plan",
     "Reducer",
     "RegistryError",
@@ -62,6 +63,7 @@ __all__ = [
     "list_reducers",
     "load_model",
     "parse_pipeline",
+    "prepare",
     "register_family",
     "register_reducer",
 ]

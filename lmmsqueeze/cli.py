@@ -216,7 +216,7 @@ def run_cmd(
         if not image.is_file():
             raise LmmsqueezeError(f"image file {str(image)!r} does not exist")
         result = answer(model, image, prompt, pipeline, max_new_tokens=max_new_tokens, device=device,
-                        adapter=adapter)
+                        weights=adapter)
     emit(result, as_json, lambda r: console.print(r["answer"], highlight=False))
 
 
@@ -236,20 +236,14 @@ def bench_cmd(
     from .runtime.generation import open_image
     from .runtime.loading import load_model
     from .runtime.measure import bench
-    from .runtime.runtime import compile_for
-    from .proxyv.attach import resolve_adapter
     from .testing import random_image
 
     with user_errors():
         if image is not None and not image.is_file():
             raise LmmsqueezeError(f"image file {str(image)!r} does not exist")
         loaded, processor = load_model(model, device=device)
-        adapters = []
-        for p in pipeline:  # refuse a bad pipeline (or adapter) before measuring anything; load adapters once
-            plan = compile_for(loaded, p)[0]
-            adapters.append(resolve_adapter(loaded, plan, adapter if plan.proxyv is not None else None))
         picture = open_image(image) if image is not None else random_image(0, 336)
-        rows = bench(loaded, processor, pipeline, picture, prompt, runs=runs, warmup=warmup, adapters=adapters)
+        rows = bench(loaded, processor, pipeline, picture, prompt, runs=runs, warmup=warmup, weights=adapter)
 
     def render(rows: list[dict]) -> None:
         table = Table(title=f"prefill on {model} ({runs} interleaved runs after {warmup} warm-up)")

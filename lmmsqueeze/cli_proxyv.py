@@ -43,6 +43,7 @@ def train_proxyv_cmd(
     brings. Resumes from OUT/checkpoint.pt when it exists; writes OUT/adapter (adapter.safetensors +
     adapter_config.json), with --control OUT/control/adapter, and with --full the models too.
     """
+    from .evaluation.runner import validator
     from .evaluation.tasks import get_task
     from .runtime.loading import load_model
     from .proxyv.train import TrainSettings, train_proxyv, train_with_control
@@ -58,14 +59,17 @@ def train_proxyv_cmd(
         with Progress(TextColumn("train-proxyv"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
                       TimeElapsedColumn(), console=err_console) as progress:
             bar = progress.add_task("train", total=steps, loss=float("nan"))
+            validate = validator(processor, task, eval_size, settings.eval_batch)
 
             def on_step(s: int, loss: float) -> None:
                 progress.update(bar, completed=s, loss=loss)
 
             if control:
-                adapter, _ = train_with_control(loaded, processor, pipeline, task, out, settings, on_step=on_step)
+                adapter, _ = train_with_control(loaded, processor, pipeline, task, out, settings, on_step=on_step,
+                                                validate=validate)
             else:
-                adapter = train_proxyv(loaded, processor, pipeline, task, out, settings, on_step=on_step)
+                adapter = train_proxyv(loaded, processor, pipeline, task, out, settings, on_step=on_step,
+                                       validate=validate)
                 if full:
                     loaded.save_pretrained(out / "model")
         if full:

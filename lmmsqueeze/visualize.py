@@ -160,11 +160,11 @@ def trace_pipeline(model: Any, processor: Any, image: Image.Image, question: str
     processor outputs."""
     import torch
 
-    from .runtime import apply, build_prompt
+    from .runtime import build_prompt, prepare
     from .runtime.loading import model_inputs
 
     inputs = model_inputs(processor, model, [image], [build_prompt(processor, question)])
-    with torch.no_grad(), apply(model, pipeline, adapter=adapter) as run:
+    with torch.no_grad(), prepare(model, pipeline, adapter).apply() as run:
         model(**inputs)
     views = [StageView(stage.label(), run.trace[i][0].tolist(), run.groups[i][0].tolist())
              for i, stage in enumerate(run.plan.stages)]
@@ -179,15 +179,15 @@ def show_pipeline(model: Any, processor: Any, image: Image.Image, question: str,
     LLaVA-1.5 sees the centre square of the image; LLaVA-NeXT's base crop and sub-crop grid and
     Qwen2-VL's merged grid each cover the whole image.
     """
-    from .runtime import compile_for
+    from .models import family_for
 
-    plan, model_adapter = compile_for(model, pipeline)
-    views, inputs = trace_pipeline(model, processor, image, question, plan, adapter)
-    grids = model_adapter.image_geometries(inputs)[0].grids
+    family = family_for(model)
+    views, inputs = trace_pipeline(model, processor, image, question, pipeline, adapter)
+    grids = family.image_geometries(inputs)[0].grids
     if not grids:
         raise LmmsqueezeError("show needs the image tokens to form a grid; this model's features do not "
                               "(e.g. vision_feature_select_strategy='full' keeps [CLS])")
-    picture = model_view(image) if model_adapter.geometry.family == "llava" else image.convert("RGB")
+    picture = model_view(image) if family.geometry.family == "llava" else image.convert("RGB")
     return render_stages(picture, grids, views, panel_size), views
 
 

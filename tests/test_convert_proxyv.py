@@ -139,7 +139,7 @@ def test_converted_checkpoint_is_the_original_and_its_proxyv_layers_are_the_offi
     def keep(key, fn):
         return lambda module, args, *rest: seen.__setitem__(key, fn(args, rest))
 
-    with torch.no_grad(), lmmsqueeze.apply(model, pipeline, adapter=str(adapter_dir)):
+    with torch.no_grad(), lmmsqueeze.apply(model, pipeline, weights=str(adapter_dir)):
         handles = []
         for i in range(START, 4):
             inner = lm.layers[i].inner

@@ -296,7 +296,7 @@ def test_loglikelihood_scores_the_continuation_at_the_rows_that_predict_it():
 
     from lmmsqueeze.evaluation.lmms_bridge import _Engine
     from lmmsqueeze.runtime.loading import build_prompt
-    from lmmsqueeze.runtime.runtime import apply
+    from lmmsqueeze.runtime import apply
     from lmmsqueeze.testing import random_image
 
     engine = _Engine("bundled", "pool | fastv(layer=2, keep=0.5)", None, "cpu")

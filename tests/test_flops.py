@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import lmmsqueeze
-from lmmsqueeze.compose.flops import layer_macs, proxyv_layer_macs
+from lmmsqueeze.proxyv.stage import proxyv_stage
+from lmmsqueeze.compose.flops import layer_macs
+from lmmsqueeze.proxyv.placement import proxyv_layer_macs
 from lmmsqueeze.compose.geometry import with_tokens
 from lmmsqueeze.models import preset
 from lmmsqueeze.errors import ModelError
@@ -104,7 +106,7 @@ def test_proxyv_paper_savings(backbone, starts, reported):
         total = start * base + (g.num_layers - start) * proxy
         assert 100 * (1 - total / (g.num_layers * base)) == pytest.approx(expected, abs=1.0)
         plan = lmmsqueeze.compile(f"proxyv(layer={start})", g)
-        assert plan.proxyv.grids_in == ((24, 24),) * 5
+        assert proxyv_stage(plan).grids_in == ((24, 24),) * 5
         assert 100 * plan.cost(text_tokens=55).saving == pytest.approx(expected, abs=1.0)
 
 

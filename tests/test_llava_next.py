@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lmmsqueeze
+from lmmsqueeze.proxyv.stage import proxyv_stage
 from lmmsqueeze.models import geometry_from_config
 from lmmsqueeze.models import preset
 from lmmsqueeze.models import family_for
@@ -251,7 +252,7 @@ def test_proxyv_cached_generate_matches_no_cache_reference(next_sdpa, pipeline, 
 def test_spatial_proxyv_proxies_are_per_crop(next_sdpa):
     """Spatial proxies resize each crop's grid: 4x4 -> 2x2 and 8x8 -> 4x4 (20 proxies); newline
     tokens are queries like text."""
-    from lmmsqueeze.runtime import proxyv_state as proxyv_layer
+    from lmmsqueeze.proxyv import state as proxyv_layer
 
     model, processor = next_sdpa
     inputs = _inputs(model, processor, 1, SQUARE)
@@ -271,7 +272,7 @@ def test_spatial_proxyv_proxies_are_per_crop(next_sdpa):
     finally:
         proxyv_layer.make_proxies = real
     assert seen == {"grids": ((4, 4), (8, 8)), "n": 80, "proxies": 20}
-    assert run._proxyv_state.others.shape[1] == inputs["input_ids"].shape[1] - 80
+    assert run.scratch[proxyv_layer.SCRATCH_KEY].others.shape[1] == inputs["input_ids"].shape[1] - 80
 
 
 def test_multi_image_prompt(next_sdpa):
@@ -362,7 +363,7 @@ def test_explain_preset_llava_next():
     data = json.loads(result.stdout)
     assert data["image_tokens"] == 2880 and data["model"] == "llava-next-7b"
     plan = lmmsqueeze.compile("proxyv(layer=12)", "llava-next-7b")
-    assert plan.proxyv.reducer.proxy_count(2880, plan.proxyv.grids_in) == 180  # 6x6 + 12x12
+    assert proxyv_stage(plan).reducer.proxy_count(2880, proxyv_stage(plan).grids_in) == 180  # 6x6 + 12x12
 
 
 def test_cli_runs_a_local_llava_next_directory(tmp_path):

@@ -112,7 +112,7 @@ def test_frozen_llm_gradients_reach_only_proxyv_parameters(tiny_sdpa):
     for p in frozen:
         p.requires_grad_(False)
     try:
-        with lmmsqueeze.apply(model, plan, adapter=adapter):
+        with lmmsqueeze.apply(model, plan, weights=adapter):
             loss = model(**inputs).logits.float().pow(2).mean()
         loss.backward()
     finally:
@@ -131,9 +131,9 @@ def test_adapter_round_trip_gives_identical_logits(tiny_sdpa, tmp_path):
     adapter = ProxyVAdapter(config_for(model, plan))
     adapter.save(tmp_path / "adapter")
     with torch.no_grad():
-        with lmmsqueeze.apply(model, plan, adapter=adapter):
+        with lmmsqueeze.apply(model, plan, weights=adapter):
             a = model(**inputs).logits
-        with lmmsqueeze.apply(model, plan, adapter=str(tmp_path / "adapter")):
+        with lmmsqueeze.apply(model, plan, weights=str(tmp_path / "adapter")):
             b = model(**inputs).logits
         with lmmsqueeze.apply(model, plan):  # fresh weights differ
             c = model(**inputs).logits
@@ -145,14 +145,14 @@ def test_adapter_mismatch_is_named(tiny_sdpa, tmp_path):
     plan = lmmsqueeze.compile("proxyv(layer=2, factor=2)", model)
     ProxyVAdapter(config_for(model, plan)).save(tmp_path / "a")
     with pytest.raises(ModelError, match="layer: the adapter has 2, the pipeline/model needs 1"):
-        with lmmsqueeze.apply(model, "proxyv(layer=1, factor=2)", adapter=str(tmp_path / "a")):
+        with lmmsqueeze.apply(model, "proxyv(layer=1, factor=2)", weights=str(tmp_path / "a")):
             pass
     with pytest.raises(ModelError, match="variant: the adapter has spatial"):
-        with lmmsqueeze.apply(model, "proxyv(layer=2, variant=nonspatial)", adapter=str(tmp_path / "a")):
+        with lmmsqueeze.apply(model, "proxyv(layer=2, variant=nonspatial)", weights=str(tmp_path / "a")):
             pass
     other, _ = tiny_llava(hidden=32, heads=2, kv_heads=1, ffn=64)
     with pytest.raises(ModelError, match="hidden_size: the adapter has 64, the pipeline/model needs 32"):
-        with lmmsqueeze.apply(other, "proxyv(layer=2, factor=2)", adapter=str(tmp_path / "a")):
+        with lmmsqueeze.apply(other, "proxyv(layer=2, factor=2)", weights=str(tmp_path / "a")):
             pass
 
 
@@ -160,7 +160,7 @@ def test_adapter_mismatch_is_named(tiny_sdpa, tmp_path):
     ("random(keep=0.5) | proxyv(layer=2)", "needs the token grid, but an earlier stage broke it; use variant=nonspatial"),
     ("fastv(layer=2) | proxyv(layer=2)", "an llm reducer at layer 2 >= 2 cannot run with ProxyV from layer 2"),
     ("proxyv(layer=1) | fastv(layer=2)", "an llm reducer at layer 2 >= 1 cannot run with ProxyV"),
-    ("proxyv(layer=2) | fastv(layer=1)", "cannot follow the proxyv stage"),
+    ("proxyv(layer=2) | fastv(layer=1)", "cannot follow a proxyv stage"),
     ("proxyv(layer=5)", "ProxyV starts at a layer in 0..4"),
     ("proxyv(variant=diagonal)", "variant='diagonal' is not a valid one of spatial|nonspatial"),
     ("proxyv(layer=2) | proxyv(layer=3)", "at most one proxyv stage"),
@@ -237,7 +237,7 @@ def test_the_proxyv_layer_is_the_papers_computation_written_out(variant, images)
         handle = lm.layers[2].register_forward_hook(lambda m, a, kw, out: seen.update(x=out[0]), with_kwargs=True)
         model(**inputs)
         handle.remove()
-        with lmmsqueeze.apply(model, plan, adapter=adapter):
+        with lmmsqueeze.apply(model, plan, weights=adapter):
             handle = lm.layers[3].register_forward_hook(lambda m, a, kw, out: seen.update(y=out[0]), with_kwargs=True)
             model(**inputs)
             handle.remove()

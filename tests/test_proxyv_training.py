@@ -97,7 +97,7 @@ def test_the_control_starts_as_the_vanilla_model_and_saves_nothing(tiny):
         .parameters())
     with torch.no_grad():
         reference = model(**inputs).logits
-        with lmmsqueeze.apply(model, plan, adapter=adapter):
+        with lmmsqueeze.apply(model, plan, weights=adapter):
             assert torch.equal(model(**inputs).logits, reference)
     assert plan.cost(text_tokens=20).saving < 0
 

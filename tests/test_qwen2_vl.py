@@ -334,7 +334,7 @@ def test_spatial_proxies_sit_on_the_merged_grid(qwen):
     s = int(full[0, 0, first])
     with lmmsqueeze.apply(model, "proxyv(layer=2, factor=2)") as run:
         model(**inputs)
-    state = run._proxyv_state
+    state = run.scratch["proxyv"]
     assert state.proxies.shape[1] == 9
     ids = torch.tensor([[s] * 9, [s + r for r in range(3) for _ in range(3)],
                         [s + c for _ in range(3) for c in range(3)]], device=model.device)[:, None]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..evaluation.runner import evaluate, loyalty
+from ..evaluation.runner import evaluate, loyalty, validator
 from ..evaluation.tasks import get_task
 from ..runtime.loading import load_model
 from ..proxyv.attach import adapter_path
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.only and not name.endswith(args.only):
             continue
         work = args.work / name
-        adapter = train_proxyv(model, processor, pipeline, task, work, settings)
+        adapter = train_proxyv(model, processor, pipeline, task, work, settings,
+                               validate=validator(processor, task, settings.eval_size, settings.eval_batch))
         target = adapter_path(f"bundled:{name}")
         if target.exists():
             shutil.rmtree(target)
@@ -113,7 +114,8 @@ def _task_control(model, processor, task, settings: TrainSettings, args, argv) -
     for seed in (int(s) for s in args.seeds.split(",")):
         seeded = TrainSettings(**{**asdict(settings), "objective": "task", "seed": seed})
         out = args.work / f"task-seed{seed}"
-        train_with_control(model, processor, SPATIAL, task, out, seeded)
+        train_with_control(model, processor, SPATIAL, task, out, seeded,
+                           validate=validator(processor, task, seeded.eval_size, seeded.eval_batch))
         proxyv = _row(_measure(model, processor, task, SPATIAL, str(out / "adapter"), args.limit), vanilla)
         control = _row(_measure(model, processor, task, control_pipeline(SPATIAL), str(out / "control" / "adapter"),
                                 args.limit), vanilla)

@@ -20,6 +20,7 @@ other elementwise work are not counted (neither does ``torch.utils.flop_counter`
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,9 +155,10 @@ def vision_probe_macs(g: ModelGeometry, needs: frozenset[str]) -> int:
     return g.vision_crops * macs
 
 
-def _metric_width(g: ModelGeometry, stage: Any) -> int:
-    """The width of the rows a stage's reducer multiplies (see ``Reducer.metric_signal``)."""
-    signal = stage.reducer.metric_signal()
+def metric_width(g: ModelGeometry, reducer: Any, feature_width: int) -> int:
+    """The width of the rows a reducer multiplies (see ``Reducer.metric_signal``): a signal's width, or
+    ``feature_width`` (its placement's hidden states) when it reads hidden states."""
+    signal = reducer.metric_signal()
     if signal == "vision_keys":  # averaged over heads
         return g.vision_hidden_size // g.vision_heads
     if signal == "last_vision_keys":
@@ -164,14 +166,28 @@ def _metric_width(g: ModelGeometry, stage: Any) -> int:
     if signal == "llm_keys":
         return g.num_kv_heads * g.head_dim
     if signal is not None:
-        raise ValueError(f"{stage.name}: no width is known for signal {signal!r}")
-    # hidden states: vision features (Qwen2-VL: a merge unit's patches side by side) or LLM tokens
-    return g.vision_hidden_size * g.vision_merge if stage.placement == "vision" else g.hidden_size
+        raise ValueError(f"{reducer.name}: no width is known for signal {signal!r}")
+    return feature_width
+
+
+@dataclass(frozen=True)
+class CostContext:
+    """What a placement's cost methods read besides the stage and the geometry."""
+
+    text_tokens: int  # non-image tokens of the prompt
+    text_after_image: int  # prompt tokens after the last image token (queries of text probes)
+    tokens_per_layer: tuple[int, ...]  # image tokens entering each decoder layer (all images)
+    images: int  # images in the prompt
+    convention: str  # exact | fastv
 
 
 def plan_cost(plan: Any, text_tokens: int = 64, convention: str = "exact", text_after_image: int | None = None,
               images: int = 1) -> Cost:
     """The prefill cost of a :class:`~lmmsqueeze.compose.plan.Plan` for one sample.
+
+    Every stage's placement says what the stage adds (:meth:`~.placements.Placement.overhead`) and
+    which decoder layers it changes (:meth:`~.placements.Placement.layer_cost`); other layers are
+    ordinary ones over the image tokens that reach them.
 
     Args:
         plan: the compiled plan (its geometry gives the shapes, its stages the token counts).
@@ -185,49 +201,31 @@ def plan_cost(plan: Any, text_tokens: int = 64, convention: str = "exact", text_
         raise ValueError(f"convention {convention!r} is not one of {', '.join(CONVENTIONS)}")
     g = plan.geometry
     after = text_tokens if text_after_image is None else text_after_image
-    exact = convention == "exact"
-    tokens_per_layer = [images * t for t in plan.tokens_per_layer()]
+    tokens_per_layer = tuple(images * t for t in plan.tokens_per_layer())
+    ctx = CostContext(text_tokens, after, tokens_per_layer, images, convention)
 
     overhead_at: dict[int, int] = {}
     pre_llm = 0
-    needs_all = frozenset().union(*(s.reducer.needs for s in plan.stages)) if plan.stages else frozenset()
-    if exact:
-        reads = needs_all | frozenset().union(*(s.reducer.optional & g.signals for s in plan.stages))
+    if convention == "exact":  # the fastv convention counts no overhead
+        needs = frozenset().union(*(s.reducer.needs for s in plan.stages)) if plan.stages else frozenset()
+        reads = needs | frozenset().union(*(s.reducer.optional & g.signals for s in plan.stages))
         pre_llm += images * vision_probe_macs(g, reads)
-        if "text_relevance" in needs_all:
+        if "text_relevance" in needs:
             overhead_at[0] = relevance_macs(g, tokens_per_layer[0], after)
         for stage in plan.stages:
-            if stage.placement == "llm":
-                n_at_probe = text_tokens + tokens_per_layer[stage.layer - 1] if stage.layer > 0 else 0
-                macs = probe_macs(g, stage.reducer.needs, n_at_probe, after)
-                macs += images * stage.reducer.cost_macs(stage.tokens_in, _metric_width(g, stage), stage.grids_in)
-                overhead_at[stage.layer] = overhead_at.get(stage.layer, 0) + macs
-            else:
-                pre_llm += images * stage.reducer.cost_macs(stage.tokens_in, _metric_width(g, stage), stage.grids_in)
+            for layer, macs in stage.where.overhead(stage, g, ctx).items():
+                if layer is None:
+                    pre_llm += macs
+                else:
+                    overhead_at[layer] = overhead_at.get(layer, 0) + macs
 
-    pv = plan.proxyv
     layers = []
     for i, image_tokens in enumerate(tokens_per_layer):
+        changed = next((c for s in plan.stages if (c := s.where.layer_cost(s, g, i, ctx)) is not None), None)
+        if changed is not None:
+            layers.append(dataclasses.replace(changed, overhead=changed.overhead + overhead_at.get(i, 0)))
+            continue
         n = text_tokens + image_tokens
-        if pv is not None and i >= pv.layer and pv.reducer.variant == "control":  # an ordinary layer + a branch
-            proj, attn, ffn = layer_macs(g, n, n, convention)
-            h = pv.reducer.width(g.hidden_size)
-            branch = image_tokens * (3 * g.hidden_size * h + 2 * h * h)
-            layers.append(LayerCost(i, image_tokens, n, n, proj, attn, ffn, overhead_at.get(i, 0) + branch))
-            continue
-        if pv is not None and i >= pv.layer:
-            stage = pv.reducer
-            groups = images * (len(pv.grids_in) if pv.grids_in else 1)
-            proxies = images * stage.proxy_count(pv.tokens_in, pv.grids_in)
-            width = stage.width(g.hidden_size)
-            nonspatial = stage.variant == "nonspatial"
-            proj, attn, ffn, light = proxyv_layer_macs(g, image_tokens, proxies, text_tokens, width, splat=nonspatial,
-                                                       convention=convention)
-            if nonspatial and i == pv.layer:  # the initializer: keys, logits, pooling
-                light += image_tokens * g.hidden_size * width + proxies * (image_tokens // groups) * (width + g.hidden_size)
-            layers.append(LayerCost(i, image_tokens, proxies + text_tokens, image_tokens + proxies + text_tokens,
-                                    proj, attn, ffn, overhead_at.get(i, 0) + light))
-            continue
         proj, attn, ffn = layer_macs(g, n, n, convention)
         layers.append(LayerCost(i, image_tokens, n, n, proj, attn, ffn, overhead_at.get(i, 0)))
 
@@ -238,35 +236,3 @@ def plan_cost(plan: Any, text_tokens: int = 64, convention: str = "exact", text_
         notes.append("fastv convention: 4nd^2 + 2n^2d + 2ndm per layer, no overhead")
     return Cost(convention, text_tokens, tuple(layers), pre_llm, g.hidden_size * g.vocab_size, vanilla,
                 tuple(notes))
-
-
-def proxyv_layer_macs(g: ModelGeometry, image_tokens: int, proxies: int, other_tokens: int, mlp_hidden: int,
-                      splat: bool = False, convention: str = "exact") -> tuple[int, int, int, int]:
-    """(projections, attention, ffn, light-MLP) MACs of one ProxyV layer.
-
-    ``nq = proxies + other_tokens`` queries (proxies, newlines, text); keys and values over every
-    image token too (``nkv = image_tokens + nq``); the FFN runs on the ``nq`` queries only; each
-    image token is updated by the light MLP (two d->h inputs, 2h->h, h->d), whose guidance
-    projection runs on the proxies (and, for the non-spatial variant, the projected proxies are
-    splatted back to every image token, ``image_tokens * proxies * h``). With ``convention="fastv"``
-    the layer is counted as FastV counts one: ``d^2`` per token for each of Q, O (queries) and K, V
-    (keys), no GQA, a two-matrix FFN; the light MLP the same in both conventions.
-    """
-    d, m, h = g.hidden_size, g.intermediate_size, mlp_hidden
-    d_q = g.num_heads * g.head_dim
-    d_kv = g.num_kv_heads * g.head_dim
-    nq = proxies + other_tokens
-    nkv = image_tokens + nq
-    if convention == "fastv":
-        projections = nq * 2 * d * d + nkv * 2 * d * d
-        attention = 2 * nq * nkv * d
-        ffn = 2 * nq * d * m
-    else:
-        projections = nq * 2 * d * d_q + nkv * 2 * d * d_kv
-        attention = 2 * nq * nkv * d_q
-        ffn = (3 if g.gated_ffn else 2) * nq * d * m
-    light = image_tokens * (d * h + 2 * h * h + h * d)
-    light += proxies * d * h  # the guidance projection runs on the proxies
-    if splat:  # then every image token takes its splat of them
-        light += image_tokens * proxies * h
-    return projections, attention, ffn, light

@@ -10,14 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import PipelineError
-from ..reducers.base import LLM_SIGNALS, PLACEMENTS, POSITION_POLICIES, Grids, Reducer
+from ..reducers.base import POSITION_POLICIES, Grids, Reducer
 from ..reducers.registry import build_reducer, reducer_params
 from .flops import Cost, plan_cost
 from .geometry import ModelGeometry
+from .placements import Placement, get_placement, placements
 from .spec import PipelineSpec, StageSpec, parse_pipeline
-
-PLACEMENT_ORDER = {p: i for i, p in enumerate(PLACEMENTS)}  # the order stages run in
-
 
 @dataclass(frozen=True)
 class PlannedStage:
@@ -26,8 +24,8 @@ class PlannedStage:
     position: int  # 1-based position in the pipeline
     reducer: Reducer
     spec: StageSpec  # canonical: every parameter, sorted, defaults filled
-    placement: str  # vision | projector | llm
-    layer: int | None  # decoder layer for llm placement
+    placement: str  # the name of its placement (vision | projector | llm | proxyv | ...)
+    layer: int | None  # decoder layer of a layered placement (llm, proxyv)
     tokens_in: int  # per image (vision/projector) or per single-image sample (llm)
     tokens_out: int
     grids_in: Grids
@@ -45,16 +43,15 @@ class PlannedStage:
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def where(self) -> Placement:
+        """The placement object this stage runs at."""
+        return get_placement(self.placement)
+
     def label(self) -> str:
-        where = f"llm@{self.layer}" if self.placement == "llm" else self.placement
+        where = self.where.label(self.layer)
         part = f" part {self.part[0]}/{self.part[1]}" if self.part else ""
         return f"{self.spec.format()}{part} [{where}]"
-
-
-def default_positions(reducer: Reducer, placement: str) -> str:
-    """The position policy of a stage that does not give ``positions=``: the released code's (an ``llm``
-    stage: the reducer's ``llm_positions``; before the LLM: renumber, as the shorter prompt is)."""
-    return reducer.llm_positions if placement == "llm" else "renumber"
 
 
 @dataclass(frozen=True)
@@ -74,28 +71,22 @@ class Plan:
     def is_vanilla(self) -> bool:
         return not self.stages
 
-    @property
-    def proxyv(self) -> PlannedStage | None:
-        """The ProxyV stage, when it starts at a real layer."""
-        stage = next((s for s in self.stages if s.placement == "proxyv"), None)
-        return stage if stage is not None and stage.layer < self.geometry.num_layers else None
-
     def at(self, placement: str) -> list[PlannedStage]:
         return [s for s in self.stages if s.placement == placement]
 
     @property
     def llm_image_tokens(self) -> int:
         """Image tokens (per single-image sample) that enter decoder layer 0."""
-        pre = [s for s in self.stages if s.placement in ("vision", "projector")]
+        pre = [s for s in self.stages if s.where.before_llm]
         return pre[-1].tokens_out if pre else self.geometry.image_tokens
 
     def tokens_per_layer(self) -> list[int]:
         """Image tokens entering each decoder layer, for a single-image sample."""
         counts, current = [], self.llm_image_tokens
-        llm = {s.layer: s for s in self.at("llm")}
+        layered = {s.layer: s for s in self.stages if s.where.layered}
         for layer in range(self.geometry.num_layers):
-            if layer in llm:
-                current = llm[layer].tokens_out
+            if layer in layered:
+                current = layered[layer].tokens_out
             counts.append(current)
         return counts
 
@@ -129,7 +120,7 @@ class Plan:
                     "family": s.reducer.family,
                     "placement": s.placement,
                     "layer": s.layer,
-                    "positions": s.positions if s.placement != "proxyv" else None,
+                    "positions": None if s.where.keeps_tokens else s.positions,
                     "tokens_in": s.tokens_in,
                     "tokens_out": s.tokens_out,
                     "adaptive": s.adaptive,
@@ -156,11 +147,12 @@ class Plan:
         }
 
 
-def _llm_after_proxyv(where: str, layer: int, proxyv_layer: int) -> PipelineError:
+def reduced_after_kept(where: str, layer: int, keeper: str, kept_from: int) -> PipelineError:
+    """A reducing stage at or after the layer from which a stage keeps every image token."""
     return PipelineError(
-        f"{where}: an llm reducer at layer {layer} >= {proxyv_layer} cannot run with ProxyV from layer "
-        f"{proxyv_layer}, which keeps every image token there; move the reducer below layer {proxyv_layer} "
-        "or start ProxyV later"
+        f"{where}: an llm reducer at layer {layer} >= {kept_from} cannot run with {keeper} from layer "
+        f"{kept_from}, which keeps every image token there; move the reducer below layer {kept_from} "
+        f"or start {keeper} later"
     )
 
 
@@ -199,8 +191,6 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, geometry: ModelGeometr
         )
     stages: list[PlannedStage] = []
     tokens, grids = geometry.image_tokens, geometry.grids
-    last_rank, last_layer = -1, -1
-    proxyv_layer: int | None = None
     canonical_specs: list[StageSpec] = []
     for pos, stage in enumerate(spec.stages, 1):
         where = f"stage {pos} ({stage.name})"
@@ -208,27 +198,26 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, geometry: ModelGeometr
         at = params.pop("at", None)
         positions = params.pop("positions", None)
         parent = build_reducer(stage.name, params, where)
+        declared = _declared(parent, where)
+        pre = [p.name for p in declared if p.before_llm]
         if positions is not None:
-            if "proxyv" in parent.placements:
+            if any(p.exclusive and p.keeps_tokens for p in declared):
                 raise PipelineError(f"{where}: {stage.name} keeps every image token, so positions= does not "
                                     "apply; remove it")
             if positions not in POSITION_POLICIES:
                 raise PipelineError(f"{where}: positions={positions!r} is not a position policy; give "
                                     f"{' or '.join(POSITION_POLICIES)}")
         if at is not None:
-            before_llm = [p for p in parent.placements if p in ("vision", "projector")]
-            if at not in before_llm:
+            if at not in pre:
                 raise PipelineError(
                     f"{where}: at={at!r} is not a placement of {stage.name} before the LLM (valid: "
-                    f"{', '.join(before_llm) or 'none'}); use layer=K to run it inside the LLM"
+                    f"{', '.join(pre) or 'none'}); use layer=K to run it inside the LLM"
                 )
             if parent.placement_layer is not None:
                 raise PipelineError(f"{where}: give either at={at} or layer={parent.placement_layer}, not both")
         canonical = canonical_stage(parent)
-        default_at = next((p for p in parent.placements if p in ("vision", "projector")), None)
-        extra = {"at": at} if at is not None and at != default_at else {}
-        parent_placement = "llm" if parent.placement_layer is not None else default_at
-        if positions is not None and positions != default_positions(parent, parent_placement):
+        extra = {"at": at} if at is not None and at != (pre[0] if pre else None) else {}
+        if positions is not None and positions != _default_positions(parent, declared, at):
             extra["positions"] = positions
         if extra:
             canonical = StageSpec(canonical.name, dict(sorted({**canonical.params, **extra}.items())))
@@ -238,69 +227,10 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, geometry: ModelGeometr
             if len(parts) > 1:
                 where = f"stage {pos} ({stage.name}, part {part} of {len(parts)})"
             layer = reducer.placement_layer
-            if "proxyv" in reducer.placements:
-                placement = "proxyv"
-                if not 0 <= layer <= geometry.num_layers:
-                    raise PipelineError(
-                        f"{where}: layer={layer} is beyond the model: ProxyV starts at a layer in "
-                        f"0..{geometry.num_layers} ({geometry.num_layers} means no ProxyV layer)"
-                    )
-                if proxyv_layer is not None:
-                    raise PipelineError(f"{where}: a pipeline holds at most one proxyv stage")
-                if last_layer >= layer:
-                    raise _llm_after_proxyv(where, last_layer, layer)
-                proxyv_layer = layer
-            elif layer is not None:
-                if proxyv_layer is not None and layer >= proxyv_layer:
-                    raise _llm_after_proxyv(where, layer, proxyv_layer)
-                if "llm" not in reducer.placements:
-                    raise PipelineError(
-                        f"{where}: {stage.name} does not run inside the LLM (placements: "
-                        f"{', '.join(reducer.placements)}); remove layer={layer}"
-                    )
-                placement = "llm"
-                if layer >= geometry.num_layers:
-                    raise PipelineError(
-                        f"{where}: layer={layer} is beyond the model: {geometry.name or 'it'} has "
-                        f"{geometry.num_layers} decoder layers (0..{geometry.num_layers - 1})"
-                    )
-            elif at is not None:
-                placement = at
-            else:
-                placement = next((p for p in reducer.placements if p != "llm"), None)
-                if placement is None:
-                    raise PipelineError(f"{where}: {stage.name} runs inside the LLM only; give layer=K")
-            rank = PLACEMENT_ORDER[placement]
-            if rank < last_rank:
-                after = PLACEMENTS[last_rank]
-                after = {"proxyv": "the proxyv stage", "llm": "an llm stage"}.get(after, f"a {after} stage")
-                raise PipelineError(
-                    f"{where}: a {placement} stage cannot follow {after}; order stages as they run: "
-                    "vision, projector, llm layers in increasing order, then proxyv"
-                )
-            if placement == "llm":
-                if layer <= last_layer:
-                    raise PipelineError(
-                        f"{where}: layer={layer} does not come after the previous stage's layer={last_layer}; "
-                        "llm layers must strictly increase along the pipeline"
-                    )
-                last_layer = layer
-            last_rank = rank
-            inside = sorted(reducer.needs & LLM_SIGNALS)
-            if inside and placement != "llm":
-                raise PipelineError(
-                    f"{where}: {stage.name} reads {', '.join(inside)}, which exists only inside the LLM; "
-                    "give layer=K to run it at decoder layer K"
-                )
-            if "cls_hidden" in reducer.needs and placement != "vision":
-                raise PipelineError(f"{where}: {stage.name} reads cls_hidden, which exists only at the vision "
-                                    "placement; run it there (at=vision)")
-            missing = sorted(reducer.needs - geometry.signals)
-            if missing:
-                raise PipelineError(
-                    f"{where}: {stage.name} needs {', '.join(missing)}, which {geometry.name or 'this model'} "
-                    "cannot provide; pick a reducer that does not read it"
-                )
+            placement = _resolve(where, stage.name, reducer, declared, at)
+            placement.check(where, reducer, layer, geometry, stages)
+            _check_order(where, placement, stages)
+            _check_signals(where, stage.name, reducer, placement, geometry)
             if getattr(reducer, "requires_grid", False) and grids is None:
                 fix = getattr(reducer, "grid_fix", "move it before that stage")
                 raise PipelineError(f"{where}: {stage.name} needs the token grid, but an earlier stage broke it; {fix}")
@@ -317,9 +247,9 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, geometry: ModelGeometr
                 out_grids = reducer.output_grids(grids)
             except ValueError as exc:
                 raise PipelineError(f"{where}: {exc}") from None
-            policy = positions or default_positions(reducer, placement)
+            policy = positions or placement.default_positions(reducer)
             stages.append(
-                PlannedStage(pos, reducer, canonical, placement, layer, tokens, out, grids, out_grids,
+                PlannedStage(pos, reducer, canonical, placement.name, layer, tokens, out, grids, out_grids,
                              (part, len(parts)) if len(parts) > 1 else None, policy, len(stages))
             )
             tokens, grids = out, out_grids
@@ -327,4 +257,65 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, geometry: ModelGeometr
     return Plan(canonical, tuple(stages), geometry)
 
 
-__all__ = ["Plan", "PlannedStage", "canonical_stage", "compile_pipeline", "default_positions"]
+def _declared(reducer: Reducer, where: str) -> list[Placement]:
+    """The placement objects a reducer declares, in its order."""
+    try:
+        return [get_placement(name) for name in reducer.placements]
+    except PipelineError as exc:
+        raise PipelineError(f"{where}: {reducer.name} declares an unknown placement: {exc}") from None
+
+
+def _resolve(where: str, name: str, reducer: Reducer, declared: list[Placement], at: str | None) -> Placement:
+    """Where a stage runs: its exclusive placement if it declares one; with ``layer=K`` its layered
+    placement; ``at=``; else the first placement it declares that is not layered."""
+    exclusive = next((p for p in declared if p.exclusive), None)
+    if exclusive is not None:
+        return exclusive
+    layer = reducer.placement_layer
+    if layer is not None:
+        layered = next((p for p in declared if p.layered), None)
+        if layered is None:
+            raise PipelineError(f"{where}: {name} does not run inside the LLM (placements: "
+                                f"{', '.join(reducer.placements)}); remove layer={layer}")
+        return layered
+    if at is not None:
+        return get_placement(at)
+    first = next((p for p in declared if not p.layered), None)
+    if first is None:
+        raise PipelineError(f"{where}: {name} runs inside the LLM only; give layer=K")
+    return first
+
+
+def _default_positions(reducer: Reducer, declared: list[Placement], at: str | None) -> str:
+    """The position policy a whole stage (before it splits into parts) takes without ``positions=``."""
+    if reducer.placement_layer is not None:
+        placement = next((p for p in declared if p.layered), None)
+    else:
+        placement = get_placement(at) if at else next((p for p in declared if p.before_llm), None)
+    return placement.default_positions(reducer) if placement is not None else "renumber"
+
+
+def _check_order(where: str, placement: Placement, earlier: list[PlannedStage]) -> None:
+    """Stages run in placement order (and layered ones in increasing layers: their placements check)."""
+    if earlier and earlier[-1].where.order > placement.order:
+        order = ", ".join(p.name for p in placements())
+        last = earlier[-1].where
+        raise PipelineError(f"{where}: {placement.article} {placement.name} stage cannot follow {last.article} "
+                            f"{last.name} stage; order stages as they run: {order} (llm layers in increasing order)")
+
+
+def _check_signals(where: str, name: str, reducer: Reducer, placement: Placement, geometry: ModelGeometry) -> None:
+    """A reducer reads only signals that exist at its placement and that the model provides."""
+    scoped = reducer.needs - placement.signals
+    for other in placements():
+        unavailable = sorted(scoped & other.signals)
+        if unavailable and other is not placement:
+            raise PipelineError(f"{where}: {name} reads {', '.join(unavailable)}, which exists only {other.where}; "
+                                f"{other.hint}")
+    missing = sorted(reducer.needs - geometry.signals)
+    if missing:
+        raise PipelineError(f"{where}: {name} needs {', '.join(missing)}, which {geometry.name or 'this model'} "
+                            "cannot provide; pick a reducer that does not read it")
+
+
+__all__ = ["Plan", "PlannedStage", "canonical_stage", "compile_pipeline", "reduced_after_kept"]

@@ -44,23 +44,19 @@ class _Engine:
     """The model, processor and pipeline shared by the lmms-eval classes."""
 
     def __init__(self, pretrained: str, pipeline: str, adapter: str | None, device: str | None):
-        from ..runtime.loading import load_model
-        from ..runtime.runtime import compile_for
-        from ..proxyv.attach import pipeline_for, resolve_adapter
+        from ..runtime import load_model, prepare
 
-        pipeline = pipeline_for(pipeline, adapter)
         self.model, self.processor = load_model(pretrained, device=device)
-        self.plan = compile_for(self.model, pipeline)[0]
-        self.adapter = resolve_adapter(self.model, self.plan, adapter)  # loaded once for every request
+        self.prepared = prepare(self.model, pipeline, adapter)  # the adapter is loaded once for every request
+        self.plan = self.prepared.plan
 
     @torch.no_grad()
     def generate(self, images: list[Any], text: str, max_new_tokens: int, until: list[str]) -> str:
         from ..runtime.loading import build_prompt, model_inputs
-        from ..runtime.runtime import apply
 
         prompt = build_prompt(self.processor, text)
         inputs = model_inputs(self.processor, self.model, images, [prompt])
-        with apply(self.model, self.plan, adapter=self.adapter):
+        with self.prepared.apply():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         answer = self.processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         for stop in until:
@@ -71,13 +67,12 @@ class _Engine:
     @torch.no_grad()
     def loglikelihood(self, images: list[Any], context: str, continuation: str) -> tuple[float, bool]:
         from ..runtime.loading import build_prompt, model_inputs
-        from ..runtime.runtime import apply
 
         prompt = build_prompt(self.processor, context)
         full = model_inputs(self.processor, self.model, images[:1], [f"{prompt} {continuation}"])
         head = self.processor(images=images[0], text=prompt, return_tensors="pt")
         start = head["input_ids"].shape[1]
-        with apply(self.model, self.plan, adapter=self.adapter) as run:
+        with self.prepared.apply() as run:
             logits = self.model(**full).logits[0].float().log_softmax(-1)
             rows = run.output_positions[0]
         ids = full["input_ids"][0]

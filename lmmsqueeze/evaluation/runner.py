@@ -7,12 +7,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..runtime.costs import InputCosts
+from ..proxyv.attach import provenance
 from ..runtime.hooks import HookSet
 from ..runtime.loading import build_prompt, model_inputs
-from ..runtime.measure import _Clock, peak_prefill_memory
-from ..runtime.runtime import apply, compile_for
-from ..proxyv.attach import provenance, resolve_adapter
+from ..runtime.measure import Clock, peak_prefill_memory
+from ..runtime.run import prepare
 from .tasks import Task
 
 #: samples whose prefill peak memory is measured (median reported); memory tracking is slow on CPU
@@ -47,24 +46,24 @@ def evaluate(
     """
     n = task.size if limit is None else min(limit, task.size)
     items = task.samples(split, n, seed)
-    plan, model_adapter = compile_for(model, pipeline)
+    prepared = prepare(model, pipeline, adapter)  # the adapter is loaded once, not at every `apply`
+    plan = prepared.plan
     trained = provenance(adapter)
-    adapter = resolve_adapter(model, plan, adapter)  # loaded once, not at every `apply`
-    costs = InputCosts(plan, model_adapter)
-    clock = _Clock(next(model.parameters()).device)
+    costs = prepared.costs()
+    clock = Clock(next(model.parameters()).device)
     answers: list[dict[str, Any]] = []
     latencies: list[float] = []
     text_tokens: list[float] = []
     marks: dict[str, Any] = {}
 
-    with HookSet() as timers, apply(model, plan, adapter=adapter) as run:
+    with HookSet() as timers, prepared.apply() as run:
         # prefill = from the call (image encoding, pre-LLM stages, the prompt rewrite) to the end of
         # the first forward of the multimodal base model
         def prefill_end(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
             if "end" not in marks:
                 marks["end"] = clock.mark()
 
-        timers.post(model_adapter.base, prefill_end)
+        timers.post(prepared.family.base, prefill_end)
         for lo in range(0, n, batch_size):
             chunk = items[lo:lo + batch_size]
             inputs = _inputs(processor, model, chunk)
@@ -87,7 +86,7 @@ def evaluate(
     memory = []
     if measure_memory:
         for item in items[:MEMORY_SAMPLES]:
-            memory.append(peak_prefill_memory(model, dict(_inputs(processor, model, [item])), plan, adapter) / 2**20)
+            memory.append(peak_prefill_memory(prepared, dict(_inputs(processor, model, [item]))) / 2**20)
     summary = task.summarize((a["qtype"], a["score"]) for a in answers)
     cost = costs.cost(round(statistics.mean(text_tokens)) if text_tokens else 0)
     tokens_per_layer = costs.tokens_per_layer()
@@ -108,6 +107,16 @@ def evaluate(
         **trained,
         "answers": answers,
     }
+
+
+def validator(processor: Any, task: Task, size: int, batch_size: int = 16) -> Callable[[Any, Any, Any], float]:
+    """Training's held-out score: accuracy on ``size`` validation samples of ``task`` (for
+    :func:`lmmsqueeze.proxyv.train.train_proxyv`)."""
+    def validate(model: Any, plan: Any, adapter: Any) -> float:
+        return evaluate(model, processor, plan, task, limit=size, adapter=adapter, batch_size=batch_size,
+                        measure_memory=False, split="val")["accuracy"]
+
+    return validate
 
 
 def loyalty(answers: list[dict[str, Any]], reference: list[dict[str, Any]]) -> float | None:

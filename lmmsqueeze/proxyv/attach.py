@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .modules import ProxyVAdapter, ProxyVConfig
+from .modules import ProxyVAdapter, ProxyVConfig, read_config
+from .stage import proxyv_stage
 
 #: adapters shipped with the bundled model, addressable as `bundled:<name>`
 BUNDLED_ADAPTERS = ("proxyv-spatial", "proxyv-nonspatial")
@@ -30,8 +31,6 @@ def adapter_path(ref: str | Path) -> Path:
 
 def adapter_pipeline(adapter: str) -> str:
     """The pipeline an adapter was trained for (recorded in its config)."""
-    from .modules import read_config
-
     return read_config(adapter_path(adapter)).get("pipeline") or ""
 
 
@@ -44,7 +43,7 @@ def pipeline_for(pipeline: str, adapter: str | None) -> str:
 
 def config_for(model: nn.Module, plan: Any) -> ProxyVConfig:
     """The adapter config a plan's ProxyV stage needs on ``model``."""
-    stage = plan.proxyv
+    stage = proxyv_stage(plan)
     text = model.config.get_text_config()
     g = plan.geometry
     return ProxyVConfig(
@@ -56,11 +55,9 @@ def config_for(model: nn.Module, plan: Any) -> ProxyVConfig:
 
 
 def resolve_adapter(model: nn.Module, plan: Any, adapter: Any) -> ProxyVAdapter | None:
-    """The ProxyV modules for a plan: the given adapter (checked), or fresh ones (seed 0)."""
-    if plan.proxyv is None:
-        if adapter is not None and not any(s.placement == "proxyv" for s in plan.stages):
-            raise ModelError(f"an adapter was given, but pipeline {plan.canonical!r} has no proxyv stage; "
-                             "add one, or omit the pipeline to use the adapter's own")
+    """The ProxyV modules for a plan: the given adapter (checked), or fresh ones (seed 0); None when
+    the plan runs no ProxyV layer."""
+    if proxyv_stage(plan) is None:
         return None
     needed = config_for(model, plan)
     if adapter is None:
@@ -84,8 +81,6 @@ def provenance(adapter: Any) -> dict[str, Any]:
         return {}
     if isinstance(adapter, ProxyVAdapter):
         return {"adapter_objective": adapter.config.objective or None}
-    from .modules import read_config
-
     config = read_config(adapter_path(adapter))
     out: dict[str, Any] = {"adapter_objective": config.get("objective") or None}
     if config.get("control"):

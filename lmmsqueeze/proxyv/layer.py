@@ -175,26 +175,6 @@ def proxyv_mask(st: ProxyVState, q_rows: Tensor, n_seq: int) -> Tensor:
     return allowed | (torch.arange(n_seq + p, device=device)[None, None, :] == q_rows[:, :, None])
 
 
-class ProxyVDecoderLayer(nn.Module):
-    """Stands in for decoder layer ``index`` while a ProxyV plan is applied: ProxyV at prefill,
-    the original layer otherwise (decode steps, text-only calls)."""
-
-    def __init__(self, inner: nn.Module, run: Any, index: int):
-        super().__init__()
-        self.inner = inner
-        self.index = index
-        object.__setattr__(self, "_run", run)  # not a submodule
-
-    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        state = self._run.proxyv_state(hidden_states, kwargs)
-        if state is None:
-            return self.inner(hidden_states, *args, **kwargs)
-        mlp = self._run.weights.mlp(self.index)
-        if self._run.plan.proxyv.reducer.variant == "control":
-            return control_layer(self.inner(hidden_states, *args, **kwargs), hidden_states, mlp, state)
-        return proxyv_layer(self.inner, mlp, state, hidden_states, kwargs["position_embeddings"], kwargs.get("cache"))
-
-
 def control_layer(out: Tensor, hidden: Tensor, mlp: VisionMLP, st: ProxyVState | list[ProxyVState]) -> Tensor:
     """The control's layer: the ordinary layer's output, plus on every image token the VisionMLP branch of
     its input (guided by its own output)."""

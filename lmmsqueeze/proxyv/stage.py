@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ..reducers.base import Grids, Reducer, Signals, TokenState
 from ..reducers.registry import register_reducer
@@ -90,3 +90,9 @@ class ProxyV(Reducer):
         if self.mlp_hidden:
             return self.mlp_hidden
         return hidden_size // 4 if hidden_size >= 1024 else hidden_size // 2
+
+
+def proxyv_stage(plan: Any) -> Any:
+    """A plan's ProxyV stage when it starts at a real decoder layer (else None)."""
+    stage = next((s for s in plan.stages if s.placement == "proxyv"), None)
+    return stage if stage is not None and stage.layer < plan.geometry.num_layers else None

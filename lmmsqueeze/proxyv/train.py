@@ -21,10 +21,14 @@ import torch
 
 from ..compose.spec import PipelineSpec, StageSpec, parse_pipeline
 from ..errors import LmmsqueezeError
-from ..runtime.runtime import apply, compile_for
+from ..runtime.run import prepare
 from .attach import config_for
 from .modules import ProxyVAdapter
 from .objectives import OBJECTIVES, answer_loss, distill_batch, distill_loss, task_batch
+from .stage import proxyv_stage
+
+#: scores an adapter on held-out data: ``validate(model, plan, adapter) -> accuracy``
+Validator = Callable[[Any, Any, ProxyVAdapter], float]
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
@@ -80,15 +84,15 @@ def train_proxyv(
     settings: TrainSettings,
     adapter: ProxyVAdapter | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    validate: Validator | None = None,
 ) -> ProxyVAdapter:
-    """Train (or resume training) a ProxyV adapter for ``pipeline`` on ``task``'s train split, scoring
-    ``settings.eval_size`` validation samples every ``settings.eval_every`` steps (in the log)."""
-    from ..evaluation.runner import evaluate
-
+    """Train (or resume training) a ProxyV adapter for ``pipeline`` on ``task``'s train split; with
+    ``validate`` (e.g. :func:`lmmsqueeze.evaluation.runner.validator`), its held-out score every
+    ``settings.eval_every`` steps goes to the log."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plan, _ = compile_for(model, pipeline)
-    if plan.proxyv is None:
+    plan = prepare(model, pipeline).plan
+    if proxyv_stage(plan) is None:
         raise LmmsqueezeError(f"pipeline {plan.canonical!r} has no proxyv stage before the last layer to train")
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     torch.manual_seed(settings.seed)
@@ -146,11 +150,10 @@ def train_proxyv(
             optimizer.step()
             step += 1
             record: dict[str, Any] = {"step": step, "loss": loss.item(), "elapsed_s": round(time.time() - start, 1)}
-            if settings.eval_size and (step % settings.eval_every == 0 or step == settings.steps):
+            if validate is not None and settings.eval_size and (step % settings.eval_every == 0
+                                                                 or step == settings.steps):
                 model.eval()
-                record["val_accuracy"] = evaluate(model, processor, plan, task, limit=settings.eval_size,
-                                                  adapter=adapter, batch_size=settings.eval_batch,
-                                                  measure_memory=False, split="val")["accuracy"]
+                record["val_accuracy"] = validate(model, plan, adapter)
                 model.train(settings.full)
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -172,7 +175,7 @@ def _loss(model: Any, teacher: Any, processor: Any, plan: Any, adapter: ProxyVAd
     """One batch's loss under the objective, the pipeline installed on ``model``."""
     if settings.objective == "task":
         inputs, labels = task_batch(processor, items, device, dtype)
-        with apply(model, plan, adapter=adapter) as run:
+        with prepare(model, plan, adapter).apply() as run:
             logits = model(**inputs).logits
             return answer_loss(logits, labels, run.output_positions)
     was_training = teacher.training
@@ -183,7 +186,7 @@ def _loss(model: Any, teacher: Any, processor: Any, plan: Any, adapter: ProxyVAd
     with torch.no_grad():
         target = teacher(**inputs, output_hidden_states=hidden)
     teacher.train(was_training)
-    with apply(model, plan, adapter=adapter) as run:
+    with prepare(model, plan, adapter).apply() as run:
         student = model(**inputs, output_hidden_states=hidden)
         return distill_loss(student.logits, run.output_positions, target.logits, where,
                             student.hidden_states[-1] if hidden else None,
@@ -192,7 +195,7 @@ def _loss(model: Any, teacher: Any, processor: Any, plan: Any, adapter: ProxyVAd
 
 def train_with_control(model: Any, processor: Any, pipeline: str, task: Any, out: str | Path,
                        settings: TrainSettings, on_step: Callable[[int, float], None] | None = None,
-                       ) -> tuple[ProxyVAdapter, ProxyVAdapter]:
+                       validate: Validator | None = None) -> tuple[ProxyVAdapter, ProxyVAdapter]:
     """Task training and its control: the adapter (``OUT/adapter``) and the parameter-matched control
     (``OUT/control/adapter``, see :func:`control_pipeline`) from the same start checkpoint, with the same
     data stream, seed, steps and schedule; the adapter's config names its control. With ``full`` each
@@ -202,12 +205,12 @@ def train_with_control(model: Any, processor: Any, pipeline: str, task: Any, out
                               "(a distilled adapter is compared with the vanilla model itself)")
     out = Path(out)
     start = copy.deepcopy(model.state_dict()) if settings.full else None
-    adapter = train_proxyv(model, processor, pipeline, task, out, settings, on_step=on_step)
+    adapter = train_proxyv(model, processor, pipeline, task, out, settings, on_step=on_step, validate=validate)
     if start is not None:
         model.save_pretrained(out / "model")
         model.load_state_dict(start)
     control = train_proxyv(model, processor, control_pipeline(pipeline), task, out / "control", settings,
-                           on_step=on_step)
+                           on_step=on_step, validate=validate)
     if start is not None:
         model.save_pretrained(out / "control" / "model")
         model.load_state_dict(start)

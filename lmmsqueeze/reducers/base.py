@@ -24,7 +24,8 @@ from .signals import (
 )
 from .state import Grid, Grids, TokenState
 
-PLACEMENTS = ("vision", "projector", "llm", "proxyv")
+#: the placements lmmsqueeze registers (``lmmsqueeze.compose.placements``; a plugin may add more)
+BUILTIN_PLACEMENTS = ("vision", "projector", "llm", "proxyv")
 FAMILIES = ("pruning", "merging", "pooling", "proxy")
 
 def check_keep(value: float, name: str = "keep") -> None:
@@ -208,7 +209,7 @@ def check_layer(layer: int | None, minimum: int = 0, why: str = "") -> None:
 __all__ = [
     "FAMILIES",
     "LLM_SIGNALS",
-    "PLACEMENTS",
+    "BUILTIN_PLACEMENTS",
     "POSITION_POLICIES",
     "SIGNALS",
     "UNALIGNED_SIGNALS",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from ..errors import PipelineError, RegistryError
-from .base import FAMILIES, PLACEMENTS, POSITION_POLICIES, SIGNALS, Reducer
+from .base import BUILTIN_PLACEMENTS, FAMILIES, POSITION_POLICIES, SIGNALS, Reducer
 
 ENTRY_POINT_GROUP = "lmmsqueeze.reducers"
 
@@ -75,10 +75,11 @@ def register_reducer(
             raise RegistryError(f"reducer {name!r}: {cls.__name__} must be a @dataclass(frozen=True)")
         if family not in FAMILIES:
             raise RegistryError(f"reducer {name!r}: family {family!r} is not one of {', '.join(FAMILIES)}")
-        bad = [p for p in placements if p not in PLACEMENTS]
+        bad = [p for p in placements if not (isinstance(p, str) and p.isidentifier())]
         if bad or not placements:
             raise RegistryError(
-                f"reducer {name!r}: placements {list(placements)} must be a non-empty subset of {list(PLACEMENTS)}"
+                f"reducer {name!r}: placements {list(placements)} must be a non-empty tuple of placement names, "
+                f"e.g. {list(BUILTIN_PLACEMENTS)}"
             )
         unknown = [s for s in (*needs, *optional) if s not in SIGNALS]
         if unknown:

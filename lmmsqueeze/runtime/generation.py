@@ -10,7 +10,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import LmmsqueezeError
 from .loading import build_prompt, load_model, model_inputs
-from .runtime import apply
+from .run import prepare
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -22,10 +22,11 @@ def open_image(path: str | Path) -> Image.Image:
 
 @torch.no_grad()
 def generate_answer(model: Any, processor: Any, image: Image.Image, question: str, pipeline: Any,
-                    max_new_tokens: int = 32, adapter: Any = None) -> dict[str, Any]:
-    """Greedy answer of ``model`` with ``pipeline`` installed, plus what the pipeline did."""
+                    max_new_tokens: int = 32, weights: Any = None) -> dict[str, Any]:
+    """Greedy answer of ``model`` with ``pipeline`` (and its trained ``weights``) installed, plus what
+    the pipeline did."""
     inputs = model_inputs(processor, model, [image], [build_prompt(processor, question)])
-    with apply(model, pipeline, adapter=adapter) as run:
+    with prepare(model, pipeline, weights).apply() as run:
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new_tokens = out[0, inputs["input_ids"].shape[1]:]
     return {
@@ -37,11 +38,8 @@ def generate_answer(model: Any, processor: Any, image: Image.Image, question: st
 
 
 def answer(model_ref: str, image_path: str | Path, question: str, pipeline: Any, max_new_tokens: int = 32,
-           device: str | None = None, adapter: str | None = None) -> dict[str, Any]:
-    """Load a model and answer one question about one image file (with a ProxyV ``adapter``: its
-    recorded pipeline when ``pipeline`` is empty)."""
-    from ..proxyv.attach import pipeline_for
-
-    pipeline = pipeline_for(pipeline, adapter)
+           device: str | None = None, weights: str | None = None) -> dict[str, Any]:
+    """Load a model and answer one question about one image file (with trained ``weights``, e.g. a
+    ProxyV adapter: the pipeline they were trained for when ``pipeline`` is empty)."""
     model, processor = load_model(model_ref, device=device)
-    return generate_answer(model, processor, open_image(image_path), question, pipeline, max_new_tokens, adapter)
+    return generate_answer(model, processor, open_image(image_path), question, pipeline, max_new_tokens, weights)

@@ -20,7 +20,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .hooks import HookSet
-from .runtime import apply
+from .loading import build_prompt, model_inputs
+from ..compose.plan import compile_pipeline
+from ..models import family_for
+from .run import Prepared, prepare
 
 
 class PeakTensorMemory(TorchDispatchMode):
@@ -69,7 +72,7 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     return mode.peak
 
 
-class _Clock:
+class Clock:
     """Wall time on CPU, CUDA events on GPU."""
 
     def __init__(self, device: torch.device):
@@ -104,24 +107,23 @@ class Timing:
         return {"median": statistics.median(values), "min": min(values), "max": max(values), "iqr": q[2] - q[0]}
 
 
-def time_prefills(model: Any, inputs: dict, plans: list[Any], runs: int = 5, warmup: int = 1,
-                  adapters: list[Any] | None = None) -> list[Timing]:
-    """Interleaved prefill timings of each plan on the same inputs (rotating the order every round)."""
-    adapters = adapters or [None] * len(plans)
+def time_prefills(model: Any, inputs: dict, prepared: list[Prepared], runs: int = 5, warmup: int = 1) -> list[Timing]:
+    """Interleaved prefill timings of each prepared pipeline on the same inputs (rotating the order
+    every round)."""
     device = next(model.parameters()).device
-    clock = _Clock(device)
+    clock = Clock(device)
     decoder = model.model.language_model
-    timings = [Timing() for _ in plans]
+    timings = [Timing() for _ in prepared]
     marks: dict[str, Any] = {}
 
     with HookSet() as hooks, torch.no_grad():
         hooks.pre(decoder, lambda m, a, k: marks.__setitem__("lm_start", clock.mark()))
         hooks.post(decoder, lambda m, a, k, o: marks.__setitem__("lm_end", clock.mark()))
         for r in range(warmup + runs):
-            order = list(range(len(plans)))
-            shift = r % len(plans)
+            order = list(range(len(prepared)))
+            shift = r % len(prepared)
             for i in order[shift:] + order[:shift]:
-                with apply(model, plans[i], adapter=adapters[i]):
+                with prepared[i].apply():
                     start = clock.mark()
                     model(**inputs, logits_to_keep=1, use_cache=True)
                     end = clock.mark()
@@ -131,41 +133,42 @@ def time_prefills(model: Any, inputs: dict, plans: list[Any], runs: int = 5, war
     return timings
 
 
-def peak_prefill_memory(model: Any, inputs: dict, plan: Any, adapter: Any = None) -> int:
-    """Peak tensor bytes of one prefill with ``plan`` (and a ProxyV ``adapter``) installed."""
+def peak_prefill_memory(prepared: Prepared, inputs: dict) -> int:
+    """Peak tensor bytes of one prefill with a prepared pipeline installed."""
+    model = prepared.model
     device = next(model.parameters()).device
-    with apply(model, plan, adapter=adapter), torch.no_grad():
+    with prepared.apply(), torch.no_grad():
         return peak_memory_bytes(lambda: model(**inputs, logits_to_keep=1, use_cache=True), device)
 
 
 def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: str, runs: int = 5,
-          warmup: int = 1, adapters: list[Any] | None = None) -> list[dict[str, Any]]:
+          warmup: int = 1, weights: Any = None) -> list[dict[str, Any]]:
     """Vanilla and each pipeline on the same input: latency, peak memory, measured vs analytic saving.
 
-    ``adapters[i]`` is the ProxyV adapter of ``pipelines[i]`` (or None).
+    ``weights`` (e.g. a ProxyV adapter) go to every pipeline with a stage that runs with trained
+    weights; each pipeline is prepared (and refused) before anything is measured.
 
     ``realized_fraction`` is the measured decoder-time saving over the analytic FLOPs saving (1.0:
     the FLOPs saving turned fully into time).
     """
-    from .costs import InputCosts
-    from .loading import build_prompt, model_inputs
-    from .runtime import compile_for
-
     inputs = model_inputs(processor, model, [image], [build_prompt(processor, prompt)])
-    plans = [compile_for(model, p)[0] for p in ["none", *pipelines]]
-    image_tokens = compile_for(model, "none")[1].count_image_tokens(inputs)
+    family = family_for(model)
+    plans = [compile_pipeline(p, family.geometry) for p in ["none", *pipelines]]
+    prepared = [prepare(model, plan, weights if any(s.where.takes_weights for s in plan.stages) else None)
+                for plan in plans]
+    image_tokens = prepared[0].family.count_image_tokens(inputs)
     text_tokens = inputs["input_ids"].shape[1] - image_tokens
-    adapters = [None, *(adapters or [None] * len(pipelines))]
-    timings = time_prefills(model, dict(inputs), plans, runs=runs, warmup=warmup, adapters=adapters)
+    timings = time_prefills(model, dict(inputs), prepared, runs=runs, warmup=warmup)
     base_total = Timing.summary(timings[0].total)["median"]
     base_decoder = Timing.summary(timings[0].decoder)["median"]
     rows = []
-    for plan, timing, adapter in zip(plans, timings, adapters):
+    for p, timing in zip(prepared, timings):
+        plan = p.plan
         total, dec = Timing.summary(timing.total), Timing.summary(timing.decoder)
-        costs = InputCosts(plan, compile_for(model, "none")[1])
+        costs = p.costs()
         costs.add(inputs)
         if any(s.adaptive for s in plan.stages):  # cost what an adaptive stage kept on this input
-            with apply(model, plan, adapter=adapter) as run, torch.no_grad():
+            with p.apply() as run, torch.no_grad():
                 model(**inputs, logits_to_keep=1)
             costs.observe(run)
         analytic = costs.cost(text_tokens)["saving"]
@@ -178,7 +181,7 @@ def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: 
             "latency_max_ms": total["max"],
             "decoder_ms": dec["median"],
             "decoder_iqr_ms": dec["iqr"],
-            "peak_memory_mb": peak_prefill_memory(model, dict(inputs), plan, adapter) / 2**20,
+            "peak_memory_mb": peak_prefill_memory(p, dict(inputs)) / 2**20,
             "measured_saving": measured,
             "total_saving": 1.0 - total["median"] / base_total,
             "analytic_saving": analytic,

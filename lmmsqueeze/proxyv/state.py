@@ -11,19 +11,35 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..proxyv.layer import ProxyVState, make_proxies
 from ..reducers.base import TokenState
+from .layer import ProxyVState, make_proxies
+from .stage import proxyv_stage
+
+#: the key of the shared state in ``run.scratch`` (emptied at every prefill)
+SCRATCH_KEY = "proxyv"
+
+
+def prefill_state(run: Any, hidden: Tensor, kwargs: dict) -> Any:
+    """The ProxyV state of this prefill (made at the first ProxyV layer), or None when the layer
+    should run as usual (decode steps, calls without images)."""
+    p = run.prefill
+    if p is None or p.decoding:
+        return None
+    if SCRATCH_KEY not in run.scratch:
+        run.scratch[SCRATCH_KEY] = begin_proxyv(run, hidden, kwargs)
+    return run.scratch[SCRATCH_KEY]
 
 
 def begin_proxyv(run: Any, hidden: Tensor, kwargs: dict) -> Any:
     """One batched state when every sample holds the same image tokens and grids, else one state
     per sample (ProxyV layers then run sample by sample)."""
     p = run.prefill
+    layer = proxyv_stage(run.plan).layer
     batch, length, _ = hidden.shape
     pos = kwargs.get("position_ids")
     positions = (torch.arange(length, device=hidden.device)[None] if pos is None else pos).expand(batch, -1)
-    padding = p.current_padding(run.plan.proxyv.layer)
-    seg = p.segment_for(run.plan.proxyv.layer)
+    padding = p.current_padding(layer)
+    seg = p.segment_for(layer)
     mrope = p.mrope if seg is None or p.mrope is None else seg.ids
     first = p.samples[0]
     alike = all(s.slots.numel() == first.slots.numel() and s.meta.grids == first.meta.grids
@@ -49,7 +65,7 @@ def _state_for(run: Any, hidden: Tensor, image: Tensor, positions: Tensor, paddi
         rope = run.family.rotary(proxies, empty if mrope is None else empty[None].expand(3, -1, -1))
         no_tokens = torch.zeros(0, dtype=torch.long, device=device)
         return ProxyVState(image, others, positions, padding, proxies, empty, rope, no_tokens, None)
-    stage = run.plan.proxyv.reducer
+    stage = proxyv_stage(run.plan).reducer
     if stage.variant == "control":  # ordinary layers: the image tokens are all it needs
         return ProxyVState(image, others, positions, padding, hidden.new_zeros(batch, 0, hidden.shape[-1]),
                            positions[:, :0], (hidden[:, :0], hidden[:, :0]), None, None)
