@@ -18,6 +18,17 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
+def decoder_heads(attn: nn.Module, which: str, x: Tensor) -> Tensor:
+    """``[B, H, N, head_dim]``: a decoder attention's ``q``, ``k`` or ``v`` heads of ``x`` (``[B, N, D]``),
+    before RoPE, each head normalised when the layer normalises it (Qwen3's ``q_norm``/``k_norm``)."""
+    b, n, _ = x.shape
+    heads = getattr(attn, f"{which}_proj")(x).view(b, n, -1, attn.head_dim)
+    norm = getattr(attn, f"{which}_norm", None) if which in ("q", "k") else None
+    if norm is not None:
+        heads = norm(heads)
+    return heads.transpose(1, 2)
+
+
 def last_query_attention(
     attn: nn.Module,
     hidden_states: Tensor,
@@ -54,10 +65,9 @@ def rows_attention(
         ``[B, R, N]`` float32 weights; row r attends to positions ``<= rows[r]``.
     """
     b, n, _ = hidden_states.shape
-    hd = attn.head_dim
     cos, sin = position_embeddings
-    q = attn.q_proj(hidden_states[:, rows]).view(b, rows.numel(), -1, hd).transpose(1, 2)
-    k = attn.k_proj(hidden_states).view(b, n, -1, hd).transpose(1, 2)
+    q = decoder_heads(attn, "q", hidden_states[:, rows])
+    k = decoder_heads(attn, "k", hidden_states)
     q = apply_rope(q, cos[:, rows], sin[:, rows])
     k = repeat_kv(apply_rope(k, cos, sin), attn.num_key_value_groups)
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling  # [B, H, R, N]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
+from transformers import AutoProcessor
 
 from ..compose.geometry import ModelGeometry
 from ..errors import ModelError, RegistryError
@@ -98,6 +99,8 @@ class Family:
     layout_inputs: ClassVar[str] = ""
     #: what a prompt holds for one image, when it is more than the processor's image token
     prompt_image: ClassVar[str | None] = None
+    #: the transformers processor class, for :func:`image_only` when its video processor cannot load
+    processor_class: ClassVar[type | None] = None
 
     model: nn.Module
     base: nn.Module
@@ -125,10 +128,15 @@ class Family:
 
     @classmethod
     def load_processor(cls, path: Path) -> Any:
-        """The processor of a model directory (offline)."""
-        from transformers import AutoProcessor
-
-        return AutoProcessor.from_pretrained(path, local_files_only=True)
+        """The processor of a model directory (offline); when it cannot be built here because its
+        video processor needs torchvision, the family's processor class without it
+        (:func:`image_only`)."""
+        try:
+            return AutoProcessor.from_pretrained(path, local_files_only=True)
+        except (ImportError, AttributeError, ValueError, TypeError):
+            if cls.processor_class is None:
+                raise
+            return image_only(cls.processor_class).from_pretrained(path, local_files_only=True)
 
     # -- a loaded model
     def image_features(self, base_kwargs: dict[str, Any]) -> Any:
@@ -142,11 +150,14 @@ class Family:
         emb = self.base.get_input_embeddings().weight[self.image_token_id]
         return (inputs_embeds == emb.to(inputs_embeds.dtype)).all(-1)
 
-    def hook_packed_features(self, hooks: Any, fn: Callable[[list[Tensor], list[PackedImage]], list[Tensor]]) -> None:
+    def hook_packed_features(self, hooks: Any, fn: Callable[[list[Tensor], list[PackedImage]],
+                                                            tuple[list[Tensor], list[Tensor]]]) -> None:
         """Install ``fn`` on the packed image features (only for ``packs_features`` families): this
         instance's ``get_image_features`` (which ``generate`` and ``forward`` both call) is wrapped,
         through ``hooks`` (a :class:`~lmmsqueeze.runtime.hooks.HookSet`), so its per-image outputs go
-        through ``fn`` with their layouts."""
+        through ``fn`` with their layouts. ``fn`` returns the new features and, per image, the output
+        token each original token went to (``-1``: dropped), which :meth:`follow_groups` applies to
+        whatever else the family's features carry."""
         original = self.base.get_image_features
 
         @functools.wraps(original)
@@ -156,10 +167,20 @@ class Family:
             if layouts is None or getattr(out, "pooler_output", None) is None:
                 raise ModelError(f"{type(self.model).__name__} image features must be computed with return_dict=True "
                                  f"and {self.layout_inputs} while a pipeline is applied")
-            out.pooler_output = fn(list(out.pooler_output), layouts)
+            out.pooler_output, groups = fn(list(out.pooler_output), layouts)
+            self.follow_groups(out, groups)
             return out
 
         hooks.patch(self.base, "get_image_features", get_image_features)
+
+    def follow_groups(self, out: Any, groups: list[Tensor]) -> None:
+        """Reduce what else ``get_image_features`` returned per image token (e.g. Qwen3-VL's DeepStack
+        features) as the image tokens were: ``groups[i][t]`` is the output token of image ``i``'s
+        original token ``t`` (-1: dropped)."""
+
+    def install(self, run: Any, hooks: Any) -> None:
+        """Hooks the family needs beyond the runtime's own, installed with every non-vanilla plan (e.g.
+        Qwen3-VL's DeepStack additions follow an ``llm`` stage's shorter sequence)."""
 
     def call_layouts(self, args: tuple, kwargs: dict) -> list[PackedImage] | None:
         """The layouts of a ``get_image_features(pixel_values, <layout_inputs>, ...)`` call, or None."""
@@ -198,6 +219,22 @@ class Family:
                    attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """The model's own 3-D positions ``[3, B, L]`` and rope deltas ``[B, 1]`` (M-RoPE families)."""
         raise NotImplementedError
+
+
+@functools.cache
+def image_only(processor_class: type) -> type:
+    """``processor_class`` (a transformers multimodal processor) without its video processor: the same
+    class and ``__call__`` for images and text, built from an image processor and a tokenizer only.
+    Without torchvision (which lmmsqueeze never installs) the video processor cannot be built, and
+    ``ProcessorMixin`` refuses a processor that lacks it."""
+
+    class ImageOnly(processor_class):  # type: ignore[misc, valid-type]
+        def __init__(self, image_processor: Any = None, tokenizer: Any = None, **kwargs: Any):
+            super().__init__(image_processor, tokenizer, **kwargs)
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = processor_class.__name__  # saves as the real class
+    ImageOnly.__doc__ = processor_class.__doc__
+    return ImageOnly
 
 
 def register_family(cls: type[Family]) -> type[Family]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import repeat_kv
 
-from ..attention import apply_rope
+from ..attention import apply_rope, decoder_heads
 from ..reducers._common import bilinear_grids
 from .modules import ProxyVAdapter, VisionMLP
 from .stage import ProxyV
@@ -117,16 +117,15 @@ def _proxyv_sample(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Te
     b, n_seq, d = hidden.shape
     p = st.proxies.shape[1]
     attn = layer.self_attn
-    hd = attn.head_dim
     if st.layout is None:
         st.layout = _Layout.of(st, rope, b, n_seq)
     q_rows, allowed = st.layout.q_rows, st.layout.allowed
     full = torch.cat([hidden, st.proxies], 1)  # rows: sequence, then proxies
     normed = layer.input_layernorm(full)
-    nq, nk = q_rows.shape[1], n_seq + p
-    q = attn.q_proj(_rows(normed, q_rows)).view(b, nq, -1, hd).transpose(1, 2)
-    k = attn.k_proj(normed).view(b, nk, -1, hd).transpose(1, 2)
-    v = attn.v_proj(normed).view(b, nk, -1, hd).transpose(1, 2)
+    nq = q_rows.shape[1]
+    q = decoder_heads(attn, "q", _rows(normed, q_rows))
+    k = decoder_heads(attn, "k", normed)
+    v = decoder_heads(attn, "v", normed)
     q = apply_rope(q, *st.layout.q_rope)
     k = apply_rope(k, *st.layout.kv_rope)
     k_seq, v_seq = k[:, :, :n_seq], v[:, :, :n_seq]  # what the cache keeps: no proxy entries

@@ -105,10 +105,11 @@ class ImageStages:
             self._run_stages(self.output_stages)
         return self._joined()
 
-    def _packed_features(self, packed: list[Tensor], layouts: list[Any]) -> list[Tensor]:
+    def _packed_features(self, packed: list[Tensor], layouts: list[Any]) -> tuple[list[Tensor], list[Tensor]]:
         """The stages on packed images (LLaVA-NeXT, Qwen2-VL): each image is one state whose crops are
         the layout's grids; separators (newlines) are taken out before the stages and put back after
-        them, each after the surviving tokens that preceded it."""
+        them, each after the surviving tokens that preceded it. Returns the new features and each
+        image's groups (the output token of every original token)."""
         f = self.family
         rows_in = None if self._crop_inputs is None else f.projector_rows(self._crop_inputs)
         total = sum(lay.crops for lay in layouts)
@@ -133,7 +134,7 @@ class ImageStages:
                 rec.state = rec.state.with_hidden(f.project(rec.state.hidden))
         if self.output_stages:
             self._run_stages(self.output_stages)
-        return [self._with_separators(rec) for rec in self.records]
+        return [self._with_separators(rec) for rec in self.records], [rec.state.assign for rec in self.records]
 
     @staticmethod
     def _with_separators(rec: ImageRecord) -> Tensor:

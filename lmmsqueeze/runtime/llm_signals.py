@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..reducers.base import Signals
-from ..attention import apply_rope, last_query_attention, rows_attention
+from ..attention import apply_rope, decoder_heads, last_query_attention, rows_attention
 
 
 def _wide(x: Tensor) -> Tensor:
@@ -25,8 +25,7 @@ def _wide(x: Tensor) -> Tensor:
 def post_rope_keys(attn: nn.Module, hidden: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
     """``[B, L, d_kv]`` a layer's keys after RoPE (KV heads side by side), as its cache holds them."""
     b, n, _ = hidden.shape
-    k = attn.k_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)
-    return apply_rope(k, *rope).transpose(1, 2).reshape(b, n, -1)
+    return apply_rope(decoder_heads(attn, "k", hidden), *rope).transpose(1, 2).reshape(b, n, -1)
 
 
 def previous_layer_signals(attn: nn.Module, hidden: Tensor, rope: tuple[Tensor, Tensor], padding: Tensor,

@@ -119,7 +119,8 @@ def run_llm_stage(run: Any, stage: PlannedStage, hidden: Tensor, layer: nn.Modul
         new_ids = renumber(new_ids, real, torch.stack(owners))
     delta = next_position(p.ids, p.padding) - next_position(new_ids, real)
     pos = prev.position_ids if prev is not None else None
-    seg = Segment(stage, keep, new_ids, delta, None if bool(local_alive.all()) else local_alive)
+    source = local_source if prev is None else prev.source.gather(1, local_source)
+    seg = Segment(stage, keep, source, new_ids, delta, None if bool(local_alive.all()) else local_alive)
     seg.position_ids = new_ids[0] if ids.shape[0] == 1 else (None if pos is None else pos.gather(1, local_keep))
     return seg, torch.stack(rows)
 

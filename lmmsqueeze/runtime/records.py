@@ -130,6 +130,7 @@ class Segment:
 
     stage: PlannedStage
     keep: Tensor  # [B, n] columns of the prefill sequence kept from this layer on
+    source: Tensor  # [B, n] the prefill column of each kept column's token (its representative's)
     ids: Tensor  # [R, B, n] the position ids of those columns (R = 3 for M-RoPE)
     delta: Tensor  # [B] how far this segment's next position is below the first segment's (decode steps)
     alive: Tensor | None = None  # [B, n] False at filler columns (masked everywhere), None: all real

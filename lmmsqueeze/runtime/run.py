@@ -107,6 +107,7 @@ class PipelineRun:
             return
         hooks.pre(self.family.base, PrefillHook(self))
         self.images.install(hooks)
+        self.family.install(self, hooks)
         for placement in reversed(placements()):
             stages = self.plan.at(placement.name)
             if stages:
