@@ -139,6 +139,34 @@ def mean_received_attention(attn: nn.Module, hidden_states: Tensor, cu_seqlens: 
     return out
 
 
+def crop_received_attention(attn: nn.Module, hidden_states: Tensor, keys: Tensor | None = None,
+                            budget: int = 2 ** 26) -> Tensor:
+    """For a ViT without [CLS] and without RoPE (SigLIP): the attention each token receives, averaged
+    over heads and over every query of its crop, recomputed from the layer's ``q_proj``/``k_proj`` a
+    chunk of queries at a time (at most ``budget`` weights).
+
+    Args:
+        attn: a vision self-attention module with ``q_proj``, ``k_proj``, ``num_heads``, ``head_dim``
+            and ``scale``.
+        hidden_states: ``[crops, T, D]`` the (normed) input of the attention module.
+        keys: ``attn.k_proj(hidden_states)`` when the caller has it already.
+
+    Returns:
+        ``[crops, T]`` float32; each crop's values sum to 1.
+    """
+    b, t, _ = hidden_states.shape
+    h, hd = attn.num_heads, attn.head_dim
+    q = attn.q_proj(hidden_states).view(b, t, h, hd).transpose(1, 2).float()
+    k = (attn.k_proj(hidden_states) if keys is None else keys).view(b, t, h, hd).transpose(1, 2).float()
+    out = torch.zeros(b, t, dtype=torch.float32, device=hidden_states.device)
+    chunk = max(1, budget // (h * t))
+    for crop in range(b):
+        for start in range(0, t, chunk):
+            weights = (q[crop, :, start:start + chunk] @ k[crop].transpose(-1, -2) * attn.scale).softmax(-1)
+            out[crop] += weights.sum(dim=(0, 1))
+    return out / (h * t)
+
+
 def vision_keys_fused(attn: nn.Module, hidden_states: Tensor) -> Tensor:
     """``[S, C]`` the keys (before RoPE, heads concatenated) of a fused-``qkv`` vision attention."""
     c = hidden_states.shape[-1]

@@ -50,12 +50,21 @@ class PackedImage:
         crops: crops the vision tower encoded for this image.
         grids: ``(h, w)`` of every crop of the non-separator tokens, in run order.
         crop_ids: ``[n]`` crop (0..len(grids)-1) of each non-separator token.
+        pack: for an image whose tokens are blends of crop tokens (LLaVA-OneVision downsamples large
+            sub-crop grids after the projector), how per-crop rows ``[crops, T, ...]`` become its packed
+            tokens' rows, the model's way; None: each token has one source.
     """
 
     source: Tensor
     crops: int
     grids: Grids
     crop_ids: Tensor
+    pack: Callable[[Tensor], Tensor] | None = None
+
+    @property
+    def mixed(self) -> bool:
+        """Its tokens are blends of crop tokens (no single source each)."""
+        return self.pack is not None
 
     @property
     def separators(self) -> Tensor:
@@ -206,6 +215,13 @@ class Family:
         """The projector input as ``[rows, tokens per row, width]``; a :class:`PackedImage`'s
         ``crops`` rows belong to it and its ``source`` indexes their flattened tokens."""
         return features
+
+    def gather_rows(self, rows: Tensor, layout: PackedImage) -> Tensor:
+        """An image's per-crop rows (``[crops, T, ...]``, laid out like :meth:`projector_rows`) as rows of
+        its packed non-separator tokens, in run order."""
+        if layout.pack is not None:
+            return layout.pack(rows)
+        return rows.flatten(0, 1)[layout.source[~layout.separators].to(rows.device)]
 
     def signal_rows(self, value: Tensor) -> Tensor:
         """A vision signal (as :meth:`vision_probes` measured it) laid out like :meth:`projector_rows`."""

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attention import cls_query_attention
+from ..attention import cls_query_attention, crop_received_attention
 
 #: a forward hook's body that measures vision signals: ``(module, args, kwargs, output) -> {signal: tensor}``
 VisionProbe = Callable[[nn.Module, tuple, dict, Any], dict[str, Tensor]]
@@ -50,6 +50,26 @@ def last_layer_probe(attn: nn.Module, args: tuple, kwargs: dict, output: Any, ne
         q = attn.q_proj(hidden[:, :1])
         logits = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * keys.shape[-1] ** -0.5
         out["last_cls_attention"] = logits.softmax(dim=-1)[:, 0]
+    if "last_vision_keys" in needs:
+        out["last_vision_keys"] = keys
+    return out
+
+
+def received_attention_probe(attn: nn.Module, args: tuple, kwargs: dict, output: Any,
+                             needs: set[str]) -> dict[str, Tensor]:
+    """At the self-attention of a tower without [CLS] whose feature layer is its last (SigLIP in
+    LLaVA-OneVision): the stand-ins ``cls_attention`` = ``last_cls_attention`` = the mean attention each
+    token receives from its crop's tokens (``[crops, T]``), ``vision_keys`` (head-mean, ``[crops, T,
+    head_dim]``) and ``last_vision_keys`` (full width); the keys are projected once."""
+    hidden = _input(args, kwargs)
+    keys = attn.k_proj(hidden)
+    out: dict[str, Tensor] = {}
+    if needs & {"cls_attention", "last_cls_attention"}:
+        received = crop_received_attention(attn, hidden, keys)
+        out.update({name: received for name in needs & {"cls_attention", "last_cls_attention"}})
+    if "vision_keys" in needs:
+        b, t, _ = keys.shape
+        out["vision_keys"] = keys.view(b, t, -1, attn.head_dim).mean(2)
     if "last_vision_keys" in needs:
         out["last_vision_keys"] = keys
     return out

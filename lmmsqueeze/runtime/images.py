@@ -120,10 +120,14 @@ class ImageStages:
         self.records, start = [], 0
         for run, lay in zip(packed, layouts):
             sep = lay.separators.to(run.device)
-            src = lay.source.to(run.device)[~sep]
-            vision = {name: value[start:start + lay.crops].flatten(0, 1)[src] for name, value in signals.items()}
+            if self.input_stages and lay.mixed:
+                names = ", ".join(s.name for s in self.input_stages)
+                raise ModelError(f"{type(f.model).__name__} blends this image's tokens after the projector (its "
+                                 f"sub-crop grid is downsampled), so a vision-placement stage ({names}) cannot pick "
+                                 "them; use a stage at the projector or inside the LLM for such images")
+            vision = {name: f.gather_rows(value[start:start + lay.crops], lay) for name, value in signals.items()}
             extras = {k: v[start:start + lay.crops, 0] for k, v in self._vision.items() if k == "cls_hidden"}
-            hidden = rows_in[start:start + lay.crops].flatten(0, 1)[src] if self.input_stages else run[~sep]
+            hidden = f.gather_rows(rows_in[start:start + lay.crops], lay) if self.input_stages else run[~sep]
             state = TokenState.initial(hidden, lay.grids, lay.crop_ids.to(run.device))
             self.records.append(ImageRecord.of(state, vision, extras, self.run.rows, sep if bool(sep.any()) else None,
                                                run[sep], crops=len(lay.grids)))
