@@ -78,7 +78,7 @@ def grouped(rows: Iterable[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]
     return groups
 
 
-def _fmt(key: str, value: Any) -> str:
+def format_cell(key: str, value: Any) -> str:
     if value is None:
         return "-"
     if key == "pareto":
@@ -107,7 +107,7 @@ HEADERS = {"pareto": "frontier", "pipeline": "pipeline", "adapter": "adapter", "
 
 def delta_cell(row: dict[str, Any]) -> str:
     """Δ acc as printed: against vanilla, or against the trained control (``vs ft``) for task training."""
-    cell = _fmt("accuracy_delta", row.get("accuracy_delta"))
+    cell = format_cell("accuracy_delta", row.get("accuracy_delta"))
     return f"{cell} vs ft" if row.get("reference") == "vanilla-ft" else cell
 
 
@@ -115,7 +115,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         pipeline = label(r).replace("|", "\\|")  # a pipe inside a Markdown table cell must be escaped
-        cells = [f"`{pipeline}`" if c == "pipeline" else delta_cell(r) if c == "accuracy_delta" else _fmt(c, r.get(c))
+        cells = [f"`{pipeline}`" if c == "pipeline" else delta_cell(r) if c == "accuracy_delta" else format_cell(c, r.get(c))
                  for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""CLI command `convert-proxyv` (registered on the main app)."""
+"""Command `convert-proxyv`: an official ProxyV checkpoint into a model and an lmmsqueeze adapter."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from .cli import app, console, err_console, user_errors
+from .common import console, err_console, user_errors
+
+app = typer.Typer()
 
 
 @app.command("convert-proxyv")
@@ -26,8 +28,8 @@ def convert_proxyv_cmd(
     code's: transformers' LLaVA-NeXT unpads the sub-crops and puts a newline after every row, while
     the official code concatenates whole crops with one newline per crop and no unpadding.
     """
-    from .proxyv.convert import convert_official
-    from .proxyv.modules import read_config
+    from ..proxyv.convert import convert_official
+    from ..proxyv.modules import read_config
 
     notes: list[str] = []
     with user_errors():

@@ -1,4 +1,4 @@
-"""CLI command `train-proxyv` (registered on the main app)."""
+"""Command `train-proxyv`: train a ProxyV adapter (and, with --full, the LLM)."""
 
 from __future__ import annotations
 
@@ -8,27 +8,31 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .cli import DeviceOpt, app, console, err_console, user_errors
-from .errors import LmmsqueezeError
+from ..errors import LmmsqueezeError
+from .common import DeviceOpt, console, err_console, user_errors
+
+app = typer.Typer()
 
 
 @app.command("train-proxyv")
 def train_proxyv_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="A local model directory, or `bundled`.")],
-    pipeline: Annotated[str, typer.Option("--pipeline", "-p", help='Pipeline ending in proxyv, e.g. "proxyv(layer=1)".')],
+    pipeline: Annotated[str, typer.Option(
+        "--pipeline", "-p", help='Pipeline ending in proxyv, e.g. "proxyv(layer=1)".')],
     out: Annotated[Path, typer.Option(help="Output directory (checkpoints, log, adapter/).")],
     data: Annotated[str, typer.Option(help="Task whose train split is used.")] = "bundled",
     steps: Annotated[int, typer.Option(min=1)] = 400,
     batch: Annotated[int, typer.Option(min=1)] = 16,
     lr: Annotated[float, typer.Option(help="Learning rate of the ProxyV parameters.")] = 2e-3,
-    objective: Annotated[str, typer.Option(help="distill: imitate the frozen vanilla model on unlabelled image + "
-                                           "question pairs (no labels); task: the answers' cross-entropy.")] = "distill",
+    objective: Annotated[str, typer.Option(
+        help="distill: imitate the frozen vanilla model on unlabelled image + question pairs (no labels); "
+             "task: the answers' cross-entropy.")] = "distill",
     hidden_weight: Annotated[float, typer.Option(help="distill: weight of an MSE between the last hidden "
                                                  "states.")] = 0.0,
     control: Annotated[bool, typer.Option("--control", help="With --objective task: also train the "
                                           "parameter-matched control (OUT/control) the same way.")] = False,
-    full: Annotated[bool, typer.Option("--full", help="Also fine-tune the LLM and projector (never the vision "
-                                       "tower); saves the whole model too.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Also fine-tune the LLM and projector (never the "
+                                       "vision tower); saves the whole model too.")] = False,
     llm_lr: Annotated[float, typer.Option(help="Learning rate of the LLM with --full.")] = 1e-4,
     seed: Annotated[int, typer.Option()] = 0,
     eval_every: Annotated[int, typer.Option(min=1, help="Held-out accuracy every N steps.")] = 100,
@@ -43,21 +47,23 @@ def train_proxyv_cmd(
     brings. Resumes from OUT/checkpoint.pt when it exists; writes OUT/adapter (adapter.safetensors +
     adapter_config.json), with --control OUT/control/adapter, and with --full the models too.
     """
-    from .evaluation.runner import validator
-    from .evaluation.tasks import get_task
-    from .runtime.loading import load_model
-    from .proxyv.train import TrainSettings, train_proxyv, train_with_control
+    from ..evaluation.runner import validator
+    from ..evaluation.tasks import get_task
+    from ..proxyv.train import TrainSettings, train_proxyv, train_with_control
+    from ..runtime.loading import load_model
 
     with user_errors():
-        settings = TrainSettings(steps=steps, batch=batch, lr=lr, objective=objective, hidden_weight=hidden_weight,
-                                 full=full, llm_lr=llm_lr, seed=seed, save_every=save_every, eval_every=eval_every,
-                                 eval_size=eval_size)
+        settings = TrainSettings(steps=steps, batch=batch, lr=lr, objective=objective,
+                                 hidden_weight=hidden_weight, full=full, llm_lr=llm_lr, seed=seed,
+                                 save_every=save_every, eval_every=eval_every, eval_size=eval_size)
         if control and objective != "task":
-            raise LmmsqueezeError("--control trains the yardstick of task training: give --objective task with it")
+            raise LmmsqueezeError("--control trains the yardstick of task training: "
+                                  "give --objective task with it")
         task = get_task(data)
         loaded, processor = load_model(model, device=device)
-        with Progress(TextColumn("train-proxyv"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
-                      TimeElapsedColumn(), console=err_console) as progress:
+        with Progress(TextColumn("train-proxyv"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(),
+                      console=err_console) as progress:
             bar = progress.add_task("train", total=steps, loss=float("nan"))
             validate = validator(processor, task, eval_size, settings.eval_batch)
 
@@ -65,8 +71,8 @@ def train_proxyv_cmd(
                 progress.update(bar, completed=s, loss=loss)
 
             if control:
-                adapter, _ = train_with_control(loaded, processor, pipeline, task, out, settings, on_step=on_step,
-                                                validate=validate)
+                adapter, _ = train_with_control(loaded, processor, pipeline, task, out, settings,
+                                                on_step=on_step, validate=validate)
             else:
                 adapter = train_proxyv(loaded, processor, pipeline, task, out, settings, on_step=on_step,
                                        validate=validate)

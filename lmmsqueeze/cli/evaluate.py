@@ -1,22 +1,31 @@
-"""CLI commands of the evaluation product: `eval`, `sweep`, `pareto` (registered on the main app)."""
+"""Commands of the evaluation product: `eval`, `export-lmms-task`, `sweep` and `pareto`."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .cli import AdapterOpt, DeviceOpt, JsonOpt, _si, app, console, emit, err_console, user_errors
-from .errors import LmmsqueezeError
-from .evaluation.store import DEFAULT_PATH
+from ..errors import LmmsqueezeError
+from .common import (
+    DEFAULT_RESULTS,
+    AdapterOpt,
+    DeviceOpt,
+    JsonOpt,
+    ResultsOpt,
+    console,
+    emit,
+    err_console,
+    si,
+    user_errors,
+)
 
-ResultsOpt = Annotated[Path, typer.Option("--results", help="SQLite results file.")]
-DEFAULT_RESULTS = Path(DEFAULT_PATH)
+app = typer.Typer()
 
 
 def _progress() -> Progress:
@@ -24,9 +33,10 @@ def _progress() -> Progress:
                     console=err_console, transient=False)
 
 
-def _run_grid(grid: Any, results: Path, batch_size: int, device: Optional[str], remeasure: bool = False) -> list[dict]:
-    from .evaluation.sweep import run_sweep
-    from .evaluation.tasks import get_task
+def _run_grid(grid: Any, results: Path, batch_size: int, device: str | None,
+              remeasure: bool = False) -> list[dict]:
+    from ..evaluation.sweep import run_sweep
+    from ..evaluation.tasks import get_task
 
     for name in grid.tasks:  # refuse a bad task before the progress display starts
         get_task(name)
@@ -44,38 +54,41 @@ def _run_grid(grid: Any, results: Path, batch_size: int, device: Optional[str], 
             elif kind in ("done", "skip", "failed"):
                 progress.advance(overall)
                 if kind == "failed":
-                    progress.console.print(f"[red]failed[/] {label}: {escape(str(info['error']))}", highlight=False)
+                    progress.console.print(f"[red]failed[/] {label}: {escape(str(info['error']))}",
+                                           highlight=False)
                 if kind == "skip":
                     progress.console.print(f"[dim]stored already[/] {label}", highlight=False)
 
-        return run_sweep(grid, results, batch_size=batch_size, device=device, on_event=on_event, remeasure=remeasure)
+        return run_sweep(grid, results, batch_size=batch_size, device=device, on_event=on_event,
+                         remeasure=remeasure)
 
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[str, typer.Option("--model", "-m", help="A local model directory, or `bundled`.")] = "bundled",
+    model: Annotated[str, typer.Option("--model", "-m",
+                                       help="A local model directory, or `bundled`.")] = "bundled",
     pipeline: Annotated[str, typer.Option("--pipeline", "-p", help="The pipeline to evaluate.")] = "none",
     task: Annotated[str, typer.Option(help="Task name.")] = "bundled",
     adapter: AdapterOpt = None,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N test samples.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Evaluate the first N test samples.")] = None,
     seed: Annotated[int, typer.Option(help="Sample seed.")] = 0,
     results: ResultsOpt = DEFAULT_RESULTS,
     batch_size: Annotated[int, typer.Option(min=1)] = 1,
     device: DeviceOpt = None,
-    include_path: Annotated[Optional[str], typer.Option(help="Task folder for --task lmms:TASK.")] = None,
+    include_path: Annotated[str | None, typer.Option(help="Task folder for --task lmms:TASK.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate one pipeline (and the vanilla model, for loyalty) and store the row.
 
     `--task lmms:TASK` runs an lmms-eval task through lmms-eval (the `eval` extra) instead.
     """
-    from .compose import compile_pipeline
-    from .models import geometry_from_path
-    from .evaluation.store import Key, ResultStore
-    from .evaluation.sweep import Grid, GridItem
-    from .evaluation.tasks import get_task
-    from .runtime.loading import model_dir
-    from .proxyv.attach import pipeline_for
+    from ..compose import compile_pipeline
+    from ..evaluation.store import Key, ResultStore
+    from ..evaluation.sweep import Grid, GridItem
+    from ..evaluation.tasks import get_task
+    from ..models import geometry_from_path
+    from ..proxyv.attach import pipeline_for
+    from ..runtime.loading import model_dir
 
     with user_errors():
         if task.startswith("lmms:"):
@@ -89,21 +102,23 @@ def eval_cmd(
         n = min(limit or t.size, t.size)
         grid = Grid(model=model, tasks=[task], limit=n, seed=seed, items=[GridItem(pipeline, adapter)])
         canonical = compile_pipeline(pipeline, geometry_from_path(model_dir(model))).canonical
-        _run_grid(grid, results, batch_size, device, remeasure=True)  # eval re-measures the pipeline asked for
+        # eval re-measures the pipeline asked for
+        _run_grid(grid, results, batch_size, device, remeasure=True)
         with ResultStore(results) as store:
             row = store.row(Key(model, canonical, adapter or "", task, n, seed))
         if row["status"] != "ok":
             raise LmmsqueezeError(f"evaluation of {canonical!r} failed: {row['error']}")
 
     def render(r: dict) -> None:
-        table = Table(title=f"{r['pipeline']} on {r['model']} / {r['task']} ({r['n']} samples)", show_header=False)
+        table = Table(title=f"{r['pipeline']} on {r['model']} / {r['task']} ({r['n']} samples)",
+                      show_header=False)
         table.add_column("metric")
         table.add_column("value")
         table.add_row("accuracy", f"{100 * r['accuracy']:.1f}%")
         for q, acc in r["per_type"].items():
             table.add_row(f"  {q}", f"{100 * acc:.1f}%")
         table.add_row("loyalty", "-" if r["loyalty"] is None else f"{100 * r['loyalty']:.1f}%")
-        table.add_row("prefill FLOPs", f"{_si(r['prefill_flops'])} (saving {100 * r['saving']:.1f}%)")
+        table.add_row("prefill FLOPs", f"{si(r['prefill_flops'])} (saving {100 * r['saving']:.1f}%)")
         table.add_row("latency (median/sample)", f"{r['latency_ms']:.2f} ms")
         table.add_row("peak memory", f"{r['peak_memory_mb']:.2f} MB")
         table.add_row("image tokens (layer avg)", f"{r['image_tokens_avg']:.1f}")
@@ -112,11 +127,11 @@ def eval_cmd(
     emit(row, as_json, render)
 
 
-def _eval_lmms(model: str, pipeline: str, task: str, adapter: Optional[str], include_path: Optional[str],
-               limit: Optional[int], seed: int, results: Path) -> dict:
-    from .evaluation.lmms_bridge import run_lmms_task
-    from .evaluation.store import Key, ResultStore
-    from .evaluation.sweep import versions
+def _eval_lmms(model: str, pipeline: str, task: str, adapter: str | None, include_path: str | None,
+               limit: int | None, seed: int, results: Path) -> dict:
+    from ..evaluation.lmms_bridge import run_lmms_task
+    from ..evaluation.store import Key, ResultStore
+    from ..evaluation.sweep import versions
 
     name = task.split(":", 1)[1]
     out = run_lmms_task(model, pipeline, adapter, name, include_path, limit)
@@ -134,11 +149,12 @@ def _eval_lmms(model: str, pipeline: str, task: str, adapter: Optional[str], inc
 
 @app.command("export-lmms-task")
 def export_lmms_task_cmd(
-    directory: Annotated[Path, typer.Argument(help="Folder to write (pass it to lmms-eval's --include_path).")],
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Export the first N test samples.")] = None,
+    directory: Annotated[Path, typer.Argument(
+        help="Folder to write (pass it to lmms-eval's --include_path).")],
+    limit: Annotated[int | None, typer.Option(min=1, help="Export the first N test samples.")] = None,
 ) -> None:
     """Export the bundled benchmark as an lmms-eval task folder (parquet, YAML, utils.py)."""
-    from .evaluation.lmms_bridge import TASK_NAME, export_task
+    from ..evaluation.lmms_bridge import TASK_NAME, export_task
 
     with user_errors():
         path = export_task(directory, limit)
@@ -148,23 +164,26 @@ def export_lmms_task_cmd(
 
 @app.command("sweep")
 def sweep_cmd(
-    pipeline: Annotated[Optional[list[str]], typer.Option("--pipeline", "-p", help="A pipeline; list values expand (repeat the option).")] = None,
-    grid_file: Annotated[Optional[Path], typer.Option("--grid", help="YAML/JSON grid file.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model directory or `bundled`.")] = None,
-    task: Annotated[Optional[list[str]], typer.Option("--task", help="Task name (repeat for several).")] = None,
+    pipeline: Annotated[list[str] | None, typer.Option(
+        "--pipeline", "-p", help="A pipeline; list values expand (repeat the option).")] = None,
+    grid_file: Annotated[Path | None, typer.Option("--grid", help="YAML/JSON grid file.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model directory or `bundled`.")] = None,
+    task: Annotated[list[str] | None, typer.Option("--task", help="Task name (repeat for several).")] = None,
     adapter: AdapterOpt = None,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Samples per run (default: the whole test split, 1000).")] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
+    limit: Annotated[int | None, typer.Option(
+        min=1, help="Samples per run (default: the whole test split, 1000).")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
     results: ResultsOpt = DEFAULT_RESULTS,
     batch_size: Annotated[int, typer.Option(min=1)] = 1,
     device: DeviceOpt = None,
-    plot_file: Annotated[Optional[Path], typer.Option("--plot", help="Pareto plot to write after the sweep.")] = None,
+    plot_file: Annotated[Path | None, typer.Option(
+        "--plot", help="Pareto plot to write after the sweep.")] = None,
 ) -> None:
     """Evaluate a grid of pipelines into the results store (resumable), then print the Pareto table.
 
     With no arguments: the default grid on the bundled model, then `pareto.png`.
     """
-    from .evaluation.sweep import Grid, default_items, expand_item, load_grid
+    from ..evaluation.sweep import Grid, default_items, expand_item, load_grid
 
     with user_errors():
         if grid_file is not None:
@@ -190,17 +209,17 @@ def sweep_cmd(
 @app.command("pareto")
 def pareto_cmd(
     results: ResultsOpt = DEFAULT_RESULTS,
-    task: Annotated[Optional[str], typer.Option(help="Only this task.")] = None,
+    task: Annotated[str | None, typer.Option(help="Only this task.")] = None,
     x: Annotated[str, typer.Option("--x", help="Cost axis: flops or latency.")] = "flops",
     fmt: Annotated[str, typer.Option("--format", help="table, markdown, csv or json.")] = "table",
-    plot_file: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG plot.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Only this model.")] = None,
+    plot_file: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Only this model.")] = None,
 ) -> None:
     """The Pareto trade-off table (accuracy vs prefill cost) of the stored results."""
-    from .evaluation.pareto import (
+    from ..evaluation.pareto import (
         HEADERS,
         TERMINAL,
-        _fmt,
+        format_cell,
         delta_cell,
         grouped,
         label,
@@ -210,7 +229,7 @@ def pareto_cmd(
         to_json,
         to_markdown,
     )
-    from .evaluation.store import ResultStore
+    from ..evaluation.store import ResultStore
 
     with user_errors():
         if fmt not in ("table", "markdown", "csv", "json"):
@@ -241,7 +260,7 @@ def pareto_cmd(
             table.add_column(HEADERS[c], overflow="fold", ratio=4 if c == "pipeline" else None,
                              min_width=24 if c == "pipeline" else None)
         for r in group:
-            cells = [delta_cell(r) if c == "accuracy_delta" else _fmt(c, r.get(c)) for c in TERMINAL]
+            cells = [delta_cell(r) if c == "accuracy_delta" else format_cell(c, r.get(c)) for c in TERMINAL]
             cells[1] = label(r) + (f" [{r['adapter']}]" if r.get("adapter") else "")
             table.add_row(*(escape(c) for c in cells), style="bold" if r["pareto"] else None)
         console.print(table)

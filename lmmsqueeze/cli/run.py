@@ -1,0 +1,120 @@
+"""Commands that load a model and run it on an image: `run`, `bench` and `show`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..errors import LmmsqueezeError
+from .common import AdapterOpt, DeviceOpt, JsonOpt, ModelOpt, PipelineOpt, console, emit, user_errors
+
+app = typer.Typer()
+
+
+@app.command("run")
+def run_cmd(
+    model: ModelOpt,
+    image: Annotated[Path, typer.Option("--image", "-i", help="Image file.")],
+    prompt: Annotated[str, typer.Option(help="The question about the image.")],
+    pipeline: PipelineOpt = "none",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate (greedy).")] = 32,
+    device: DeviceOpt = None,
+    adapter: AdapterOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Answer one question about one image (greedy decoding) with a pipeline installed."""
+    from ..runtime.generation import answer
+
+    with user_errors():
+        if not image.is_file():
+            raise LmmsqueezeError(f"image file {str(image)!r} does not exist")
+        result = answer(model, image, prompt, pipeline, max_new_tokens=max_new_tokens, device=device,
+                        weights=adapter)
+    emit(result, as_json, lambda r: console.print(r["answer"], highlight=False))
+
+
+@app.command("bench")
+def bench_cmd(
+    model: ModelOpt,
+    pipeline: Annotated[list[str], typer.Option(
+        "--pipeline", "-p", help="A pipeline to measure (repeat the option).")],
+    image: Annotated[Path | None, typer.Option(
+        "--image", "-i", help="Image file (default: a fixed noise image).")] = None,
+    prompt: Annotated[str, typer.Option(
+        help="The question in the prompt.")] = "Describe the image in detail.",
+    runs: Annotated[int, typer.Option(min=1, help="Timed runs per pipeline (interleaved).")] = 5,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed warm-up rounds.")] = 1,
+    device: DeviceOpt = None,
+    adapter: AdapterOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prefill latency and peak memory of the vanilla model and each pipeline, measured vs analytic saving."""
+    from ..runtime.generation import open_image
+    from ..runtime.loading import load_model
+    from ..runtime.measure import bench
+    from ..testing import random_image
+
+    with user_errors():
+        if image is not None and not image.is_file():
+            raise LmmsqueezeError(f"image file {str(image)!r} does not exist")
+        loaded, processor = load_model(model, device=device)
+        picture = open_image(image) if image is not None else random_image(0, 336)
+        rows = bench(loaded, processor, pipeline, picture, prompt, runs=runs, warmup=warmup, weights=adapter)
+
+    def render(rows: list[dict]) -> None:
+        table = Table(title=f"prefill on {model} ({runs} interleaved runs after {warmup} warm-up)")
+        for col in ("pipeline", "latency ms", "decoder ms", "peak MB", "saving measured", "saving analytic",
+                    "realized"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            realized = "-" if r["realized_fraction"] is None else f"{r['realized_fraction']:.2f}"
+            table.add_row(r["pipeline"], f"{r['latency_ms']:.1f} ± {r['latency_iqr_ms'] / 2:.1f}",
+                          f"{r['decoder_ms']:.1f}", f"{r['peak_memory_mb']:.1f}",
+                          f"{100 * r['measured_saving']:.1f}%",
+                          f"{100 * r['analytic_saving']:.1f}%", realized)
+        console.print(table)
+
+    emit(rows, as_json, render)
+
+
+# --- show (reducer library) ---
+@app.command("show")
+def show_cmd(
+    model: ModelOpt,
+    image: Annotated[Path, typer.Option("--image", "-i", help="Image file.")],
+    prompt: Annotated[str, typer.Option(
+        help="The question about the image (text-conditioned stages read it).")],
+    pipeline: PipelineOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the picture (.png).")],
+    panel_size: Annotated[int, typer.Option(min=64, max=2048, help="Side of each panel in pixels.")] = 256,
+    device: DeviceOpt = None,
+    adapter: AdapterOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Draw the image with the patches that survive each stage highlighted, one panel per stage
+    (dropped patches darkened, merged patches coloured by group, each token's patch outlined)."""
+    from ..runtime import load_model
+    from ..runtime.generation import open_image
+    from ..visualize import save_picture, show_pipeline
+
+    with user_errors():
+        if not image.is_file():
+            raise LmmsqueezeError(f"image file {str(image)!r} does not exist")
+        if not out.parent.is_dir():
+            raise LmmsqueezeError(f"cannot write {str(out)!r}: the folder {str(out.parent)!r} does not exist")
+        picture = open_image(image)
+        loaded, processor = load_model(model, device=device)
+        drawing, views = show_pipeline(loaded, processor, picture, prompt, pipeline, panel_size, adapter)
+        save_picture(drawing, out)
+    data = {"out": str(out), "stages": [{"stage": v.title, "tokens": len(v.kept)} for v in views]}
+
+    def render(d: dict) -> None:
+        for s in d["stages"]:
+            console.print(f"{s['stage']}: {s['tokens']} tokens", highlight=False)
+        console.print(f"wrote {d['out']}", highlight=False)
+
+    emit(data, as_json, render)
+# --- show (reducer library) ---
