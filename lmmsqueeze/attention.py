@@ -79,6 +79,14 @@ def rows_attention(
     return logits.softmax(dim=-1).mean(dim=1)
 
 
+def vision_projection(attn: nn.Module, which: str, x: Tensor) -> Tensor:
+    """A ViT attention's ``q`` or ``k`` projection of ``x`` (all heads side by side), normalised over its
+    full width when the layer does so (InternViT-6B's ``q_norm``/``k_norm``)."""
+    out = getattr(attn, f"{which}_proj")(x)
+    norm = getattr(attn, f"{which}_norm", None)
+    return out if norm is None else norm(out)
+
+
 def cls_query_attention(attn: nn.Module, hidden_states: Tensor, keys: Tensor | None = None) -> Tensor:
     """Head-mean attention of token 0 ([CLS]) to every token in a ViT attention layer (CLIP-style).
 
@@ -92,8 +100,8 @@ def cls_query_attention(attn: nn.Module, hidden_states: Tensor, keys: Tensor | N
     """
     b, t, _ = hidden_states.shape
     hd = attn.head_dim
-    q = attn.q_proj(hidden_states[:, :1]).view(b, 1, -1, hd).transpose(1, 2)
-    k = (attn.k_proj(hidden_states) if keys is None else keys).view(b, t, -1, hd).transpose(1, 2)
+    q = vision_projection(attn, "q", hidden_states[:, :1]).view(b, 1, -1, hd).transpose(1, 2)
+    k = (vision_projection(attn, "k", hidden_states) if keys is None else keys).view(b, t, -1, hd).transpose(1, 2)
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 

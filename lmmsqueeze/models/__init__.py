@@ -4,7 +4,7 @@ Adding a family is one file here: a :class:`Family` subclass decorated with
 :func:`register_family`, imported below, and a row in the tests' family table.
 """
 
-from . import llava, llava_next, llava_onevision, qwen2_vl, qwen3_vl  # noqa: F401  (each registers its family and presets)
+from . import internvl, llava, llava_next, llava_onevision, qwen2_vl, qwen3_vl  # noqa: F401  (each registers its family and presets)
 from .base import (
     FAMILIES,
     PRESETS,

@@ -216,6 +216,11 @@ class Family:
         ``crops`` rows belong to it and its ``source`` indexes their flattened tokens."""
         return features
 
+    def pooled(self, features: list[Tensor]) -> Any:
+        """Each image's features (as the pipeline left them) in the form the model's forward takes as
+        ``pooler_output``: a list per image by default."""
+        return features
+
     def gather_rows(self, rows: Tensor, layout: PackedImage) -> Tensor:
         """An image's per-crop rows (``[crops, T, ...]``, laid out like :meth:`projector_rows`) as rows of
         its packed non-separator tokens, in run order."""

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attention import cls_query_attention, crop_received_attention
+from ..attention import cls_query_attention, crop_received_attention, vision_projection
 
 #: a forward hook's body that measures vision signals: ``(module, args, kwargs, output) -> {signal: tensor}``
 VisionProbe = Callable[[nn.Module, tuple, dict, Any], dict[str, Tensor]]
@@ -23,7 +23,7 @@ def feature_layer_probe(attn: nn.Module, args: tuple, kwargs: dict, output: Any,
     [CLS] row, ``[B, T]``) and ``vision_keys`` (keys averaged over heads, ``[B, T, head_dim]``); the
     keys are projected once for both."""
     hidden = _input(args, kwargs)
-    keys = attn.k_proj(hidden)
+    keys = vision_projection(attn, "k", hidden)
     out = {}
     if "cls_attention" in needs:
         out["cls_attention"] = cls_query_attention(attn, hidden, keys)
@@ -44,10 +44,10 @@ def last_layer_probe(attn: nn.Module, args: tuple, kwargs: dict, output: Any, ne
     full-width head, ``last_cls_attention`` = softmax over every token of ``q_cls . k / sqrt(width)``
     (``[B, T]``) and ``last_vision_keys`` (``[B, T, width]``)."""
     hidden = _input(args, kwargs)
-    keys = attn.k_proj(hidden)
+    keys = vision_projection(attn, "k", hidden)
     out = {}
     if "last_cls_attention" in needs:
-        q = attn.q_proj(hidden[:, :1])
+        q = vision_projection(attn, "q", hidden[:, :1])
         logits = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * keys.shape[-1] ** -0.5
         out["last_cls_attention"] = logits.softmax(dim=-1)[:, 0]
     if "last_vision_keys" in needs:
@@ -62,7 +62,7 @@ def received_attention_probe(attn: nn.Module, args: tuple, kwargs: dict, output:
     token receives from its crop's tokens (``[crops, T]``), ``vision_keys`` (head-mean, ``[crops, T,
     head_dim]``) and ``last_vision_keys`` (full width); the keys are projected once."""
     hidden = _input(args, kwargs)
-    keys = attn.k_proj(hidden)
+    keys = vision_projection(attn, "k", hidden)
     out: dict[str, Tensor] = {}
     if needs & {"cls_attention", "last_cls_attention"}:
         received = crop_received_attention(attn, hidden, keys)

@@ -58,12 +58,13 @@ class ImageStages:
         else:
             hooks.post(f.projector, self._projector_post)
 
-    def take(self, n: int) -> list[ImageRecord]:
-        """The records of the last ``n`` images encoded (the current call's), forgetting them."""
-        if len(self.records) < n:
+    def take(self) -> list[ImageRecord]:
+        """The records of the images the last encoding saw (each call's encoding starts them afresh),
+        forgetting them: a prefill consumes them once."""
+        if not self.records:
             raise ModelError("image features were computed outside this pipeline's hooks; pass pixel_values "
                              "(or encode images inside the `apply` block)")
-        images, self.records = self.records[-n:], []
+        images, self.records = self.records, []
         return images
 
     # -- hooks
@@ -74,9 +75,8 @@ class ImageStages:
         return hook
 
     def _signals_of(self, i: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Image ``i``'s vision signals (non-packing families): rows of its patch tokens, and per-image ones."""
-        start = 0 if self.family.features_have_cls else 1
-        rows = {k: v[i, start:] for k, v in self._vision.items() if k != "cls_hidden"}
+        """Image ``i``'s vision signals (non-packing families): rows of its tokens, and per-image ones."""
+        rows = {k: self.family.signal_rows(v)[i] for k, v in self._vision.items() if k != "cls_hidden"}
         extras = {k: v[i] for k, v in self._vision.items() if k == "cls_hidden"}
         return rows, extras
 

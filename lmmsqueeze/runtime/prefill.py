@@ -48,10 +48,10 @@ class PrefillHook:
             features = self.run.family.image_features(kwargs)
             records = self.run.images.records
             if not self.run.family.packs_features and records:  # each image as its stages left it
-                features.pooler_output = [rec.state.hidden for rec in records]
+                features.pooler_output = self.run.family.pooled([rec.state.hidden for rec in records])
             kwargs = {**kwargs, "pixel_values": None, "mm_encoder_outputs": {**encoder_outputs, "image": features}}
             encoder_outputs = kwargs["mm_encoder_outputs"]
-        images = self.run.images.take(len(encoder_outputs["image"].pooler_output))
+        images = self.run.images.take()
         return args, self._start(kwargs, images)
 
     def _start(self, kwargs: dict, images: list[ImageRecord]) -> dict:
