@@ -23,7 +23,6 @@ from transformers.vision_utils import get_vision_window_index
 from ..attention import mean_received_attention, vision_keys_fused
 from ..compose.geometry import ModelGeometry, text_geometry
 from ..errors import ModelError
-from .probes import VisionProbe
 from .base import (
     ALL_SIGNALS,
     Family,
@@ -34,6 +33,7 @@ from .base import (
     register_family,
     register_preset,
 )
+from .probes import VisionProbe
 
 #: the image the plan of a Qwen2-VL-family model assumes (the runtime uses every image's own grid):
 #: 24x24 merged tokens, a 672 px square at patch 14 with a 2x2 merger

@@ -20,11 +20,11 @@ import dataclasses
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import Qwen3VLProcessor
 
 from ..compose.geometry import ModelGeometry, text_geometry
-from .base import ALL_SIGNALS, config_name, decoder_shapes, pad_token_id, register_family, register_preset
+from .base import ALL_SIGNALS, config_name, decoder_shapes, register_family, register_preset
 from .qwen2_vl import REFERENCE_GRID, QwenVLFamily
 
 
@@ -54,18 +54,6 @@ class Qwen3VLFamily(QwenVLFamily):
     @classmethod
     def load_processor(cls, path: Any) -> Any:
         return super(QwenVLFamily, cls).load_processor(path)  # the real processor, or its image-only form
-
-    @classmethod
-    def from_model(cls, model: nn.Module) -> Qwen3VLFamily:
-        config = model.config
-        base = model.model
-        visual = base.visual
-        return cls(
-            model=model, base=base, layers=base.language_model.layers, rotary=base.language_model.rotary_emb,
-            projector=visual.merger, vision_attention=visual.blocks[-1].attn, features_have_cls=False,
-            image_token_id=int(config.image_token_id), pad_token_id=pad_token_id(config),
-            geometry=cls.read_geometry(config, config_name(config)), final_norm=base.language_model.norm,
-        )
 
     def follow_groups(self, out: Any, groups: list[Tensor]) -> None:
         levels = getattr(out, "deepstack_features", None)
