@@ -18,7 +18,6 @@ from . import proxyv, reducers  # noqa: F401  (registers the built-in reducers a
 from .compose import ModelGeometry, PipelineSpec, Plan, compile_pipeline, parse_pipeline
 from .errors import LmmsqueezeError, ModelError, PipelineError, RegistryError
 from .models import Family, family_for, geometry_of, register_family
-from .runtime import Prepared, apply, load_model, prepare
 from .reducers import (
     Reducer,
     ScoredPruner,
@@ -29,6 +28,7 @@ from .reducers import (
     list_reducers,
     register_reducer,
 )
+from .runtime import Prepared, apply, load_model, prepare
 
 __version__ = "0.2.0"
 

@@ -7,9 +7,12 @@ computes the single softmax row it needs, O(N * d), so they work under sdpa and 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -101,7 +104,8 @@ def cls_query_attention(attn: nn.Module, hidden_states: Tensor, keys: Tensor | N
     b, t, _ = hidden_states.shape
     hd = attn.head_dim
     q = vision_projection(attn, "q", hidden_states[:, :1]).view(b, 1, -1, hd).transpose(1, 2)
-    k = (vision_projection(attn, "k", hidden_states) if keys is None else keys).view(b, t, -1, hd).transpose(1, 2)
+    k = vision_projection(attn, "k", hidden_states) if keys is None else keys
+    k = k.view(b, t, -1, hd).transpose(1, 2)
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 
@@ -126,17 +130,16 @@ def mean_received_attention(attn: nn.Module, hidden_states: Tensor, cu_seqlens: 
     Returns:
         ``[S]`` float32; each segment's values sum to 1.
     """
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
-
     s, c = hidden_states.shape
     q = torch.nn.functional.linear(hidden_states, attn.qkv.weight[:c], attn.qkv.bias[:c])
     k = vision_keys_fused(attn, hidden_states) if keys is None else keys
-    q, k = apply_rotary_pos_emb_vision(q.view(s, attn.num_heads, -1).float(), k.view(s, attn.num_heads, -1).float(),
-                                       *position_embeddings)
+    q, k = apply_rotary_pos_emb_vision(
+        q.view(s, attn.num_heads, -1).float(), k.view(s, attn.num_heads, -1).float(), *position_embeddings
+    )
     q, k = q.transpose(0, 1), k.transpose(0, 1)  # [H, S, hd]
     out = torch.zeros(s, dtype=torch.float32, device=hidden_states.device)
     bounds = cu_seqlens.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         keys = k[:, a:b]
         chunk = max(1, budget // (attn.num_heads * (b - a)))
         for start in range(a, b, chunk):

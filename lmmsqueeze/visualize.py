@@ -13,9 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import LmmsqueezeError
+from .models import family_for
+from .runtime import build_prompt, prepare
+from .runtime.loading import model_inputs
 
 DROPPED_SHADE = 0.25  # brightness left to a dropped patch
 GROUP_TINT = 0.55  # opacity of a merge group's colour
@@ -106,7 +110,8 @@ def _crop_view(view: StageView, offset: int, count: int) -> StageView:
     return StageView(view.title, kept, list(view.groups[offset:offset + count]))
 
 
-def render_stages(image: Image.Image | Sequence[Image.Image], grid: tuple[int, int] | Sequence[tuple[int, int]],
+def render_stages(image: Image.Image | Sequence[Image.Image],
+                  grid: tuple[int, int] | Sequence[tuple[int, int]],
                   stages: Sequence[StageView], panel_size: int = 256) -> Image.Image:
     """One panel for the input and one per stage, side by side; one row of panels per crop.
 
@@ -141,7 +146,7 @@ def render_stages(image: Image.Image | Sequence[Image.Image], grid: tuple[int, i
     for k, (title, count, view) in enumerate(panels):
         x = MARGIN + k * (column + MARGIN)
         y, offset = MARGIN + TITLE_HEIGHT, 0
-        for picture, g, size in zip(images, grids, sizes):
+        for picture, g, size in zip(images, grids, sizes, strict=True):
             n = g[0] * g[1]
             part = None if view is None else _crop_view(view, offset, n)
             members = {} if view is None else _members(view.groups)
@@ -158,11 +163,6 @@ def trace_pipeline(model: Any, processor: Any, image: Image.Image, question: str
                    adapter: Any = None) -> tuple[list[StageView], Any]:
     """Run one prefill of ``model`` with ``pipeline`` installed; return what each stage kept and the
     processor outputs."""
-    import torch
-
-    from .runtime import build_prompt, prepare
-    from .runtime.loading import model_inputs
-
     inputs = model_inputs(processor, model, [image], [build_prompt(processor, question)])
     with torch.no_grad(), prepare(model, pipeline, adapter).apply() as run:
         model(**inputs)
@@ -179,8 +179,6 @@ def show_pipeline(model: Any, processor: Any, image: Image.Image, question: str,
     LLaVA-1.5 sees the centre square of the image; LLaVA-NeXT's base crop and sub-crop grid and
     Qwen2-VL's merged grid each cover the whole image.
     """
-    from .models import family_for
-
     family = family_for(model)
     views, inputs = trace_pipeline(model, processor, image, question, pipeline, adapter)
     grids = family.image_geometries(inputs)[0].grids

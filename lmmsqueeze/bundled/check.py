@@ -88,7 +88,7 @@ def run_reduced(
         feats = [reduce(f, gen) for f in enc.pooler_output]
         seqs = [
             [BOS_ID] + [IMAGE_ID] * len(f) + [vocab[w] for w in s.question.split()]
-            for f, s in zip(feats, chunk)
+            for f, s in zip(feats, chunk, strict=True)
         ]
         length = max(map(len, seqs))
         ids = torch.tensor([[PAD_ID] * (length - len(s)) + s for s in seqs])
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     runs |= {name: (lambda r=r: run_reduced(model, processor, items, r)) for name, r in REDUCTIONS.items()}
     for name, run in runs.items():
         predictions = run()
-        result = summarize((s.qtype, score(p, s.answer)) for p, s in zip(predictions, items))
+        result = summarize((s.qtype, score(p, s.answer)) for p, s in zip(predictions, items, strict=True))
         print(json.dumps({"setting": name, **result}))
 
 

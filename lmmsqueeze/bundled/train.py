@@ -141,7 +141,8 @@ def cell_targets(scene: Scene) -> np.ndarray:
 
 
 def attention_targets(scene: Scene, key: str) -> list[int]:
-    """Prefix positions a question about symbol ``key`` should attend to: ``[1 + cell]``, or ``[0]`` (``<s>``) if absent."""
+    """Prefix positions a question about symbol ``key`` should attend to: ``[1 + cell]``, or ``[0]``
+    (``<s>``) if absent."""
     if key in scene.symbols:
         r, c = scene.symbols[key]
         return [1 + r * GRID + c]
@@ -240,7 +241,7 @@ class Batches:
         length = max(map(len, seqs))
         input_ids = torch.full((len(seqs), length), PAD_ID)
         label_ids = torch.full((len(seqs), length), -100)
-        for i, (s, lab) in enumerate(zip(seqs, labels)):
+        for i, (s, lab) in enumerate(zip(seqs, labels, strict=True)):
             input_ids[i, : len(s)] = torch.tensor(s)
             label_ids[i, : len(lab)] = torch.tensor(lab)
         attn_target = torch.zeros(len(where), 1 + IMAGE_TOKENS)
@@ -307,7 +308,7 @@ class Evaluator:
             hidden, _ = hidden_states(model, pixels(np.stack([img for img, *_ in chunk])), input_ids)
             last = torch.tensor([len(ids) - 1 for _, ids, _, _ in chunk])
             pred = model.lm_head(hidden[torch.arange(len(chunk)), last]).argmax(-1)
-            rows += [(qtype, float(p == a)) for p, (_, _, a, qtype) in zip(pred.tolist(), chunk)]
+            rows += [(qtype, float(p == a)) for p, (_, _, a, qtype) in zip(pred.tolist(), chunk, strict=True)]
         model.train()
         return summarize(rows)
 
@@ -354,7 +355,8 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log: Path, quiet: 
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn(
-            "loss {task.fields[loss]:.3f} aux {task.fields[aux]:.3f} val {task.fields[val]:.3f} best {task.fields[best]:.3f}"
+            "loss {task.fields[loss]:.3f} aux {task.fields[aux]:.3f} "
+            "val {task.fields[val]:.3f} best {task.fields[best]:.3f}"
         ),
         TimeElapsedColumn(),
         TimeRemainingColumn(),

@@ -30,9 +30,9 @@ import torch
 
 from ..evaluation.runner import evaluate, loyalty, validator
 from ..evaluation.tasks import get_task
-from ..runtime.loading import load_model
 from ..proxyv.attach import adapter_path
 from ..proxyv.train import TrainSettings, control_pipeline, train_proxyv, train_with_control
+from ..runtime.loading import load_model
 
 SPATIAL = "proxyv(layer=1, factor=3)"
 REDUCER = "visionzip(dominant=27, contextual=5)"
@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--limit", type=int, default=1000, help="test samples for the final table")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=Path("runs/bundled-adapters"), help="checkpoints and logs")
+    parser.add_argument("--work", type=Path, default=Path("runs/bundled-adapters"),
+                        help="checkpoints and logs")
     parser.add_argument("--only", choices=("spatial", "nonspatial"), default=None)
     parser.add_argument("--task-control", action="store_true", help="task training and its control, per seed")
     parser.add_argument("--seeds", default="0,1,2", help="with --task-control")
@@ -89,13 +90,14 @@ def main(argv: list[str] | None = None) -> None:
         if adapter and not (adapter_path(adapter) / "adapter_config.json").is_file():
             continue
         table.append(_row(_measure(model, processor, task, pipeline, adapter, args.limit), vanilla, adapter))
-    report = {"command": "python -m lmmsqueeze.bundled.train_adapters" + _flags(argv), "settings": asdict(settings),
-              "rows": table}
+    report = {"command": "python -m lmmsqueeze.bundled.train_adapters" + _flags(argv),
+              "settings": asdict(settings), "rows": table}
     (RESULTS / "adapters.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _measure(model, processor, task, pipeline, adapter, limit):
-    return evaluate(model, processor, pipeline, task, limit=limit, adapter=adapter, batch_size=50, measure_memory=False)
+    return evaluate(model, processor, pipeline, task, limit=limit, adapter=adapter, batch_size=50,
+                    measure_memory=False)
 
 
 def _row(row: dict, vanilla: dict, adapter: str | None = None) -> dict:
@@ -117,8 +119,8 @@ def _task_control(model, processor, task, settings: TrainSettings, args, argv) -
         train_with_control(model, processor, SPATIAL, task, out, seeded,
                            validate=validator(processor, task, seeded.eval_size, seeded.eval_batch))
         proxyv = _row(_measure(model, processor, task, SPATIAL, str(out / "adapter"), args.limit), vanilla)
-        control = _row(_measure(model, processor, task, control_pipeline(SPATIAL), str(out / "control" / "adapter"),
-                                args.limit), vanilla)
+        control = _row(_measure(model, processor, task, control_pipeline(SPATIAL),
+                                str(out / "control" / "adapter"), args.limit), vanilla)
         runs.append({"seed": seed, "proxyv": proxyv, "control": control})
 
     def summary(key: str) -> dict:

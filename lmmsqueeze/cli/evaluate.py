@@ -219,8 +219,8 @@ def pareto_cmd(
     from ..evaluation.pareto import (
         HEADERS,
         TERMINAL,
-        format_cell,
         delta_cell,
+        format_cell,
         grouped,
         label,
         pareto_rows,

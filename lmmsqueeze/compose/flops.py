@@ -94,11 +94,13 @@ class Cost:
 
 def si_unit(x: float) -> tuple[str, float]:
     """The SI prefix (``"P"`` ... ``"K"``, or ``""``) and scale to print ``x`` FLOPs with."""
-    return next(((u, s) for u, s in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)) if abs(x) >= s),
-                ("", 1.0))
+    prefixes = (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3))
+    return next(((u, s) for u, s in prefixes if abs(x) >= s), ("", 1.0))
 
 
-def layer_macs(g: ModelGeometry, n: int, c: int | None = None, convention: str = "exact") -> tuple[int, int, int]:
+def layer_macs(
+    g: ModelGeometry, n: int, c: int | None = None, convention: str = "exact"
+) -> tuple[int, int, int]:
     """(projections, attention, ffn) MACs of an ordinary decoder layer with ``n`` queries over ``c`` keys."""
     c = n if c is None else c
     d, m = g.hidden_size, g.intermediate_size
@@ -141,7 +143,8 @@ def vision_probe_macs(g: ModelGeometry, needs: frozenset[str]) -> int:
     if not t or not dv:
         return 0
     macs = 0
-    if g.cls_attention == "mean":  # one block gives every signal: its keys, and all of Q K^T for the stand-ins
+    # one block gives every signal: its keys, and all of Q K^T for the stand-ins
+    if g.cls_attention == "mean":
         if needs & {"cls_attention", "vision_keys", "last_cls_attention", "last_vision_keys"}:
             macs += t * dv * dv
         if needs & {"cls_attention", "last_cls_attention"}:
@@ -181,8 +184,8 @@ class CostContext:
     convention: str  # exact | fastv
 
 
-def plan_cost(plan: Any, text_tokens: int = 64, convention: str = "exact", text_after_image: int | None = None,
-              images: int = 1) -> Cost:
+def plan_cost(plan: Any, text_tokens: int = 64, convention: str = "exact",
+              text_after_image: int | None = None, images: int = 1) -> Cost:
     """The prefill cost of a :class:`~lmmsqueeze.compose.plan.Plan` for one sample.
 
     Every stage's placement says what the stage adds (:meth:`~.placements.Placement.overhead`) and

@@ -29,7 +29,8 @@ class ModelGeometry:
     grids: Grids  # (h, w) per crop of one image; None when the features are not a grid
     signals: frozenset[str]  # signals the runtime can measure on this model
     vision_hidden_size: int = 0  # width of the vision feature layer
-    vision_heads: int = 1  # attention heads of the vision tower (head-mean keys are vision_hidden_size / heads wide)
+    # attention heads of the vision tower (head-mean keys are vision_hidden_size / heads wide)
+    vision_heads: int = 1
     vision_tokens: int = 0  # tokens per crop in the vision tower, [CLS] included
     vision_crops: int = 1  # crops the vision tower encodes per image (LLaVA-NeXT: base + sub-crops)
     vision_merge: int = 1  # vision-tower tokens per LLM image token (Qwen2-VL's 2x2 patch merger: 4)
@@ -54,7 +55,8 @@ def text_geometry(text_cfg: Any) -> dict[str, Any]:
     hidden = _get(text_cfg, "hidden_size", "n_embd")
     heads = _get(text_cfg, "num_attention_heads", "n_head")
     if hidden is None or heads is None:
-        raise ModelError("the text config has no hidden_size / num_attention_heads; is this a decoder config?")
+        raise ModelError("the text config has no hidden_size / num_attention_heads; "
+                         "is this a decoder config?")
     return dict(
         num_layers=int(_get(text_cfg, "num_hidden_layers", "n_layer")),
         hidden_size=int(hidden),

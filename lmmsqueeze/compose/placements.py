@@ -78,7 +78,9 @@ class Placement:
         width = metric_width(g, stage.reducer, self.feature_width(g))
         return {None: ctx.images * stage.reducer.cost_macs(stage.tokens_in, width, stage.grids_in)}
 
-    def layer_cost(self, stage: PlannedStage, g: ModelGeometry, layer: int, ctx: CostContext) -> LayerCost | None:
+    def layer_cost(
+        self, stage: PlannedStage, g: ModelGeometry, layer: int, ctx: CostContext
+    ) -> LayerCost | None:
         """The cost of decoder layer ``layer`` when this stage changes how it runs, else None."""
         return None
 
@@ -119,7 +121,9 @@ def get_placement(name: str) -> Placement:
     try:
         return _PLACEMENTS[name]
     except KeyError:
-        raise PipelineError(f"placement {name!r} is not registered; placements: {', '.join(placement_names())}") from None
+        raise PipelineError(
+            f"placement {name!r} is not registered; placements: {', '.join(placement_names())}"
+        ) from None
 
 
 def placements() -> list[Placement]:

@@ -17,6 +17,7 @@ from .geometry import ModelGeometry
 from .placements import Placement, get_placement, placements
 from .spec import PipelineSpec, StageSpec, parse_pipeline
 
+
 @dataclass(frozen=True)
 class PlannedStage:
     """One validated stage with its resolved placement and token counts."""
@@ -100,9 +101,9 @@ class Plan:
         readers = [s.name for s in self.stages if "cls_attention" in s.reducer.needs]
         if readers and self.geometry.cls_attention == "mean":
             names = ", ".join(dict.fromkeys(readers))
-            out.append(f"{names}: {self.geometry.name or 'this model'} has no [CLS] token; cls_attention is the "
-                       "mean attention each image token receives from its image's tokens in the vision tower's "
-                       "last block (heads averaged, merged patches averaged)")
+            out.append(f"{names}: {self.geometry.name or 'this model'} has no [CLS] token; "
+                       "cls_attention is the mean attention each image token receives from its image's "
+                       "tokens in the vision tower's last block (heads averaged, merged patches averaged)")
         return out
 
     def to_dict(self, text_tokens: int = 64, convention: str = "exact") -> dict[str, Any]:
@@ -182,7 +183,8 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, geometry: ModelGeometr
     """
     if not isinstance(geometry, ModelGeometry):
         raise TypeError(f"compile_pipeline takes a ModelGeometry, not {type(geometry).__name__}; "
-                        "lmmsqueeze.compile(pipeline, model_or_config) reads one from a model, config or preset")
+                        "lmmsqueeze.compile(pipeline, model_or_config) reads one from a model, config or "
+                        "preset")
     spec = parse_pipeline(pipeline)
     if spec.has_lists:
         raise PipelineError(
@@ -214,7 +216,9 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, geometry: ModelGeometr
                     f"{', '.join(pre) or 'none'}); use layer=K to run it inside the LLM"
                 )
             if parent.placement_layer is not None:
-                raise PipelineError(f"{where}: give either at={at} or layer={parent.placement_layer}, not both")
+                raise PipelineError(
+                    f"{where}: give either at={at} or layer={parent.placement_layer}, not both"
+                )
         canonical = canonical_stage(parent)
         extra = {"at": at} if at is not None and at != (pre[0] if pre else None) else {}
         if positions is not None and positions != _default_positions(parent, declared, at):
@@ -233,7 +237,9 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, geometry: ModelGeometr
             _check_signals(where, stage.name, reducer, placement, geometry)
             if getattr(reducer, "requires_grid", False) and grids is None:
                 fix = getattr(reducer, "grid_fix", "move it before that stage")
-                raise PipelineError(f"{where}: {stage.name} needs the token grid, but an earlier stage broke it; {fix}")
+                raise PipelineError(
+                    f"{where}: {stage.name} needs the token grid, but an earlier stage broke it; {fix}"
+                )
             keep = getattr(reducer, "keep", None)
             if isinstance(keep, int) and keep > tokens:
                 raise PipelineError(
@@ -300,22 +306,26 @@ def _check_order(where: str, placement: Placement, earlier: list[PlannedStage]) 
     if earlier and earlier[-1].where.order > placement.order:
         order = ", ".join(p.name for p in placements())
         last = earlier[-1].where
-        raise PipelineError(f"{where}: {placement.article} {placement.name} stage cannot follow {last.article} "
-                            f"{last.name} stage; order stages as they run: {order} (llm layers in increasing order)")
+        raise PipelineError(f"{where}: {placement.article} {placement.name} stage cannot follow "
+                            f"{last.article} {last.name} stage; order stages as they run: {order} "
+                            "(llm layers in increasing order)")
 
 
-def _check_signals(where: str, name: str, reducer: Reducer, placement: Placement, geometry: ModelGeometry) -> None:
+def _check_signals(
+    where: str, name: str, reducer: Reducer, placement: Placement, geometry: ModelGeometry
+) -> None:
     """A reducer reads only signals that exist at its placement and that the model provides."""
     scoped = reducer.needs - placement.signals
     for other in placements():
         unavailable = sorted(scoped & other.signals)
         if unavailable and other is not placement:
-            raise PipelineError(f"{where}: {name} reads {', '.join(unavailable)}, which exists only {other.where}; "
-                                f"{other.hint}")
+            raise PipelineError(f"{where}: {name} reads {', '.join(unavailable)}, which exists only "
+                                f"{other.where}; {other.hint}")
     missing = sorted(reducer.needs - geometry.signals)
     if missing:
-        raise PipelineError(f"{where}: {name} needs {', '.join(missing)}, which {geometry.name or 'this model'} "
-                            "cannot provide; pick a reducer that does not read it")
+        raise PipelineError(f"{where}: {name} needs {', '.join(missing)}, which "
+                            f"{geometry.name or 'this model'} cannot provide; pick a reducer that does not "
+                            "read it")
 
 
 __all__ = ["Plan", "PlannedStage", "canonical_stage", "compile_pipeline", "reduced_after_kept"]

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..errors import PipelineError
 
 Value = int | float | bool | str | list
@@ -224,12 +226,10 @@ def load_pipeline_file(path: str | Path) -> PipelineSpec:
         if p.suffix.lower() == ".json":
             data = json.loads(text)
         elif p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
             data = yaml.safe_load(text)
         else:
             raise PipelineError(f"pipeline file {str(p)!r} must end in .yaml, .yml or .json")
-    except (ValueError, ImportError) as exc:
+    except ValueError as exc:
         if isinstance(exc, PipelineError):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -268,13 +268,14 @@ def pipeline_from_data(data: Any, source: str = "pipeline data") -> PipelineSpec
 
 def expand_lists(spec: PipelineSpec) -> list[PipelineSpec]:
     """One pipeline per combination of list values (``keep=[0.25, 0.5]`` gives two pipelines)."""
-    slots = [(si, k, v) for si, s in enumerate(spec.stages) for k, v in s.params.items() if isinstance(v, list)]
+    slots = [(si, k, v) for si, s in enumerate(spec.stages) for k, v in s.params.items()
+             if isinstance(v, list)]
     if not slots:
         return [spec]
     out = []
     for combo in itertools.product(*(v for _, _, v in slots)):
         stages = [StageSpec(s.name, dict(s.params)) for s in spec.stages]
-        for (si, k, _), value in zip(slots, combo):
+        for (si, k, _), value in zip(slots, combo, strict=True):
             stages[si].params[k] = value
         out.append(PipelineSpec(tuple(stages)))
     return out

@@ -2,13 +2,15 @@
 task folder, and running lmms-eval tasks from `lmmsqueeze eval --task lmms:TASK`.
 
 lmms-eval (the `eval` extra) is imported lazily; nothing here is needed for the native runner.
-Registered through the entry point ``lmms_eval.models: lmmsqueeze = lmmsqueeze.evaluation.lmms_bridge:manifest``,
-so ``python -m lmms_eval --model lmmsqueeze --model_args pretrained=bundled,pipeline="pool" ...`` works.
+Registered through the entry point
+``lmms_eval.models: lmmsqueeze = lmmsqueeze.evaluation.lmms_bridge:manifest``, so
+``python -m lmms_eval --model lmmsqueeze --model_args pretrained=bundled,pipeline="pool" ...`` works.
 Multi-GPU runs go through lmms-eval's launcher: ``accelerate launch -m lmms_eval --model lmmsqueeze ...``.
 """
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -16,13 +18,16 @@ from typing import Any
 import torch
 
 from ..errors import LmmsqueezeError
+from ..runtime import load_model, prepare
+from ..runtime.loading import build_prompt, model_inputs
+from .tasks import get_task
 
 TASK_NAME = "lmmsqueeze_bundled"
 
 
 def _lmms_base() -> type:
     try:
-        from lmms_eval.api.model import lmms
+        from lmms_eval.api.model import lmms  # optional dependency (the `eval` extra): imported lazily
     except ImportError:
         raise LmmsqueezeError("the lmms-eval bridge needs lmms-eval: pip install 'lmmsqueeze[eval]' "
                               "(then `pip uninstall -y torchvision` on a CPU-only torch)") from None
@@ -31,7 +36,7 @@ def _lmms_base() -> type:
 
 def manifest() -> Any:
     """The lmms-eval model manifest of `lmmsqueeze` (simple and chat classes)."""
-    from lmms_eval.models.registry_v2 import ModelManifest
+    from lmms_eval.models.registry_v2 import ModelManifest  # optional dependency; lmms-eval calls this
 
     return ModelManifest(
         model_id="lmmsqueeze",
@@ -44,16 +49,12 @@ class _Engine:
     """The model, processor and pipeline shared by the lmms-eval classes."""
 
     def __init__(self, pretrained: str, pipeline: str, adapter: str | None, device: str | None):
-        from ..runtime import load_model, prepare
-
         self.model, self.processor = load_model(pretrained, device=device)
         self.prepared = prepare(self.model, pipeline, adapter)  # the adapter is loaded once for every request
         self.plan = self.prepared.plan
 
     @torch.no_grad()
     def generate(self, images: list[Any], text: str, max_new_tokens: int, until: list[str]) -> str:
-        from ..runtime.loading import build_prompt, model_inputs
-
         prompt = build_prompt(self.processor, text)
         inputs = model_inputs(self.processor, self.model, images, [prompt])
         with self.prepared.apply():
@@ -66,8 +67,6 @@ class _Engine:
 
     @torch.no_grad()
     def loglikelihood(self, images: list[Any], context: str, continuation: str) -> tuple[float, bool]:
-        from ..runtime.loading import build_prompt, model_inputs
-
         prompt = build_prompt(self.processor, context)
         full = model_inputs(self.processor, self.model, images[:1], [f"{prompt} {continuation}"])
         head = self.processor(images=images[0], text=prompt, return_tensors="pt")
@@ -88,7 +87,7 @@ class _Engine:
 
 def _make_classes() -> tuple[type, type]:
     lmms = _lmms_base()
-    from lmms_eval.api.instance import GenerationResult
+    from lmms_eval.api.instance import GenerationResult  # optional dependency, as in _lmms_base
     from lmms_eval.protocol import ChatMessages
 
     class LmmsqueezeLMM(lmms):
@@ -140,7 +139,8 @@ def _make_classes() -> tuple[type, type]:
                 text = " ".join(c.text for m in messages.messages if m.role == "user"
                                 for c in m.content if c.type == "text")
                 out.append(GenerationResult(text=self.engine.generate(
-                    images, text, int(gen_kwargs.get("max_new_tokens", 32)), list(gen_kwargs.get("until", []) or []))))
+                    images, text, int(gen_kwargs.get("max_new_tokens", 32)),
+                    list(gen_kwargs.get("until", []) or []))))
             return out
 
     return LmmsqueezeLMM, LmmsqueezeChat
@@ -175,12 +175,10 @@ def process_results(doc, results):
 def export_task(directory: str | Path, limit: int | None = None, seed: int = 0) -> Path:
     """Write the bundled benchmark's test split as an lmms-eval task folder (parquet + YAML + utils)."""
     try:
-        from datasets import Dataset, Features, Image, Value
+        from datasets import Dataset, Features, Image, Value  # optional dependency (comes with lmms-eval)
     except ImportError:
         raise LmmsqueezeError("exporting an lmms-eval task needs the `datasets` package: pip install "
                               "'lmmsqueeze[eval]'") from None
-    from .tasks import get_task
-
     task = get_task("bundled")
     d = Path(directory).resolve()
     (d / "data").mkdir(parents=True, exist_ok=True)
@@ -221,25 +219,23 @@ def run_lmms_task(model: str, pipeline: str, adapter: str | None, task: str, inc
                   limit: int | None) -> dict[str, Any]:
     """Run one lmms-eval task in-process; returns ``{"metric", "accuracy", "answers", "results"}``."""
     _lmms_base()
-    import os
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from lmms_eval import evaluator
+    from lmms_eval import evaluator  # optional dependency; after the offline defaults above
     from lmms_eval.tasks import TaskManager
 
     simple, _ = _make_classes()
     lm = simple(pretrained=model, pipeline=pipeline, adapter=adapter)
     manager = TaskManager("WARNING", include_path=include_path)
     if task not in manager.all_tasks:
-        raise LmmsqueezeError(f"lmms-eval knows no task {task!r}" + (f" (include path {include_path!r})"
-                                                                     if include_path else "; give --include-path"))
-    out = evaluator.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, log_samples=True,
-                                    batch_size=1)
+        where = f" (include path {include_path!r})" if include_path else "; give --include-path"
+        raise LmmsqueezeError(f"lmms-eval knows no task {task!r}" + where)
+    out = evaluator.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,
+                                    log_samples=True, batch_size=1)
     if not out or task not in out.get("results", {}):
         raise LmmsqueezeError(f"lmms-eval returned no results for {task!r}")
-    metrics = {k: v for k, v in out["results"][task].items() if isinstance(v, (int, float)) and "stderr" not in k
-               and k != "alias"}
+    metrics = {k: v for k, v in out["results"][task].items()
+               if isinstance(v, (int, float)) and "stderr" not in k and k != "alias"}
     name, value = next(iter(metrics.items()))
     answers = []
     for s in out.get("samples", {}).get(task, []):

@@ -8,13 +8,16 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from ..compose.flops import si_unit
 from ..errors import LmmsqueezeError
+from ..proxyv.attach import same_adapter
 
 X_FIELDS = {"flops": "prefill_flops", "latency": "latency_ms"}
-COLUMNS = ("pareto", "pipeline", "adapter", "accuracy", "accuracy_delta", "saving", "prefill_flops", "latency_ms",
-           "peak_memory_mb", "loyalty", "image_tokens_avg")
+COLUMNS = ("pareto", "pipeline", "adapter", "accuracy", "accuracy_delta", "saving", "prefill_flops",
+           "latency_ms", "peak_memory_mb", "loyalty", "image_tokens_avg")
 #: the columns of the terminal table (narrower; the adapter goes next to the pipeline)
-TERMINAL = ("pareto", "pipeline", "accuracy", "accuracy_delta", "saving", "prefill_flops", "latency_ms", "loyalty")
+TERMINAL = ("pareto", "pipeline", "accuracy", "accuracy_delta", "saving", "prefill_flops", "latency_ms",
+            "loyalty")
 
 
 def frontier(points: list[tuple[float, float]]) -> list[bool]:
@@ -41,16 +44,14 @@ def pareto_rows(rows: Iterable[dict[str, Any]], x: str = "flops") -> list[dict[s
     vanilla = next((r for r in ok if r["pipeline"] == "none" and not r.get("adapter")), None)
     flags = frontier([(float(r[field]), float(r["accuracy"])) for r in ok])
     out = []
-    for r, flag in zip(ok, flags):
+    for r, flag in zip(ok, flags, strict=True):
         row = {k: r.get(k) for k in COLUMNS}
         row.update(pareto=flag, task=r.get("task"), model=r.get("model"), reference="vanilla",
                    control=is_control(r["pipeline"]))
         baseline = vanilla
         if r.get("adapter_control"):  # task-trained: measured against its trained control, when it ran
-            from ..proxyv.attach import same_adapter
-
-            baseline = next((c for c in ok if c.get("adapter") and same_adapter(c["adapter"], r["adapter_control"])),
-                            None)
+            baseline = next((c for c in ok
+                             if c.get("adapter") and same_adapter(c["adapter"], r["adapter_control"])), None)
             row["reference"] = "vanilla-ft" if baseline is not None else None
         if baseline is not None:
             row["accuracy_delta"] = r["accuracy"] - baseline["accuracy"]
@@ -90,8 +91,6 @@ def format_cell(key: str, value: Any) -> str:
     if key == "saving":
         return f"{100 * value:.1f}%"
     if key == "prefill_flops":
-        from ..compose.flops import si_unit
-
         unit, scale = si_unit(value)
         return f"{value / scale:.3g} {unit}".rstrip()
     if key in ("latency_ms", "peak_memory_mb", "image_tokens_avg"):
@@ -115,7 +114,9 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         pipeline = label(r).replace("|", "\\|")  # a pipe inside a Markdown table cell must be escaped
-        cells = [f"`{pipeline}`" if c == "pipeline" else delta_cell(r) if c == "accuracy_delta" else format_cell(c, r.get(c))
+        cells = [f"`{pipeline}`" if c == "pipeline"
+                 else delta_cell(r) if c == "accuracy_delta"
+                 else format_cell(c, r.get(c))
                  for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -136,7 +137,7 @@ def to_json(rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]], path: str, x: str = "flops", title: str = "") -> None:
     """Every point, the frontier as a line, labels and the vanilla point, as a PNG."""
-    try:
+    try:  # matplotlib is optional (the `plot` extra)
         import matplotlib
 
         matplotlib.use("Agg")
@@ -145,25 +146,25 @@ def plot(rows: list[dict[str, Any]], path: str, x: str = "flops", title: str = "
         raise LmmsqueezeError("plotting needs matplotlib: pip install 'lmmsqueeze[plot]'") from None
     field = X_FIELDS[x]
     top = max(float(r[field]) for r in rows) if rows else 1.0
-    from ..compose.flops import si_unit
-
     unit, scale = si_unit(top) if x == "flops" else ("", 1.0)
     fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
     xs = [r[field] / scale for r in rows]
     ys = [100 * r["accuracy"] for r in rows]
     ax.scatter(xs, ys, color="#8aa4c8", zorder=2, label="pipelines")
-    front = [(a, b) for a, b, r in zip(xs, ys, rows) if r["pareto"]]
+    front = [(a, b) for a, b, r in zip(xs, ys, rows, strict=True) if r["pareto"]]
     if front:
-        fx, fy = zip(*sorted(front))
+        fx, fy = zip(*sorted(front), strict=True)
         ax.plot(fx, fy, color="#d1495b", marker="o", zorder=3, label="Pareto frontier")
-    for a, b, r in zip(xs, ys, rows):
+    for a, b, r in zip(xs, ys, rows, strict=True):
         text = label(r) + (f" [{r['adapter']}]" if r.get("adapter") else "")
         ax.annotate(text if len(text) < 48 else text[:45] + "...", (a, b), fontsize=7,
                     xytext=(4, 4), textcoords="offset points")
-    vanilla = [(a, b) for a, b, r in zip(xs, ys, rows) if r["pipeline"] == "none" and not r.get("adapter")]
+    vanilla = [(a, b) for a, b, r in zip(xs, ys, rows, strict=True)
+               if r["pipeline"] == "none" and not r.get("adapter")]
     if vanilla:
-        ax.scatter(*zip(*vanilla), marker="*", s=220, color="#2e4057", zorder=4, label="vanilla")
-    ax.set_xlabel(f"prefill {unit}FLOPs (analytic)" if x == "flops" else "prefill latency (ms, median per sample)")
+        ax.scatter(*zip(*vanilla, strict=True), marker="*", s=220, color="#2e4057", zorder=4, label="vanilla")
+    ax.set_xlabel(f"prefill {unit}FLOPs (analytic)" if x == "flops"
+                  else "prefill latency (ms, median per sample)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title or "accuracy vs prefill cost")
     ax.grid(alpha=0.3)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import statistics
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -73,10 +74,13 @@ def evaluate(
             out = model.generate(**inputs, max_new_tokens=task.max_new_tokens, do_sample=False)
             costs.observe(run)
             latencies.append(clock.elapsed_ms(start, marks["end"]) / len(chunk))
-            real = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
-            text_tokens.append((real - sum(g.image_tokens for g in geometries)) / len(chunk))  # separators are text
-            predictions = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            for item, prediction in zip(chunk, predictions):
+            real = (int(inputs["attention_mask"].sum()) if "attention_mask" in inputs
+                    else inputs["input_ids"].numel())
+            # separators are text
+            text_tokens.append((real - sum(g.image_tokens for g in geometries)) / len(chunk))
+            predictions = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:],
+                                                 skip_special_tokens=True)
+            for item, prediction in zip(chunk, predictions, strict=True):
                 prediction = prediction.strip()
                 answers.append({"uid": item.uid, "qtype": item.qtype, "prediction": prediction,
                                 "answer": item.answer, "score": task.score(prediction, item.answer)})
@@ -109,7 +113,9 @@ def evaluate(
     }
 
 
-def validator(processor: Any, task: Task, size: int, batch_size: int = 16) -> Callable[[Any, Any, Any], float]:
+def validator(
+    processor: Any, task: Task, size: int, batch_size: int = 16
+) -> Callable[[Any, Any, Any], float]:
     """Training's held-out score: accuracy on ``size`` validation samples of ``task`` (for
     :func:`lmmsqueeze.proxyv.train.train_proxyv`)."""
     def validate(model: Any, plan: Any, adapter: Any) -> float:

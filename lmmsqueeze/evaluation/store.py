@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import LmmsqueezeError
 
@@ -81,7 +82,8 @@ class ResultStore:
         self.path = Path(path)
         if not create and not self.path.is_file():
             raise LmmsqueezeError(
-                f"results file {str(self.path)!r} does not exist; run `lmmsqueeze eval` or `lmmsqueeze sweep` first"
+                f"results file {str(self.path)!r} does not exist; run `lmmsqueeze eval` or "
+                "`lmmsqueeze sweep` first"
             )
         try:
             self.db = sqlite3.connect(str(self.path), timeout=30)
@@ -101,17 +103,19 @@ class ResultStore:
         if stored != SEMANTICS:
             self.db.close()
             raise LmmsqueezeError(
-                f"{str(self.path)!r} holds results of an earlier lmmsqueeze whose methods compute differently "
-                f"(semantics {stored}, now {SEMANTICS}); give a new --results file or move this one away"
+                f"{str(self.path)!r} holds results of an earlier lmmsqueeze whose methods compute "
+                f"differently (semantics {stored}, now {SEMANTICS}); give a new --results file or move "
+                "this one away"
             )
         if not found:
             try:
                 with self.db:
-                    self.db.execute("INSERT INTO meta (key, value) VALUES ('semantics', ?)", (str(SEMANTICS),))
+                    self.db.execute("INSERT INTO meta (key, value) VALUES ('semantics', ?)",
+                                    (str(SEMANTICS),))
             except sqlite3.OperationalError:  # a read-only store: readable as it is
                 pass
 
-    def __enter__(self) -> "ResultStore":
+    def __enter__(self) -> ResultStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -121,7 +125,8 @@ class ResultStore:
         self.db.close()
 
     def has(self, key: Key) -> bool:
-        return self.db.execute("SELECT 1 FROM runs WHERE " + _KEY_WHERE, _key_args(key)).fetchone() is not None
+        row = self.db.execute("SELECT 1 FROM runs WHERE " + _KEY_WHERE, _key_args(key)).fetchone()
+        return row is not None
 
     def delete(self, key: Key) -> None:
         """Remove the row with this key (and its answers)."""
@@ -140,14 +145,15 @@ class ResultStore:
         with self.db:  # one transaction
             self.db.execute("DELETE FROM runs WHERE " + _KEY_WHERE, _key_args(key))
             cur = self.db.execute(
-                "INSERT INTO runs (model, pipeline, adapter, task, limit_n, seed, status, error, accuracy, metrics,"
-                " created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO runs (model, pipeline, adapter, task, limit_n, seed, status, error, accuracy,"
+                " metrics, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (key.model, key.pipeline, key.adapter, key.task, key.limit, key.seed, status, error,
                  metrics.get("accuracy"), json.dumps(metrics), time.time()),
             )
             if answers:
                 self.db.executemany(
-                    "INSERT INTO answers (run_id, idx, uid, qtype, prediction, answer, score) VALUES (?,?,?,?,?,?,?)",
+                    "INSERT INTO answers (run_id, idx, uid, qtype, prediction, answer, score)"
+                    " VALUES (?,?,?,?,?,?,?)",
                     [(cur.lastrowid, i, a["uid"], a["qtype"], a["prediction"], a["answer"], a["score"])
                      for i, a in enumerate(answers)],
                 )
@@ -157,7 +163,7 @@ class ResultStore:
             "SELECT a.uid, a.qtype, a.prediction, a.answer, a.score FROM answers a WHERE a.run_id = "
             "(SELECT id FROM runs WHERE " + _KEY_WHERE + ") ORDER BY a.idx", _key_args(key),
         ).fetchall()
-        return [dict(zip(("uid", "qtype", "prediction", "answer", "score"), r)) for r in rows]
+        return [dict(zip(("uid", "qtype", "prediction", "answer", "score"), r, strict=True)) for r in rows]
 
     def rows(self, task: str | None = None, model: str | None = None) -> Iterator[dict[str, Any]]:
         """Every stored row as a flat dict (identity, status, error and metrics)."""

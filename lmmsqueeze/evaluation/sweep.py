@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import torch
+import transformers
+import yaml
+
+from .. import __version__
+from ..compose import compile_pipeline
 from ..compose.spec import expand_lists, parse_pipeline
 from ..errors import LmmsqueezeError, PipelineError
+from ..models import geometry_from_path
+from ..proxyv.attach import adapter_path, adapter_pipeline, pipeline_for
+from ..runtime import loading  # module access: tests replace loading.load_model
+from .runner import evaluate, loyalty
+from .store import Key, ResultStore
+from .tasks import get_task
 
 DEFAULT_LIMIT = 1000
 
@@ -44,8 +57,6 @@ def expand_item(text: str, adapter: str | None = None) -> list[GridItem]:
 def parse_items(entries: list[Any], source: str) -> list[GridItem]:
     """Grid entries: pipeline strings, or mappings ``{pipeline: ..., adapter: ...}`` (an adapter without
     a pipeline runs the pipeline it was trained for)."""
-    from ..proxyv.attach import pipeline_for
-
     items: list[GridItem] = []
     for i, entry in enumerate(entries, 1):
         if isinstance(entry, str):
@@ -56,8 +67,8 @@ def parse_items(entries: list[Any], source: str) -> list[GridItem]:
             items += expand_item(str(text), str(adapter) if adapter else None)
         else:
             raise LmmsqueezeError(
-                f"{source}: entry {i} ({entry!r}) must be a pipeline string or a mapping with `pipeline` and/or "
-                "`adapter`"
+                f"{source}: entry {i} ({entry!r}) must be a pipeline string or a mapping with `pipeline` "
+                "and/or `adapter`"
             )
     return items
 
@@ -71,8 +82,6 @@ def load_grid(path: str | Path) -> Grid:
         if p.suffix.lower() == ".json":
             data = json.loads(p.read_text())
         else:
-            import yaml
-
             data = yaml.safe_load(p.read_text())
     except ValueError as exc:
         raise LmmsqueezeError(f"cannot read grid file {str(p)!r}: {str(exc).splitlines()[0]}") from None
@@ -81,8 +90,8 @@ def load_grid(path: str | Path) -> Grid:
                               "limit, seed)")
     unknown = set(data) - {"pipelines", "model", "tasks", "task", "limit", "seed"}
     if unknown:
-        raise LmmsqueezeError(f"grid file {str(p)!r}: unknown keys {sorted(unknown)}; valid: pipelines, model, "
-                              "tasks, limit, seed")
+        raise LmmsqueezeError(f"grid file {str(p)!r}: unknown keys {sorted(unknown)}; valid: pipelines, "
+                              "model, tasks, limit, seed")
     tasks = data.get("tasks", data.get("task", ["bundled"]))
     grid = Grid(
         model=str(data.get("model", "bundled")),
@@ -101,8 +110,6 @@ def default_items(model: str = "bundled") -> list[GridItem]:
     """The default grid: budgets of the classic reducers, and on the bundled model its shipped ProxyV
     adapters (trained for it alone). VisionZip keeps 16/32/48 of the bundled model's 144 image
     tokens (about 5 dominant to 1 contextual), and the same fractions of any other model's."""
-    from ..proxyv.attach import adapter_path, adapter_pipeline
-
     zips = ["dominant=14, contextual=2", "dominant=27, contextual=5", "dominant=41, contextual=7"]
     if str(model) != "bundled":
         zips = ["dominant=0.097, contextual=0.014", "dominant=0.1875, contextual=0.035",
@@ -135,16 +142,9 @@ def run_sweep(
     ``remeasure`` evaluates the grid's items again even when stored (vanilla is reused). The model
     is loaded only when something has to run (keys come from its config).
     """
-    from ..compose import compile_pipeline
-    from ..models import geometry_from_path
-    from ..runtime.loading import load_model, model_dir
-    from .runner import evaluate, loyalty
-    from .store import Key, ResultStore
-    from .tasks import get_task
-
     tasks = [get_task(t) for t in grid.tasks]  # refuse unknown tasks before loading anything
     emit = on_event or (lambda kind, info: None)
-    geometry = geometry_from_path(model_dir(grid.model))
+    geometry = geometry_from_path(loading.model_dir(grid.model))
     loaded: list[Any] = []  # (model, processor) once something runs
     items = [GridItem("none"), *[i for i in grid.items if not (i.pipeline == "none" and not i.adapter)]]
     canonical: dict[GridItem, tuple[str, str | None]] = {}
@@ -167,17 +167,19 @@ def run_sweep(
                     emit("skip", info)
                     continue
                 if not loaded:
-                    loaded.extend(load_model(grid.model, device=device))
+                    loaded.extend(loading.load_model(grid.model, device=device))
                 model, processor = loaded
                 emit("start", {**info, "samples": limit})
                 metrics: dict[str, Any] = {}
                 answers: list[dict[str, Any]] = []
                 if error is None:
                     try:
-                        result = evaluate(model, processor, pipeline, task, limit=limit, seed=grid.seed,
-                                          adapter=item.adapter, batch_size=batch_size,
-                                          on_progress=lambda done, total: emit("progress", {**info, "done": done,
-                                                                                             "samples": total}))
+                        result = evaluate(
+                            model, processor, pipeline, task, limit=limit, seed=grid.seed,
+                            adapter=item.adapter, batch_size=batch_size,
+                            on_progress=lambda done, total, info=info: emit(
+                                "progress", {**info, "done": done, "samples": total}),
+                        )
                     except Exception as exc:  # one failing pipeline must not end the sweep
                         error = " ".join(f"{type(exc).__name__}: {exc}".split())
                     else:
@@ -194,10 +196,5 @@ def run_sweep(
 
 
 def versions() -> dict[str, Any]:
-    import torch
-    import transformers
-
-    from .. import __version__
-
     return {"versions": {"lmmsqueeze": __version__, "torch": torch.__version__,
                          "transformers": transformers.__version__}}

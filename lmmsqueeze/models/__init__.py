@@ -4,7 +4,8 @@ Adding a family is one file here: a :class:`Family` subclass decorated with
 :func:`register_family`, imported below, and a row in the tests' family table.
 """
 
-from . import internvl, llava, llava_next, llava_onevision, qwen2_vl, qwen3_vl  # noqa: F401  (each registers its family and presets)
+# each module registers its family and presets on import
+from . import internvl, llava, llava_next, llava_onevision, qwen2_vl, qwen3_vl  # noqa: F401
 from .base import (
     FAMILIES,
     PRESETS,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
-from transformers import AutoProcessor
+from transformers import AutoConfig, AutoProcessor
 
 from ..compose.geometry import ModelGeometry
 from ..errors import ModelError, RegistryError
@@ -174,8 +174,8 @@ class Family:
             out = original(*args, **kwargs)
             layouts = self.call_layouts(args, kwargs)
             if layouts is None or getattr(out, "pooler_output", None) is None:
-                raise ModelError(f"{type(self.model).__name__} image features must be computed with return_dict=True "
-                                 f"and {self.layout_inputs} while a pipeline is applied")
+                raise ModelError(f"{type(self.model).__name__} image features must be computed with "
+                                 f"return_dict=True and {self.layout_inputs} while a pipeline is applied")
             out.pooler_output, groups = fn(list(out.pooler_output), layouts)
             self.follow_groups(out, groups)
             return out
@@ -261,11 +261,13 @@ def image_only(processor_class: type) -> type:
 def register_family(cls: type[Family]) -> type[Family]:
     """Class decorator: serve ``cls.model_types`` with ``cls``; a type served twice is refused."""
     if not cls.model_types:
-        raise RegistryError(f"{cls.__name__} names no model_types; set model_types = ('<config model_type>',)")
+        raise RegistryError(
+            f"{cls.__name__} names no model_types; set model_types = ('<config model_type>',)"
+        )
     for model_type in cls.model_types:
         if model_type in FAMILIES and FAMILIES[model_type] is not cls:
-            raise RegistryError(f"model_type {model_type!r} is served by {FAMILIES[model_type].__name__} already; "
-                                "a family serves each model_type once")
+            raise RegistryError(f"model_type {model_type!r} is served by {FAMILIES[model_type].__name__} "
+                                "already; a family serves each model_type once")
         FAMILIES[model_type] = cls
     return cls
 
@@ -287,7 +289,9 @@ def family_class(model_type: str | None) -> type[Family]:
     try:
         return FAMILIES[model_type]
     except KeyError:
-        raise ModelError(f"model type {model_type!r} is not supported; lmmsqueeze runs {supported_models()}") from None
+        raise ModelError(
+            f"model type {model_type!r} is not supported; lmmsqueeze runs {supported_models()}"
+        ) from None
 
 
 def family_for(model: nn.Module) -> Family:
@@ -319,8 +323,6 @@ def geometry_from_config(config: Any, name: str = "") -> ModelGeometry:
 
 def geometry_from_path(path: str | Path) -> ModelGeometry:
     """Geometry from a model directory or its ``config.json``, without loading weights."""
-    from transformers import AutoConfig
-
     p = Path(path)
     directory = p.parent if p.is_file() else p
     if not (directory / "config.json").is_file():
@@ -328,7 +330,9 @@ def geometry_from_path(path: str | Path) -> ModelGeometry:
     try:
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read the config in {str(directory)!r}: {str(exc).splitlines()[0]}") from None
+        raise ModelError(
+            f"cannot read the config in {str(directory)!r}: {str(exc).splitlines()[0]}"
+        ) from None
     return geometry_from_config(config, name=str(path))
 
 
@@ -373,5 +377,5 @@ DECODERS = {
 def decoder_shapes(decoder: str, vocab: int | None = None) -> dict[str, Any]:
     """The :class:`ModelGeometry` fields of a published decoder (see :data:`DECODERS`)."""
     layers, hidden, heads, kv, ffn, voc = DECODERS[decoder]
-    return dict(num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv, head_dim=hidden // heads,
-                intermediate_size=ffn, vocab_size=vocab or voc, gated_ffn=True)
+    return dict(num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv,
+                head_dim=hidden // heads, intermediate_size=ffn, vocab_size=vocab or voc, gated_ffn=True)

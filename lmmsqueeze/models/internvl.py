@@ -50,16 +50,18 @@ class InternVLFamily(Family):
         """One tile: ``(image_size / patch)^2`` patches and [CLS] in the ViT, shuffled into a
         ``side x side`` grid of tokens (``side`` = patches per row x ``downsample_ratio``)."""
         vision = config.vision_config
-        patches = int(vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size)
-        patch = int(vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size)
+        patches = int(vision.image_size[0] if isinstance(vision.image_size, (list, tuple))
+                      else vision.image_size)
+        patch = int(vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple))
+                    else vision.patch_size)
         per_row = patches // patch
         side = int(per_row * config.downsample_ratio)
         if side * side * round(1 / config.downsample_ratio ** 2) != per_row * per_row:
-            raise ModelError(f"InternVL with downsample_ratio={config.downsample_ratio} on a {per_row}x{per_row} "
-                             "patch grid is not supported; use 0.5")
+            raise ModelError(f"InternVL with downsample_ratio={config.downsample_ratio} on a "
+                             f"{per_row}x{per_row} patch grid is not supported; use 0.5")
         if config.vision_feature_select_strategy != "default":
-            raise ModelError("InternVL with vision_feature_select_strategy='full' keeps [CLS] before the pixel "
-                             "shuffle, which then mixes it into a token; use 'default'")
+            raise ModelError("InternVL with vision_feature_select_strategy='full' keeps [CLS] before the "
+                             "pixel shuffle, which then mixes it into a token; use 'default'")
         # the [CLS] feature cannot be a token: the projector takes shuffle units, four patches wide
         signals = ALL_SIGNALS - {"cls_hidden"}
         if feature_layer_index(config) is None:
@@ -81,10 +83,11 @@ class InternVLFamily(Family):
         return cls(
             model=model, base=base, layers=base.language_model.layers, rotary=base.language_model.rotary_emb,
             projector=base.multi_modal_projector,
-            vision_attention=None if vision_layer is None else vision_layer.attention, features_have_cls=False,
-            image_token_id=int(config.image_token_id), pad_token_id=pad_token_id(config),
-            geometry=cls.read_geometry(config, config_name(config)), final_norm=base.language_model.norm,
-            vision_layer=vision_layer, last_vision_attention=None if vision_layer is None else layers[-1].attention,
+            vision_attention=None if vision_layer is None else vision_layer.attention,
+            features_have_cls=False, image_token_id=int(config.image_token_id),
+            pad_token_id=pad_token_id(config), geometry=cls.read_geometry(config, config_name(config)),
+            final_norm=base.language_model.norm, vision_layer=vision_layer,
+            last_vision_attention=None if vision_layer is None else layers[-1].attention,
         )
 
     def image_features(self, base_kwargs: dict[str, Any]) -> Any:
@@ -109,7 +112,8 @@ class InternVLFamily(Family):
         return value[:, 1:][:, units].mean(2)
 
     def _units(self, patches: int) -> Tensor:
-        """The patches (raster order) of every shuffle unit, found by shuffling their indices the model's way."""
+        """The patches (raster order) of every shuffle unit, found by shuffling their indices the
+        model's way."""
         per_row = int(round(patches ** 0.5))
         index = torch.arange(patches, dtype=torch.float64).view(1, per_row, per_row, 1)
         shuffled = self.base.pixel_shuffle(index, scale_factor=self.model.config.downsample_ratio)
@@ -120,7 +124,8 @@ def internvl3_8b(name: str) -> ModelGeometry:
     """InternVL3-8B: InternViT-300M (448 px tiles, patch 14: 32x32 patches and [CLS], 1024 wide) and
     Qwen2.5-7B; one tile is 16x16 = 256 image tokens (an image is 1 to 12 tiles plus a thumbnail)."""
     return ModelGeometry(
-        name=name, family="internvl", image_tokens=256, grids=((16, 16),), signals=ALL_SIGNALS - {"cls_hidden"},
+        name=name, family="internvl", image_tokens=256, grids=((16, 16),),
+        signals=ALL_SIGNALS - {"cls_hidden"},
         vision_hidden_size=1024, vision_heads=16, vision_tokens=1025, vision_merge=4,
         **decoder_shapes("qwen2-7b", vocab=151674),
     )

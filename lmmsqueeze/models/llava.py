@@ -84,7 +84,8 @@ class LlavaFamily(Family):
         return cls(**llava_parts(model, cls.read_geometry(model.config, config_name(model.config))))
 
     def image_features(self, base_kwargs: dict[str, Any]) -> Any:
-        kw = {k: base_kwargs[k] for k in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+        kw = {k: base_kwargs[k]
+              for k in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
               if base_kwargs.get(k) is not None}
         return self.base.get_image_features(pixel_values=base_kwargs["pixel_values"], return_dict=True, **kw)
 

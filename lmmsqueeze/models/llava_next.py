@@ -38,7 +38,8 @@ class LlavaNextFamily(LlavaFamily):
         which counts as text). The plan assumes a square image on a 2x2 crop grid, i.e. 5 crops:
         the base ``s x s`` grid and a ``2s x 2s`` sub-crop grid."""
         if getattr(config, "vision_feature_select_strategy", "default") == "full":
-            raise ModelError("LLaVA-NeXT with vision_feature_select_strategy='full' is not supported; use 'default'")
+            raise ModelError("LLaVA-NeXT with vision_feature_select_strategy='full' is not supported; "
+                             "use 'default'")
         geometry, side, _ = clip_geometry(config, name, "llava-next")
         return dataclasses.replace(geometry, image_tokens=5 * side * side,
                                    grids=((side, side), (2 * side, 2 * side)), vision_crops=5)
@@ -49,7 +50,8 @@ class LlavaNextFamily(LlavaFamily):
 
     def call_layouts(self, args: tuple, kwargs: dict) -> list[PackedImage] | None:
         sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
-        strategy = kwargs.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
+        strategy = (kwargs.get("vision_feature_select_strategy")
+                    or self.model.config.vision_feature_select_strategy)
         return None if sizes is None else self.layouts(sizes, strategy)
 
     def count_image_tokens(self, inputs: Any) -> int:
@@ -73,7 +75,7 @@ class LlavaNextFamily(LlavaFamily):
         newline = torch.full((1,), -1.0, dtype=torch.float64)
         packed, _ = self.base.pack_image_features(fake, torch.tensor(sizes), strategy, image_newline=newline)
         out = []
-        for k, run in zip(counts, packed):
+        for k, run in zip(counts, packed, strict=True):
             source = run[:, 0].round().long()
             rows = int((source < 0).sum())
             n = int((source >= 0).sum())
@@ -82,7 +84,8 @@ class LlavaNextFamily(LlavaFamily):
                 grids: Grids = ((side, side), (rows, cols))
             else:
                 grids = ((side, side),)
-            crop_ids = torch.cat([torch.full((h * w,), c, dtype=torch.long) for c, (h, w) in enumerate(grids)])
+            crop_ids = torch.cat([torch.full((h * w,), c, dtype=torch.long)
+                                  for c, (h, w) in enumerate(grids)])
             if crop_ids.numel() != n:
                 raise ModelError(f"cannot read the LLaVA-NeXT layout of an image of size {sizes[len(out)]}")
             out.append(PackedImage(source, k, grids, crop_ids))

@@ -53,16 +53,17 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         geometry, side, has_cls = clip_geometry(config, name, "llava-onevision")
         if not has_cls:
             if config.vision_feature_select_strategy == "default":
-                raise ModelError("LLaVA-OneVision with a SigLIP tower and vision_feature_select_strategy='default' "
-                                 "drops a real patch; use 'full' (the tower has no [CLS] token)")
+                raise ModelError("LLaVA-OneVision with a SigLIP tower and "
+                                 "vision_feature_select_strategy='default' drops a real patch; use 'full' "
+                                 "(the tower has no [CLS] token)")
             last = feature_layer_index(config) == config.vision_config.num_hidden_layers
             signals = (ALL_SIGNALS - {"cls_hidden"} - STAND_IN) | (STAND_IN if last else frozenset())
             geometry = dataclasses.replace(geometry, signals=signals, cls_attention="mean")
         elif config.vision_feature_select_strategy == "full":
-            raise ModelError("LLaVA-OneVision with a CLIP tower and vision_feature_select_strategy='full' is not "
-                             "supported; use 'default'")
-        return dataclasses.replace(geometry, image_tokens=5 * side * side, grids=((side, side), (2 * side, 2 * side)),
-                                   vision_crops=5)
+            raise ModelError("LLaVA-OneVision with a CLIP tower and vision_feature_select_strategy='full' "
+                             "is not supported; use 'default'")
+        return dataclasses.replace(geometry, image_tokens=5 * side * side,
+                                   grids=((side, side), (2 * side, 2 * side)), vision_crops=5)
 
     @classmethod
     def from_model(cls, model: nn.Module) -> LlavaOnevisionFamily:
@@ -94,7 +95,8 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         return [(self.vision_attention, functools.partial(received_attention_probe, needs=wanted))]
 
     def signal_rows(self, value: Tensor) -> Tensor:
-        return value if self.geometry.cls_attention == "mean" else super().signal_rows(value)  # SigLIP: no [CLS] row
+        # SigLIP: no [CLS] row
+        return value if self.geometry.cls_attention == "mean" else super().signal_rows(value)
 
     def layouts(self, image_sizes: Any, batch_num_images: Any = None) -> list[PackedImage]:
         """Each image's layout, found by packing index-valued stand-in features the model's own way; an
@@ -108,9 +110,9 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         anyres = [n == 1 or batch_num_images is None for n in counts for _ in range(n)]
         crops = [image_size_to_num_patches(image_size=s, grid_pinpoints=config.image_grid_pinpoints,
                                            patch_size=int(vision.image_size)) if a else 1
-                 for s, a in zip(sizes, anyres)]
+                 for s, a in zip(sizes, anyres, strict=True)]
         out = []
-        for size, k in zip(sizes, crops):
+        for size, k in zip(sizes, crops, strict=True):
             fake = torch.arange(k * per_crop, dtype=torch.float64).view(k, per_crop, 1)
             run = self._pack(fake, size, newline=torch.full((1,), -1.0, dtype=torch.float64))
             values = run[:, 0]
@@ -120,7 +122,8 @@ class LlavaOnevisionFamily(LlavaNextFamily):
             n = int((~separators).sum())
             rows = int(separators.sum())
             grids: Grids = ((side, side), (rows, (n - per_crop) // rows)) if k > 1 else ((side, side),)
-            crop_ids = torch.cat([torch.full((h * w,), c, dtype=torch.long) for c, (h, w) in enumerate(grids)])
+            crop_ids = torch.cat([torch.full((h * w,), c, dtype=torch.long)
+                                  for c, (h, w) in enumerate(grids)])
             if crop_ids.numel() != n:
                 raise ModelError(f"cannot read the LLaVA-OneVision layout of an image of size {size}")
             pack = None if exact else functools.partial(self._pack_rows, size=size)
@@ -133,7 +136,8 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         return packed[0]
 
     def _pack_rows(self, rows: Tensor, size: list[int]) -> Tensor:
-        """Per-crop rows ``[crops, T, ...]`` packed (and blended) as the model packs features, separators out."""
+        """Per-crop rows ``[crops, T, ...]`` packed (and blended) as the model packs features,
+        separators out."""
         shape = rows.shape[2:]
         flat = rows.reshape(rows.shape[0], rows.shape[1], math.prod(shape))
         return self._pack(flat.to(torch.float32), size, newline=None).to(rows.dtype).view(-1, *shape)

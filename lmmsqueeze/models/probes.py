@@ -18,7 +18,9 @@ def _input(args: tuple, kwargs: dict) -> Tensor:
     return kwargs.get("hidden_states", args[0] if args else None)
 
 
-def feature_layer_probe(attn: nn.Module, args: tuple, kwargs: dict, output: Any, needs: set[str]) -> dict[str, Tensor]:
+def feature_layer_probe(
+    attn: nn.Module, args: tuple, kwargs: dict, output: Any, needs: set[str]
+) -> dict[str, Tensor]:
     """At the feature layer's self-attention (CLIP-style, [CLS] first): ``cls_attention`` (head-mean
     [CLS] row, ``[B, T]``) and ``vision_keys`` (keys averaged over heads, ``[B, T, head_dim]``); the
     keys are projected once for both."""
@@ -39,7 +41,9 @@ def cls_hidden_probe(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -
     return {"cls_hidden": hidden[:, :1]}
 
 
-def last_layer_probe(attn: nn.Module, args: tuple, kwargs: dict, output: Any, needs: set[str]) -> dict[str, Tensor]:
+def last_layer_probe(
+    attn: nn.Module, args: tuple, kwargs: dict, output: Any, needs: set[str]
+) -> dict[str, Tensor]:
     """At the self-attention of the vision tower's last layer: its q and k projections as one
     full-width head, ``last_cls_attention`` = softmax over every token of ``q_cls . k / sqrt(width)``
     (``[B, T]``) and ``last_vision_keys`` (``[B, T, width]``)."""

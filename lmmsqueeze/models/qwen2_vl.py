@@ -60,7 +60,9 @@ class QwenVLFamily(Family):
     """
 
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl", "qwen2_5_vl")
-    model_classes: ClassVar[tuple[str, ...]] = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    model_classes: ClassVar[tuple[str, ...]] = (
+        "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"
+    )
     packs_features: ClassVar[bool] = True
     mrope: ClassVar[bool] = True
     prompt_image: ClassVar[str | None] = IMAGE_PLACEHOLDER
@@ -73,7 +75,8 @@ class QwenVLFamily(Family):
         vision = config.vision_config
         merge = int(vision.spatial_merge_size)
         h, w = REFERENCE_GRID
-        width = int(getattr(vision, "embed_dim", 0) or 0) if config.model_type == "qwen2_vl" else int(vision.hidden_size)
+        width = (int(getattr(vision, "embed_dim", 0) or 0) if config.model_type == "qwen2_vl"
+                 else int(vision.hidden_size))
         return ModelGeometry(
             name=name or config_name(config, config.model_type.replace("_", "-")),
             family=config.model_type,
@@ -117,7 +120,8 @@ class QwenVLFamily(Family):
     def image_features(self, base_kwargs: dict[str, Any]) -> Any:
         grid = base_kwargs.get("image_grid_thw")
         if grid is None:
-            raise ModelError("Qwen2-VL image inputs need image_grid_thw; build them with the model's processor")
+            raise ModelError("Qwen2-VL image inputs need image_grid_thw; build them with the model's "
+                             "processor")
         return self.base.get_image_features(pixel_values=base_kwargs["pixel_values"], image_grid_thw=grid,
                                             return_dict=True)
 
@@ -129,8 +133,9 @@ class QwenVLFamily(Family):
 
     def image_geometries(self, inputs: Any) -> list[ModelGeometry]:
         m = self.merge
-        return [dataclasses.replace(self.geometry, image_tokens=(h // m) * (w // m), grids=((h // m, w // m),),
-                                    vision_tokens=h * w) for _, h, w in inputs["image_grid_thw"].tolist()]
+        return [dataclasses.replace(self.geometry, image_tokens=(h // m) * (w // m),
+                                    grids=((h // m, w // m),), vision_tokens=h * w)
+                for _, h, w in inputs["image_grid_thw"].tolist()]
 
     def layouts(self, image_grid_thw: Tensor) -> list[PackedImage]:
         """Each image's merged grid; ``source`` maps its raster-order tokens to the merger's rows."""
@@ -155,8 +160,10 @@ class QwenVLFamily(Family):
         total = int((image_grid_thw.prod(-1) // (m * m)).sum())
         if not hasattr(visual, "window_size"):  # Qwen2-VL: no window reordering
             return torch.arange(total)
-        window_index, _ = get_vision_window_index(image_grid_thw.cpu(), spatial_merge_size=m,
-                                                  window_size=visual.window_size, patch_size=visual.patch_size)
+        window_index, _ = get_vision_window_index(
+            image_grid_thw.cpu(), spatial_merge_size=m, window_size=visual.window_size,
+            patch_size=visual.patch_size,
+        )
         return torch.argsort(window_index.cpu())
 
     def vision_probes(self, needs: set[str]) -> list[tuple[nn.Module, VisionProbe]]:
@@ -214,20 +221,22 @@ class QwenImageProcessor:
     def __init__(self, tokenizer: Any, image_processor: Any, chat_template: str | None = None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.chat_template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+        self.chat_template = (chat_template if chat_template is not None
+                              else getattr(tokenizer, "chat_template", None))
         self.merge_size = int(getattr(image_processor, "merge_size", 2))
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs: Any) -> QwenImageProcessor:
-        return cls(AutoTokenizer.from_pretrained(path, **kwargs), AutoImageProcessor.from_pretrained(path, **kwargs))
+        return cls(AutoTokenizer.from_pretrained(path, **kwargs),
+                   AutoImageProcessor.from_pretrained(path, **kwargs))
 
     def save_pretrained(self, path: str | Path) -> None:
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
 
-    def __call__(self, images: Any = None, text: Any = None, return_tensors: str = "pt", padding: bool = False,
-                 **kwargs: Any) -> Any:
+    def __call__(self, images: Any = None, text: Any = None, return_tensors: str = "pt",
+                 padding: bool = False, **kwargs: Any) -> Any:
         texts = [text] if isinstance(text, str) else list(text)
         if images is None:
             images = []
@@ -242,8 +251,8 @@ class QwenImageProcessor:
             counts = (data["image_grid_thw"].prod(-1) // self.merge_size ** 2).tolist()
         wanted = sum(t.count(self.image_token) for t in texts)
         if wanted != len(counts):
-            raise ValueError(f"the text holds {wanted} {self.image_token} placeholders but {len(counts)} images "
-                             f"were given; put {IMAGE_PLACEHOLDER} once per image in the text")
+            raise ValueError(f"the text holds {wanted} {self.image_token} placeholders but {len(counts)} "
+                             f"images were given; put {IMAGE_PLACEHOLDER} once per image in the text")
         pending = iter(counts)
         expanded = []
         for t in texts:
@@ -255,7 +264,8 @@ class QwenImageProcessor:
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def apply_chat_template(self, messages: Any, add_generation_prompt: bool = True, **kwargs: Any) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
                                                   chat_template=self.chat_template, **kwargs)
 
     def decode(self, *args: Any, **kwargs: Any) -> str:

@@ -46,9 +46,10 @@ class Qwen3VLFamily(QwenVLFamily):
         h, w = REFERENCE_GRID
         return ModelGeometry(
             name=name or config_name(config, "qwen3-vl"), family=config.model_type, image_tokens=h * w,
-            grids=((h, w),), signals=ALL_SIGNALS - {"cls_hidden"}, vision_hidden_size=int(vision.hidden_size),
-            vision_heads=int(vision.num_heads), vision_tokens=h * w * merge * merge, vision_merge=merge * merge,
-            cls_attention="mean", **text_geometry(config.get_text_config()),
+            grids=((h, w),), signals=ALL_SIGNALS - {"cls_hidden"},
+            vision_hidden_size=int(vision.hidden_size), vision_heads=int(vision.num_heads),
+            vision_tokens=h * w * merge * merge, vision_merge=merge * merge, cls_attention="mean",
+            **text_geometry(config.get_text_config()),
         )
 
     @classmethod
@@ -60,8 +61,10 @@ class Qwen3VLFamily(QwenVLFamily):
         if not levels:
             return
         sizes = [len(tokens) for tokens in out.pooler_output]
-        out.deepstack_features = [tuple(group_means(feats, g, n) for feats, g, n in zip(level, groups, sizes))
-                                  for level in levels]
+        out.deepstack_features = [
+            tuple(group_means(feats, g, n) for feats, g, n in zip(level, groups, sizes, strict=True))
+            for level in levels
+        ]
 
     def install(self, run: Any, hooks: Any) -> None:
         text_model = self.base.language_model
@@ -102,8 +105,9 @@ def qwen3_vl_8b(name: str) -> ModelGeometry:
     shapes = {**decoder_shapes("qwen2-7b"), "num_layers": 36, "hidden_size": 4096, "num_heads": 32,
               "num_kv_heads": 8, "head_dim": 128, "intermediate_size": 12288, "vocab_size": 151936}
     return ModelGeometry(
-        name=name, family="qwen3_vl", image_tokens=576, grids=((24, 24),), signals=ALL_SIGNALS - {"cls_hidden"},
-        vision_hidden_size=1152, vision_heads=16, vision_tokens=2304, vision_merge=4, cls_attention="mean",
+        name=name, family="qwen3_vl", image_tokens=576, grids=((24, 24),),
+        signals=ALL_SIGNALS - {"cls_hidden"}, vision_hidden_size=1152, vision_heads=16, vision_tokens=2304,
+        vision_merge=4, cls_attention="mean",
         **shapes,
     )
 

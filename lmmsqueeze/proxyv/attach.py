@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..bundled import WEIGHTS_DIR
 from ..errors import ModelError
 from .modules import ProxyVAdapter, ProxyVConfig, read_config
 from .stage import proxyv_stage
@@ -20,8 +21,6 @@ def adapter_path(ref: str | Path) -> Path:
     """A directory for an adapter reference: a path, or ``bundled:<name>``."""
     ref = str(ref)
     if ref.startswith("bundled:"):
-        from ..bundled import WEIGHTS_DIR
-
         name = ref.split(":", 1)[1]
         if name not in BUNDLED_ADAPTERS:
             raise ModelError(f"unknown bundled adapter {name!r}; shipped: {', '.join(BUNDLED_ADAPTERS)}")

@@ -25,9 +25,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
+from transformers import (
+    AddedToken,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
+)
+from transformers.utils import logging as hf_logging
 
+from ..compose import compile_pipeline
 from ..errors import ModelError
+from ..models import geometry_of
+from .modules import ProxyVAdapter, ProxyVConfig
 
 TOWER = "model.vision_tower.vision_tower.vision_model."  # the official CLIP tower's weights
 MLP_NAMES = {"context_proj.weight": "context_proj.weight", "input_proj.weight": "input_proj.weight",
@@ -57,8 +72,6 @@ def convert_official(src: str | Path, out: str | Path, vision_config: str | Path
     and ``out/adapter`` (the ProxyV adapter, recording its lmmsqueeze pipeline). ``vision_config``: a CLIP
     config directory for a tower that is neither local nor cached (else the weights' shapes give it).
     ``say`` gets notes on what was assumed. Raises :class:`ModelError` naming the problem."""
-    from transformers.utils import logging as hf_logging
-
     src, out, say = Path(src), Path(out), say or (lambda _: None)
     cfg = _read_config(src)
     for sub in ("model", "adapter"):
@@ -80,12 +93,6 @@ def convert_official(src: str | Path, out: str | Path, vision_config: str | Path
 
 def _convert(src: Path, out: Path, cfg: dict, weights: dict[str, Tensor], vision_config: Any,
              say: Say) -> tuple[Path, Path]:
-    from transformers import LlavaNextForConditionalGeneration
-
-    import lmmsqueeze
-
-    from .modules import ProxyVAdapter, ProxyVConfig
-
     tokenizer = _tokenizer(src)
     vision = _vision_config(cfg, weights, vision_config, say)
     image_id = _image_token(tokenizer, weights, say)
@@ -120,7 +127,7 @@ def _convert(src: Path, out: Path, cfg: dict, weights: dict[str, Tensor], vision
     pconfig = ProxyVConfig(
         layer=start, variant=variant, factor=factor, proxies=proxies, hidden_size=hidden, width=width,
         num_layers=text.num_hidden_layers, rms_norm_eps=float(text.rms_norm_eps), base_model=str(model_dir),
-        pipeline=lmmsqueeze.compile(pipeline, config).canonical)
+        pipeline=compile_pipeline(pipeline, geometry_of(config)).canonical)
     with torch.device("meta"):
         adapter = ProxyVAdapter(pconfig)
     _check("ProxyV", adapter_weights, {k: v.shape for k, v in adapter.state_dict().items()}, adapter_renames)
@@ -153,8 +160,6 @@ def _read_config(src: Path) -> dict:
 
 
 def _read_weights(src: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
     files = sorted(src.glob("*.safetensors")) or sorted(src.glob("pytorch_model*.bin"))
     if not files:
         raise ModelError(f"{str(src)!r} holds no *.safetensors or pytorch_model*.bin weights")
@@ -170,8 +175,6 @@ def _read_weights(src: Path) -> dict[str, Tensor]:
 def _tokenizer(src: Path) -> Any:
     if not any((src / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         return None
-    from transformers import AutoTokenizer
-
     try:
         with warnings.catch_warnings():  # it reads SRC's llava_llama config.json too
             warnings.simplefilter("ignore")
@@ -183,8 +186,6 @@ def _tokenizer(src: Path) -> Any:
 
 def _image_token(tokenizer: Any, weights: dict[str, Tensor], say: Say) -> int:
     """The id of ``<image>`` (added to the tokenizer when missing); a new embedding row when it has none."""
-    from transformers import AddedToken
-
     rows = weights["model.embed_tokens.weight"].shape[0]
     if tokenizer is None:
         image_id = rows
@@ -206,8 +207,6 @@ def _image_token(tokenizer: Any, weights: dict[str, Tensor], say: Say) -> int:
 
 
 def _llava_next_config(cfg: dict, vision: Any, image_id: int, rows: int, say: Say) -> Any:
-    from transformers import LlamaConfig, LlavaNextConfig
-
     feature = cfg.get("mm_vision_select_feature", "patch")
     if feature not in ("patch", "cls_patch") or cfg.get("mm_projector_type", "linear") != "mlp2x_gelu":
         raise ModelError("transformers' LLaVA-NeXT runs an mlp2x_gelu projector on one tower layer; "
@@ -228,8 +227,6 @@ def _llava_next_config(cfg: dict, vision: Any, image_id: int, rows: int, say: Sa
 def _vision_config(cfg: dict, weights: dict[str, Tensor], given: Any, say: Say) -> Any:
     """The tower's CLIP config: ``given``, else the local directory or cached hub model the checkpoint
     names, else the shape read off the weights (as OpenAI CLIP: 64-wide heads, quick_gelu)."""
-    from transformers import CLIPVisionConfig
-
     name = str(cfg.get("mm_vision_tower") or cfg.get("vision_tower") or "")
     if TOWER + "embeddings.patch_embedding.weight" not in weights:
         raise ModelError(f"the checkpoint holds no CLIP tower weights ({TOWER}*; its tower is {name!r}); "
@@ -305,8 +302,6 @@ def _check(kind: str, got: dict[str, Any], expected: dict[str, Any], renames: li
 
 
 def _processor(config: Any, tokenizer: Any) -> Any:
-    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
-
     s, vision = config.vision_config.image_size, config.vision_config
     images = LlavaNextImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s},
                                         image_grid_pinpoints=config.image_grid_pinpoints)

@@ -41,7 +41,7 @@ class ProxyVState:
     assign: Tensor | None  # [n] proxy of each image token (spatial)
     splat: Tensor | None  # [B, n, P] splat weights (non-spatial)
     proxy_start: Tensor | None = None  # [B, P] the first position of each proxy's image
-    layout: "_Layout | None" = None  # query rows, RoPE and mask: the same in every ProxyV layer
+    layout: _Layout | None = None  # query rows, RoPE and mask: the same in every ProxyV layer
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,12 @@ class _Layout:
     allowed: Tensor  # [B, 1, nq, N+P] the attention mask
 
     @classmethod
-    def of(cls, st: ProxyVState, rope: tuple[Tensor, Tensor], b: int, n_seq: int) -> "_Layout":
+    def of(cls, st: ProxyVState, rope: tuple[Tensor, Tensor], b: int, n_seq: int) -> _Layout:
         p = st.proxies.shape[1]
         proxy_rows = (n_seq + torch.arange(p, device=st.image.device)).expand(b, -1)
         q_rows = torch.cat([proxy_rows, st.others], 1)
-        kv_rope = tuple(torch.cat([t.expand(b, -1, -1), pt], 1) for t, pt in zip(rope, st.proxy_rope))
+        kv_rope = tuple(torch.cat([t.expand(b, -1, -1), pt], 1)
+                        for t, pt in zip(rope, st.proxy_rope, strict=True))
         q_rope = tuple(_rows(t, q_rows) for t in kv_rope)
         return cls(q_rows, q_rope, kv_rope, proxyv_mask(st, q_rows, n_seq)[:, None])
 
@@ -105,7 +106,7 @@ def proxyv_layer(layer: nn.Module, mlp: VisionMLP, st: ProxyVState | list[ProxyV
         cos, sin = (t.expand(hidden.shape[0], -1, -1) for t in rope)
         parts = [_proxyv_sample(layer, mlp, s, hidden[b:b + 1], (cos[b:b + 1], sin[b:b + 1]))
                  for b, s in enumerate(st)]
-        out, k, v = (torch.cat(x) for x in zip(*parts))
+        out, k, v = (torch.cat(x) for x in zip(*parts, strict=True))
     if cache is not None:
         cache.update(k, v, layer.self_attn.layer_idx)
     return out
@@ -143,7 +144,7 @@ def _proxyv_sample(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Te
     image_in = _rows(hidden, st.image)
     if st.assign is not None:
         context = mlp.context_proj(new_proxies)[:, st.assign]
-    else:  # splat the projected proxies (the projection is linear, so this is cheaper than projecting the splat)
+    else:  # splat the projected proxies (the projection is linear: cheaper than projecting the splat)
         context = st.splat @ mlp.context_proj(new_proxies)
     image_out = mlp(image_in, context)
     st.proxies = new_proxies

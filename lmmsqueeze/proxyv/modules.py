@@ -68,7 +68,8 @@ class ProxyInitializer(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``x``: ``[..., M, d]`` -> proxies ``[..., n, d]`` and splat ``[..., M, n]``."""
-        logits = self.queries.to(x.dtype) @ self.key(x).transpose(-1, -2) / math.sqrt(self.width)  # [..., n, M]
+        # [..., n, M]
+        logits = self.queries.to(x.dtype) @ self.key(x).transpose(-1, -2) / math.sqrt(self.width)
         proxies = logits.float().softmax(dim=-1).to(x.dtype) @ x
         splat = logits.transpose(-1, -2).float().softmax(dim=-1).to(x.dtype)
         return proxies, splat
@@ -92,7 +93,7 @@ class ProxyVConfig:
     control: str = ""  # for a task-trained adapter: its trained control's directory, relative to this one
     training: dict | None = None  # the settings it was trained with
 
-    def mismatch(self, other: "ProxyVConfig") -> str | None:
+    def mismatch(self, other: ProxyVConfig) -> str | None:
         for name in ("hidden_size", "num_layers", "layer", "variant", "factor", "proxies", "width"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if name in ("factor",) and self.variant == "nonspatial":
@@ -111,7 +112,8 @@ class ProxyVAdapter(nn.Module):
         super().__init__()
         self.config = config
         layers = range(config.layer, config.num_layers)
-        self.mlps = nn.ModuleList(VisionMLP(config.hidden_size, config.width, config.rms_norm_eps) for _ in layers)
+        self.mlps = nn.ModuleList(VisionMLP(config.hidden_size, config.width, config.rms_norm_eps)
+                                  for _ in layers)
         if config.variant == "control":  # a residual branch that starts as nothing: the vanilla model
             for mlp in self.mlps:
                 nn.init.zeros_(mlp.out_proj.weight)
@@ -126,15 +128,18 @@ class ProxyVAdapter(nn.Module):
     def save(self, directory: str | Path) -> Path:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(d / WEIGHTS_NAME))
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(d / WEIGHTS_NAME))
         (d / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
         return d
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ProxyVAdapter":
+    def load(cls, directory: str | Path) -> ProxyVAdapter:
         d = Path(directory)
         if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
-            raise ModelError(f"{str(d)!r} is not a ProxyV adapter (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+            raise ModelError(
+                f"{str(d)!r} is not a ProxyV adapter (expected {CONFIG_NAME} and {WEIGHTS_NAME})"
+            )
         try:
             config = ProxyVConfig(**json.loads((d / CONFIG_NAME).read_text()))
         except (TypeError, ValueError) as exc:

@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +43,13 @@ def _to(inputs: Any, device: torch.device, dtype: torch.dtype) -> dict:
     return dict(inputs)
 
 
-def task_batch(processor: Any, items: list[Any], device: torch.device, dtype: torch.dtype) -> tuple[dict, torch.Tensor]:
+def task_batch(
+    processor: Any, items: list[Any], device: torch.device, dtype: torch.dtype
+) -> tuple[dict, torch.Tensor]:
     """Inputs with the answer appended, and labels: -100 everywhere but the answer and end tokens."""
     tok = processor.tokenizer
     prompts = [build_prompt(processor, item.question) for item in items]
-    full = [f"{p} {item.answer} {tok.eos_token}" for p, item in zip(prompts, items)]
+    full = [f"{p} {item.answer} {tok.eos_token}" for p, item in zip(prompts, items, strict=True)]
     images = [i.image for i in items]
     with left_padding(processor):
         inputs = processor(images=images, text=full, return_tensors="pt", padding=True)
@@ -65,8 +68,10 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Ten
     """Cross-entropy of next-token predictions, mapping each logits row to the input column it came from."""
     nxt = positions + 1
     valid = (positions >= 0) & (nxt < labels.shape[1])
-    targets = torch.where(valid, labels.gather(1, nxt.clamp(max=labels.shape[1] - 1)), torch.full_like(nxt, -100))
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    targets = torch.where(valid, labels.gather(1, nxt.clamp(max=labels.shape[1] - 1)),
+                          torch.full_like(nxt, -100))
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=-100)
 
 
 @torch.no_grad()
@@ -76,13 +81,14 @@ def distill_batch(teacher: Any, processor: Any, items: list[Any], device: torch.
     distil: ``[B, L]`` True at every real text token from the first image token on."""
     prompts = [build_prompt(processor, item.question) for item in items]
     with left_padding(processor):
-        inputs = _to(processor(images=[i.image for i in items], text=prompts, return_tensors="pt", padding=True),
-                     device, dtype)
+        inputs = _to(processor(images=[i.image for i in items], text=prompts, return_tensors="pt",
+                               padding=True), device, dtype)
     out = teacher.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[:, inputs["input_ids"].shape[1]:]
     eos = teacher.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    ended = torch.isin(new, torch.tensor(eos, device=new.device)) if eos else torch.zeros_like(new, dtype=torch.bool)
+    ended = (torch.isin(new, torch.tensor(eos, device=new.device)) if eos
+             else torch.zeros_like(new, dtype=torch.bool))
     after_end = (torch.cumsum(ended.long(), 1) - ended.long()) > 0  # tokens after the first end token
     mask = torch.cat([inputs["attention_mask"], (~after_end).to(inputs["attention_mask"].dtype)], 1)
     grown = {**inputs, "input_ids": out, "attention_mask": mask}
@@ -93,9 +99,9 @@ def distill_batch(teacher: Any, processor: Any, items: list[Any], device: torch.
     return grown, started & ~image & mask.bool()
 
 
-def distill_loss(student_logits: torch.Tensor, rows: torch.Tensor, teacher_logits: torch.Tensor, where: torch.Tensor,
-                 student_hidden: torch.Tensor | None = None, teacher_hidden: torch.Tensor | None = None,
-                 hidden_weight: float = 0.0) -> torch.Tensor:
+def distill_loss(student_logits: torch.Tensor, rows: torch.Tensor, teacher_logits: torch.Tensor,
+                 where: torch.Tensor, student_hidden: torch.Tensor | None = None,
+                 teacher_hidden: torch.Tensor | None = None, hidden_weight: float = 0.0) -> torch.Tensor:
     """KL(vanilla || pipeline) of the next-token distributions at the positions ``where`` (``[B, L]``)
     that survive the pipeline (``rows``: the input column of each student row, -1 for padding), plus
     ``hidden_weight`` x the MSE of the last hidden states there."""

@@ -48,7 +48,9 @@ class ProxyVPlacement(Placement):
         if last >= layer:
             raise reduced_after_kept(where, last, self.titled(), layer)
 
-    def layer_cost(self, stage: PlannedStage, g: ModelGeometry, layer: int, ctx: CostContext) -> LayerCost | None:
+    def layer_cost(
+        self, stage: PlannedStage, g: ModelGeometry, layer: int, ctx: CostContext
+    ) -> LayerCost | None:
         if layer < stage.layer:
             return None
         reducer = stage.reducer
@@ -66,9 +68,10 @@ class ProxyVPlacement(Placement):
         proj, attn, ffn, light = proxyv_layer_macs(g, image_tokens, proxies, ctx.text_tokens, width,
                                                    splat=nonspatial, convention=ctx.convention)
         if nonspatial and layer == stage.layer:  # the initializer: keys, logits, pooling
-            light += image_tokens * g.hidden_size * width + proxies * (image_tokens // groups) * (width + g.hidden_size)
-        return LayerCost(layer, image_tokens, proxies + ctx.text_tokens, image_tokens + proxies + ctx.text_tokens,
-                         proj, attn, ffn, light)
+            light += (image_tokens * g.hidden_size * width
+                      + proxies * (image_tokens // groups) * (width + g.hidden_size))
+        return LayerCost(layer, image_tokens, proxies + ctx.text_tokens,
+                         image_tokens + proxies + ctx.text_tokens, proj, attn, ffn, light)
 
     def prepare_weights(self, model: Any, plan: Any, weights: Any) -> Any:
         return resolve_adapter(model, plan, weights) if plan.at(self.name) else None
@@ -103,7 +106,8 @@ class ProxyVDecoderLayer(nn.Module):
         mlp = self._run.weights.mlp(self.index)
         if proxyv_stage(self._run.plan).reducer.variant == "control":
             return control_layer(self.inner(hidden_states, *args, **kwargs), hidden_states, mlp, state)
-        return proxyv_layer(self.inner, mlp, state, hidden_states, kwargs["position_embeddings"], kwargs.get("cache"))
+        return proxyv_layer(self.inner, mlp, state, hidden_states, kwargs["position_embeddings"],
+                            kwargs.get("cache"))
 
 
 def proxyv_layer_macs(g: ModelGeometry, image_tokens: int, proxies: int, other_tokens: int, mlp_hidden: int,

@@ -16,8 +16,8 @@ from ..reducers.registry import register_reducer
     placements=("proxyv",),
     keeps_grid=True,
     cite="Wu, Lu, Liu, Streamline Without Sacrifice: Squeeze out Computation Redundancy in LMM, ICML 2025",
-    code="penghao-wu/ProxyV, llava/model/language_model/llava_llama.py::LlavaLlamaModel.forward, decoder_forward "
-    "(llava/model/vision_mlp.py, llava/model/llava_arch.py for masks and positions)",
+    code="penghao-wu/ProxyV, llava/model/language_model/llava_llama.py::LlavaLlamaModel.forward, "
+    "decoder_forward (llava/model/vision_mlp.py, llava/model/llava_arch.py for masks and positions)",
     fidelity="exact layer computation (tested from the weights); each image's proxies take positions from "
     "that image's start and see the text before it, as released. LLaVA-NeXT: transformers unpads the crops "
     "and adds a newline per row, where the release keeps whole crops and one newline per crop, so the "

@@ -99,7 +99,8 @@ def _image_starts(token_positions: Tensor, token_image: Tensor, images: int) -> 
     big = torch.iinfo(token_positions.dtype).max
     out = torch.full((token_positions.shape[0], images), big, dtype=token_positions.dtype,
                      device=token_positions.device)
-    return out.scatter_reduce(1, token_image[None].expand(token_positions.shape[0], -1), token_positions, "amin")
+    return out.scatter_reduce(1, token_image[None].expand(token_positions.shape[0], -1), token_positions,
+                              "amin")
 
 
 def _rank_within(owner: Tensor) -> Tensor:

@@ -13,9 +13,10 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -43,7 +44,8 @@ class TrainSettings:
     weight_decay: float = 0.0
     objective: str = "distill"  # distill | task (see .objectives)
     hidden_weight: float = 0.0  # distill: weight of the last hidden states' MSE
-    full: bool = False  # also train the LLM and the projector (and save the whole model); never the vision tower
+    # also train the LLM and the projector (and save the whole model); never the vision tower
+    full: bool = False
     llm_lr: float = 1e-4
     seed: int = 0
     save_every: int = 100
@@ -63,8 +65,8 @@ def control_pipeline(pipeline: str) -> str:
     stages = []
     for stage in spec.stages:
         if stage.name == "proxyv":
-            stage = StageSpec("proxyv", {k: v for k, v in stage.params.items() if k in ("layer", "mlp_hidden")}
-                              | {"variant": "control"})
+            kept = {k: v for k, v in stage.params.items() if k in ("layer", "mlp_hidden")}
+            stage = StageSpec("proxyv", kept | {"variant": "control"})
         stages.append(stage)
     return PipelineSpec(tuple(stages)).format()
 
@@ -93,7 +95,9 @@ def train_proxyv(
     out.mkdir(parents=True, exist_ok=True)
     plan = prepare(model, pipeline).plan
     if proxyv_stage(plan) is None:
-        raise LmmsqueezeError(f"pipeline {plan.canonical!r} has no proxyv stage before the last layer to train")
+        raise LmmsqueezeError(
+            f"pipeline {plan.canonical!r} has no proxyv stage before the last layer to train"
+        )
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     torch.manual_seed(settings.seed)
     config = replace(config_for(model, plan), objective=settings.objective, training=asdict(settings))
@@ -117,8 +121,8 @@ def train_proxyv(
     if ckpt.is_file():
         state = torch.load(ckpt, map_location=device, weights_only=False)
         if state.get("pipeline") != plan.canonical:
-            raise LmmsqueezeError(f"{str(out)!r} holds a run of {state.get('pipeline')!r}, not {plan.canonical!r}; "
-                                  "use another --out")
+            raise LmmsqueezeError(f"{str(out)!r} holds a run of {state.get('pipeline')!r}, not "
+                                  f"{plan.canonical!r}; use another --out")
         adapter.load_state_dict(state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         if settings.full and "model" in state:
@@ -141,7 +145,7 @@ def train_proxyv(
             items = task.samples("train", settings.batch, settings.seed * 1_000_003 + step)
             scale = min(1.0, (step + 1) / max(1, settings.warmup))
             scale *= 0.5 * (1 + math.cos(math.pi * step / max(1, settings.steps)))
-            for g, lr in zip(optimizer.param_groups, base_lrs):
+            for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
                 g["lr"] = lr * max(scale, 0.05)
             loss = _loss(model, teacher, processor, plan, adapter, items, task, settings, device, dtype)
             optimizer.zero_grad(set_to_none=True)
@@ -149,7 +153,8 @@ def train_proxyv(
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
             optimizer.step()
             step += 1
-            record: dict[str, Any] = {"step": step, "loss": loss.item(), "elapsed_s": round(time.time() - start, 1)}
+            record: dict[str, Any] = {"step": step, "loss": loss.item(),
+                                      "elapsed_s": round(time.time() - start, 1)}
             if validate is not None and settings.eval_size and (step % settings.eval_every == 0
                                                                  or step == settings.steps):
                 model.eval()
@@ -170,8 +175,8 @@ def train_proxyv(
     return adapter
 
 
-def _loss(model: Any, teacher: Any, processor: Any, plan: Any, adapter: ProxyVAdapter, items: list[Any], task: Any,
-          settings: TrainSettings, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _loss(model: Any, teacher: Any, processor: Any, plan: Any, adapter: ProxyVAdapter, items: list[Any],
+          task: Any, settings: TrainSettings, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """One batch's loss under the objective, the pipeline installed on ``model``."""
     if settings.objective == "task":
         inputs, labels = task_batch(processor, items, device, dtype)
@@ -201,11 +206,13 @@ def train_with_control(model: Any, processor: Any, pipeline: str, task: Any, out
     data stream, seed, steps and schedule; the adapter's config names its control. With ``full`` each
     run's whole model is saved beside its adapter (``model/``) and the caller's model is restored."""
     if settings.objective != "task":
-        raise LmmsqueezeError("a trained control is the yardstick of task training: use it with --objective task "
-                              "(a distilled adapter is compared with the vanilla model itself)")
+        raise LmmsqueezeError("a trained control is the yardstick of task training: use it with "
+                              "--objective task (a distilled adapter is compared with the vanilla model "
+                              "itself)")
     out = Path(out)
     start = copy.deepcopy(model.state_dict()) if settings.full else None
-    adapter = train_proxyv(model, processor, pipeline, task, out, settings, on_step=on_step, validate=validate)
+    adapter = train_proxyv(model, processor, pipeline, task, out, settings, on_step=on_step,
+                           validate=validate)
     if start is not None:
         model.save_pretrained(out / "model")
         model.load_state_dict(start)

@@ -27,7 +27,7 @@ def bilinear_grids(hidden: Tensor, grids: Grids, out_grids: Grids) -> tuple[Tens
     lead, d = hidden.shape[:-2], hidden.shape[-1]
     device = hidden.device
     pieces, targets, start, offset = [], [], 0, 0
-    for (h, w), (oh, ow) in zip(grids, out_grids):
+    for (h, w), (oh, ow) in zip(grids, out_grids, strict=True):
         crop = wide(hidden[..., start:start + h * w, :].reshape(-1, h, w, d).permute(0, 3, 1, 2))
         resized = F.interpolate(crop, size=(oh, ow), mode="bilinear", align_corners=False)
         pieces.append(resized.permute(0, 2, 3, 1).reshape(*lead, oh * ow, d))

@@ -72,7 +72,7 @@ def apportion(k: int, sizes: list[int]) -> list[int]:
     if total == 0:
         return [0] * len(sizes)
     exact = [k * s / total for s in sizes]
-    shares = [min(int(e), s) for e, s in zip(exact, sizes)]
+    shares = [min(int(e), s) for e, s in zip(exact, sizes, strict=True)]
     order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - int(exact[i])), i))
     left = k - sum(shares)
     while left > 0:
@@ -87,7 +87,8 @@ def top_k_per_group(scores: Tensor, k: int, groups: Tensor) -> Tensor:
     """Slots of the top scores within each group, the budget ``k`` split by :func:`apportion`."""
     ids = torch.unique(groups)
     members = [torch.nonzero(groups == g).flatten() for g in ids]
-    picked = [m[top_k_slots(scores[m], share)] for m, share in zip(members, apportion(k, [len(m) for m in members]))]
+    shares = apportion(k, [len(m) for m in members])
+    picked = [m[top_k_slots(scores[m], share)] for m, share in zip(members, shares, strict=True)]
     return torch.cat(picked) if picked else scores.new_empty(0, dtype=torch.long)
 
 
@@ -113,12 +114,12 @@ class Reducer:
     #: set by reducers that read the token grid (the validator refuses them after a grid breaker)
     requires_grid: ClassVar[bool] = False
 
-    def bind(self, available: frozenset[str]) -> "Reducer":
+    def bind(self, available: frozenset[str]) -> Reducer:
         """This reducer as it runs on a model that provides the ``available`` signals (a reducer with
         ``optional`` signals may plan differently without them); the compiler plans with it."""
         return self
 
-    def observed(self, count: int) -> "Reducer":
+    def observed(self, count: int) -> Reducer:
         """An adaptive reducer as it ran when it kept ``count`` tokens (its count and cost as a plan
         takes them); others are what they are."""
         return self

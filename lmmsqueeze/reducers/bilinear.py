@@ -18,7 +18,8 @@ from .registry import register_reducer
     family="pooling",
     placements=("projector",),
     keeps_grid=True,
-    cite="Bilinear grid resize, as get_2dPool(mode='bilinear') in LLaVA-OneVision (Li et al., arXiv 2408.03326)",
+    cite="Bilinear grid resize, as get_2dPool(mode='bilinear') in LLaVA-OneVision "
+    "(Li et al., arXiv 2408.03326)",
     code="LLaVA-VL/LLaVA-NeXT, llava/model/llava_arch.py::get_2dPool (mm_spatial_pool_mode='bilinear')",
     fidelity="exact",
 )
@@ -39,7 +40,8 @@ class BilinearReducer(Reducer):
     requires_grid: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not 0.0 < self.scale <= 1.0:
+        if (isinstance(self.scale, bool) or not isinstance(self.scale, (int, float))
+                or not 0.0 < self.scale <= 1.0):
             raise ValueError(f"scale={self.scale!r} must be in (0, 1] (0.5 halves each side of the grid)")
         if self.side is not None and (isinstance(self.side, bool) or self.side < 1):
             raise ValueError(f"side={self.side} must be an integer >= 1 (the output grid is side x side)")
@@ -54,8 +56,8 @@ class BilinearReducer(Reducer):
             raise ValueError("bilinear needs the token grid, but an earlier stage broke it")
         for h, w in grids:
             if self.side is not None and self.side > min(h, w):
-                raise ValueError(f"side={self.side} is larger than the {h}x{w} token grid; give side <= {min(h, w)} "
-                                 "(bilinear only downsizes)")
+                raise ValueError(f"side={self.side} is larger than the {h}x{w} token grid; "
+                                 f"give side <= {min(h, w)} (bilinear only downsizes)")
         return tuple(self._size(h, w) for h, w in grids)
 
     def output_count(self, n: int, grids: Grids) -> int:

@@ -16,7 +16,8 @@ from .registry import register_reducer
     "dart",
     family="pruning",
     placements=("llm",),
-    needs=("llm_keys", "text_keys", "normed_hidden", "text_normed_hidden", "sequence_index", "text_sequence_index"),
+    needs=("llm_keys", "text_keys", "normed_hidden", "text_normed_hidden", "sequence_index",
+           "text_sequence_index"),
     keeps_grid=False,
     cite="Wen et al., Stop Looking for Important Tokens in Multimodal Language Models: Duplication "
     "Matters More (DART), EMNLP 2025",
@@ -73,10 +74,10 @@ class DARTReducer(Reducer):
         image_pivots = top_k_slots(wide(signals.require("llm_keys")).abs().sum(dim=1), n_img)
         text_keys = signals.require("text_keys")
         text_rows = top_k_slots(wide(text_keys).abs().sum(dim=1), min(self.text_pivots, text_keys.shape[0]))
-        where = {int(i): ("image", int(s)) for i, s in zip(signals.require("sequence_index")[image_pivots],
-                                                             image_pivots)}
-        where.update({int(i): ("text", int(r)) for i, r in zip(signals.require("text_sequence_index")[text_rows],
-                                                              text_rows)})
+        image_at = signals.require("sequence_index")[image_pivots]
+        text_at = signals.require("text_sequence_index")[text_rows]
+        where = {int(i): ("image", int(s)) for i, s in zip(image_at, image_pivots, strict=True)}
+        where.update({int(i): ("text", int(r)) for i, r in zip(text_at, text_rows, strict=True)})
         order = [where[i] for i in list(set(where))]  # the released code walks a Python set of indices
         image = unit_rows(signals.require("normed_hidden"))
         text = unit_rows(signals.require("text_normed_hidden"))

@@ -16,7 +16,8 @@ from .registry import register_reducer
     family="pruning",
     placements=("projector", "llm"),
     keeps_grid=False,
-    cite="Alvar et al., DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models, CVPR 2025",
+    cite="Alvar et al., DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models, "
+    "CVPR 2025",
     code="vbdi/divprune, LLaVA/llava/model/llava_arch.py::DivPrune (LAYER_INDEX=0, SUBSET_RATIO=0.098)",
     fidelity="exact at the projector placement (layer=K, a departure, runs the same selection on the hidden "
     "states entering decoder layer K)",

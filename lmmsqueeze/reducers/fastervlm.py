@@ -19,8 +19,8 @@ from .registry import register_reducer
     cite="Zhang et al., [CLS] Attention is All You Need for Training-Free Visual Token Pruning "
     "(FasterVLM), arXiv 2412.01818",
     code="Theia-4869/FasterVLM, llava/model/llava_arch.py::encode_images",
-    fidelity="exact on one-crop images; approx on LLaVA-NeXT (the budget is split across the base crop and the "
-    "sub-crop grid by their token counts) and on Qwen2-VL (no [CLS]: a stand-in)",
+    fidelity="exact on one-crop images; approx on LLaVA-NeXT (the budget is split across the base crop "
+    "and the sub-crop grid by their token counts) and on Qwen2-VL (no [CLS]: a stand-in)",
 )
 @dataclass(frozen=True)
 class FasterVLMReducer(ScoredPruner):

@@ -17,7 +17,8 @@ from .registry import register_reducer
     needs=("text_attention",),
     keeps_grid=False,
     cite="Chen et al., An Image is Worth 1/2 Tokens After Layer 2, ECCV 2024",
-    code="pkunlp-icler/FastV, src/FastV/llava-hf/transformers/src/transformers/models/llama/modeling_llama.py::"
+    code="pkunlp-icler/FastV, "
+    "src/FastV/llava-hf/transformers/src/transformers/models/llama/modeling_llama.py::"
     "LlamaModel.forward (fastv_config)",
     fidelity="exact",
 )

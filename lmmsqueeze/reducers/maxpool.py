@@ -16,7 +16,8 @@ from .registry import register_reducer
     family="pooling",
     placements=("projector",),
     keeps_grid=True,
-    cite="Uniform 2x2 max pooling, as get_2dPool(mm_spatial_pool_mode='max') in LLaVA-NeXT-Video / LLaVA-OneVision",
+    cite="Uniform 2x2 max pooling, as get_2dPool(mm_spatial_pool_mode='max') in "
+    "LLaVA-NeXT-Video / LLaVA-OneVision",
     code="LLaVA-VL/LLaVA-NeXT, llava/model/llava_arch.py::get_2dPool (mm_spatial_pool_mode='max')",
     fidelity="exact",
 )

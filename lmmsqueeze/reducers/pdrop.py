@@ -1,4 +1,5 @@
-"""PyramidDrop: at the end of several LLM stages, rank the image tokens with the next layer's own attention."""
+"""PyramidDrop: at the end of several LLM stages, rank the image tokens with the next layer's own
+attention."""
 
 from __future__ import annotations
 
@@ -43,7 +44,9 @@ class PDropReducer(ScoredPruner):
     def __post_init__(self) -> None:
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or math.isnan(self.keep) \
                 or not 0.0 < self.keep <= 1.0:
-            raise ValueError(f"keep={self.keep!r} must be the fraction kept at each stage, in (0, 1] (paper: 0.5)")
+            raise ValueError(
+                f"keep={self.keep!r} must be the fraction kept at each stage, in (0, 1] (paper: 0.5)"
+            )
         check_layer(self.layer, minimum=1, why="PyramidDrop drops between layers")
         if isinstance(self.step, bool) or self.step < 1:
             raise ValueError(f"step={self.step} must be an integer >= 1 (layers between drops; paper: 8)")
@@ -53,7 +56,8 @@ class PDropReducer(ScoredPruner):
     def substages(self) -> list[PDropReducer] | None:
         if self.stages == 1:
             return None
-        return [dataclasses.replace(self, layer=self.layer + i * self.step, stages=1) for i in range(self.stages)]
+        return [dataclasses.replace(self, layer=self.layer + i * self.step, stages=1)
+                for i in range(self.stages)]
 
     def output_count(self, n: int, grids: Grids) -> int:
         for _ in range(self.stages):

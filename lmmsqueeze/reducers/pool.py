@@ -41,7 +41,9 @@ class PoolReducer(Reducer):
             raise ValueError(f"{self.name} needs the token grid, but an earlier stage broke it")
         for h, w in grids:
             if min(h, w) < self.size:
-                raise ValueError(f"size={self.size} is larger than the {h}x{w} token grid; give size <= {min(h, w)}")
+                raise ValueError(
+                    f"size={self.size} is larger than the {h}x{w} token grid; give size <= {min(h, w)}"
+                )
         return tuple((h // self.size, w // self.size) for h, w in grids)
 
     def output_count(self, n: int, grids: Grids) -> int:
@@ -53,7 +55,7 @@ class PoolReducer(Reducer):
         out_grids = self.output_grids(state.grids)
         device = state.hidden.device
         targets, offset = [], 0
-        for (h, w), (oh, ow) in zip(state.grids, out_grids):
+        for (h, w), (oh, ow) in zip(state.grids, out_grids, strict=True):
             rows = torch.arange(h, device=device).repeat_interleave(w) // self.size
             cols = torch.arange(w, device=device).repeat(h) // self.size
             inside = (rows < oh) & (cols < ow)

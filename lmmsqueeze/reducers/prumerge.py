@@ -35,11 +35,12 @@ TYPICAL_OUTLIERS = 32 / 576
 @dataclass(frozen=True)
 class PruMergeReducer(ScoredPruner):
     """PruMerge+ as released: the [CLS] attention of the vision tower's last layer (the released code hooks
-    CLIP-L's layer 23; its q and k as one full-width head) picks the outliers above Q3 + 1.5 IQR (best first); spatial samples
-    every ``int(int(N / outliers) / 3)`` tokens that are not outliers follow (ascending); each kept
-    token adds the [CLS]-attention-weighted sum of the features of its ``neighbors`` most key-similar
-    tokens (kept or not); one extra token, the attention-weighted sum of every pruned token, comes
-    last (index -1; the pruned tokens are its group). The count depends on the image.
+    CLIP-L's layer 23; its q and k as one full-width head) picks the outliers above Q3 + 1.5 IQR (best
+    first); spatial samples every ``int(int(N / outliers) / 3)`` tokens that are not outliers follow
+    (ascending); each kept token adds the [CLS]-attention-weighted sum of the features of its
+    ``neighbors`` most key-similar tokens (kept or not); one extra token, the attention-weighted sum of
+    every pruned token, comes last (index -1; the pruned tokens are its group). The count depends on the
+    image.
 
     ``keep`` (a departure) fixes the count instead: the outliers, best first and at most ``keep``,
     then evenly spaced samples of the other tokens up to ``keep``.
@@ -52,13 +53,15 @@ class PruMergeReducer(ScoredPruner):
         if self.keep is not None:
             check_keep(self.keep)
         if isinstance(self.neighbors, bool) or self.neighbors < 0:
-            raise ValueError(f"neighbors={self.neighbors} must be an integer >= 0 (paper: 32; 0 disables merging)")
+            raise ValueError(
+                f"neighbors={self.neighbors} must be an integer >= 0 (paper: 32; 0 disables merging)"
+            )
 
     @property
     def adaptive(self) -> bool:
         return self.keep is None
 
-    def observed(self, count: int) -> "PruMergeReducer":
+    def observed(self, count: int) -> PruMergeReducer:
         """Kept ``count - 1`` tokens and the summary token: planned and costed as that fixed count."""
         return dataclasses.replace(self, keep=count - 1) if self.adaptive and count > 1 else self
 

@@ -78,8 +78,8 @@ def register_reducer(
         bad = [p for p in placements if not (isinstance(p, str) and p.isidentifier())]
         if bad or not placements:
             raise RegistryError(
-                f"reducer {name!r}: placements {list(placements)} must be a non-empty tuple of placement names, "
-                f"e.g. {list(BUILTIN_PLACEMENTS)}"
+                f"reducer {name!r}: placements {list(placements)} must be a non-empty tuple of placement "
+                f"names, e.g. {list(BUILTIN_PLACEMENTS)}"
             )
         unknown = [s for s in (*needs, *optional) if s not in SIGNALS]
         if unknown:
@@ -150,7 +150,8 @@ def get_reducer(name: str) -> type[Reducer]:
         return _REGISTRY[name]
     except KeyError:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
-        hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else "run `lmmsqueeze reducers` for the list"
+        hint = (f"did you mean {', '.join(repr(c) for c in close)}?" if close
+                else "run `lmmsqueeze reducers` for the list")
         raise PipelineError(f"unknown stage {name!r}: {hint}") from None
 
 

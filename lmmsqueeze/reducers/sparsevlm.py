@@ -25,7 +25,8 @@ SCHEDULES = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (
     keeps_grid=False,
     cite="Zhang et al., SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model "
     "Inference, ICML 2025",
-    code="Gumpest/SparseVLMs, llava/model/language_model/modelling_sparse_llama.py::LlamaDynamicvitModel.forward "
+    code="Gumpest/SparseVLMs, "
+    "llava/model/language_model/modelling_sparse_llama.py::LlamaDynamicvitModel.forward "
     "(score.py::attn_postprocess_topk, utils.py::cluster_and_merge), v1 (USE_VERSION=1_0)",
     fidelity="exact (DPC-kNN without the released 1e-6 random noise on densities, which only breaks exact "
     "ties)",
@@ -40,7 +41,8 @@ class SparseVLMReducer(Reducer):
     head-mean attention of the raters at the layer before. Each keeps ``min(count, n - 1)`` image
     tokens, the counts of the schedule for ``budget`` (192: 300, 200, 110); with ``recycle`` the
     ``int(0.3 * dropped) + 1`` best-scored dropped tokens are clustered (DPC-kNN, ``int(m / 10) + 1``
-    centres) and each cluster's mean is a new token after the kept ones (in centre order). Positions are renumbered.
+    centres) and each cluster's mean is a new token after the kept ones (in centre order). Positions are
+    renumbered.
     """
 
     layer: int = 3
@@ -51,19 +53,22 @@ class SparseVLMReducer(Reducer):
     def __post_init__(self) -> None:
         check_layer(self.layer, minimum=1, why="SparseVLM scores tokens with the attention of layer K-1")
         if self.budget not in SCHEDULES:
-            raise ValueError(f"budget={self.budget!r} must be one of {', '.join(map(str, SCHEDULES))} (paper: 192)")
+            raise ValueError(
+                f"budget={self.budget!r} must be one of {', '.join(map(str, SCHEDULES))} (paper: 192)"
+            )
         layers = self.layers
         if len(layers) > len(SCHEDULES[self.budget]):
-            raise ValueError(f"more_layers={self.more_layers!r} gives {len(layers)} sparse layers; the schedule "
-                             f"has {len(SCHEDULES[self.budget])}: give at most 2 more layers, e.g. '7,16'")
+            raise ValueError(f"more_layers={self.more_layers!r} gives {len(layers)} sparse layers; the "
+                             f"schedule has {len(SCHEDULES[self.budget])}: give at most 2 more layers, "
+                             "e.g. '7,16'")
 
     @property
     def layers(self) -> list[int]:
         try:
             more = [int(t) for t in self.more_layers.replace(" ", "").split(",") if t]
         except ValueError:
-            raise ValueError(f"more_layers={self.more_layers!r} must be comma-separated layer numbers such as "
-                             "'7,16' (or '' for one sparse layer)") from None
+            raise ValueError(f"more_layers={self.more_layers!r} must be comma-separated layer numbers "
+                             "such as '7,16' (or '' for one sparse layer)") from None
         layers = [self.layer, *more]
         if any(b <= a for a, b in itertools.pairwise(layers)):
             raise ValueError(f"more_layers={self.more_layers!r} must list layers after layer={self.layer}, "
@@ -72,7 +77,8 @@ class SparseVLMReducer(Reducer):
 
     def substages(self) -> list[Reducer]:
         counts = SCHEDULES[self.budget]
-        return [SparseVLMLayer(layer=layer, count=counts[i], recycle=self.recycle) for i, layer in enumerate(self.layers)]
+        return [SparseVLMLayer(layer=layer, count=counts[i], recycle=self.recycle)
+                for i, layer in enumerate(self.layers)]
 
     def output_count(self, n: int, grids: Grids) -> int:
         for part in self.substages():

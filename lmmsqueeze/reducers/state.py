@@ -54,22 +54,25 @@ class TokenState:
         return cls(hidden, index, torch.ones(n, device=device), crop_ids, grids, index.clone())
 
     @classmethod
-    def concat(cls, states: list[TokenState], crops: list[int], device: torch.device | None = None) -> TokenState:
+    def concat(
+        cls, states: list[TokenState], crops: list[int], device: torch.device | None = None
+    ) -> TokenState:
         """The states of several images as one (a sample's): original indices, slots and crop ids are
         offset by the images before; ``crops[i]`` is the number of crop ids of image ``i``. The grid
         survives only when every image still has one."""
         if not states:
             empty = torch.empty(0, dtype=torch.long, device=device)
-            return cls(torch.empty(0, 0, device=device), empty, torch.empty(0, device=device), empty, None, empty)
+            return cls(torch.empty(0, 0, device=device), empty, torch.empty(0, device=device), empty, None,
+                       empty)
         index, assign, crop_ids, index_off, slot_off, crop_off = [], [], [], 0, 0, 0
-        for s, c in zip(states, crops):
+        for s, c in zip(states, crops, strict=True):
             index.append(torch.where(s.index >= 0, s.index + index_off, s.index))
             assign.append(torch.where(s.assign >= 0, s.assign + slot_off, s.assign))
             crop_ids.append(s.crop_ids + crop_off)
             index_off, slot_off, crop_off = index_off + s.n_original, slot_off + s.n, crop_off + c
         grids = None if any(s.grids is None for s in states) else tuple(g for s in states for g in s.grids)
-        return cls(torch.cat([s.hidden for s in states]), torch.cat(index), torch.cat([s.sizes for s in states]),
-                   torch.cat(crop_ids), grids, torch.cat(assign))
+        return cls(torch.cat([s.hidden for s in states]), torch.cat(index),
+                   torch.cat([s.sizes for s in states]), torch.cat(crop_ids), grids, torch.cat(assign))
 
     @property
     def n(self) -> int:
@@ -115,8 +118,11 @@ class TokenState:
             source=keep,
         )
 
-    def regroup(self, target: Tensor, hidden: Tensor, representative: Tensor, grids: Grids = None) -> TokenState:
-        """Merge, drop or reorder tokens: current slot ``i`` goes to new slot ``target[i]`` (``-1`` drops it).
+    def regroup(
+        self, target: Tensor, hidden: Tensor, representative: Tensor, grids: Grids = None
+    ) -> TokenState:
+        """Merge, drop or reorder tokens: current slot ``i`` goes to new slot ``target[i]`` (``-1`` drops
+        it).
 
         Args:
             target: ``[N]`` new slot of every current token, or -1.

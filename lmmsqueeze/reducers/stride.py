@@ -35,7 +35,9 @@ class StrideReducer(Reducer):
 
     def __post_init__(self) -> None:
         if isinstance(self.stride, bool) or self.stride < 1:
-            raise ValueError(f"stride={self.stride} must be an integer >= 1 (2 keeps every other row and column)")
+            raise ValueError(
+                f"stride={self.stride} must be an integer >= 1 (2 keeps every other row and column)"
+            )
 
     def output_grids(self, grids: Grids) -> Grids:
         if grids is None:

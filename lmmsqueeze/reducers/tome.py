@@ -21,9 +21,9 @@ from .registry import register_reducer
     cite="Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023",
     code="facebookresearch/ToMe, tome/merge.py::bipartite_soft_matching, merge_wavg "
     "(tome/patch/timm.py for the head-mean key metric)",
-    fidelity="approx: the released code merges r tokens inside every ViT block (with proportional attention); "
-    "here the same matching and size-weighted merge run at one placement, in rounds until keep remain (at "
-    "the default keep=0.5 one round: exactly the released matching)",
+    fidelity="approx: the released code merges r tokens inside every ViT block (with proportional "
+    "attention); here the same matching and size-weighted merge run at one placement, in rounds until keep "
+    "remain (at the default keep=0.5 one round: exactly the released matching)",
 )
 @dataclass(frozen=True)
 class ToMeReducer(ScoredPruner):

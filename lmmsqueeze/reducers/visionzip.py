@@ -46,10 +46,11 @@ class VisionZipReducer(Reducer):
 
     def __post_init__(self) -> None:
         check_keep(self.dominant, "dominant")
-        if not (isinstance(self.contextual, int) and not isinstance(self.contextual, bool) and self.contextual == 0):
+        if not (isinstance(self.contextual, int) and not isinstance(self.contextual, bool)
+                and self.contextual == 0):
             check_keep(self.contextual, "contextual")
 
-    def bind(self, available: frozenset[str]) -> "VisionZipReducer":
+    def bind(self, available: frozenset[str]) -> VisionZipReducer:
         return self if "cls_hidden" in available else dataclasses.replace(self, cls=False)
 
     def _uses_cls(self, grids: Grids) -> bool:
@@ -84,7 +85,9 @@ class VisionZipReducer(Reducer):
         if cls is not None and (cls.shape[0] != 1 or bool((state.crop_ids != 0).any())):
             cls = None  # the image's tokens come from several crops
         patches = dom - (1 if cls is not None else 0)
-        dominant = torch.sort(top_k_per_group(signals.require("cls_attention"), patches, state.crop_ids)).values
+        dominant = torch.sort(
+            top_k_per_group(signals.require("cls_attention"), patches, state.crop_ids)
+        ).values
         rest_mask = torch.ones(state.n, dtype=torch.bool, device=device)
         rest_mask[dominant] = False
         rest = torch.nonzero(rest_mask).flatten()
@@ -108,7 +111,8 @@ class VisionZipReducer(Reducer):
             target[targets] = base + torch.arange(ctx, device=device)
             target[others] = base + nearest
             x = wide(state.hidden)
-            sums = torch.zeros(ctx, x.shape[1], dtype=x.dtype, device=device).index_add_(0, nearest, x[others])
+            sums = torch.zeros(ctx, x.shape[1], dtype=x.dtype, device=device).index_add_(
+                0, nearest, x[others])
             counts = torch.bincount(nearest, minlength=ctx).to(x.dtype).clamp_min(1.0)
             hidden.append((x[targets] + sums / counts[:, None]).to(state.hidden.dtype))
             representative.append(targets)

@@ -41,7 +41,7 @@ class InputCosts:
     def observe(self, run: Any) -> None:
         """After a batch ran: the tokens each image kept at every adaptive stage."""
         kept = run.observed_counts() if self._adaptive else []
-        for g, counts in zip(self._pending, kept):
+        for g, counts in zip(self._pending, kept, strict=True):
             key = (g, tuple(counts[i] for i in self._adaptive))
             self._plan_for(*key)
             self._counts[key] = self._counts.get(key, 0) + 1
@@ -50,8 +50,9 @@ class InputCosts:
     def _plan_for(self, geometry: Any, observed: tuple[int, ...]) -> Plan:
         key = (geometry, observed)
         if key not in self._plans:
-            self._plans[key] = compile_pipeline(self.plan.canonical, geometry,
-                                                observed=dict(zip(self._adaptive, observed)) or None)
+            # `observed` is () for a plan by sizes alone (before a run reports the adaptive stages' counts)
+            at = dict(zip(self._adaptive, observed, strict=False)) or None
+            self._plans[key] = compile_pipeline(self.plan.canonical, geometry, observed=at)
         return self._plans[key]
 
     def tokens_per_layer(self) -> list[float]:

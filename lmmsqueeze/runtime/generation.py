@@ -42,4 +42,5 @@ def answer(model_ref: str, image_path: str | Path, question: str, pipeline: Any,
     """Load a model and answer one question about one image file (with trained ``weights``, e.g. a
     ProxyV adapter: the pipeline they were trained for when ``pipeline`` is empty)."""
     model, processor = load_model(model_ref, device=device)
-    return generate_answer(model, processor, open_image(image_path), question, pipeline, max_new_tokens, weights)
+    return generate_answer(model, processor, open_image(image_path), question, pipeline, max_new_tokens,
+                           weights)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -59,7 +60,7 @@ class HookSet:
             else:
                 delattr(obj, name)
 
-    def __enter__(self) -> "HookSet":
+    def __enter__(self) -> HookSet:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -90,7 +90,8 @@ class ImageStages:
         for i in range(feats.shape[0]):
             grid = geometry.grids if geometry.grids and feats.shape[1] == geometry.image_tokens else None
             rows, extras = self._signals_of(i)
-            self.records.append(ImageRecord.of(TokenState.initial(feats[i], grid), rows, extras, self.run.rows))
+            self.records.append(ImageRecord.of(TokenState.initial(feats[i], grid), rows, extras,
+                                               self.run.rows))
         if not self.input_stages:
             return None
         self._run_stages(self.input_stages)
@@ -99,7 +100,7 @@ class ImageStages:
 
     def _projector_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Any:
         pieces = output.reshape(-1, output.shape[-1]).split([rec.state.n for rec in self.records])
-        for rec, hidden in zip(self.records, pieces):
+        for rec, hidden in zip(self.records, pieces, strict=True):
             rec.state = rec.state.with_hidden(hidden)
         if self.output_stages:
             self._run_stages(self.output_stages)
@@ -118,19 +119,22 @@ class ImageStages:
                              f"images' sizes give {total}; compute image features inside the `apply` block")
         signals = {name: f.signal_rows(value) for name, value in self._vision.items() if name != "cls_hidden"}
         self.records, start = [], 0
-        for run, lay in zip(packed, layouts):
+        for run, lay in zip(packed, layouts, strict=True):
             sep = lay.separators.to(run.device)
             if self.input_stages and lay.mixed:
                 names = ", ".join(s.name for s in self.input_stages)
-                raise ModelError(f"{type(f.model).__name__} blends this image's tokens after the projector (its "
-                                 f"sub-crop grid is downsampled), so a vision-placement stage ({names}) cannot pick "
-                                 "them; use a stage at the projector or inside the LLM for such images")
-            vision = {name: f.gather_rows(value[start:start + lay.crops], lay) for name, value in signals.items()}
+                raise ModelError(f"{type(f.model).__name__} blends this image's tokens after the projector "
+                                 f"(its sub-crop grid is downsampled), so a vision-placement stage ({names}) "
+                                 "cannot pick them; use a stage at the projector or inside the LLM for such "
+                                 "images")
+            vision = {name: f.gather_rows(value[start:start + lay.crops], lay)
+                      for name, value in signals.items()}
             extras = {k: v[start:start + lay.crops, 0] for k, v in self._vision.items() if k == "cls_hidden"}
             hidden = f.gather_rows(rows_in[start:start + lay.crops], lay) if self.input_stages else run[~sep]
             state = TokenState.initial(hidden, lay.grids, lay.crop_ids.to(run.device))
-            self.records.append(ImageRecord.of(state, vision, extras, self.run.rows, sep if bool(sep.any()) else None,
-                                               run[sep], crops=len(lay.grids)))
+            self.records.append(ImageRecord.of(state, vision, extras, self.run.rows,
+                                               sep if bool(sep.any()) else None, run[sep],
+                                               crops=len(lay.grids)))
             start += lay.crops
         if self.input_stages:
             self._run_stages(self.input_stages)
@@ -138,7 +142,8 @@ class ImageStages:
                 rec.state = rec.state.with_hidden(f.project(rec.state.hidden))
         if self.output_stages:
             self._run_stages(self.output_stages)
-        return [self._with_separators(rec) for rec in self.records], [rec.state.assign for rec in self.records]
+        return ([self._with_separators(rec) for rec in self.records],
+                [rec.state.assign for rec in self.records])
 
     @staticmethod
     def _with_separators(rec: ImageRecord) -> Tensor:

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..reducers.base import Signals
 from ..attention import apply_rope, decoder_heads, last_query_attention, rows_attention
+from ..reducers.base import Signals
 
 
 def _wide(x: Tensor) -> Tensor:
@@ -41,7 +41,8 @@ def previous_layer_signals(attn: nn.Module, hidden: Tensor, rope: tuple[Tensor, 
         out["keys"] = post_rope_keys(attn, hidden, rope)
     if "text_image_attention" in needs:
         out["text_image_attention"] = [
-            rows_attention(attn, hidden[b:b + 1], (rope[0][b:b + 1], rope[1][b:b + 1]), cols, padding[b:b + 1])[0]
+            rows_attention(attn, hidden[b:b + 1], (rope[0][b:b + 1], rope[1][b:b + 1]), cols,
+                           padding[b:b + 1])[0]
             for b, cols in enumerate(text)]
     return out
 
@@ -53,7 +54,8 @@ def input_signals(layer: nn.Module, final_norm: nn.Module | None, hidden: Tensor
     out: dict[str, Any] = {}
     if "input_text_attention" in needs:
         pad = None if bool(padding.all()) else padding
-        out["input_text_attention"] = last_query_attention(layer.self_attn, layer.input_layernorm(hidden), rope, pad)
+        out["input_text_attention"] = last_query_attention(layer.self_attn, layer.input_layernorm(hidden),
+                                                           rope, pad)
     if needs & {"normed_hidden", "text_normed_hidden"}:
         out["normed"] = final_norm(hidden)
     return out

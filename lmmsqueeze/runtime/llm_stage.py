@@ -35,8 +35,8 @@ def segment_rope(family: Any, hidden: Tensor, seg: Segment) -> tuple[Tensor, Ten
     return family.rotary(hidden, seg.ids if family.mrope else seg.ids[0])
 
 
-def run_llm_stage(run: Any, stage: PlannedStage, hidden: Tensor, layer: nn.Module, rope: tuple[Tensor, Tensor],
-                  prev: Segment | None) -> tuple[Segment, Tensor]:
+def run_llm_stage(run: Any, stage: PlannedStage, hidden: Tensor, layer: nn.Module,
+                  rope: tuple[Tensor, Tensor], prev: Segment | None) -> tuple[Segment, Tensor]:
     """Run ``stage`` on every sample at layer ``stage.layer``; returns the new segment and the rows of
     the shorter sequence (``[B, n, D]``)."""
     p = run.prefill
@@ -64,11 +64,13 @@ def run_llm_stage(run: Any, stage: PlannedStage, hidden: Tensor, layer: nn.Modul
         new = stage.reducer.reduce(state, signals)
         expected = stage.reducer.output_count(state.n, state.grids)
         if new.n != expected and not stage.adaptive:
-            raise ModelError(f"{stage.name} returned {new.n} tokens, but its output_count promises {expected}")
+            raise ModelError(
+                f"{stage.name} returned {new.n} tokens, but its output_count promises {expected}"
+            )
         src = new.sources()
         if bool((src < 0).any()):
-            raise ModelError(f"{stage.name}: inside the LLM every output token needs a representative among its "
-                             "input tokens")
+            raise ModelError(f"{stage.name}: inside the LLM every output token needs a representative "
+                             "among its input tokens")
         rep_cols = sample.slots[src]  # in the reducer's order
         image_cols = torch.sort(rep_cols).values  # the columns the image tokens take, filled in that order
         is_text = torch.ones(length, dtype=torch.bool, device=device)
@@ -88,7 +90,7 @@ def run_llm_stage(run: Any, stage: PlannedStage, hidden: Tensor, layer: nn.Modul
         run.record(stage, new.index, new.assign)
     longest = max(int(k.numel()) for k in keeps)
     rows, alive_rows = [], []
-    for b, (keep, (at, values)) in enumerate(zip(keeps, fills)):
+    for b, (keep, (at, values)) in enumerate(zip(keeps, fills, strict=True)):
         alive = torch.ones(longest, dtype=torch.bool, device=device)
         if keep.numel() < longest:  # filler: dropped columns, masked out everywhere
             spare = torch.ones(length, dtype=torch.bool, device=device)
@@ -121,7 +123,8 @@ def run_llm_stage(run: Any, stage: PlannedStage, hidden: Tensor, layer: nn.Modul
     pos = prev.position_ids if prev is not None else None
     source = local_source if prev is None else prev.source.gather(1, local_source)
     seg = Segment(stage, keep, source, new_ids, delta, None if bool(local_alive.all()) else local_alive)
-    seg.position_ids = new_ids[0] if ids.shape[0] == 1 else (None if pos is None else pos.gather(1, local_keep))
+    seg.position_ids = (new_ids[0] if ids.shape[0] == 1
+                        else (None if pos is None else pos.gather(1, local_keep)))
     return seg, torch.stack(rows)
 
 
@@ -132,8 +135,9 @@ def _relocate(at: Tensor, order: Tensor) -> Tensor:
     return inverse[at]
 
 
-def _signals(stage: PlannedStage, needs: frozenset[str], state: TokenState, sample: Any, measured: dict[str, Any],
-             b: int, text: Tensor, columns: Tensor, relevance: list[Tensor] | None) -> Signals:
+def _signals(stage: PlannedStage, needs: frozenset[str], state: TokenState, sample: Any,
+             measured: dict[str, Any], b: int, text: Tensor, columns: Tensor,
+             relevance: list[Tensor] | None) -> Signals:
     """The signals a stage reads for sample ``b``, aligned with ``state``'s tokens."""
     values = stage_signals(needs & LLM_SIGNALS, measured, b, sample.slots, text, columns,
                            None if relevance is None else relevance[b])

@@ -6,8 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers.utils import is_flash_attn_2_available
+from transformers.utils import logging as hf_logging
 
+from ..bundled import WEIGHTS_DIR
 from ..errors import ModelError
+from ..models import FAMILIES, supported_models
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -20,8 +25,6 @@ def pick_device(device: str | None = None) -> torch.device:
 def attention_backend(device: torch.device) -> str:
     """flash_attention_2 on CUDA when flash-attn is installed, else sdpa."""
     if device.type == "cuda":
-        from transformers.utils import is_flash_attn_2_available
-
         if is_flash_attn_2_available():
             return "flash_attention_2"
     return "sdpa"
@@ -30,8 +33,6 @@ def attention_backend(device: torch.device) -> str:
 def model_dir(ref: str | Path) -> Path:
     """The local directory of a model reference: ``"bundled"`` or a directory with a config.json."""
     if str(ref) == "bundled":
-        from ..bundled import WEIGHTS_DIR
-
         path = Path(WEIGHTS_DIR)
         if not (path / "config.json").is_file():
             raise ModelError(f"the bundled model's weights are missing from {path}; train them with "
@@ -40,13 +41,15 @@ def model_dir(ref: str | Path) -> Path:
     path = Path(ref)
     if not (path / "config.json").is_file():
         raise ModelError(
-            f"model {str(ref)!r} is not a local model directory (no config.json); give a directory saved with "
-            "save_pretrained, or `bundled`"
+            f"model {str(ref)!r} is not a local model directory (no config.json); give a directory saved "
+            "with save_pretrained, or `bundled`"
         )
     return path
 
 
-def load_model(ref: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+def load_model(
+    ref: str | Path, device: str | None = None, dtype: torch.dtype | None = None
+) -> tuple[Any, Any]:
     """Load ``(model, processor)`` offline from ``"bundled"`` or a local Hugging Face model directory.
 
     On CUDA the model loads in bfloat16 with flash-attn when it is installed (else sdpa); on CPU in
@@ -55,11 +58,6 @@ def load_model(ref: str | Path, device: str | None = None, dtype: torch.dtype | 
     dev = pick_device(device)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     path = model_dir(ref)
-    from transformers import AutoConfig, AutoModelForImageTextToText
-    from transformers.utils import logging as hf_logging
-
-    from ..models import FAMILIES, supported_models
-
     hf_logging.disable_progress_bar()
 
     try:
@@ -67,7 +65,9 @@ def load_model(ref: str | Path, device: str | None = None, dtype: torch.dtype | 
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read the config of {str(ref)!r}: {str(exc).splitlines()[0]}") from None
     if config.model_type not in FAMILIES:
-        raise ModelError(f"{str(ref)!r} is a {config.model_type!r} model; lmmsqueeze runs {supported_models()}")
+        raise ModelError(
+            f"{str(ref)!r} is a {config.model_type!r} model; lmmsqueeze runs {supported_models()}"
+        )
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             path, local_files_only=True, dtype=dtype, attn_implementation=attention_backend(dev)
@@ -85,8 +85,8 @@ def model_inputs(processor: Any, model: Any, images: list[Any], texts: list[str]
     """Processor outputs for ``texts`` (one prompt per sample; several: a left-padded batch) and their
     ``images``, on the model's device, pixel values in the model's dtype."""
     batch = len(texts) > 1
-    inputs = processor(images=images if batch or len(images) != 1 else images[0], text=texts if batch else texts[0],
-                       return_tensors="pt", padding=batch)
+    inputs = processor(images=images if batch or len(images) != 1 else images[0],
+                       text=texts if batch else texts[0], return_tensors="pt", padding=batch)
     param = next(model.parameters())
     inputs = inputs.to(param.device)
     if "pixel_values" in inputs:
@@ -103,8 +103,8 @@ def build_prompt(processor: Any, text: str) -> str:
     if getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
-    from ..models import FAMILIES
-
-    wrapped = {cls.prompt_image for cls in FAMILIES.values() if cls.prompt_image and token in cls.prompt_image}
-    token = wrapped.pop() if len(wrapped) == 1 else token  # e.g. Qwen2-VL: the image sits between vision markers
+    wrapped = {cls.prompt_image for cls in FAMILIES.values()
+               if cls.prompt_image and token in cls.prompt_image}
+    # e.g. Qwen2-VL: the image sits between vision markers
+    token = wrapped.pop() if len(wrapped) == 1 else token
     return f"USER: {token}\n{text} ASSISTANT:"

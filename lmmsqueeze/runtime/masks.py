@@ -1,4 +1,5 @@
-"""Attention masks of the shortened prefill: the kept columns of the model's mask, filler columns masked out."""
+"""Attention masks of the shortened prefill: the kept columns of the model's mask, filler columns
+masked out."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def slice_square_mask(mask: Any, keep: Tensor) -> Any:
         return mask.gather(1, keep)
     h = mask.shape[1]
     n = keep.shape[1]
-    rows = mask.expand(keep.shape[0], -1, -1, -1).gather(2, keep[:, None, :, None].expand(-1, h, -1, mask.shape[3]))
+    rows = mask.expand(keep.shape[0], -1, -1, -1).gather(
+        2, keep[:, None, :, None].expand(-1, h, -1, mask.shape[3]))
     return rows.gather(3, keep[:, None, None, :].expand(-1, h, n, -1))
 
 

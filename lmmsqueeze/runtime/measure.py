@@ -12,17 +12,18 @@ import statistics
 import time
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .hooks import HookSet
-from .loading import build_prompt, model_inputs
 from ..compose.plan import compile_pipeline
 from ..models import family_for
+from .hooks import HookSet
+from .loading import build_prompt, model_inputs
 from .run import Prepared, prepare
 
 
@@ -104,10 +105,13 @@ class Timing:
         if not values:
             return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "iqr": float("nan")}
         q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-        return {"median": statistics.median(values), "min": min(values), "max": max(values), "iqr": q[2] - q[0]}
+        return {"median": statistics.median(values), "min": min(values), "max": max(values),
+                "iqr": q[2] - q[0]}
 
 
-def time_prefills(model: Any, inputs: dict, prepared: list[Prepared], runs: int = 5, warmup: int = 1) -> list[Timing]:
+def time_prefills(
+    model: Any, inputs: dict, prepared: list[Prepared], runs: int = 5, warmup: int = 1
+) -> list[Timing]:
     """Interleaved prefill timings of each prepared pipeline on the same inputs (rotating the order
     every round)."""
     device = next(model.parameters()).device
@@ -162,7 +166,7 @@ def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: 
     base_total = Timing.summary(timings[0].total)["median"]
     base_decoder = Timing.summary(timings[0].decoder)["median"]
     rows = []
-    for p, timing in zip(prepared, timings):
+    for p, timing in zip(prepared, timings, strict=True):
         plan = p.plan
         total, dec = Timing.summary(timing.total), Timing.summary(timing.decoder)
         costs = p.costs()

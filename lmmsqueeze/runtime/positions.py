@@ -61,10 +61,12 @@ def renumber(ids: Tensor, real: Tensor, image_of: Tensor) -> Tensor:
             continue
         owner = image_of[s, cols]
         is_image = owner >= 0
-        run_start = is_image & torch.cat([torch.ones(1, dtype=torch.bool, device=ids.device), owner[1:] != owner[:-1]])
+        run_start = is_image & torch.cat([torch.ones(1, dtype=torch.bool, device=ids.device),
+                                          owner[1:] != owner[:-1]])
         run = torch.cumsum(run_start.long(), 0) - 1  # image run of every image column
         cur = ids[:, s, cols]  # [3, n]
-        base = torch.full((int(run_start.sum()),), torch.iinfo(ids.dtype).max, dtype=ids.dtype, device=ids.device)
+        base = torch.full((int(run_start.sum()),), torch.iinfo(ids.dtype).max, dtype=ids.dtype,
+                          device=ids.device)
         base.scatter_reduce_(0, run[is_image], cur[0, is_image], reduce="amin")  # each image's first id
         offsets = cur[:, is_image] - base[run[is_image]][None]
         span = torch.zeros_like(base).scatter_reduce_(0, run[is_image], offsets.amax(0), reduce="amax") + 1
@@ -84,7 +86,9 @@ def next_position(ids: Tensor, real: Tensor) -> Tensor:
     return masked.amax(dim=(0, 2)) + 1
 
 
-def shift_rope(cos: Tensor, sin: Tensor, rotary: torch.nn.Module, delta: Tensor, mrope: bool) -> tuple[Tensor, Tensor]:
+def shift_rope(
+    cos: Tensor, sin: Tensor, rotary: torch.nn.Module, delta: Tensor, mrope: bool
+) -> tuple[Tensor, Tensor]:
     """cos/sin of positions ``delta`` (``[B]``) lower than those of ``cos``/``sin`` (``[B, q, head_dim]``),
     by the angle-difference identities; ``rotary`` gives the angles of ``delta`` (equal on all three
     M-RoPE axes, so one angle per frequency)."""
@@ -95,7 +99,9 @@ def shift_rope(cos: Tensor, sin: Tensor, rotary: torch.nn.Module, delta: Tensor,
     return (cos * dc + sin * ds) / scale, (sin * dc - cos * ds) / scale
 
 
-def rewritten_ids(orig: Tensor, runs: list[list[Tensor]], images: list[list], safe: Tensor, present: Tensor) -> Tensor:
+def rewritten_ids(
+    orig: Tensor, runs: list[list[Tensor]], images: list[list], safe: Tensor, present: Tensor
+) -> Tensor:
     """The position ids of a prompt whose image runs the pre-LLM stages shortened.
 
     Each image's reduced run starts at the image's first position, less what the images before it
@@ -113,9 +119,9 @@ def rewritten_ids(orig: Tensor, runs: list[list[Tensor]], images: list[list], sa
         ``[R, B, L']``.
     """
     new = orig.clone()
-    for b, (cols, recs) in enumerate(zip(runs, images)):
+    for b, (cols, recs) in enumerate(zip(runs, images, strict=True)):
         given_up = 0
-        for run, rec in zip(cols, recs):
+        for run, rec in zip(cols, recs, strict=True):
             start = orig[:, b, run[0]].min()
             offsets = rec.run_offsets().T.to(orig.dtype)  # [R, run_out]
             new[:, b, run[:offsets.shape[1]]] = start - given_up + offsets

@@ -49,7 +49,8 @@ class PrefillHook:
             records = self.run.images.records
             if not self.run.family.packs_features and records:  # each image as its stages left it
                 features.pooler_output = self.run.family.pooled([rec.state.hidden for rec in records])
-            kwargs = {**kwargs, "pixel_values": None, "mm_encoder_outputs": {**encoder_outputs, "image": features}}
+            kwargs = {**kwargs, "pixel_values": None,
+                      "mm_encoder_outputs": {**encoder_outputs, "image": features}}
             encoder_outputs = kwargs["mm_encoder_outputs"]
         images = self.run.images.take()
         return args, self._start(kwargs, images)
@@ -60,7 +61,8 @@ class PrefillHook:
         is_image = a.image_token_mask(ids, embeds)
         batch, length = is_image.shape
         mask2d = kwargs.get("attention_mask")
-        real = torch.ones(batch, length, dtype=torch.bool, device=is_image.device) if mask2d is None else mask2d.bool()
+        real = (torch.ones(batch, length, dtype=torch.bool, device=is_image.device) if mask2d is None
+                else mask2d.bool())
         n_orig = [rec.run_in for rec in images]
         n_new = [rec.run_out for rec in images]
         per_sample: list[list[int]] = []  # images of each sample, in reading order
@@ -110,8 +112,10 @@ class PrefillHook:
                 kwargs["attention_mask"] = new_mask.to(mask2d.dtype if mask2d is not None else torch.long)
             pos = kwargs.get("position_ids")
             orig = mrope if mrope is not None else (
-                torch.arange(length, device=is_image.device)[None] if pos is None else pos).expand(batch, -1)[None]
-            new_ids = rewritten_ids(orig, runs, [[images[j] for j in mine] for mine in per_sample], safe, present)
+                torch.arange(length, device=is_image.device)[None] if pos is None else pos
+            ).expand(batch, -1)[None]
+            new_ids = rewritten_ids(orig, runs, [[images[j] for j in mine] for mine in per_sample], safe,
+                                    present)
             shift = next_position(orig, real) - next_position(new_ids, padding)
             if mrope is not None:
                 mrope = self._rewrite_mrope(kwargs, new_ids, safe, present, padding)
@@ -131,7 +135,8 @@ class PrefillHook:
         self.run.scratch.clear()
         self.run.prefill = Prefill(
             batch=batch, length=new_len, padding=padding, source_columns=source, rewritten=rewritten,
-            new_mask=new_mask, input_length=length, removed=removed, shift=shift, samples=samples, mrope=mrope,
+            new_mask=new_mask, input_length=length, removed=removed, shift=shift, samples=samples,
+            mrope=mrope,
         )
         self.run.image_tokens_per_layer = [int(samples[0].slots.numel())] * len(a.layers) if samples else []
         return kwargs
@@ -147,11 +152,13 @@ class PrefillHook:
         if ids is None:
             raise ModelError("a Qwen2-VL prompt given as inputs_embeds needs explicit position_ids while a "
                              "pipeline is applied; pass input_ids instead")
-        positions, _ = self.run.family.rope_index(ids, kwargs.get("mm_token_type_ids"), kwargs.get("image_grid_thw"),
-                                               mask2d)
+        positions, _ = self.run.family.rope_index(ids, kwargs.get("mm_token_type_ids"),
+                                               kwargs.get("image_grid_thw"), mask2d)
         return positions
 
-    def _rewrite_mrope(self, kwargs: dict, new: Tensor, safe: Tensor, present: Tensor, padding: Tensor) -> Tensor:
+    def _rewrite_mrope(
+        self, kwargs: dict, new: Tensor, safe: Tensor, present: Tensor, padding: Tensor
+    ) -> Tensor:
         """After a placeholder rewrite: the M-RoPE ids of the stages' position policies; the text row,
         which only orders the sequence, is renumbered; ``mm_token_type_ids`` shrinks with the prompt
         and the model's ``rope_deltas`` continue the new ids at decode steps."""
@@ -164,16 +171,19 @@ class PrefillHook:
         self.run.family.base.rope_deltas = (next_position(new, padding) - padding.sum(1))[:, None]
         return new
 
-    def _samples(self, is_image: Tensor, per_sample: list[list[int]], images: list[ImageRecord]) -> list[Sample]:
+    def _samples(
+        self, is_image: Tensor, per_sample: list[list[int]], images: list[ImageRecord]
+    ) -> list[Sample]:
         out = []
         for b, mine in enumerate(per_sample):
             slots = torch.nonzero(is_image[b]).flatten()
             runs = [images[j].layout() for j in mine]
             if any(r is not None for r in runs):  # separators are not image tokens for reducers
                 tokens = torch.cat([~r if r is not None else torch.ones(images[j].state.n, dtype=torch.bool)
-                                    for j, r in zip(mine, runs)]).to(slots.device)
+                                    for j, r in zip(mine, runs, strict=True)]).to(slots.device)
                 slots = slots[tokens]
-            meta = _sample_state([images[j].state for j in mine], [images[j].crops for j in mine], slots.device)
+            meta = _sample_state([images[j].state for j in mine], [images[j].crops for j in mine],
+                                 slots.device)
             vision = {name: torch.cat([images[j].vision[name] for j in mine])
                       for name in (images[mine[0]].vision if mine else {})}
             owners = [torch.full((images[j].crops,), i, dtype=torch.long) for i, j in enumerate(mine)]
@@ -187,7 +197,8 @@ class PrefillHook:
         if not p.rewritten:
             return kwargs
         mask = kwargs.get("attention_mask")
-        q = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[1]
+        q = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None
+             else kwargs["inputs_embeds"]).shape[1]
         if mask is not None:
             if mask.shape[1] == p.input_length + (past - p.length) + q:
                 mask = torch.cat([p.new_mask.to(mask.dtype), mask[:, p.input_length:]], dim=1)
@@ -199,7 +210,8 @@ class PrefillHook:
         shift = p.shift.to(p.padding.device)[:, None]
         if pos is not None and pos.dim() == 3:  # M-RoPE rows (after a text row, which orders the sequence)
             rows = pos[-3:] - shift
-            pos = rows if pos.shape[0] == 3 else torch.cat([pos[:1] - p.removed.to(pos.device)[:, None], rows])
+            pos = (rows if pos.shape[0] == 3
+                   else torch.cat([pos[:1] - p.removed.to(pos.device)[:, None], rows]))
         elif not self.run.family.mrope:  # the caller's numbering (or the model's own), moved to the prompt's
             if pos is None:
                 pos = (past + torch.arange(q, device=shift.device))[None] + (p.input_length - p.length)

@@ -44,7 +44,8 @@ class ImageRecord:
 
     @classmethod
     def of(cls, state: TokenState, vision: dict[str, Tensor], extras: dict[str, Tensor], rows: int,
-           separators: Tensor | None = None, separator_values: Tensor | None = None, crops: int = 1) -> "ImageRecord":
+           separators: Tensor | None = None, separator_values: Tensor | None = None,
+           crops: int = 1) -> ImageRecord:
         """A fresh image: tokens in processor order (1-D offsets: each token's place in the run)."""
         device = state.hidden.device
         if rows == 3:
@@ -87,7 +88,8 @@ class ImageRecord:
         offsets = self.offsets[src.clamp(min=0)].clone()
         offsets[src < 0] = 0
         if positions == "renumber":
-            if offsets.shape[1] == 3 and new.grids is not None and len(new.grids) == 1:  # numbered as that grid
+            # numbered as that grid
+            if offsets.shape[1] == 3 and new.grids is not None and len(new.grids) == 1:
                 offsets, self.span = grid_offsets(new.grids, 3, offsets.device)
             elif offsets.shape[1] == 3:
                 self.span = int(offsets.max()) + 1 if offsets.numel() else 0
@@ -177,7 +179,8 @@ class Prefill:
     segments: list[Segment] = field(default_factory=list)
     llm_signals: dict[int, dict[str, Any]] = field(default_factory=dict)  # stage layer K -> probes at K-1
     mrope: Tensor | None = None  # [3, B, length] M-RoPE ids of the prefill columns (Qwen2-VL families)
-    ids: Tensor | None = None  # [R, B, length] position ids of the prefill columns (set at the first llm stage)
+    # [R, B, length] position ids of the prefill columns (set at the first llm stage)
+    ids: Tensor | None = None
     relevance: list[Tensor] | None = None  # per sample: text_relevance at the decoder input
     decoding: bool = False
 

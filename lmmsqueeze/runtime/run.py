@@ -82,7 +82,7 @@ class PipelineRun:
         if self.prefill is None:
             return entries
         final = [getattr(s.meta, field_name) for s in self.prefill.samples]
-        return [final if s.where.final_trace() else e for s, e in zip(self.plan.stages, entries)]
+        return [final if s.where.final_trace() else e for s, e in zip(self.plan.stages, entries, strict=True)]
 
     @property
     def output_positions(self) -> Tensor | None:
@@ -142,7 +142,9 @@ class Prepared:
         return InputCosts(self.plan, self.family)
 
 
-def prepare(model: nn.Module, pipeline: str | PipelineSpec | Plan | None = None, weights: Any = None) -> Prepared:
+def prepare(
+    model: nn.Module, pipeline: str | PipelineSpec | Plan | None = None, weights: Any = None
+) -> Prepared:
     """Compile ``pipeline`` for a loaded model and resolve the trained weights its stages need.
 
     Args:
@@ -160,14 +162,16 @@ def prepare(model: nn.Module, pipeline: str | PipelineSpec | Plan | None = None,
     takers = [p for p in placements() if p.takes_weights]
     if weights is not None and not any(plan.at(p.name) for p in takers):
         raise ModelError(f"an adapter was given, but pipeline {plan.canonical!r} has no "
-                         f"{' or '.join(p.name for p in takers)} stage; add one, or omit the pipeline to use the "
-                         "adapter's own")
+                         f"{' or '.join(p.name for p in takers)} stage; add one, or omit the pipeline to "
+                         "use the adapter's own")
     resolved = [r for p in takers if (r := p.prepare_weights(model, plan, weights)) is not None]
     return Prepared(model, plan, family, resolved[0] if resolved else None)
 
 
 @contextlib.contextmanager
-def apply(model: nn.Module, pipeline: str | PipelineSpec | Plan | None, weights: Any = None) -> Iterator[PipelineRun]:
+def apply(
+    model: nn.Module, pipeline: str | PipelineSpec | Plan | None, weights: Any = None
+) -> Iterator[PipelineRun]:
     """Install a pipeline on a transformers model for the duration of a ``with`` block:
     ``prepare(model, pipeline, weights).apply()``.
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ...errors import LmmsqueezeError
+from . import bundled
 
 
 @dataclass(frozen=True)
@@ -28,11 +30,10 @@ class Task:
 
 
 def _bundled() -> Task:
-    from . import bundled
-
     return Task(
         name="bundled",
-        description="synthetic fine-detail VQA on 12x12-cell images (colour, existence, row, column of a symbol)",
+        description="synthetic fine-detail VQA on 12x12-cell images "
+                    "(colour, existence, row, column of a symbol)",
         metric="exact_match",
         size=bundled.TEST_SIZE,
         max_new_tokens=3,

@@ -2,9 +2,9 @@
 
 Each image is a 96x96 picture of a 12x12 grid of 8-pixel cells on a light grey background.
 A few cells are filled with one of six colours; some of those also carry a black 6x6 glyph
-(a "symbol", each at most once per image), the others are plain distractors. Every question is answered by one word and needs
-the content of one or a few small cells anywhere in the image, so a reducer that drops or
-blurs image tokens loses the answer:
+(a "symbol", each at most once per image), the others are plain distractors. Every question is
+answered by one word and needs the content of one or a few small cells anywhere in the image, so
+a reducer that drops or blurs image tokens loses the answer:
 
 * ``color``  -- "what color is the cell with the ring"      -> ``blue``
 * ``exists`` -- "is there a ring"                           -> ``yes`` / ``no``
@@ -114,7 +114,8 @@ def random_scene(rng: np.random.Generator) -> Scene:
     for cell in cells:
         grid[cell // GRID][cell % GRID] = names[int(rng.integers(len(names)))]
     picked = rng.choice(len(SYMBOLS), size=n_sym, replace=False)
-    symbols = {SYMBOLS[s]: (int(cell // GRID), int(cell % GRID)) for s, cell in zip(picked, cells[:n_sym])}
+    symbols = {SYMBOLS[s]: (int(cell // GRID), int(cell % GRID))
+               for s, cell in zip(picked, cells[:n_sym], strict=True)}
     return Scene(colors=tuple(tuple(row) for row in grid), symbols=symbols)
 
 

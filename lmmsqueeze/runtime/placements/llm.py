@@ -60,8 +60,8 @@ class LlmPlacement(Placement):
             )
         last = max((s.layer for s in earlier if s.placement == self.name), default=-1)
         if layer <= last:
-            raise PipelineError(f"{where}: layer={layer} does not come after the previous stage's layer={last}; "
-                                "llm layers must strictly increase along the pipeline")
+            raise PipelineError(f"{where}: layer={layer} does not come after the previous stage's "
+                                f"layer={last}; llm layers must strictly increase along the pipeline")
 
     def overhead(self, stage: PlannedStage, g: ModelGeometry, ctx: CostContext) -> dict[int | None, int]:
         """The stage's probes at layer K-1 and its reducer's work, counted at layer K."""
@@ -144,7 +144,8 @@ class LlmHooks:
                     return None
                 source = kwargs.get("attention_mask")
                 cache = kwargs.get("cache")
-                total = cache.get_seq_length(layer) + hidden.shape[1]  # keys of this layer: kept prefill + later
+                # keys of this layer: kept prefill + later
+                total = cache.get_seq_length(layer) + hidden.shape[1]
                 new = {**kwargs, "attention_mask": seg.sliced_mask(
                     True, source, total, lambda: self._decode_mask(seg, source, total, hidden.shape[1]))}
                 if bool((seg.delta != 0).any()):
@@ -180,8 +181,10 @@ class LlmHooks:
         mask = slice_key_columns(mask, seg.keep, self.run.prefill.length)
         if seg.alive is None:
             return mask
-        tail = torch.ones(seg.alive.shape[0], total - seg.alive.shape[1], dtype=torch.bool, device=seg.alive.device)
-        return mask_filler(mask, torch.cat([seg.alive, tail], 1), square=False, queries=queries, flat=self.run.flat_masks)
+        tail = torch.ones(seg.alive.shape[0], total - seg.alive.shape[1], dtype=torch.bool,
+                          device=seg.alive.device)
+        return mask_filler(mask, torch.cat([seg.alive, tail], 1), square=False, queries=queries,
+                           flat=self.run.flat_masks)
 
 
 register_placement(LlmPlacement())
