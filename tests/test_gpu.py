@@ -12,15 +12,11 @@ import torch
 import lmmsqueeze
 from lmmsqueeze.reducers import list_reducers
 from lmmsqueeze.testing import (
+    TINY_FAMILIES,
     assert_steps_match,
-    padded_positions,
-    tiny_inputs,
+    grown_inputs,
     tiny_llava,
-    tiny_llava_next,
-    tiny_next_inputs,
     tiny_pipeline,
-    tiny_qwen2_vl,
-    tiny_qwen_inputs,
     to_device,
 )
 
@@ -34,23 +30,15 @@ def _flash_available() -> bool:
 pytestmark = [pytest.mark.skipif(not _flash_available(), reason="needs CUDA and flash-attn"),
               pytest.mark.usefixtures("no_grad")]
 
-FAMILIES = {
-    "llava": (tiny_llava, lambda p, b: tiny_inputs(p, b)),
-    "llava_next": (tiny_llava_next, lambda p, b: tiny_next_inputs(p, b, ((64, 64), (64, 48)))),
-    "qwen2_vl": (lambda attn: tiny_qwen2_vl(attn=attn), lambda p, b: tiny_qwen_inputs(p, b, ((168, 168), (112, 168)))),
-    "qwen2_5_vl": (lambda attn: tiny_qwen2_vl(attn=attn, version="2.5"),
-                   lambda p, b: tiny_qwen_inputs(p, b, ((168, 168), (112, 168)))),
-}
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=list(TINY_FAMILIES))
 def flash(request):
-    build, make = FAMILIES[request.param]
-    model, processor = build(attn="flash_attention_2")
+    """A row of the family table in bf16 with flash-attn; ``inputs(batch)``: images of both its sizes."""
+    row = TINY_FAMILIES[request.param]
+    model, processor = row.build(attn="flash_attention_2")
     model = model.to("cuda", torch.bfloat16)
 
     def inputs(batch):
-        x = to_device(make(processor, batch), model.device)
+        x = to_device(row.inputs(processor, batch, row.sizes), model.device)
         x["pixel_values"] = x["pixel_values"].to(torch.bfloat16)
         return x
 
@@ -100,16 +88,8 @@ def test_cached_generate_matches_no_cache_forward_under_flash(flash, pipeline):
     with lmmsqueeze.apply(model, pipeline) as run:
         out = model.generate(**x, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
                              output_logits=True)
-        extra = torch.ones(2, steps, dtype=x["attention_mask"].dtype, device=model.device)
-        grown = {**x, "input_ids": out.sequences, "attention_mask": torch.cat([x["attention_mask"], extra], 1)}
-        if "mm_token_type_ids" in x:
-            types = x["mm_token_type_ids"]
-            grown["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(extra, dtype=types.dtype)], 1)
-        else:
-            mask = grown["attention_mask"]
-            grown["position_ids"] = padded_positions(mask)
         first = [t.clone() for t in run.trace[0]]
-        logits = model(**grown, use_cache=False).logits
+        logits = model(**grown_inputs(x, out.sequences), use_cache=False).logits
         rows = run.output_positions
     if not pipeline.startswith("fastv"):  # fastv's no-cache query is another token
         assert all(torch.equal(a, b) for a, b in zip(first, run.trace[0]))

@@ -8,25 +8,9 @@ import pytest
 import torch
 
 import lmmsqueeze
-from lmmsqueeze.testing import (
-    assert_steps_match,
-    padded_positions,
-    tiny_inputs,
-    tiny_llava,
-    tiny_llava_next,
-    tiny_next_inputs,
-    tiny_qwen2_vl,
-    tiny_qwen_inputs,
-)
+from lmmsqueeze.testing import TINY_FAMILIES, assert_steps_match, grown_inputs, tiny_inputs, tiny_llava
 
 pytestmark = pytest.mark.usefixtures("no_grad")
-
-#: one row per family: (build the model and processor, build a batch of inputs)
-FAMILIES = {
-    "llava": (tiny_llava, lambda processor, batch: tiny_inputs(processor, batch)),
-    "llava_next": (tiny_llava_next, lambda processor, batch: tiny_next_inputs(processor, batch)),
-    "qwen2_vl": (tiny_qwen2_vl, lambda processor, batch: tiny_qwen_inputs(processor, batch)),
-}
 
 #: every combination of a policy before the LLM and one inside it
 PIPELINES = [
@@ -40,24 +24,12 @@ PIPELINES = [
 ]
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=list(TINY_FAMILIES))
 def family(request):
-    build, inputs = FAMILIES[request.param]
-    model, processor = build()
-    return request.param, model, processor, inputs
-
-
-def _grown(inputs, sequences):
-    """The prompt plus the generated tokens, as a no-cache forward takes them."""
-    extra = sequences.shape[1] - inputs["input_ids"].shape[1]
-    grown = {**inputs, "input_ids": sequences}
-    ones = torch.ones(sequences.shape[0], extra, dtype=inputs["attention_mask"].dtype)
-    grown["attention_mask"] = torch.cat([inputs["attention_mask"], ones], 1)
-    if "mm_token_type_ids" in inputs:
-        grown["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ones)], 1)
-    else:
-        grown["position_ids"] = padded_positions(grown["attention_mask"])
-    return grown
+    """A row of the family table: its name, model, processor, and a batch of its square-image inputs."""
+    row = TINY_FAMILIES[request.param]
+    model, processor = row.build()
+    return row.name, model, processor, lambda processor, batch: row.inputs(processor, batch, row.sizes[:1])
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES)
@@ -72,7 +44,7 @@ def test_cached_decoding_equals_a_no_cache_forward(family, pipeline, batch):
         out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
                              output_logits=True)
     with lmmsqueeze.apply(model, pipeline) as run:
-        logits = model(**_grown(inputs, out.sequences), use_cache=False).logits
+        logits = model(**grown_inputs(inputs, out.sequences), use_cache=False).logits
     assert_steps_match(out.logits, logits, run.output_positions, prompt)
 
 

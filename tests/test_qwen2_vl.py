@@ -1,29 +1,22 @@
-"""Qwen2-VL and Qwen2.5-VL (merged patch grid, 3-D M-RoPE) on tiny random models: identity, the
-M-RoPE ids and rope deltas after a rewrite, cache consistency, every reducer, [CLS]-free signals,
-ProxyV on the merged grid, multi-image prompts, mixed batches and costs against the counter."""
+"""Qwen2-VL and Qwen2.5-VL (merged patch grid, 3-D M-RoPE) on tiny random models: layouts against the
+model's own merger, the M-RoPE ids and rope deltas after a rewrite, [CLS]-free signals, ProxyV on the
+merged grid, the CLI and eval costs. The contract every family keeps (identity, every reducer, cached
+decoding, FLOPs, mixed batches) is in ``test_families.py``."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
 
 import lmmsqueeze
 from lmmsqueeze.models import family_for
-from lmmsqueeze.runtime import count_hooks
-from lmmsqueeze.reducers import list_reducers
 from lmmsqueeze.testing import (
-    PROMPTS,
-    assert_steps_match,
     count_flops,
     noise_image,
-    qwen_prompt,
-    tiny_pipeline,
     tiny_qwen2_vl,
     tiny_qwen_inputs,
     to_device,
-    tokens_per_layer_as_run,
 )
 
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -40,23 +33,9 @@ def qwen(request, device):
     return model.to(device), processor
 
 
-@pytest.fixture(scope="module", params=VERSIONS)
-def qwen_eager(request):
-    return tiny_qwen2_vl(attn="eager", version=request.param)
-
-
 def _inputs(qwen, batch=1, sizes=SQUARE):
     model, processor = qwen
     return to_device(tiny_qwen_inputs(processor, batch, sizes), model.device)
-
-
-def _grow(inputs, ids):
-    """The prompt plus generated tokens, as a no-cache forward takes it."""
-    extra = ids.shape[1] - inputs["input_ids"].shape[1]
-    ones = torch.ones(ids.shape[0], extra, dtype=inputs["attention_mask"].dtype, device=ids.device)
-    zeros = torch.zeros(ids.shape[0], extra, dtype=inputs["mm_token_type_ids"].dtype, device=ids.device)
-    return {**inputs, "input_ids": ids, "attention_mask": torch.cat([inputs["attention_mask"], ones], 1),
-            "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], zeros], 1)}
 
 
 def test_adapter_geometry_and_layouts(qwen):
@@ -82,20 +61,6 @@ def test_adapter_geometry_and_layouts(qwen):
         start += lay.crops
     if model.config.model_type == "qwen2_5_vl":  # windows reorder the 6x6 grid: not the identity
         assert layouts[0].source.tolist() != list(range(36))
-
-
-@pytest.mark.parametrize("pipeline", ["", "none", "random(keep=1.0)", "random(keep=1.0, layer=1)",
-                                      "tome(keep=1.0)", "proxyv(layer=4)"])
-@pytest.mark.parametrize("sizes, batch", [(SQUARE, 1), (SQUARE + WIDE, 2)])
-def test_identity_pipelines_are_bit_identical(qwen, pipeline, sizes, batch):
-    model, _ = qwen
-    inputs = _inputs(qwen, batch, sizes)
-    reference = model(**inputs).logits
-    before = count_hooks(model)
-    with lmmsqueeze.apply(model, pipeline):
-        logits = model(**inputs).logits
-    assert torch.equal(logits, reference)
-    assert count_hooks(model) == before and "get_image_features" not in vars(model.model)
 
 
 def _decoder_positions(model, inputs, pipeline):
@@ -192,25 +157,6 @@ def test_pruning_renumbers_by_the_models_rule(qwen):
     assert torch.equal(pos[1:, 0], torch.stack(expected, 1).to(pos.dtype))
 
 
-@pytest.mark.parametrize("pipeline", ["pool", "visionzip(dominant=10, contextual=4)", "pool | random(layer=2, keep=4)",
-                                      "random(keep=12, seed=3, positions=keep) | random(layer=2, keep=5, "
-                                      "positions=renumber)"])
-@pytest.mark.parametrize("sizes, batch", [(SQUARE, 1), (SQUARE + WIDE, 2)])
-def test_projector_reduction_generate_equals_no_cache_forward_loop(qwen, pipeline, sizes, batch):
-    """Cached generate (M-RoPE ids from generate's prefill positions) equals recomputing the whole
-    prompt with the pipeline at every step, positions computed by the model from scratch."""
-    model, _ = qwen
-    inputs = _inputs(qwen, batch, sizes)
-    steps = 4
-    with lmmsqueeze.apply(model, pipeline):
-        generated = model.generate(**inputs, max_new_tokens=steps, do_sample=False)
-        ids = inputs["input_ids"]
-        for _ in range(steps):
-            logits = model(**_grow(inputs, ids), use_cache=False).logits
-            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(generated, ids)
-
-
 def test_manual_decode_without_position_ids_uses_consistent_rope_deltas(qwen):
     """A decode loop that passes no position ids gets them from the model's rope deltas, which the
     rewrite keeps consistent with the shorter cache: the same logits as generate. (Steps pass no
@@ -228,46 +174,6 @@ def test_manual_decode_without_position_ids_uses_consistent_rope_deltas(qwen):
             nxt = step.logits[:, -1].argmax(-1, keepdim=True)
             step = model(input_ids=nxt, cache=cache, use_cache=True)
             cache = step.cache
-
-
-@pytest.mark.parametrize("pipeline", ["random(layer=2, keep=0.5, seed=3)", "divprune(layer=1, keep=10)",
-                                      "proxyv(layer=2, factor=2)", "proxyv(layer=1, variant=nonspatial, proxies=4)",
-                                      "pool | proxyv(layer=2, variant=nonspatial, proxies=3)"])
-@pytest.mark.parametrize("batch", [1, 2])
-def test_cached_generate_matches_no_cache_forward(qwen, pipeline, batch):
-    model, _ = qwen
-    inputs = _inputs(qwen, batch, SQUARE)
-    steps = 3
-    prompt = inputs["input_ids"].shape[1]
-    with lmmsqueeze.apply(model, pipeline) as run:
-        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
-                             output_logits=True)
-        logits = model(**_grow(inputs, out.sequences), use_cache=False).logits
-        rows = run.output_positions
-    if pipeline.startswith("random"):
-        full = prompt + steps - 1
-        assert [out.cache.layers[i].keys.shape[-2] for i in range(4)] == [full] * 2 + [full - 18] * 2
-    assert_steps_match(out.logits, logits, rows, prompt)
-
-
-
-@pytest.mark.parametrize("name", list_reducers())
-def test_every_reducer_runs_end_to_end(qwen, name):
-    """Every layer's KV cache holds the prompt less the image tokens the plan (for this image's 6x6
-    grid) says are gone by that layer."""
-    model, _ = qwen
-    inputs = _inputs(qwen, 2, SQUARE)
-    geometry = family_for(model).image_geometries(inputs)[0]
-    plan = lmmsqueeze.compile(tiny_pipeline(name), geometry)  # nothing is refused on Qwen2-VL
-    with lmmsqueeze.apply(model, plan) as run:
-        out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
-    prompt = inputs["input_ids"].shape[1]
-    assert [layer.keys.shape[-2] for layer in out.cache.layers] == [
-        prompt - (36 - tokens) + 1 for tokens in tokens_per_layer_as_run(run, geometry)]
-    for stage_trace in run.trace:
-        for b in range(2):
-            assert stage_trace[b].numel() == 0 or int(stage_trace[b].max()) < 36
-    assert run.image_tokens_per_layer[-1] == run.trace[-1][0].numel()
 
 
 def _reference_received_attention(model, inputs, per_patch=False):
@@ -340,73 +246,6 @@ def test_spatial_proxies_sit_on_the_merged_grid(qwen):
                         [s + c for _ in range(3) for c in range(3)]], device=model.device)[:, None]
     cos, sin = model.model.language_model.rotary_emb(state.proxies, ids)
     assert torch.allclose(state.proxy_rope[0], cos) and torch.allclose(state.proxy_rope[1], sin)
-
-
-def test_multi_image_prompt(qwen):
-    model, processor = qwen
-    images = [noise_image(i, w, h)
-              for i, (w, h) in enumerate(SQUARE + WIDE)]
-    text = qwen_prompt("USER: <image> <image>\ndescribe ASSISTANT:")
-    inputs = to_device(processor(images=images, text=text), model.device)
-    assert int(inputs["mm_token_type_ids"].sum()) == 36 + 24
-    reference = model(**inputs).logits
-    with lmmsqueeze.apply(model, "random(keep=1.0)"):
-        assert torch.equal(model(**inputs).logits, reference)
-    for pipeline, image_tokens in [("pool", 9 + 6), ("random(layer=2, keep=0.5)", 30), ("proxyv(layer=2, factor=2)", 60),
-                                   ("pool | proxyv(layer=2, variant=nonspatial)", 15)]:
-        with lmmsqueeze.apply(model, pipeline) as run:
-            out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
-                                 output_logits=True)
-            logits = model(**_grow(inputs, out.sequences), use_cache=False).logits
-            rows = run.output_positions
-        assert run.image_tokens_per_layer[-1] == image_tokens
-        assert_steps_match(out.logits, logits, rows, inputs["input_ids"].shape[1])
-        if pipeline == "pool":  # one group per image, both merged grids
-            assert run.prefill.samples[0].meta.grids == ((3, 3), (3, 2))
-
-
-def test_batch_with_different_image_token_counts(qwen):
-    """A 36-token and a 24-token sample: every kind of stage gives each sample what it gets alone."""
-    model, processor = qwen
-    inputs = _inputs(qwen, 2, SQUARE + WIDE)
-    for pipeline in ["pool", "fastv(layer=2, keep=0.5)", "proxyv(layer=2, factor=2)",
-                     "fastv(layer=1, keep=0.5) | proxyv(layer=2, variant=nonspatial, proxies=3)"]:
-        with lmmsqueeze.apply(model, pipeline) as run:
-            batched = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
-                                     output_logits=True)
-        if pipeline.startswith("fastv(layer=2"):
-            assert [t.numel() for t in run.trace[0]] == [18, 12]
-        for b, (w, h) in enumerate(SQUARE + WIDE):
-            image = noise_image(b, w, h)
-            alone = to_device(processor(images=image, text=qwen_prompt(PROMPTS[b])), model.device)
-            with lmmsqueeze.apply(model, pipeline):
-                single = model.generate(**alone, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
-                                        output_logits=True)
-            for step in range(3):
-                assert (batched.logits[step][b] - single.logits[step][0]).abs().max() < 1e-4, (pipeline, b, step)
-
-
-
-@pytest.mark.parametrize("pipeline", ["none", "proxyv(layer=2, factor=2)",
-                                      "proxyv(layer=1, variant=nonspatial, proxies=4)",
-                                      "pool | proxyv(layer=2, factor=1)", "fastv(layer=2, keep=0.5)",
-                                      "visionzip(dominant=10, contextual=4)", "fastervlm(keep=9)"])
-def test_analytic_prefill_flops_match_the_counter(qwen_eager, pipeline):
-    """The vision tower and merger run as usual (vision stages merge their survivors again); the
-    [CLS]-free probe computes all of the last block's Q K^T."""
-    model, processor = qwen_eager
-    inputs = tiny_qwen_inputs(processor, 1, SQUARE)
-    g = dataclasses.replace(family_for(model).geometry, image_tokens=36, grids=((6, 6),), vision_tokens=144)
-    plan = lmmsqueeze.compile(pipeline, g)
-    text = inputs["input_ids"].shape[1] - 36
-    with lmmsqueeze.apply(model, plan):
-        total = count_flops(lambda: model(**inputs, logits_to_keep=1))
-    vision = count_flops(lambda: model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]))
-    unit, d = 4 * g.vision_hidden_size, g.hidden_size
-    again = plan.at("vision")[-1].tokens_out if plan.at("vision") else 0
-    cost = plan.cost(text_tokens=text)
-    measured = total - vision - 2 * again * (unit * unit + unit * d) - 2 * cost.lm_head
-    assert measured == cost.prefill_flops
 
 
 def test_explain_preset_qwen2_vl_notes_the_cls_stand_in():
@@ -503,23 +342,3 @@ def test_show_draws_the_merged_grid_over_the_whole_image(qwen_dir, tmp_path):
     assert [s["tokens"] for s in json.loads(result.stdout)["stages"]] == [6]
     # the 6x4 merged grid of a 112x168 image: 64x96 panels
     assert Image.open(out).size == (2 * (64 + MARGIN) + MARGIN, TITLE_HEIGHT + MARGIN + 96 + MARGIN)
-
-
-@pytest.mark.parametrize("pipeline", ["pool", "fastv(layer=2, keep=0.5)", "pool | random(layer=1, keep=3)",
-                                      "proxyv(layer=2, factor=2)", "pool | proxyv(layer=1, variant=nonspatial, proxies=2)"])
-def test_a_text_only_sample_in_the_batch_is_left_alone(qwen, pipeline):
-    model, processor = qwen
-    texts = [qwen_prompt(PROMPTS[0]), "USER: how many ? ASSISTANT:"]
-    batch = to_device(processor(images=[noise_image(0, 168, 168)], text=texts, padding=True), model.device)
-    with lmmsqueeze.apply(model, pipeline) as run:
-        out = model.generate(**batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
-                             output_logits=True)
-    assert run.trace[0][1].numel() == 0
-    with lmmsqueeze.apply(model, pipeline):
-        first = model.generate(**to_device(processor(images=noise_image(0, 168, 168), text=texts[0]), model.device),
-                               max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
-    second = model.generate(**to_device(processor(text=texts[1]), model.device), max_new_tokens=3, do_sample=False,
-                            return_dict_in_generate=True, output_logits=True)
-    for step in range(3):
-        assert (out.logits[step][0] - first.logits[step][0]).abs().max() < 1e-4
-        assert (out.logits[step][1] - second.logits[step][0]).abs().max() < 1e-4

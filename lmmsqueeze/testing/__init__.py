@@ -1,0 +1,82 @@
+"""Tiny random models of every supported family, built from transformers configs, for tests and plugin
+authors; the family table the tests run their contract over; and the independent references (flop
+counter, no-cache forward) they compare against.
+
+Nothing here downloads anything: tokenizers are built in memory and images are noise.
+
+- :mod:`.tiny`: tokenizers, noise images, prompts, moving and growing processor outputs.
+- :mod:`.families`: the tiny builders and :data:`TINY_FAMILIES`, one :class:`TinyFamily` row per family.
+- :mod:`.checks`: the flop counter, ``assert_steps_match``, a run's plan as it ran.
+"""
+
+from .checks import (
+    assert_cache_follows_plan,
+    assert_steps_match,
+    count_flops,
+    flop_counter,
+    plan_as_run,
+    tokens_per_layer_as_run,
+)
+from .families import (
+    TINY_FAMILIES,
+    TINY_STAGE_PARAMS,
+    TinyFamily,
+    tiny_inputs,
+    tiny_llava,
+    tiny_llava_inputs,
+    tiny_llava_next,
+    tiny_next_inputs,
+    tiny_pipeline,
+    tiny_qwen2_vl,
+    tiny_qwen_inputs,
+)
+from .tiny import (
+    PROMPTS,
+    QWEN_SPECIALS,
+    SPECIALS,
+    WORDS,
+    grown_inputs,
+    miniature_inputs,
+    noise_image,
+    padded_positions,
+    qwen_prompt,
+    random_image,
+    random_signals,
+    tiny_qwen_tokenizer,
+    tiny_tokenizer,
+    to_device,
+)
+
+__all__ = [
+    "PROMPTS",
+    "QWEN_SPECIALS",
+    "SPECIALS",
+    "TINY_FAMILIES",
+    "TINY_STAGE_PARAMS",
+    "WORDS",
+    "TinyFamily",
+    "assert_cache_follows_plan",
+    "assert_steps_match",
+    "count_flops",
+    "flop_counter",
+    "grown_inputs",
+    "miniature_inputs",
+    "noise_image",
+    "padded_positions",
+    "plan_as_run",
+    "qwen_prompt",
+    "random_image",
+    "random_signals",
+    "tiny_inputs",
+    "tiny_llava",
+    "tiny_llava_inputs",
+    "tiny_llava_next",
+    "tiny_next_inputs",
+    "tiny_pipeline",
+    "tiny_qwen2_vl",
+    "tiny_qwen_inputs",
+    "tiny_qwen_tokenizer",
+    "tiny_tokenizer",
+    "to_device",
+    "tokens_per_layer_as_run",
+]
