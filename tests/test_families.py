@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import lmmsqueeze
+from lmmsqueeze.attention import last_query_attention
 from lmmsqueeze.models import family_for, preset
 from lmmsqueeze.reducers import get_reducer, list_reducers
 from lmmsqueeze.runtime import count_hooks
@@ -34,6 +35,7 @@ from lmmsqueeze.testing import (
     count_flops,
     grown_inputs,
     noise_image,
+    placeholder_ids,
     plan_as_run,
     tiny_pipeline,
     to_device,
@@ -72,9 +74,12 @@ class Tiny:
         inputs = self.row.inputs(self.processor, batch, sizes or self.row.sizes[:1])
         return to_device(inputs, self.model.device)
 
-    def prompt(self, texts: list[str], images: list | None = None) -> dict[str, Any]:
-        """LLaVA-style ``texts`` (one ``<image>`` per image) with ``images``, in the family's own format."""
+    def prompt(self, texts: list[str], images: list[list] | None = None) -> dict[str, Any]:
+        """LLaVA-style ``texts`` (one ``<image>`` per image) with ``images[i]`` the images of sample ``i``
+        (a list per sample: LLaVA-OneVision encodes an image in a sample with several otherwise), in the
+        family's own format."""
         texts = [self.row.prompt(t) for t in texts]
+        images = [im for im in images or [] if im]  # a processor takes no empty list for a text-only sample
         out = self.processor(images=images or None, text=texts if len(texts) > 1 else texts[0],
                              return_tensors="pt", padding=True)
         return to_device(out, self.model.device)
@@ -118,16 +123,10 @@ def tiny_attn(request, device) -> Tiny:
 
 
 
-def _never(model) -> list[int]:
-    """Tokens a random model must not generate: an image placeholder without an image (the prompt plus
-    generated tokens is fed again as one no-cache prompt)."""
-    config = model.config
-    return [int(i) for i in (config.image_token_id, getattr(config, "video_token_id", None)) if i is not None]
-
-
 def _generate(model, inputs, steps, **kwargs):
     """Greedy decoding of ``steps`` tokens, their raw logits returned (placeholders never chosen)."""
-    return model.generate(**inputs, max_new_tokens=steps, do_sample=False, suppress_tokens=_never(model),
+    return model.generate(**inputs, max_new_tokens=steps, do_sample=False,
+                          suppress_tokens=placeholder_ids(model),
                           **{"return_dict_in_generate": True, "output_logits": True, **kwargs})
 
 
@@ -278,7 +277,7 @@ def test_generate_equals_a_no_cache_greedy_loop(tiny_attn, pipeline, batch, whic
         ids = inputs["input_ids"]
         for _ in range(steps):
             logits = model(**grown_inputs(inputs, ids), use_cache=False).logits[:, -1]
-            logits[:, _never(model)] = -torch.inf
+            logits[:, placeholder_ids(model)] = -torch.inf
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
     assert torch.equal(generated, ids)
 
@@ -302,12 +301,12 @@ FLOP_CASES += [pytest.param(name, p, id=f"{name}-{p}", marks=_on_every_row_in_ci
                for name in TINY_FAMILIES for p in FLOPS_MORE]
 
 #: (family, pipeline) pairs whose analytic cost is known to differ from what the runtime computes
+_PER_CROP = "random(keep=0.5) | fastv(layer=1, keep=6) | proxyv(layer=2, variant=nonspatial, proxies=5)"
 KNOWN_FLOP_GAPS = {
     # after a grid-breaking stage the plan counts `proxies` non-spatial proxies for the image, while the
     # runtime still groups the survivors by crop and makes `proxies` per crop (10 on the 2 crop grids)
-    ("llava_next",
-     "random(keep=0.5) | fastv(layer=1, keep=6) | proxyv(layer=2, variant=nonspatial, proxies=5)"):
-        "ProxyV non-spatial proxies per crop after a grid-breaking stage are not in the plan's cost",
+    (name, _PER_CROP): "ProxyV's per-crop non-spatial proxies after a grid-breaking stage are not in the plan"
+    for name in ("llava_next", "llava_onevision")
 }
 
 
@@ -373,10 +372,10 @@ def test_analytic_prefill_flops_match_the_counter(name, pipeline, request):
 
 #: pipeline -> image tokens in the last layer for a prompt with an image of each of the row's sizes
 MULTI = {
-    "pool": lambda row: sum(row.pooled),
-    "random(layer=2, keep=0.5)": lambda row: sum(row.image_tokens) // 2,
-    "proxyv(layer=2, factor=2)": lambda row: sum(row.image_tokens),
-    "pool | proxyv(layer=2, variant=nonspatial)": lambda row: sum(row.pooled),
+    "pool": lambda several: sum(several.pooled),
+    "random(layer=2, keep=0.5)": lambda several: sum(several.image_tokens) // 2,
+    "proxyv(layer=2, factor=2)": lambda several: sum(several.image_tokens),
+    "pool | proxyv(layer=2, variant=nonspatial)": lambda several: sum(several.pooled),
 }
 
 
@@ -384,12 +383,12 @@ MULTI = {
 def test_multi_image_prompt(tiny, pipeline):
     """One prompt with an image of each size: cached decoding equals a no-cache forward; the last layer
     holds what each image's own plan keeps; separators stay; pooled grids follow each image."""
-    model, row = tiny.model, tiny.row
+    model, row, several = tiny.model, tiny.row, tiny.row.several
     images = [noise_image(i, w, h) for i, (w, h) in enumerate(row.sizes)]
-    inputs = tiny.prompt(["USER: <image> <image>\ndescribe ASSISTANT:"], images)
-    assert _placeholders(model, inputs) == [sum(row.placeholders)]
+    inputs = tiny.prompt(["USER: <image> <image>\ndescribe ASSISTANT:"], [images])
+    assert _placeholders(model, inputs) == [sum(several.placeholders)]
     geometries = tiny.geometries(inputs)
-    assert [g.image_tokens for g in geometries] == list(row.image_tokens)
+    assert [g.image_tokens for g in geometries] == list(several.image_tokens)
     reference = model(**inputs).logits
     with lmmsqueeze.apply(model, "random(keep=1.0)"):
         assert torch.equal(model(**inputs).logits, reference)
@@ -400,8 +399,8 @@ def test_multi_image_prompt(tiny, pipeline):
         rows = run.output_positions
     assert_steps_match(out.logits, logits, rows, inputs["input_ids"].shape[1])
     planned = sum(p.tokens_per_layer()[-1] for p in plans)
-    assert run.image_tokens_per_layer[-1] == MULTI[pipeline](row) == planned
-    assert seen.separators(row).sum(1).tolist() == [sum(row.placeholders) - sum(row.image_tokens)]
+    assert run.image_tokens_per_layer[-1] == MULTI[pipeline](several) == planned
+    assert seen.separators(row).sum(1).tolist() == [sum(several.placeholders) - sum(several.image_tokens)]
     if pipeline == "pool":  # the pooled grids of both images, one crop id per grid
         meta = run.prefill.samples[0].meta
         assert meta.grids == tuple(grid for p in plans for grid in p.stages[0].grids_out)
@@ -411,7 +410,7 @@ def test_multi_image_prompt(tiny, pipeline):
 def _each_alone(tiny, pipeline, batched, texts, images_per_sample, steps=3):
     """Each sample, run alone with its own prompt and images, gets the batched run's logits."""
     for b, (text, images) in enumerate(zip(texts, images_per_sample, strict=True)):
-        alone = tiny.prompt([text], images)
+        alone = tiny.prompt([text], [images])
         if images:
             with lmmsqueeze.apply(tiny.model, pipeline):
                 single = _generate(tiny.model, alone, steps)
@@ -440,11 +439,12 @@ def test_samples_with_different_image_counts_compute_what_they_compute_alone(tin
     texts = ["USER: <image>\nwhat is the colour ? ASSISTANT:",
              "USER: <image>\n<image>\nhow many ? ASSISTANT:"]
     images = [[noise_image(0, *row.sizes[0])], [noise_image(1, *row.sizes[0]), noise_image(2, *row.sizes[1])]]
-    inputs = tiny_attn.prompt(texts, images[0] + images[1])
+    inputs = tiny_attn.prompt(texts, images)
     with lmmsqueeze.apply(tiny_attn.model, pipeline) as run:
         batched = _generate(tiny_attn.model, inputs, 4)
-    n0, n1 = row.image_tokens
-    assert [t.numel() for t in run.trace[0]] == [COUNTS[pipeline](n0), COUNTS[pipeline](n0 + n1)]
+    n = row.image_tokens[0]
+    several = sum(row.several.image_tokens)
+    assert [t.numel() for t in run.trace[0]] == [COUNTS[pipeline](n), COUNTS[pipeline](several)]
     _each_alone(tiny_attn, pipeline, batched, texts, images, steps=4)
 
 
@@ -482,7 +482,7 @@ def test_a_text_only_sample_in_the_batch_is_left_alone(tiny_attn, pipeline):
     """Sample 1 has no image: it computes what it computes alone (vanilla); sample 0 what it gets alone."""
     texts = ["USER: <image>\nwhat is the colour ? ASSISTANT:", "USER: how many ? ASSISTANT:"]
     image = noise_image(0, *tiny_attn.row.sizes[0])
-    inputs = tiny_attn.prompt(texts, [image])
+    inputs = tiny_attn.prompt(texts, [[image], []])
     with lmmsqueeze.apply(tiny_attn.model, pipeline) as run:
         batched = _generate(tiny_attn.model, inputs, 3)
     assert run.trace[0][1].numel() == 0
@@ -517,8 +517,8 @@ def test_hooks_are_removed_after_the_block(tiny, fail):
 
 
 def test_explain_runs_on_the_family_preset(row):
-    """``explain`` on the row's published model: pool (2x2 windows) -> n/4 tokens, fastv halves them
-    from layer 2, ProxyV keeps them from layer 12."""
+    """``explain`` on the row's published model: pool (2x2 windows, a grid's odd last row and column
+    dropped) -> n tokens, fastv halves them from layer 2, ProxyV keeps them from layer 12."""
     from typer.testing import CliRunner
 
     from lmmsqueeze.cli import app
@@ -529,6 +529,31 @@ def test_explain_runs_on_the_family_preset(row):
     data = json.loads(result.stdout)
     g = preset(row.preset)
     assert data["model"] == row.preset and data["image_tokens"] == g.image_tokens
-    n = g.image_tokens // 4
+    n = sum((h // 2) * (w // 2) for h, w in g.grids)
     assert [layer["image_tokens"] for layer in data["layers"]] == [n] * 2 + [n // 2] * (g.num_layers - 2)
     assert 0 < data["prefill_flops"] < data["vanilla_prefill_flops"]
+
+
+# ----------------------------------------------------------------------------- (i) the text-attention probe
+
+
+def test_last_query_probe_matches_eager_attention_weights(row):
+    """The probe every attention-ranked LLM stage reads (the last query's attention, head mean, from
+    the attention module's inputs: per-head q/k norms where the family has them, its RoPE, left padding)
+    equals the eager attention weights the model returns."""
+    model, processor = row.build(attn="eager")
+    inputs = row.inputs(processor, 2, row.sizes)
+    attn = model.model.language_model.layers[1].self_attn
+    captured = {}
+
+    def grab(module, args, kwargs, output):
+        captured.update(kwargs)
+
+    handle = attn.register_forward_hook(grab, with_kwargs=True)
+    try:
+        eager = model(**inputs, output_attentions=True).attentions[1][:, :, -1].mean(1)
+    finally:
+        handle.remove()
+    probe = last_query_attention(attn, captured["hidden_states"], captured["position_embeddings"],
+                                 inputs["attention_mask"].bool())
+    assert torch.allclose(probe, eager, atol=1e-6)

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 import lmmsqueeze
-from lmmsqueeze.testing import TINY_FAMILIES, assert_steps_match, grown_inputs, tiny_inputs, tiny_llava
+from lmmsqueeze.testing import (
+    TINY_FAMILIES,
+    assert_steps_match,
+    grown_inputs,
+    placeholder_ids,
+    tiny_inputs,
+    tiny_llava,
+)
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -42,7 +49,7 @@ def test_cached_decoding_equals_a_no_cache_forward(family, pipeline, batch):
     prompt, steps = inputs["input_ids"].shape[1], 4
     with lmmsqueeze.apply(model, pipeline):
         out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
-                             output_logits=True)
+                             output_logits=True, suppress_tokens=placeholder_ids(model))
     with lmmsqueeze.apply(model, pipeline) as run:
         logits = model(**grown_inputs(inputs, out.sequences), use_cache=False).logits
     assert_steps_match(out.logits, logits, run.output_positions, prompt)

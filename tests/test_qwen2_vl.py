@@ -315,7 +315,8 @@ def test_eval_costs_use_the_real_image_grid(qwen_dir, tmp_path):
     assert row["image_tokens_per_layer"] == [1, 1, 1, 1]
     model, processor = tiny_qwen2_vl(attn="eager", version="2.5")  # the saved model's shapes; eager: countable
     sample = get_task("bundled").samples("test", 1, 0)[0]
-    inputs = processor(images=sample.image, text=build_prompt(processor, sample.question))
+    inputs = processor(images=sample.image, text=build_prompt(processor, sample.question),
+                       return_tensors="pt")
     assert int(inputs["mm_token_type_ids"].sum()) == 9
     text_config = model.config.text_config
     lm_head = 2 * text_config.hidden_size * text_config.vocab_size  # the last position's logits

@@ -142,7 +142,7 @@ class Family:
         (:func:`image_only`)."""
         try:
             return AutoProcessor.from_pretrained(path, local_files_only=True)
-        except (ImportError, AttributeError, ValueError, TypeError):
+        except (ImportError, AttributeError, ValueError, TypeError, OSError):  # OSError: no video processor
             if cls.processor_class is None:
                 raise
             return image_only(cls.processor_class).from_pretrained(path, local_files_only=True)

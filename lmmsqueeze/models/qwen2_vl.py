@@ -3,21 +3,19 @@
 The vision tower encodes every image of a call as one packed patch sequence; its 2x2 patch merger
 (the projector here) turns each aligned 2x2 block of patches into one LLM image token. Positions are
 3-D M-RoPE ids. ``Qwen2VLProcessor`` also builds a video processor, which needs torchvision;
-lmmsqueeze does not depend on torchvision, so when the processor cannot be loaded,
-:class:`QwenImageProcessor` prepares images and text exactly as ``Qwen2VLProcessor`` does for images.
+lmmsqueeze does not depend on torchvision, so when the processor cannot be loaded it is built
+without one (:func:`.base.image_only`), which prepares images and text as the full processor does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from PIL import Image
 from torch import Tensor, nn
-from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
+from transformers import Qwen2VLProcessor
 from transformers.vision_utils import get_vision_window_index
 
 from ..attention import mean_received_attention, vision_keys_fused
@@ -66,6 +64,8 @@ class QwenVLFamily(Family):
     packs_features: ClassVar[bool] = True
     mrope: ClassVar[bool] = True
     prompt_image: ClassVar[str | None] = IMAGE_PLACEHOLDER
+    #: Qwen2_5_VLProcessor prepares images and text as Qwen2VLProcessor does
+    processor_class: ClassVar[type | None] = Qwen2VLProcessor
 
     @classmethod
     def read_geometry(cls, config: Any, name: str = "") -> ModelGeometry:
@@ -90,15 +90,6 @@ class QwenVLFamily(Family):
             cls_attention="mean",
             **text_geometry(config.get_text_config()),
         )
-
-    @classmethod
-    def load_processor(cls, path: Path) -> Any:
-        """The directory's processor, or (when its video processor cannot be built here: it needs
-        torchvision) the image-only :class:`QwenImageProcessor`."""
-        try:
-            return super().load_processor(path)
-        except (ImportError, AttributeError, ValueError, TypeError):
-            return QwenImageProcessor.from_pretrained(path, local_files_only=True)
 
     @classmethod
     def from_model(cls, model: nn.Module) -> QwenVLFamily:
@@ -211,68 +202,6 @@ class QwenVLFamily(Family):
                              "explicit position_ids); build it with the model's processor")
         return self.base.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids,
                                         image_grid_thw=image_grid_thw, attention_mask=attention_mask)
-
-
-class QwenImageProcessor:
-    """``processor(images=..., text=..., return_tensors="pt", padding=...)`` for Qwen2-VL models."""
-
-    image_token = "<|image_pad|>"
-
-    def __init__(self, tokenizer: Any, image_processor: Any, chat_template: str | None = None):
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.chat_template = (chat_template if chat_template is not None
-                              else getattr(tokenizer, "chat_template", None))
-        self.merge_size = int(getattr(image_processor, "merge_size", 2))
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> QwenImageProcessor:
-        return cls(AutoTokenizer.from_pretrained(path, **kwargs),
-                   AutoImageProcessor.from_pretrained(path, **kwargs))
-
-    def save_pretrained(self, path: str | Path) -> None:
-        self.tokenizer.save_pretrained(path)
-        self.image_processor.save_pretrained(path)
-
-    def __call__(self, images: Any = None, text: Any = None, return_tensors: str = "pt",
-                 padding: bool = False, **kwargs: Any) -> Any:
-        texts = [text] if isinstance(text, str) else list(text)
-        if images is None:
-            images = []
-        elif isinstance(images, Image.Image):
-            images = [images]
-        else:  # one list per sample or a flat list, as Qwen2VLProcessor accepts
-            images = [im for item in images for im in (item if isinstance(item, (list, tuple)) else [item])]
-        data: dict[str, Any] = {}
-        counts: list[int] = []
-        if images:
-            data.update(self.image_processor(images=images, return_tensors=return_tensors))
-            counts = (data["image_grid_thw"].prod(-1) // self.merge_size ** 2).tolist()
-        wanted = sum(t.count(self.image_token) for t in texts)
-        if wanted != len(counts):
-            raise ValueError(f"the text holds {wanted} {self.image_token} placeholders but {len(counts)} "
-                             f"images were given; put {IMAGE_PLACEHOLDER} once per image in the text")
-        pending = iter(counts)
-        expanded = []
-        for t in texts:
-            parts = t.split(self.image_token)
-            expanded.append(parts[0] + "".join(self.image_token * next(pending) + p for p in parts[1:]))
-        enc = self.tokenizer(expanded, return_tensors=return_tensors, padding=padding or len(texts) > 1)
-        data.update(enc)
-        data["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).int()
-        return BatchFeature(data=data, tensor_type=return_tensors)
-
-    def apply_chat_template(self, messages: Any, add_generation_prompt: bool = True, **kwargs: Any) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt,
-                                                  chat_template=self.chat_template, **kwargs)
-
-    def decode(self, *args: Any, **kwargs: Any) -> str:
-        return self.tokenizer.decode(*args, **kwargs)
-
-    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
-        return self.tokenizer.batch_decode(*args, **kwargs)
 
 
 def qwen2_vl_7b(name: str, family: str = "qwen2_vl") -> ModelGeometry:

@@ -52,10 +52,6 @@ class Qwen3VLFamily(QwenVLFamily):
             **text_geometry(config.get_text_config()),
         )
 
-    @classmethod
-    def load_processor(cls, path: Any) -> Any:
-        return super(QwenVLFamily, cls).load_processor(path)  # the real processor, or its image-only form
-
     def follow_groups(self, out: Any, groups: list[Tensor]) -> None:
         levels = getattr(out, "deepstack_features", None)
         if not levels:

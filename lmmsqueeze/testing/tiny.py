@@ -29,7 +29,7 @@ PROMPTS = (
 )
 
 
-def _word_tokenizer(specials: list[str], extra_special_tokens: dict[str, str], atomic: tuple[str, ...] = ()):
+def word_tokenizer(specials: list[str], extra_special_tokens: dict[str, str], atomic: tuple[str, ...] = ()):
     """A word-level fast tokenizer over ``specials`` + :data:`WORDS`, left padding; ``atomic``
     specials are never split by the punctuation pre-tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -51,13 +51,13 @@ def _word_tokenizer(specials: list[str], extra_special_tokens: dict[str, str], a
 
 def tiny_tokenizer():
     """A word-level fast tokenizer with ``<image>`` as a special token (id 4)."""
-    return _word_tokenizer(SPECIALS, {"image_token": "<image>"})
+    return word_tokenizer(SPECIALS, {"image_token": "<image>"})
 
 
 def tiny_qwen_tokenizer():
     """A word-level fast tokenizer with Qwen2-VL's vision markers: ``<|image_pad|>`` is id 4,
     ``<|vision_start|>`` 5, ``<|vision_end|>`` 6, ``<|video_pad|>`` 7."""
-    return _word_tokenizer(QWEN_SPECIALS, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    return word_tokenizer(QWEN_SPECIALS, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
                            atomic=tuple(QWEN_SPECIALS))
 
 
@@ -90,6 +90,14 @@ def miniature_inputs(processor, question: str = "what is the colour of the cell 
 def to_device(inputs, device):
     """Processor outputs with every tensor moved to ``device``."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in dict(inputs).items()}
+
+
+def placeholder_ids(model) -> list[int]:
+    """Tokens a random model must never generate: an image (or video) placeholder without its features
+    (a prompt with generated tokens is fed again as one no-cache prompt). Pass as ``suppress_tokens``."""
+    config = model.config
+    ids = (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
+    return [int(i) for i in ids if i is not None]
 
 
 def padded_positions(mask):
