@@ -152,6 +152,16 @@ class Family:
         """Run the vision tower and projector on the image inputs of a base-model call."""
         raise NotImplementedError
 
+    #: inputs of a base-model call that ``get_video_features`` takes besides the frames
+    video_inputs: ClassVar[tuple[str, ...]] = ()
+
+    def video_features(self, base_kwargs: dict[str, Any]) -> Any:
+        """The model's own video features of a base-model call (its ``pixel_values_videos``): a prefill
+        hands the model its image features precomputed, and a model that takes precomputed features
+        takes them for every modality. Videos are left as the model encodes them."""
+        extra = {k: base_kwargs[k] for k in self.video_inputs if base_kwargs.get(k) is not None}
+        return self.base.get_video_features(base_kwargs["pixel_values_videos"], return_dict=True, **extra)
+
     def image_token_mask(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
         """``[B, L]`` True where the prompt holds an image placeholder."""
         if input_ids is not None:

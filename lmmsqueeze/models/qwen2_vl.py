@@ -117,6 +117,7 @@ class QwenVLFamily(Family):
                                             return_dict=True)
 
     layout_inputs: ClassVar[str] = "image_grid_thw"
+    video_inputs: ClassVar[tuple[str, ...]] = ("video_grid_thw",)
 
     def call_layouts(self, args: tuple, kwargs: dict) -> list[PackedImage] | None:
         grid = kwargs.get("image_grid_thw", args[1] if len(args) > 1 else None)

@@ -82,10 +82,12 @@ class ImageStages:
 
     def _projector_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         feats = args[0] if args else kwargs["image_features"]
-        self.records = []
         if self.family.packs_features:
+            # the records are made from the packed features (a video's frames pass the projector too,
+            # after its prompt's images: they must not wipe the images' records)
             self._crop_inputs = feats
             return None
+        self.records = []
         geometry = self.run.plan.geometry
         for i in range(feats.shape[0]):
             grid = geometry.grids if geometry.grids and feats.shape[1] == geometry.image_tokens else None
