@@ -11,15 +11,14 @@ built-in ones live in :mod:`lmmsqueeze.runtime.placements` (``vision``, ``projec
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from ..errors import PipelineError, RegistryError
+from ..reducers.base import Grids, Reducer
 from .flops import CostContext, LayerCost, metric_width
 from .geometry import ModelGeometry
-
-if TYPE_CHECKING:
-    from ..reducers.base import Reducer
-    from .plan import PlannedStage
+from .spec import StageSpec
 
 
 class Placement:
@@ -133,3 +132,40 @@ def placements() -> list[Placement]:
 
 def placement_names() -> list[str]:
     return [p.name for p in placements()]
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """One validated stage with its resolved placement and token counts."""
+
+    position: int  # 1-based position in the pipeline
+    reducer: Reducer
+    spec: StageSpec  # canonical: every parameter, sorted, defaults filled
+    placement: str  # the name of its placement (vision | projector | llm | proxyv | ...)
+    layer: int | None  # decoder layer of a layered placement (llm, proxyv)
+    tokens_in: int  # per image (vision/projector) or per single-image sample (llm)
+    tokens_out: int
+    grids_in: Grids
+    grids_out: Grids
+    part: tuple[int, int] | None = None  # (i, n) when a stage runs as n parts (e.g. PyramidDrop's layers)
+    positions: str = "renumber"  # keep | renumber: the positions of the tokens after this stage
+    index: int = 0  # 0-based index among the plan's stages
+
+    @property
+    def adaptive(self) -> bool:
+        """The reducer's output count depends on the data: ``tokens_out`` is an estimate."""
+        return self.reducer.adaptive
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def where(self) -> Placement:
+        """The placement object this stage runs at."""
+        return get_placement(self.placement)
+
+    def label(self) -> str:
+        where = self.where.label(self.layer)
+        part = f" part {self.part[0]}/{self.part[1]}" if self.part else ""
+        return f"{self.spec.format()}{part} [{where}]"

@@ -10,49 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import PipelineError
-from ..reducers.base import POSITION_POLICIES, Grids, Reducer
+from ..reducers.base import POSITION_POLICIES, Reducer
 from ..reducers.registry import build_reducer, reducer_params
 from .flops import Cost, plan_cost
 from .geometry import ModelGeometry
-from .placements import Placement, get_placement, placements
+from .placements import Placement, PlannedStage, get_placement, placements
 from .spec import PipelineSpec, StageSpec, parse_pipeline
-
-
-@dataclass(frozen=True)
-class PlannedStage:
-    """One validated stage with its resolved placement and token counts."""
-
-    position: int  # 1-based position in the pipeline
-    reducer: Reducer
-    spec: StageSpec  # canonical: every parameter, sorted, defaults filled
-    placement: str  # the name of its placement (vision | projector | llm | proxyv | ...)
-    layer: int | None  # decoder layer of a layered placement (llm, proxyv)
-    tokens_in: int  # per image (vision/projector) or per single-image sample (llm)
-    tokens_out: int
-    grids_in: Grids
-    grids_out: Grids
-    part: tuple[int, int] | None = None  # (i, n) when a stage runs as n parts (e.g. PyramidDrop's layers)
-    positions: str = "renumber"  # keep | renumber: the positions of the tokens after this stage
-    index: int = 0  # 0-based index among the plan's stages
-
-    @property
-    def adaptive(self) -> bool:
-        """The reducer's output count depends on the data: ``tokens_out`` is an estimate."""
-        return self.reducer.adaptive
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def where(self) -> Placement:
-        """The placement object this stage runs at."""
-        return get_placement(self.placement)
-
-    def label(self) -> str:
-        where = self.where.label(self.layer)
-        part = f" part {self.part[0]}/{self.part[1]}" if self.part else ""
-        return f"{self.spec.format()}{part} [{where}]"
 
 
 @dataclass(frozen=True)
