@@ -40,7 +40,8 @@ def main() -> None:
                                   kv_heads=16, ffn=2816, vision_hidden=128, vision_layers=2)
     rows = bench(model, processor, args.runtime, random_image(0, 336), QUESTION, runs=args.runs,
                  warmup=args.warmup)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    machine = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "runs": args.runs, "rows": rows}, indent=2))
     print(f"| pipeline | decoder ms (median) | measured saving | analytic saving | realized |  ({machine})")

@@ -97,8 +97,8 @@ class Miniature:
 def miniature():
     from lmmsqueeze.testing import miniature_inputs, tiny_llava
 
-    model, processor = tiny_llava(image_size=336, patch_size=14, layers=32, vision_layers=24, hidden=64, heads=4,
-                                  kv_heads=4, ffn=128, vision_hidden=32)
+    model, processor = tiny_llava(image_size=336, patch_size=14, layers=32, vision_layers=24, hidden=64,
+                                  heads=4, kv_heads=4, ffn=128, vision_hidden=32)
     with torch.no_grad():
         for name, weight in model.named_parameters():
             if name.endswith(("q_proj.weight", "k_proj.weight")):

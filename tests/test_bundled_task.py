@@ -21,8 +21,8 @@ def test_samples_are_deterministic_by_seed() -> None:
     b = task.samples("train", 20, seed=3)
     c = task.samples("train", 20, seed=4)
     assert [(s.question, s.answer, s.uid) for s in a] == [(s.question, s.answer, s.uid) for s in b]
-    assert all(np.array_equal(_pixels(x), _pixels(y)) for x, y in zip(a, b))
-    assert any(not np.array_equal(_pixels(x), _pixels(y)) for x, y in zip(a, c))
+    assert all(np.array_equal(_pixels(x), _pixels(y)) for x, y in zip(a, b, strict=True))
+    assert any(not np.array_equal(_pixels(x), _pixels(y)) for x, y in zip(a, c, strict=True))
 
 
 def test_prefix_property_and_test_size() -> None:

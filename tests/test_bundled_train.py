@@ -13,7 +13,8 @@ from lmmsqueeze.bundled.train import main
 from lmmsqueeze.evaluation.tasks import bundled as task
 
 TINY = [
-    "--steps", "4", "--eval-every", "2", "--eval-size", "10", "--batch", "2", "--turns", "3", "--warmup", "2", "--attn-layer", "0", "--attn-heads", "1",
+    "--steps", "4", "--eval-every", "2", "--eval-size", "10", "--batch", "2", "--turns", "3", "--warmup", "2",
+    "--attn-layer", "0", "--attn-heads", "1",
     "--text-hidden", "32", "--text-layers", "1", "--text-heads", "2", "--text-mlp", "64",
     "--vision-hidden", "32", "--vision-layers", "1", "--vision-heads", "2", "--vision-mlp", "64",
     "--threads", "1", "--quiet",

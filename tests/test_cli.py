@@ -72,8 +72,9 @@ def test_reducers_json():
 
 def test_run_answers_with_a_pipeline(saved_tiny):
     path, image = saved_tiny
-    result = runner.invoke(app, ["run", "--model", str(path), "--image", str(image), "--prompt", "what is the colour ?",
-                                 "--pipeline", "pool | fastv(keep=3)", "--max-new-tokens", "3", "--json"])
+    result = runner.invoke(app, ["run", "--model", str(path), "--image", str(image),
+                                 "--prompt", "what is the colour ?", "--pipeline", "pool | fastv(keep=3)",
+                                 "--max-new-tokens", "3", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["pipeline"] == "pool(size=2) | fastv(keep=3, layer=2)"
@@ -83,7 +84,8 @@ def test_run_answers_with_a_pipeline(saved_tiny):
 
 def test_run_refuses_a_pipeline_the_model_cannot_hold(saved_tiny):
     path, image = saved_tiny
-    result = runner.invoke(app, ["run", "-m", str(path), "-i", str(image), "--prompt", "hi", "-p", "fastv(layer=4)"])
+    result = runner.invoke(app, ["run", "-m", str(path), "-i", str(image), "--prompt", "hi",
+                                 "-p", "fastv(layer=4)"])
     assert result.exit_code == 2
     assert "layer=4 is beyond the model" in result.stderr and "has 4 decoder layers (0..3)" in result.stderr
 

@@ -34,9 +34,12 @@ def test_frontier_of_hand_made_points():
 
 def test_pareto_rows_sorted_with_relative_columns():
     rows = [
-        {"pipeline": "none", "adapter": "", "accuracy": 0.8, "prefill_flops": 100, "latency_ms": 10, "saving": 0.0},
-        {"pipeline": "b", "adapter": "", "accuracy": 0.7, "prefill_flops": 50, "latency_ms": 6, "saving": 0.5},
-        {"pipeline": "c", "adapter": "", "accuracy": 0.6, "prefill_flops": 60, "latency_ms": 4, "saving": 0.4},
+        {"pipeline": "none", "adapter": "", "accuracy": 0.8, "prefill_flops": 100, "latency_ms": 10,
+         "saving": 0.0},
+        {"pipeline": "b", "adapter": "", "accuracy": 0.7, "prefill_flops": 50, "latency_ms": 6,
+         "saving": 0.5},
+        {"pipeline": "c", "adapter": "", "accuracy": 0.6, "prefill_flops": 60, "latency_ms": 4,
+         "saving": 0.4},
         {"pipeline": "d", "adapter": "", "accuracy": 0.9, "prefill_flops": 0, "latency_ms": 1, "saving": 1.0,
          "status": "failed"},
     ]
@@ -56,24 +59,29 @@ def test_a_task_trained_adapter_is_measured_against_its_trained_control(tmp_path
     from lmmsqueeze.evaluation.pareto import delta_cell, label, to_markdown
     from lmmsqueeze.proxyv.attach import provenance
 
-    for name, config in (("task", {"objective": "task", "control": "../control/adapter"}), ("control/adapter", {}),
+    for name, config in (("task", {"objective": "task", "control": "../control/adapter"}),
+                         ("control/adapter", {}),
                          ("distilled", {"objective": "distill"})):
         (tmp_path / name).mkdir(parents=True, exist_ok=True)
         (tmp_path / name / "adapter_config.json").write_text(json.dumps(config))
-    task_ref, control_ref, distilled_ref = (str(tmp_path / n) for n in ("task", "control/adapter", "distilled"))
+    task_ref, control_ref, distilled_ref = (
+        str(tmp_path / n) for n in ("task", "control/adapter", "distilled"))
     rows = [
         {"pipeline": "none", "adapter": "", "accuracy": 0.80, "prefill_flops": 100, "saving": 0.0},
         {"pipeline": "proxyv(layer=1, variant=control)", "adapter": control_ref, "accuracy": 0.90,
          "prefill_flops": 105, "saving": -0.05, **provenance(control_ref)},
-        {"pipeline": "proxyv(layer=1)", "adapter": task_ref, "accuracy": 0.93, "prefill_flops": 55, "saving": 0.45,
-         **provenance(task_ref)},
+        {"pipeline": "proxyv(layer=1)", "adapter": task_ref, "accuracy": 0.93, "prefill_flops": 55,
+         "saving": 0.45, **provenance(task_ref)},
         {"pipeline": "proxyv(layer=1)", "adapter": distilled_ref, "accuracy": 0.79, "prefill_flops": 55,
          "saving": 0.45, **provenance(distilled_ref)},
     ]
     out = {r["adapter"]: r for r in pareto_rows(rows)}
-    assert out[task_ref]["accuracy_delta"] == pytest.approx(0.03) and delta_cell(out[task_ref]) == "+3.0 vs ft"
-    assert out[distilled_ref]["accuracy_delta"] == pytest.approx(-0.01) and delta_cell(out[distilled_ref]) == "-1.0"
-    assert label(out[control_ref]).startswith("vanilla-ft: ") and out[control_ref]["accuracy_delta"] == pytest.approx(0.1)
+    assert out[task_ref]["accuracy_delta"] == pytest.approx(0.03)
+    assert delta_cell(out[task_ref]) == "+3.0 vs ft"
+    assert out[distilled_ref]["accuracy_delta"] == pytest.approx(-0.01)
+    assert delta_cell(out[distilled_ref]) == "-1.0"
+    assert label(out[control_ref]).startswith("vanilla-ft: ")
+    assert out[control_ref]["accuracy_delta"] == pytest.approx(0.1)
     assert "vanilla-ft: proxyv(layer=1, variant=control)" in to_markdown(list(out.values()))
     alone = {r["adapter"]: r for r in pareto_rows(rows[:1] + rows[2:])}  # no control row: no Δ to show
     assert alone[task_ref]["accuracy_delta"] is None and alone[task_ref]["reference"] is None
@@ -104,10 +112,12 @@ def test_a_store_measured_with_earlier_method_behaviour_is_refused(tmp_path):
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
     db.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, model TEXT NOT NULL, pipeline TEXT NOT NULL, "
-               "adapter TEXT NOT NULL DEFAULT '', task TEXT NOT NULL, limit_n INTEGER NOT NULL, seed INTEGER NOT NULL, "
-               "status TEXT NOT NULL, error TEXT, accuracy REAL, metrics TEXT NOT NULL, created REAL NOT NULL)")
+               "adapter TEXT NOT NULL DEFAULT '', task TEXT NOT NULL, limit_n INTEGER NOT NULL, "
+               "seed INTEGER NOT NULL, status TEXT NOT NULL, error TEXT, accuracy REAL, "
+               "metrics TEXT NOT NULL, created REAL NOT NULL)")
     db.execute("INSERT INTO runs (model, pipeline, task, limit_n, seed, status, metrics, created) "
-               "VALUES ('bundled', 'pdrop(keep=0.5, layer=8, stages=3, step=8)', 'bundled', 10, 0, 'ok', '{}', 0)")
+               "VALUES ('bundled', 'pdrop(keep=0.5, layer=8, stages=3, step=8)', 'bundled', 10, 0, 'ok', "
+               "'{}', 0)")
     db.commit()
     db.close()
     with pytest.raises(LmmsqueezeError, match="earlier lmmsqueeze whose methods compute differently"):
@@ -130,7 +140,8 @@ def test_default_grid_offers_the_shipped_adapters_on_the_bundled_model_only():
 
 
 def test_grid_lists_expand_and_bad_grids_are_refused(tmp_path):
-    assert [i.pipeline for i in expand_item("fastv(keep=[0.25, 0.5])")] == ["fastv(keep=0.25)", "fastv(keep=0.5)"]
+    expanded = [i.pipeline for i in expand_item("fastv(keep=[0.25, 0.5])")]
+    assert expanded == ["fastv(keep=0.25)", "fastv(keep=0.5)"]
     good = tmp_path / "g.yaml"
     good.write_text("model: m\ntasks: bundled\nlimit: 5\npipelines:\n  - pool\n  - fastv(keep=[0.25, 0.5])\n")
     grid = load_grid(good)
@@ -177,7 +188,8 @@ def test_eval_json_row(tiny_dir, tmp_path):
 
 @pytest.fixture
 def failing_reducer():
-    @register_reducer("test_explodes", family="pruning", placements=("projector",), keeps_grid=False, cite="test")
+    @register_reducer("test_explodes", family="pruning", placements=("projector",), keeps_grid=False,
+                      cite="test")
     @dataclass(frozen=True)
     class Explodes(ScoredPruner):
         """Always fails."""
@@ -228,7 +240,8 @@ def test_sigkill_then_rerun_finishes_without_loss_or_duplicates(tiny_dir, tmp_pa
         pipelines = [r["pipeline"] for r in rows]
         assert len(pipelines) == len(set(pipelines)) == 6
         assert before <= {(r["pipeline"], r["accuracy"]) for r in rows}  # nothing finished was lost or redone
-        assert all(len(store.answers(Key(r["model"], r["pipeline"], "", "bundled", 30, 0))) == 30 for r in rows)
+        assert all(len(store.answers(Key(r["model"], r["pipeline"], "", "bundled", 30, 0))) == 30
+                   for r in rows)
 
 
 @pytest.mark.slow
@@ -295,12 +308,13 @@ def test_loglikelihood_scores_the_continuation_at_the_rows_that_predict_it():
     import torch
 
     from lmmsqueeze.evaluation.lmms_bridge import _Engine
-    from lmmsqueeze.runtime.loading import build_prompt
     from lmmsqueeze.runtime import apply
+    from lmmsqueeze.runtime.loading import build_prompt
     from lmmsqueeze.testing import random_image
 
     engine = _Engine("bundled", "pool | fastv(layer=2, keep=0.5)", None, "cpu")
-    image, question, answer = random_image(0, 96), "what is the colour of the cell at row 3 column c ?", "red , 3"
+    image = random_image(0, 96)
+    question, answer = "what is the colour of the cell at row 3 column c ?", "red , 3"
     total, greedy = engine.loglikelihood([image], question, answer)
     prompt = build_prompt(engine.processor, question)
     full = engine.processor(images=image, text=f"{prompt} {answer}", return_tensors="pt")

@@ -79,8 +79,9 @@ def test_pdrop(miniature, embeds):
     assert len(run.trace) == len(stages), f"{len(run.trace)} stages traced, the released code drops 3 times"
     for s, want in enumerate(stages):
         got = run.trace[s][0]
-        assert torch.equal(got.cpu(), want), f"stage {s} (layer {LAYER_LIST[s]}): {got.numel()} vs {want.numel()}" \
-            f" kept, {len(set(got.tolist()) ^ set(want.tolist()))} differ"
+        assert torch.equal(got.cpu(), want), (
+            f"stage {s} (layer {LAYER_LIST[s]}): {got.numel()} vs {want.numel()} kept, "
+            f"{len(set(got.tolist()) ^ set(want.tolist()))} differ")
     _check_logits(logits, expected)
 
 

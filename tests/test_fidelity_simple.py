@@ -168,4 +168,5 @@ def test_pooling_odd_grid(name, mode):
     assert torch.equal(state.assign, groups)
     assert state.grids == (output_grid(grid, mode),)
     # float32 arithmetic on standard normal features (bilinear weights are float32 too): ~4e-6 at most
-    assert torch.allclose(state.hidden, expected, rtol=0.0, atol=1e-5), float((state.hidden - expected).abs().max())
+    assert torch.allclose(state.hidden, expected, rtol=0.0, atol=1e-5), \
+        float((state.hidden - expected).abs().max())

@@ -48,7 +48,8 @@ def _released(mini) -> tuple[list[Stage], torch.Tensor]:
         out = E.run_layer(mini.eager, i, hidden, positions)
         hidden = out.hidden
         if i in PRUNING_LOC:
-            stage = sparse_stage(hidden, out.attention, start, v_num, raters, SCHEDULE_192[len(stages)], origins)
+            count = SCHEDULE_192[len(stages)]
+            stage = sparse_stage(hidden, out.attention, start, v_num, raters, count, origins)
             stages.append(stage)
             hidden, v_num, origins = stage.hidden, stage.v_num, stage.origins
             positions = torch.arange(hidden.shape[1])[None]  # position_ids[:, :L']: renumbered
@@ -95,8 +96,8 @@ def test_sparsevlm(miniature):
     mini = miniature
     start, _ = E.image_span(mini.inputs["input_ids"], mini.model.config.image_token_id)
     stages, expected = _released(mini)
-    assert [s.v_num for s in stages] == [n + c for n, c in zip(SCHEDULE_192, MERGED)]
-    for stage, count in zip(stages, SCHEDULE_192):
+    assert [s.v_num for s in stages] == [n + c for n, c in zip(SCHEDULE_192, MERGED, strict=True)]
+    for stage, count in zip(stages, SCHEDULE_192, strict=True):
         _check_margins(stage, count)
         assert sum(map(len, stage.origins)) == len(frozenset().union(*stage.origins)), "overlapping groups"
     assert sum(len(o) for o in stages[0].origins) == 300 + stages[0].recycled.numel()
@@ -117,10 +118,12 @@ def test_sparsevlm(miniature):
     assert len(run.trace) == len(stages), f"{len(run.trace)} stages, expected {len(stages)}"
     for s, stage in enumerate(stages):
         trace, groups = run.trace[s][0].cpu(), run.groups[s][0].cpu()
-        assert trace.numel() == stage.v_num, f"stage {s}: {trace.numel()} image tokens, expected {stage.v_num}"
+        assert trace.numel() == stage.v_num, \
+            f"stage {s}: {trace.numel()} image tokens, expected {stage.v_num}"
         ours = _sets(groups, trace.numel())
-        bad = [p for p, (a, b) in enumerate(zip(ours, stage.origins)) if a != b]
-        assert not bad, f"stage {s} (after layer {PRUNING_LOC[s]}): {len(bad)} tokens differ, first at {bad[:5]}"
+        bad = [p for p, (a, b) in enumerate(zip(ours, stage.origins, strict=True)) if a != b]
+        assert not bad, \
+            f"stage {s} (after layer {PRUNING_LOC[s]}): {len(bad)} tokens differ, first at {bad[:5]}"
         for p, members in enumerate(stage.origins):
             assert int(trace[p]) in members, f"stage {s}, token {p}: index {int(trace[p])} not in its group"
 

@@ -39,7 +39,9 @@ def _ours(mini, pipeline):
 def _differ(ours, released):
     """A short message: the lengths and the first position where two index lists part."""
     ours, released = ours.tolist(), released.tolist()
-    at = next((i for i, (a, b) in enumerate(zip(ours, released)) if a != b), min(len(ours), len(released)))
+    # the lists may differ in length: compare the common prefix, else they part where the shorter ends
+    at = next((i for i, (a, b) in enumerate(zip(ours, released, strict=False)) if a != b),
+              min(len(ours), len(released)))
     return (f"ours {len(ours)} vs released {len(released)}; first difference at {at}: "
             f"ours {ours[at:at + 8]} vs released {released[at:at + 8]}")
 

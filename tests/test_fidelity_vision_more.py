@@ -100,7 +100,8 @@ def test_vispruner(miniature):
     assert len(selection.rounds) == 65 and selection.cuts[-1] == 6  # 547 -> 29: 64 rounds of 8, then 6
     # the cut between important and residual, and the residual's attention order (it drives the split)
     assert float(_descending_gaps(selection.attention[0], important).min()) > ATTENTION_MARGIN
-    for best, r in zip(selection.rounds, selection.cuts):  # each cut and the survivors' carried order
+    # each cut and the survivors' carried order
+    for best, r in zip(selection.rounds, selection.cuts, strict=True):
         assert float(_descending_gaps(best[0], r).min()) > COSINE_MARGIN
 
     kept = torch.nonzero(selection.mask[0]).flatten()

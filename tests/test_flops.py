@@ -7,13 +7,12 @@ import pytest
 import torch
 
 import lmmsqueeze
-from lmmsqueeze.proxyv.stage import proxyv_stage
 from lmmsqueeze.compose.flops import layer_macs
-from lmmsqueeze.proxyv.placement import proxyv_layer_macs
 from lmmsqueeze.compose.geometry import with_tokens
-from lmmsqueeze.models import preset
 from lmmsqueeze.errors import ModelError
-from lmmsqueeze.models import family_for
+from lmmsqueeze.models import family_for, preset
+from lmmsqueeze.proxyv.placement import proxyv_layer_macs
+from lmmsqueeze.proxyv.stage import proxyv_stage
 from lmmsqueeze.testing import count_flops, tiny_llava
 
 
@@ -42,7 +41,8 @@ def test_decoder_layer_matches_the_counter_exactly(eager_tiny):
 def test_fastv_paper_numbers():
     """FastV K=2, R=50% on LLaVA-1.5-7B, FastV's formula with 74 text tokens (reducers.md 6.4)."""
     vanilla = lmmsqueeze.compile("none", "llava-1.5-7b").cost(text_tokens=74, convention="fastv")
-    fastv = lmmsqueeze.compile("fastv(layer=2, keep=0.5)", "llava-1.5-7b").cost(text_tokens=74, convention="fastv")
+    fastv = lmmsqueeze.compile("fastv(layer=2, keep=0.5)", "llava-1.5-7b").cost(
+        text_tokens=74, convention="fastv")
     assert vanilla.prefill_macs == pytest.approx(3.38e12, rel=2e-3)
     assert fastv.prefill_macs == pytest.approx(1.95e12, rel=2e-3)
     assert fastv.saving == pytest.approx(1 - 0.577, abs=0.002)
@@ -60,8 +60,9 @@ def test_proxyv_paper_savings(backbone, starts, reported):
     g = with_tokens(preset(backbone), 2880)
     n = 2880 + 55
     base = sum(layer_macs(g, n))
-    proxy = sum(proxyv_layer_macs(g, image_tokens=2880, proxies=180, other_tokens=55, mlp_hidden=g.hidden_size // 4))
-    for start, expected in zip(starts, reported):
+    proxy = sum(proxyv_layer_macs(g, image_tokens=2880, proxies=180, other_tokens=55,
+                                  mlp_hidden=g.hidden_size // 4))
+    for start, expected in zip(starts, reported, strict=True):
         total = start * base + (g.num_layers - start) * proxy
         assert 100 * (1 - total / (g.num_layers * base)) == pytest.approx(expected, abs=1.0)
         plan = lmmsqueeze.compile(f"proxyv(layer={start})", g)

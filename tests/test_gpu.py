@@ -92,7 +92,7 @@ def test_cached_generate_matches_no_cache_forward_under_flash(flash, pipeline):
         logits = model(**grown_inputs(x, out.sequences), use_cache=False).logits
         rows = run.output_positions
     if not pipeline.startswith("fastv"):  # fastv's no-cache query is another token
-        assert all(torch.equal(a, b) for a, b in zip(first, run.trace[0]))
+        assert all(torch.equal(a, b) for a, b in zip(first, run.trace[0], strict=True))
         assert_steps_match(out.logits, logits, rows, prompt, atol=5e-2)
 
 
@@ -103,7 +103,8 @@ def test_filler_columns_under_flash_give_each_sample_its_own_result():
 
     model, processor = tiny_llava(attn="flash_attention_2")
     model = model.to("cuda", torch.bfloat16)
-    texts = ["USER: <image>\nwhat is the colour ? ASSISTANT:", "USER: <image>\n<image>\nhow many ? ASSISTANT:"]
+    texts = ["USER: <image>\nwhat is the colour ? ASSISTANT:",
+             "USER: <image>\n<image>\nhow many ? ASSISTANT:"]
     images = [random_image(0), random_image(1), random_image(2)]
 
     def prepared(x):

@@ -8,10 +8,8 @@ import pytest
 import torch
 
 import lmmsqueeze
+from lmmsqueeze.models import family_for, geometry_from_config, preset
 from lmmsqueeze.proxyv.stage import proxyv_stage
-from lmmsqueeze.models import geometry_from_config
-from lmmsqueeze.models import preset
-from lmmsqueeze.models import family_for
 from lmmsqueeze.testing import (
     noise_image,
     tiny_llava_next,
@@ -78,13 +76,13 @@ def test_layouts_match_the_models_packing(next_sdpa):
     layouts = family_for(model).layouts(inputs["image_sizes"], "default")
     assert [lay.grids for lay in layouts] == [((4, 4), (8, 8)), ((4, 4), (6, 8))]
     assert [int(lay.separators.sum()) for lay in layouts] == [8, 6]
-    packed = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
-                                            return_dict=True).pooler_output
+    packed = model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                            image_sizes=inputs["image_sizes"], return_dict=True).pooler_output
     crops = model.model.multi_modal_projector(
         model.model.vision_tower(inputs["pixel_values"].flatten(0, 1), output_hidden_states=True)
         .hidden_states[-2][:, 1:])
     start = 0
-    for run, lay in zip(packed, layouts):
+    for run, lay in zip(packed, layouts, strict=True):
         flat = crops[start:start + lay.crops].flatten(0, 1)
         tokens = ~lay.separators
         assert torch.allclose(run[tokens], flat[lay.source[tokens]], atol=1e-6)
@@ -104,7 +102,8 @@ def test_image_geometries_follow_each_images_crops(next_sdpa):
 def test_pool_is_per_crop_and_newlines_keep_their_rows(next_sdpa):
     model, processor = next_sdpa
     inputs = _inputs(model, processor, 1, SQUARE)
-    packed = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+    packed = model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                            image_sizes=inputs["image_sizes"],
                                             return_dict=True).pooler_output[0]
     base = packed[:16].view(2, 2, 2, 2, -1).mean(dim=(1, 3)).reshape(4, -1)
     sub = packed[16:].view(8, 9, -1)[:, :8].reshape(4, 2, 4, 2, -1).mean(dim=(1, 3)).reshape(16, -1)
@@ -121,7 +120,8 @@ def test_pool_is_per_crop_and_newlines_keep_their_rows(next_sdpa):
     image = embeds[first:first + 28][~newline[first:first + 28]]
     assert torch.allclose(image, torch.cat([base, sub]), atol=1e-6)
     # trace: the top-left token of each window, base crop first (indices over the 80 image tokens)
-    assert run.trace[0][0].tolist() == [0, 2, 8, 10] + [16 + 16 * r + 2 * c for r in range(4) for c in range(4)]
+    sub_windows = [16 + 16 * r + 2 * c for r in range(4) for c in range(4)]
+    assert run.trace[0][0].tolist() == [0, 2, 8, 10] + sub_windows
 
 
 def test_fastervlm_keeps_its_share_of_every_crop(next_sdpa):
@@ -177,9 +177,9 @@ def test_cli_runs_a_local_llava_next_directory(tmp_path):
     model.save_pretrained(tmp_path / "m")
     processor.save_pretrained(tmp_path / "m")
     noise_image(0, 64, 48).save(tmp_path / "i.png")
-    result = CliRunner().invoke(app, ["run", "-m", str(tmp_path / "m"), "-i", str(tmp_path / "i.png"), "--prompt",
-                                      "what ?", "-p", "pool | fastv(layer=2, keep=0.5)", "--max-new-tokens", "2",
-                                      "--json"])
+    result = CliRunner().invoke(app, ["run", "-m", str(tmp_path / "m"), "-i", str(tmp_path / "i.png"),
+                                      "--prompt", "what ?", "-p", "pool | fastv(layer=2, keep=0.5)",
+                                      "--max-new-tokens", "2", "--json"])
     assert result.exit_code == 0, result.output
     # a 64x48 image: 4x4 base + 6x8 sub-crop grid -> pooled 2x2 + 3x4 = 16 -> 8 from layer 2
     assert json.loads(result.stdout)["image_tokens_per_layer"] == [16, 16, 8, 8]

@@ -47,7 +47,8 @@ def test_lmms_eval_cli_matches_lmmsqueeze_eval(bundled_shaped, tmp_path):
     results = list(out.rglob("*_results.json"))
     assert results, proc.stdout[-2000:] + proc.stderr[-2000:]
     metric = json.loads(results[0].read_text())["results"]["lmmsqueeze_bundled"]["exact_match,none"]
-    samples = [json.loads(line) for f in out.rglob("*_samples_*.jsonl") for line in f.read_text().splitlines()]
+    samples = [json.loads(line) for f in out.rglob("*_samples_*.jsonl")
+               for line in f.read_text().splitlines()]
     lmms_predictions = {s["doc_id"]: s["filtered_resps"] for s in samples}
 
     native = runner.invoke(app, ["eval", "-m", str(bundled_shaped), "-p", "pool", "--limit", "8",
@@ -62,9 +63,9 @@ def test_lmms_eval_cli_matches_lmmsqueeze_eval(bundled_shaped, tmp_path):
     assert {i: a["prediction"] for i, a in enumerate(answers)} == lmms_predictions
     assert any(p for p in lmms_predictions.values())  # real words, not empty strings
 
-    bridged = runner.invoke(app, ["eval", "-m", str(bundled_shaped), "-p", "pool", "--task", "lmms:lmmsqueeze_bundled",
-                                  "--include-path", str(task_dir), "--limit", "8", "--results",
-                                  str(tmp_path / "r.db"), "--json"])
+    bridged = runner.invoke(app, ["eval", "-m", str(bundled_shaped), "-p", "pool",
+                                  "--task", "lmms:lmmsqueeze_bundled", "--include-path", str(task_dir),
+                                  "--limit", "8", "--results", str(tmp_path / "r.db"), "--json"])
     assert bridged.exit_code == 0, bridged.output
     assert json.loads(bridged.stdout)["accuracy"] == pytest.approx(metric)
     with ResultStore(tmp_path / "r.db") as store:
@@ -73,6 +74,6 @@ def test_lmms_eval_cli_matches_lmmsqueeze_eval(bundled_shaped, tmp_path):
 
 
 def test_unknown_lmms_task_is_one_line(bundled_shaped, tmp_path):
-    result = runner.invoke(app, ["eval", "-m", str(bundled_shaped), "--task", "lmms:no_such_task", "--limit", "2",
-                                 "--results", str(tmp_path / "r.db")])
+    result = runner.invoke(app, ["eval", "-m", str(bundled_shaped), "--task", "lmms:no_such_task",
+                                 "--limit", "2", "--results", str(tmp_path / "r.db")])
     assert result.exit_code == 2 and "lmms-eval knows no task 'no_such_task'" in result.stderr

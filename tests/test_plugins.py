@@ -57,8 +57,8 @@ def plugin_env(tmp_path_factory):
 
 
 def _cli(env, *args):
-    return subprocess.run([sys.executable, "-m", "lmmsqueeze", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "lmmsqueeze", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_entry_point_plugin_is_listed_and_runs_through_the_cli(plugin_env):
@@ -108,7 +108,8 @@ def test_override_replaces_and_unregister_removes():
     class A(ScoredPruner):
         """A."""
 
-    @register_reducer("tmp_first", family="pruning", placements=("projector",), keeps_grid=False, override=True)
+    @register_reducer("tmp_first", family="pruning", placements=("projector",), keeps_grid=False,
+                      override=True)
     @dataclass(frozen=True)
     class B(ScoredPruner):
         """B."""

@@ -14,8 +14,10 @@ from lmmsqueeze.proxyv.attach import config_for
 from lmmsqueeze.testing import tiny_inputs, tiny_llava
 
 
-@pytest.mark.parametrize("pipeline, p", [("proxyv(layer=3, factor=2)", 9),  # 6x6 grid / factor 2 = 3x3 proxies
-                                          ("proxyv(layer=3, variant=nonspatial, proxies=40)", 40)])
+@pytest.mark.parametrize("pipeline, p", [
+    ("proxyv(layer=3, factor=2)", 9),  # 6x6 grid / factor 2 = 3x3 proxies
+    ("proxyv(layer=3, variant=nonspatial, proxies=40)", 40),
+])
 def test_mask_semantics_on_the_attention_inputs(tiny_sdpa, monkeypatch, pipeline, p):
     """Capture what a ProxyV layer hands to attention and check every block against the rules,
     computed independently from token kinds and positions. With more proxies than image tokens the
@@ -82,8 +84,8 @@ def test_frozen_llm_gradients_reach_only_proxyv_parameters(tiny_sdpa):
         for p in frozen:
             p.requires_grad_(True)
     grads = {name: p.grad for name, p in adapter.named_parameters()}
-    assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), [n for n, g in grads.items()
-                                                                               if g is None or not g.abs().sum()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), \
+        [n for n, g in grads.items() if g is None or not g.abs().sum()]
 
 
 def test_adapter_round_trip_gives_identical_logits(tiny_sdpa, tmp_path):
@@ -120,8 +122,10 @@ def test_adapter_mismatch_is_named(tiny_sdpa, tmp_path):
 
 
 @pytest.mark.parametrize("pipeline, message", [
-    ("random(keep=0.5) | proxyv(layer=2)", "needs the token grid, but an earlier stage broke it; use variant=nonspatial"),
-    ("fastv(layer=2) | proxyv(layer=2)", "an llm reducer at layer 2 >= 2 cannot run with ProxyV from layer 2"),
+    ("random(keep=0.5) | proxyv(layer=2)",
+     "needs the token grid, but an earlier stage broke it; use variant=nonspatial"),
+    ("fastv(layer=2) | proxyv(layer=2)",
+     "an llm reducer at layer 2 >= 2 cannot run with ProxyV from layer 2"),
     ("proxyv(layer=1) | fastv(layer=2)", "an llm reducer at layer 2 >= 1 cannot run with ProxyV"),
     ("proxyv(layer=2) | fastv(layer=1)", "cannot follow a proxyv stage"),
     ("proxyv(layer=5)", "ProxyV starts at a layer in 0..4"),
@@ -148,8 +152,10 @@ def test_train_proxyv_runs_resumes_and_the_adapter_alone_is_enough(tmp_path):
 
     random_image(2).save(tmp_path / "i.png")
     runner = CliRunner()
-    args = ["train-proxyv", "-m", str(tmp_path / "m"), "-p", "pool | proxyv(layer=2, variant=nonspatial, proxies=3)",
-            "--out", str(tmp_path / "out"), "--batch", "3", "--eval-every", "2", "--eval-size", "4", "--save-every", "2"]
+    args = ["train-proxyv", "-m", str(tmp_path / "m"),
+            "-p", "pool | proxyv(layer=2, variant=nonspatial, proxies=3)",
+            "--out", str(tmp_path / "out"), "--batch", "3", "--eval-every", "2", "--eval-size", "4",
+            "--save-every", "2"]
     first = runner.invoke(app, [*args, "--steps", "2"])
     assert first.exit_code == 0, first.output
     second = runner.invoke(app, [*args, "--steps", "4"])  # resumes at step 2
@@ -158,13 +164,16 @@ def test_train_proxyv_runs_resumes_and_the_adapter_alone_is_enough(tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all("val_accuracy" in r for r in log if r["step"] % 2 == 0)
     config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
-    assert config["pipeline"] == "pool(size=2) | proxyv(factor=4, layer=2, mlp_hidden=0, proxies=3, variant=nonspatial)"
-    ran = runner.invoke(app, ["run", "-m", str(tmp_path / "m"), "-i", str(tmp_path / "i.png"), "--prompt", "what ?",
-                              "--adapter", str(tmp_path / "out" / "adapter"), "--max-new-tokens", "2", "--json"])
+    assert config["pipeline"] == ("pool(size=2) | "
+                                  "proxyv(factor=4, layer=2, mlp_hidden=0, proxies=3, variant=nonspatial)")
+    ran = runner.invoke(app, ["run", "-m", str(tmp_path / "m"), "-i", str(tmp_path / "i.png"),
+                              "--prompt", "what ?", "--adapter", str(tmp_path / "out" / "adapter"),
+                              "--max-new-tokens", "2", "--json"])
     assert ran.exit_code == 0, ran.output
     assert json.loads(ran.stdout)["pipeline"] == config["pipeline"]
-    bad = runner.invoke(app, ["run", "-m", str(tmp_path / "m"), "-i", str(tmp_path / "i.png"), "--prompt", "what ?",
-                              "--adapter", str(tmp_path / "out" / "adapter"), "-p", "proxyv(layer=1)"])
+    bad = runner.invoke(app, ["run", "-m", str(tmp_path / "m"), "-i", str(tmp_path / "i.png"),
+                              "--prompt", "what ?", "--adapter", str(tmp_path / "out" / "adapter"),
+                              "-p", "proxyv(layer=1)"])
     assert bad.exit_code == 2 and "does not fit this pipeline or model" in bad.stderr
 
 
@@ -188,7 +197,8 @@ def test_the_proxyv_layer_is_the_papers_computation_written_out(variant, images)
                            text="USER: <image>\nwhat is <image>\nthe colour ? ASSISTANT:")
     lm = model.model.language_model
     layer = lm.layers[3]
-    pipeline = "proxyv(layer=3, factor=2)" if variant == "spatial" else "proxyv(layer=3, variant=nonspatial, proxies=4)"
+    pipeline = ("proxyv(layer=3, factor=2)" if variant == "spatial"
+                else "proxyv(layer=3, variant=nonspatial, proxies=4)")
     plan = lmmsqueeze.compile(pipeline, model)
     adapter = ProxyVAdapter(config_for(model, plan))
     g = torch.Generator().manual_seed(1)
@@ -197,11 +207,13 @@ def test_the_proxyv_layer_is_the_papers_computation_written_out(variant, images)
             p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
     seen = {}
     with torch.no_grad():
-        handle = lm.layers[2].register_forward_hook(lambda m, a, kw, out: seen.update(x=out[0]), with_kwargs=True)
+        handle = lm.layers[2].register_forward_hook(lambda m, a, kw, out: seen.update(x=out[0]),
+                                                    with_kwargs=True)
         model(**inputs)
         handle.remove()
         with lmmsqueeze.apply(model, plan, weights=adapter):
-            handle = lm.layers[3].register_forward_hook(lambda m, a, kw, out: seen.update(y=out[0]), with_kwargs=True)
+            handle = lm.layers[3].register_forward_hook(lambda m, a, kw, out: seen.update(y=out[0]),
+                                                        with_kwargs=True)
             model(**inputs)
             handle.remove()
 
@@ -240,7 +252,8 @@ def test_the_proxyv_layer_is_the_papers_computation_written_out(variant, images)
             for k in range(n_seq + n_p):
                 if kind[q] == "proxy":  # proxies see proxies (causally) and the text before their image
                     start = owner_of[q - n_seq]
-                    ok = (kind[k] == "proxy" and positions[k] <= positions[q]) or (kind[k] == "text" and k < start)
+                    ok = ((kind[k] == "proxy" and positions[k] <= positions[q])
+                          or (kind[k] == "text" and k < start))
                 else:  # text sees every sequence token up to itself, never a proxy
                     ok = kind[k] != "proxy" and positions[k] <= positions[q]
                 allowed[qi, k] = ok
@@ -271,7 +284,8 @@ def test_the_proxyv_layer_is_the_papers_computation_written_out(variant, images)
         per_image = n_p // images
         for j in range(images):
             cols = image[36 * j: 36 * (j + 1)]
-            guidance = spreads[j] @ (new_proxies[per_image * j: per_image * (j + 1)] @ mlp.context_proj.weight.T)
+            own = new_proxies[per_image * j: per_image * (j + 1)]
+            guidance = spreads[j] @ (own @ mlp.context_proj.weight.T)
             fused = F.silu(torch.cat([x[cols] @ mlp.input_proj.weight.T, guidance], -1) @ mlp.fuse.weight.T)
             y = fused @ mlp.out_proj.weight.T + x[cols]
             expected[cols] = mlp.norm.weight * y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + mlp.norm.eps)

@@ -59,7 +59,8 @@ def test_distillation_reads_no_label_and_task_training_does(tiny, tmp_path):
     for objective in ("distill", "task"):
         for name, data in (("right", task), ("wrong", WrongAnswers(task))):
             settings = TrainSettings(objective=objective, **SETTINGS)
-            adapter = train_proxyv(model, processor, PIPELINE, data, tmp_path / f"{objective}-{name}", settings)
+            adapter = train_proxyv(model, processor, PIPELINE, data, tmp_path / f"{objective}-{name}",
+                                   settings)
             runs[objective, name] = _weights(adapter)
     assert _same(runs["distill", "right"], runs["distill", "wrong"])
     assert not _same(runs["task", "right"], runs["task", "wrong"])
@@ -92,9 +93,8 @@ def test_the_control_starts_as_the_vanilla_model_and_saves_nothing(tiny):
     assert pipeline == "proxyv(layer=2, variant=control)"
     plan = lmmsqueeze.compile(pipeline, model)
     adapter = ProxyVAdapter(config_for(model, plan))
-    assert sum(p.numel() for p in adapter.parameters()) == sum(
-        p.numel() for p in ProxyVAdapter(config_for(model, lmmsqueeze.compile("proxyv(layer=2, factor=2)", model)))
-        .parameters())
+    spatial = ProxyVAdapter(config_for(model, lmmsqueeze.compile("proxyv(layer=2, factor=2)", model)))
+    assert sum(p.numel() for p in adapter.parameters()) == sum(p.numel() for p in spatial.parameters())
     with torch.no_grad():
         reference = model(**inputs).logits
         with lmmsqueeze.apply(model, plan, weights=adapter):
@@ -153,7 +153,8 @@ def test_a_right_padded_processor_trains_as_a_left_padded_one(tiny, tmp_path):
 def test_the_same_seed_trains_the_same_adapter(tiny, tmp_path):
     model, processor = tiny
     task = get_task("bundled")
-    runs = [_weights(train_proxyv(model, processor, PIPELINE, task, tmp_path / str(i), TrainSettings(**SETTINGS)))
+    runs = [_weights(train_proxyv(model, processor, PIPELINE, task, tmp_path / str(i),
+                                  TrainSettings(**SETTINGS)))
             for i in range(2)]
     other = _weights(train_proxyv(model, processor, PIPELINE, task, tmp_path / "seed1",
                                   TrainSettings(seed=1, **SETTINGS)))
@@ -178,7 +179,8 @@ def test_the_shipped_adapters_were_trained_with_the_scripts_defaults():
 
     settings = asdict(train_adapters.settings_of(train_adapters.build_parser().parse_args([])))
     bundled = geometry_from_path(WEIGHTS_DIR)
-    for name, pipeline in (("proxyv-spatial", train_adapters.SPATIAL), ("proxyv-nonspatial", train_adapters.NONSPATIAL)):
+    for name, pipeline in (("proxyv-spatial", train_adapters.SPATIAL),
+                           ("proxyv-nonspatial", train_adapters.NONSPATIAL)):
         config = json.loads((adapter_path(f"bundled:{name}") / "adapter_config.json").read_text())
         assert config["objective"] == "distill" and config["training"] == settings
         assert config["pipeline"] == lmmsqueeze.compile(pipeline, bundled).canonical

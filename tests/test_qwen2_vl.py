@@ -5,7 +5,6 @@ decoding, FLOPs, mixed batches) is in ``test_families.py``."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -53,9 +52,10 @@ def test_adapter_geometry_and_layouts(qwen):
     out = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
     rows = adapter.projector_rows(out.last_hidden_state)
     packed = model.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                            image_grid_thw=inputs["image_grid_thw"], return_dict=True).pooler_output
+                                            image_grid_thw=inputs["image_grid_thw"],
+                                            return_dict=True).pooler_output
     start = 0
-    for run, lay in zip(packed, layouts):
+    for run, lay in zip(packed, layouts, strict=True):
         mine = rows[start:start + lay.crops].flatten(0, 1)[lay.source.to(rows.device)]
         assert torch.allclose(adapter.project(mine), run, atol=1e-5)
         start += lay.crops
@@ -125,7 +125,8 @@ def test_pooling_renumbers_as_the_model_numbers_the_pooled_image(qwen):
     ids = inputs["input_ids"][0]
     image = ids == model.config.image_token_id
     first = int(torch.nonzero(image)[0])
-    pooled = torch.cat([ids[:first], ids[first:first + 9], ids[first + 36:]])[None]  # 6x6 -> 3x3 merged tokens
+    # 6x6 -> 3x3 merged tokens
+    pooled = torch.cat([ids[:first], ids[first:first + 9], ids[first + 36:]])[None]
     types = (pooled == model.config.image_token_id).long()
     expected, _ = model.model.get_rope_index(pooled, mm_token_type_ids=types,
                                              image_grid_thw=torch.tensor([[1, 6, 6]], device=ids.device))
@@ -196,7 +197,7 @@ def _reference_received_attention(model, inputs, per_patch=False):
     q, k = module.apply_rotary_pos_emb_vision(q, k, cos, sin)
     bounds = captured["cu_seqlens"].tolist()
     out = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         weights = torch.softmax(torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * attn.scaling, dim=-1)
         out.append(weights.mean(dim=(0, 1)))
     received = torch.cat(out)
@@ -258,7 +259,8 @@ def test_explain_preset_qwen2_vl_notes_the_cls_stand_in():
     result = CliRunner().invoke(app, ["explain", "visionzip", "--model-config", "qwen2-vl-7b"])
     assert result.exit_code == 0, result.output
     assert "note: visionzip: qwen2-vl-7b has no [CLS] token" in " ".join(result.output.split())
-    result = CliRunner().invoke(app, ["explain", "proxyv(layer=14)", "--model-config", "qwen2-vl-7b", "--json"])
+    result = CliRunner().invoke(app, ["explain", "proxyv(layer=14)", "--model-config", "qwen2-vl-7b",
+                                      "--json"])
     data = json.loads(result.stdout)
     assert data["image_tokens"] == 576 and data["notes"] == []
 
@@ -281,9 +283,9 @@ def test_cli_runs_a_local_qwen_directory(qwen_dir):
 
     from lmmsqueeze.cli import app
 
-    result = CliRunner().invoke(app, ["run", "-m", str(qwen_dir / "m"), "-i", str(qwen_dir / "i.png"), "--prompt",
-                                      "what ?", "-p", "pool | fastv(layer=2, keep=0.5)", "--max-new-tokens", "2",
-                                      "--json"])
+    result = CliRunner().invoke(app, ["run", "-m", str(qwen_dir / "m"), "-i", str(qwen_dir / "i.png"),
+                                      "--prompt", "what ?", "-p", "pool | fastv(layer=2, keep=0.5)",
+                                      "--max-new-tokens", "2", "--json"])
     assert result.exit_code == 0, result.output
     # a 112x168 (w x h) image: 12x8 patches, a 6x4 merged grid -> pooled 3x2 = 6 -> 3 from layer 2
     assert json.loads(result.stdout)["image_tokens_per_layer"] == [6, 6, 3, 3]
@@ -313,14 +315,16 @@ def test_eval_costs_use_the_real_image_grid(qwen_dir, tmp_path):
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)
     assert row["image_tokens_per_layer"] == [1, 1, 1, 1]
-    model, processor = tiny_qwen2_vl(attn="eager", version="2.5")  # the saved model's shapes; eager: countable
+    # the saved model's shapes; eager: countable
+    model, processor = tiny_qwen2_vl(attn="eager", version="2.5")
     sample = get_task("bundled").samples("test", 1, 0)[0]
     inputs = processor(images=sample.image, text=build_prompt(processor, sample.question),
                        return_tensors="pt")
     assert int(inputs["mm_token_type_ids"].sum()) == 9
     text_config = model.config.text_config
     lm_head = 2 * text_config.hidden_size * text_config.vocab_size  # the last position's logits
-    vision = count_flops(lambda: model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]))
+    vision = count_flops(lambda: model.model.visual(inputs["pixel_values"],
+                                                    grid_thw=inputs["image_grid_thw"]))
     vanilla = count_flops(lambda: model(**inputs, logits_to_keep=1)) - vision - lm_head
     with lmmsqueeze.apply(model, "pool(size=3)"):
         pooled = count_flops(lambda: model(**inputs, logits_to_keep=1)) - vision - lm_head
@@ -337,8 +341,9 @@ def test_show_draws_the_merged_grid_over_the_whole_image(qwen_dir, tmp_path):
     from lmmsqueeze.visualize import MARGIN, TITLE_HEIGHT
 
     out = tmp_path / "show.png"
-    result = CliRunner().invoke(app, ["show", "-m", str(qwen_dir / "m"), "-i", str(qwen_dir / "i.png"), "--prompt",
-                                      "what ?", "-p", "pool", "--out", str(out), "--panel-size", "96", "--json"])
+    result = CliRunner().invoke(app, ["show", "-m", str(qwen_dir / "m"), "-i", str(qwen_dir / "i.png"),
+                                      "--prompt", "what ?", "-p", "pool", "--out", str(out),
+                                      "--panel-size", "96", "--json"])
     assert result.exit_code == 0, result.output
     assert [s["tokens"] for s in json.loads(result.stdout)["stages"]] == [6]
     # the 6x4 merged grid of a 112x168 image: 64x96 panels

@@ -60,7 +60,8 @@ def test_paper_default_plans_on_llava_1_5_7b():
     assert per_layer("pdrop") == [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8
     # SparseVLM prunes the outputs of layers 2, 6, 15 (the inputs of 3, 7, 16) to the released counts
     assert per_layer("sparsevlm(budget=64, recycle=false)") == [576] * 3 + [66] * 4 + [30] * 9 + [17] * 16
-    # recycling adds int(m / 10) + 1 merged tokens, m = int(0.3 * dropped) + 1: 276 -> 83 -> 9, 109 -> 33 -> 4, ...
+    # recycling adds int(m / 10) + 1 merged tokens, m = int(0.3 * dropped) + 1:
+    # 276 -> 83 -> 9, 109 -> 33 -> 4, ...
     assert per_layer("sparsevlm") == [576] * 3 + [309] * 4 + [204] * 9 + [113] * 16
     released = {192: [300, 200, 110], 128: [303, 110, 36], 96: [238, 48, 26], 64: [66, 30, 17]}
     for budget, kept in released.items():  # SparseVLM v1, score.py's sparse_token_dict
@@ -123,7 +124,8 @@ def test_fastervlm_and_visionzip_keep_their_share_in_every_crop():
 
 def test_pdrop_is_fastv_repeated_at_each_stage():
     state = _state(16)
-    att = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.8, 0.2, 0.7, 0.05, 0.6, 0.4, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65])
+    att = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.8, 0.2, 0.7, 0.05,
+                        0.6, 0.4, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65])
     reducer = create_reducer("pdrop", keep=0.5, layer=2, step=3, stages=3)
     assert [p.layer for p in reducer.substages()] == [2, 5, 8]
     out = reducer.reduce(state, Signals(input_text_attention=att))
@@ -142,7 +144,8 @@ def test_divprune_matches_a_naive_greedy_loop():
     first = max(range(25), key=lambda i: min(dist[i][j] for j in range(25) if j != i))
     picked = [first]
     while len(picked) < 6:
-        picked.append(max((i for i in range(25) if i not in picked), key=lambda i: min(dist[i][s] for s in picked)))
+        picked.append(max((i for i in range(25) if i not in picked),
+                          key=lambda i: min(dist[i][s] for s in picked)))
     assert out.index.tolist() == sorted(picked)
 
 
@@ -184,9 +187,10 @@ def _tome_round_reference(hidden, metric, sizes, r):
     survivors = [matches[t][1] for t in order[r:]] + b_side
     groups = [[i for i in range(n) if dest[i] == s] for s in survivors]
     w = [sum(float(sizes[i]) for i in g) for g in groups]
-    merged = torch.stack([sum(hidden[i].double() * float(sizes[i]) for i in g) / wt for g, wt in zip(groups, w)])
+    merged = torch.stack([sum(hidden[i].double() * float(sizes[i]) for i in g) / wt
+                          for g, wt in zip(groups, w, strict=True)])
     merged_metric = torch.stack([sum(metric[i].double() * float(sizes[i]) for i in g) / wt
-                                 for g, wt in zip(groups, w)])
+                                 for g, wt in zip(groups, w, strict=True)])
     return survivors, groups, merged, merged_metric
 
 
@@ -285,8 +289,8 @@ def test_stride_by_hand():
 
 
 def test_maxpool_by_hand_on_a_4x3_grid_with_ragged_border():
-    hidden = torch.tensor([[5.0, 0], [1, 7], [2, 2], [0, 9], [3, 3], [4, 1], [8, 0], [6, 6], [1, 5], [0, 1], [7, 2],
-                           [9, 9]])
+    hidden = torch.tensor([[5.0, 0], [1, 7], [2, 2], [0, 9], [3, 3], [4, 1],
+                           [8, 0], [6, 6], [1, 5], [0, 1], [7, 2], [9, 9]])
     out = create_reducer("maxpool").reduce(TokenState.initial(hidden, grids=((4, 3),)), Signals())
     # windows {0,1,3,4} {6,7,9,10}; the last column (2, 5, 8, 11) fills no whole window
     assert out.hidden.tolist() == [[5, 9], [8, 6]]
@@ -334,7 +338,8 @@ def _default_placement(name):
 
 
 def _stage(name, placement, start):
-    """Pipeline text of ``name`` at ``placement`` (llm stages from layer ``start``) and the next free layer."""
+    """Pipeline text of ``name`` at ``placement`` (llm stages from layer ``start``) and the next free
+    layer."""
     params = dict(SMALL.get(name, {}))
     used = 0
     if placement == "llm":
@@ -349,7 +354,8 @@ def _stage(name, placement, start):
             used = 1
     elif placement != _default_placement(name):
         params["at"] = placement  # a second pre-LLM placement is chosen with `at`
-    text = ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={str(v).lower()}" for k, v in params.items())
+    text = ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={str(v).lower()}"
+                     for k, v in params.items())
     return (f"{name}({text})" if text else name), start + used
 
 
@@ -435,6 +441,6 @@ def test_the_refused_pairs_are_the_expected_ones(tiny6):
             assert breaks and needs_grid and "needs the token grid" in message, message
     # and every pair the rules forbid is refused: nothing slips through
     predicted = {(a, pa, b, pb) for (a, pa), (b, pb) in PAIRS
-                 if rank[pb] < rank[pa] or (not get_reducer(a).keeps_grid and getattr(get_reducer(b), "requires_grid",
-                                                                                      False))}
+                 if rank[pb] < rank[pa]
+                 or (not get_reducer(a).keeps_grid and getattr(get_reducer(b), "requires_grid", False))}
     assert predicted and {r[:4] for r in refused} == predicted

@@ -106,8 +106,8 @@ def test_public_api_names_the_registry():
 def test_states_of_several_images_concatenate_with_offsets():
     """Image A: 4 tokens, tokens 1 and 2 merged into slot 1, token 3 dropped; image B: 2 untouched
     tokens in 2 crops. As one sample: B's original indices start at 4, its slots at 2, its crops at 1."""
-    a = TokenState(torch.zeros(2, 3), torch.tensor([0, 1]), torch.tensor([1.0, 2.0]), torch.tensor([0, 0]), None,
-                   torch.tensor([0, 1, 1, -1]))
+    a = TokenState(torch.zeros(2, 3), torch.tensor([0, 1]), torch.tensor([1.0, 2.0]), torch.tensor([0, 0]),
+                   None, torch.tensor([0, 1, 1, -1]))
     b = TokenState.initial(torch.ones(2, 3), grids=((1, 1), (1, 1)), crop_ids=torch.tensor([0, 1]))
     s = TokenState.concat([a, b], crops=[1, 2])
     assert s.index.tolist() == [0, 1, 4, 5] and s.assign.tolist() == [0, 1, 1, -1, 2, 3]
@@ -115,7 +115,8 @@ def test_states_of_several_images_concatenate_with_offsets():
     assert s.hidden.shape == (4, 3) and TokenState.concat([b, b], crops=[2, 2]).grids == ((1, 1),) * 4
 
 
-BUILT_IN = [n for n in list_reducers() if lmmsqueeze.get_reducer(n).__module__.startswith("lmmsqueeze.reducers.")]
+BUILT_IN = [n for n in list_reducers()
+            if lmmsqueeze.get_reducer(n).__module__.startswith("lmmsqueeze.reducers.")]
 
 
 @pytest.mark.parametrize("name", BUILT_IN)

@@ -34,14 +34,15 @@ def test_render_darkens_dropped_tints_merged_and_outlines_representatives():
     assert _pixel(picture, 0, 1) == GREY  # the input panel is the image itself
     assert _pixel(picture, 1, 0) == GREY  # kept, unmerged: untouched
     dropped = _pixel(picture, 1, 1)
-    assert all(v == round(g * 0.25) or abs(v - g * 0.25) <= 1 for v, g in zip(dropped, GREY))
-    tint = [round(g * 0.45 + t * 0.55) for g, t in zip(GREY, group_colour(0))]
+    assert all(v == round(g * 0.25) or abs(v - g * 0.25) <= 1 for v, g in zip(dropped, GREY, strict=True))
+    tint = [round(g * 0.45 + t * 0.55) for g, t in zip(GREY, group_colour(0), strict=True)]
     for cell in (0, 1, 2):  # one colour for the whole group
-        assert all(abs(a - b) <= 1 for a, b in zip(_pixel(picture, 2, cell), tint))
+        assert all(abs(a - b) <= 1 for a, b in zip(_pixel(picture, 2, cell), tint, strict=True))
     assert _pixel(picture, 2, 3) == GREY
     # the representative of the merged group is outlined in the group's colour, a kept single in white
     panel2 = MARGIN + 2 * (64 + MARGIN)
-    assert picture.getpixel((panel2 + 10, MARGIN + TITLE_HEIGHT + 32)) == group_colour(0)  # top edge of cell 2
+    # top edge of cell 2
+    assert picture.getpixel((panel2 + 10, MARGIN + TITLE_HEIGHT + 32)) == group_colour(0)
     assert picture.getpixel((MARGIN + (64 + MARGIN) + 1, MARGIN + TITLE_HEIGHT + 10)) == (255, 255, 255)
 
 
@@ -49,16 +50,19 @@ def test_render_draws_one_row_per_crop_grid():
     """Two crops (a 1x2 and a 2x2 grid): tokens 0-1 are the first row, 2-5 the second; merge
     colours are shared across crops."""
     image = Image.new("RGB", (40, 40), GREY)
-    view = StageView("merge", kept=[0, 5], groups=[0, -1, -1, -1, 0, 1])  # token 4 (crop 2) merged into token 0
+    # token 4 (crop 2) merged into token 0
+    view = StageView("merge", kept=[0, 5], groups=[0, -1, -1, -1, 0, 1])
     picture = render_stages([image, image], [(1, 2), (2, 2)], [view], panel_size=64)
     # rows: a 64x32 panel for the 1x2 grid, then a 64x64 one
     assert picture.size == (2 * (64 + MARGIN) + MARGIN, TITLE_HEIGHT + MARGIN + (32 + MARGIN) + (64 + MARGIN))
     x0, top = MARGIN + 64 + MARGIN, MARGIN + TITLE_HEIGHT
-    tint = [round(g * 0.45 + t * 0.55) for g, t in zip(GREY, group_colour(0))]
-    assert all(abs(a - b) <= 1 for a, b in zip(picture.getpixel((x0 + 16, top + 16)), tint))  # crop 1, token 0
+    tint = [round(g * 0.45 + t * 0.55) for g, t in zip(GREY, group_colour(0), strict=True)]
+    crop1_token0 = picture.getpixel((x0 + 16, top + 16))
+    assert all(abs(a - b) <= 1 for a, b in zip(crop1_token0, tint, strict=True))
     assert picture.getpixel((x0 + 48, top + 16)) != GREY  # crop 1, token 1: dropped (darkened)
     second = top + 32 + MARGIN
-    assert all(abs(a - b) <= 1 for a, b in zip(picture.getpixel((x0 + 16, second + 48)), tint))  # crop 2, token 2
+    crop2_token2 = picture.getpixel((x0 + 16, second + 48))
+    assert all(abs(a - b) <= 1 for a, b in zip(crop2_token2, tint, strict=True))
     assert picture.getpixel((x0 + 48, second + 48)) == GREY  # crop 2, token 3 (index 5): kept alone
 
 
@@ -71,15 +75,17 @@ def test_model_view_is_the_centre_square():
     image = Image.new("RGB", (30, 10))
     image.paste((255, 0, 0), (10, 0, 20, 10))
     view = model_view(image)
-    assert view.size == (10, 10) and view.getpixel((0, 0)) == (255, 0, 0) and view.getpixel((9, 9)) == (255, 0, 0)
+    assert view.size == (10, 10)
+    assert view.getpixel((0, 0)) == (255, 0, 0) and view.getpixel((9, 9)) == (255, 0, 0)
 
 
 def test_show_writes_one_panel_per_stage(saved_tiny, tmp_path):
     path, image = saved_tiny
     out = tmp_path / "show.png"
     pipeline = "visionzip(dominant=6, contextual=3) | fastv(layer=2, keep=4)"
-    result = runner.invoke(app, ["show", "-m", str(path), "-i", str(image), "--prompt", "what is the colour ?",
-                                 "-p", pipeline, "--out", str(out), "--panel-size", "96", "--json"])
+    result = runner.invoke(app, ["show", "-m", str(path), "-i", str(image), "--prompt",
+                                 "what is the colour ?", "-p", pipeline, "--out", str(out),
+                                 "--panel-size", "96", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert [s["tokens"] for s in data["stages"]] == [9, 4]

@@ -10,8 +10,8 @@ import torch
 
 import lmmsqueeze
 from lmmsqueeze import PipelineError, ScoredPruner, register_reducer
-from lmmsqueeze.models import preset
 from lmmsqueeze.attention import cls_query_attention, last_query_attention
+from lmmsqueeze.models import preset
 from lmmsqueeze.reducers import unregister_reducer
 from lmmsqueeze.reducers.base import SIGNALS
 from lmmsqueeze.testing import tiny_inputs
@@ -188,7 +188,8 @@ def test_every_signal_matches_an_independent_recomputation(tiny_sdpa, recorder):
         assert torch.allclose(signals.text_keys, keys[b, after], atol=1e-5)
         assert torch.allclose(signals.normed_hidden, normed[b, cols], atol=1e-5)
         assert torch.allclose(signals.text_normed_hidden, normed[b, after], atol=1e-5)
-        assert torch.equal(signals.sequence_index, cols - pad) and torch.equal(signals.text_sequence_index, after - pad)
+        assert torch.equal(signals.sequence_index, cols - pad)
+        assert torch.equal(signals.text_sequence_index, after - pad)
         relevance = (embeds[b, cols] @ embeds[b, after].T).softmax(-1).mean(0)  # SparseVLM's rater formula
         assert torch.allclose(signals.text_relevance, relevance, atol=1e-6)
         vk = captured["vk"][b, 1:]

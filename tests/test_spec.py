@@ -55,7 +55,8 @@ def test_format_parse_round_trip(stages):
 
 def test_files_give_the_same_pipeline(tmp_path):
     text = "pool | fastv(layer=2, keep=0.5)"
-    (tmp_path / "p.json").write_text(json.dumps([{"name": "pool"}, {"name": "fastv", "layer": 2, "keep": 0.5}]))
+    stages = [{"name": "pool"}, {"name": "fastv", "layer": 2, "keep": 0.5}]
+    (tmp_path / "p.json").write_text(json.dumps(stages))
     (tmp_path / "p.yaml").write_text("- name: pool\n- {name: fastv, layer: 2, keep: 0.5}\n")
     (tmp_path / "q.yaml").write_text("pipeline:\n  - pool\n  - fastv(layer=2, keep=0.5)\n")
     expected = lmmsqueeze.compile(text).canonical

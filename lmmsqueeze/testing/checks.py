@@ -4,6 +4,9 @@ logits, and a run's plan with what its adaptive stages actually kept."""
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..compose.plan import compile_pipeline
 
 
 def _cdist_flop(x1_shape, x2_shape, *args, **kwargs) -> int:
@@ -15,8 +18,6 @@ def _cdist_flop(x1_shape, x2_shape, *args, **kwargs) -> int:
 
 def flop_counter():
     """``torch.utils.flop_counter.FlopCounterMode`` that also counts ``cdist`` (SparseVLM's clustering)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     return FlopCounterMode(display=False, custom_mapping={torch.ops.aten._cdist_forward: _cdist_flop})
 
 
@@ -41,8 +42,6 @@ def assert_steps_match(step_logits, logits, rows, prompt: int, atol: float = 1e-
 def plan_as_run(run, geometry=None, image: int = 0):
     """The run's plan (compiled for ``geometry``) with every adaptive stage's count the one image
     ``image`` of the last prefill kept."""
-    from ..compose.plan import compile_pipeline
-
     plan = run.plan
     kept = run.observed_counts()[image] if run.observed_counts() else []
     observed = {s.index: kept[s.index] for s in plan.stages if s.adaptive}

@@ -11,6 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from ..models.qwen2_vl import IMAGE_PLACEHOLDER
+from ..reducers.base import Signals
 
 WORDS = (
     "USER ASSISTANT : what is the colour of cell at row column left right top bottom a an "
@@ -32,9 +37,6 @@ PROMPTS = (
 def word_tokenizer(specials: list[str], extra_special_tokens: dict[str, str], atomic: tuple[str, ...] = ()):
     """A word-level fast tokenizer over ``specials`` + :data:`WORDS`, left padding; ``atomic``
     specials are never split by the punctuation pre-tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {tok: i for i, tok in enumerate(specials + list(dict.fromkeys(WORDS)))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     split = [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
@@ -74,8 +76,6 @@ def random_image(seed: int = 0, size: int = 48) -> Image.Image:
 
 def qwen_prompt(text: str) -> str:
     """A LLaVA-style test prompt with Qwen2-VL's image placeholder for each ``<image>``."""
-    from ..models.qwen2_vl import IMAGE_PLACEHOLDER
-
     return text.replace("<image>", IMAGE_PLACEHOLDER)
 
 
@@ -127,8 +127,6 @@ def random_signals(n: int, width: int = 4, text: int = 3, seed: int = 0, dtype: 
     """Every signal of :data:`lmmsqueeze.reducers.base.SIGNALS` for ``n`` tokens of ``width`` and ``text``
     prompt tokens after the image (keys ``keys`` wide), drawn from ``seed`` (the shapes the runtime
     delivers)."""
-    from ..reducers.base import Signals
-
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape):

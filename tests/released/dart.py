@@ -49,9 +49,10 @@ def _gap(values: Tensor, k: int) -> float:
     return float(ranked[k - 1] - ranked[k])
 
 
-def dart_retained_image_tokens(last_layer_state: Tensor, key_states: Tensor, image_start: int, image_length: int,
-                               max_num_trunction: int | None = MAX_NUM_TRUNCTION,
-                               reduction_ratio: float = REDUCTION_RATIO, pivot_image_token: int = PIVOT_IMAGE_TOKEN,
+def dart_retained_image_tokens(last_layer_state: Tensor, key_states: Tensor, image_start: int,
+                               image_length: int, max_num_trunction: int | None = MAX_NUM_TRUNCTION,
+                               reduction_ratio: float = REDUCTION_RATIO,
+                               pivot_image_token: int = PIVOT_IMAGE_TOKEN,
                                pivot_text_token: int = PIVOT_TEXT_TOKEN,
                                margins: list[float] | None = None) -> Tensor:
     """``get_retained_image_token``: absolute sequence indices of the image tokens kept, in the

@@ -33,8 +33,9 @@ def vision_run(model: nn.Module, pixel_values: Tensor, hooked: tuple[int, ...] =
     k: dict[int, Tensor] = {}
     handles = []
     for i in hooked:
-        handles.append(layers[i].self_attn.q_proj.register_forward_hook(lambda m, a, o, i=i: q.__setitem__(i, o)))
-        handles.append(layers[i].self_attn.k_proj.register_forward_hook(lambda m, a, o, i=i: k.__setitem__(i, o)))
+        attn = layers[i].self_attn
+        handles.append(attn.q_proj.register_forward_hook(lambda m, a, o, i=i: q.__setitem__(i, o)))
+        handles.append(attn.k_proj.register_forward_hook(lambda m, a, o, i=i: k.__setitem__(i, o)))
     try:
         out = tower(pixel_values, output_attentions=True, output_hidden_states=True)
     finally:

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 
-def fastv_keep_indexs(last_layer_attention: Tensor, image_start: int, image_length: int, fastv_r: float) -> Tensor:
+def fastv_keep_indexs(last_layer_attention: Tensor, image_start: int, image_length: int,
+                      fastv_r: float) -> Tensor:
     """The sequence columns FastV keeps from layer K on.
 
     Released code: pkunlp-icler/FastV, ``src/FastV/llava-hf/transformers/src/transformers/models/llama/

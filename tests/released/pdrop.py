@@ -60,8 +60,8 @@ class PDropStep:
     margin: float
 
 
-def pdrop_rank_drop(layer: nn.Module, rotary: nn.Module, hidden: Tensor, position_ids: Tensor, image_start: int,
-                    prompt_len: int, image_tokens: int, keep_length: int) -> PDropStep:
+def pdrop_rank_drop(layer: nn.Module, rotary: nn.Module, hidden: Tensor, position_ids: Tensor,
+                    image_start: int, prompt_len: int, image_tokens: int, keep_length: int) -> PDropStep:
     """``pdrop_rank_drop`` for one sample at inference.
 
     Args:
