@@ -29,6 +29,7 @@ from lmmsqueeze.runtime import count_hooks
 from lmmsqueeze.testing import (
     PROMPTS,
     TINY_FAMILIES,
+    DecoderInputs,
     TinyFamily,
     assert_cache_follows_plan,
     assert_steps_match,
@@ -130,30 +131,11 @@ def _generate(model, inputs, steps, **kwargs):
                           **{"return_dict_in_generate": True, "output_logits": True, **kwargs})
 
 
-class _DecoderInputs:
-    """Captures the embeddings entering the decoder at every prefill (more than one column)."""
-
-    def __init__(self, model):
-        self.model, self.rows = model, []
-
-    def __enter__(self):
-        def grab(module, args, kwargs):
-            emb = kwargs.get("inputs_embeds")
-            if emb is not None and emb.shape[1] > 1:
-                self.rows.append(emb)
-
-        self.handle = self.model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-    def separators(self, row: TinyFamily, i: int = 0) -> torch.Tensor:
-        """``[B, L]`` True where prefill ``i``'s embedding is the family's separator (none without one)."""
-        emb = self.rows[i]
-        if row.separator is None:
-            return torch.zeros(emb.shape[:2], dtype=torch.bool, device=emb.device)
-        return (emb == row.separator(self.model).to(emb.dtype)).all(-1)
+def _separators(seen: DecoderInputs, row: TinyFamily, i: int = 0) -> torch.Tensor:
+    """``[B, L]`` True where prefill ``i``'s embedding is the row's separator (none without one)."""
+    if row.separator is None:
+        return torch.zeros(seen.rows[i].shape[:2], dtype=torch.bool, device=seen.rows[i].device)
+    return seen.equal_to(row.separator(seen.model), i)
 
 
 def _placeholders(model, inputs) -> list[int]:
@@ -202,7 +184,7 @@ def test_every_reducer_runs_at_every_placement(tiny, name, placement):
     plan = lmmsqueeze.compile(tiny_pipeline(name, placement), geometry)  # nothing is refused on a tiny family
     assert {s.placement for s in plan.stages} == {placement}
     steps = 2
-    with _DecoderInputs(model) as seen, lmmsqueeze.apply(model, plan) as run:
+    with DecoderInputs(model) as seen, lmmsqueeze.apply(model, plan) as run:
         out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True)
     assert_cache_follows_plan(out.cache, run, geometry, inputs["input_ids"].shape[1], steps)  # (d)
     assert run.image_tokens_per_layer == plan_as_run(run, geometry).tokens_per_layer()  # the first sample's
@@ -215,7 +197,7 @@ def test_every_reducer_runs_at_every_placement(tiny, name, placement):
     # separators: every placeholder that is not an image token, in the decoder input and in the last layer
     assert _placeholders(model, inputs) == [row.placeholders[0]] * 2
     expected = [row.placeholders[0] - n] * 2
-    separators = seen.separators(row)
+    separators = _separators(seen, row)
     assert separators.sum(1).tolist() == expected
     segments = run.prefill.segments
     everything = torch.arange(separators.shape[1], device=separators.device).expand(2, -1)
@@ -334,10 +316,10 @@ def _counted(name: str) -> Counted:
     tiny = Tiny(row, model, processor)
     inputs = tiny.inputs(1)
     geometry = tiny.geometries(inputs)[0]
-    with torch.no_grad(), _DecoderInputs(model) as seen:
+    with torch.no_grad(), DecoderInputs(model) as seen:
         model(**inputs)
     ids = inputs["input_ids"][0]
-    image = (ids == family_for(model).image_token_id) & ~seen.separators(row)[0]
+    image = (ids == family_for(model).image_token_id) & ~_separators(seen, row)[0]
     assert int(image.sum()) == geometry.image_tokens == row.image_tokens[0]
     after = ids.numel() - int(torch.nonzero(image).max()) - 1
     encoder = row.encoder_flops(model, inputs, lmmsqueeze.compile("none", geometry))
@@ -393,14 +375,14 @@ def test_multi_image_prompt(tiny, pipeline):
     with lmmsqueeze.apply(model, "random(keep=1.0)"):
         assert torch.equal(model(**inputs).logits, reference)
     plans = [lmmsqueeze.compile(pipeline, g) for g in geometries]
-    with _DecoderInputs(model) as seen, lmmsqueeze.apply(model, pipeline) as run:
+    with DecoderInputs(model) as seen, lmmsqueeze.apply(model, pipeline) as run:
         out = _generate(model, inputs, 3)
         logits = model(**grown_inputs(inputs, out.sequences), use_cache=False).logits
         rows = run.output_positions
     assert_steps_match(out.logits, logits, rows, inputs["input_ids"].shape[1])
     planned = sum(p.tokens_per_layer()[-1] for p in plans)
     assert run.image_tokens_per_layer[-1] == MULTI[pipeline](several) == planned
-    assert seen.separators(row).sum(1).tolist() == [sum(several.placeholders) - sum(several.image_tokens)]
+    assert _separators(seen, row).sum(1).tolist() == [sum(several.placeholders) - sum(several.image_tokens)]
     if pipeline == "pool":  # the pooled grids of both images, one crop id per grid
         meta = run.prefill.samples[0].meta
         assert meta.grids == tuple(grid for p in plans for grid in p.stages[0].grids_out)

@@ -11,6 +11,7 @@ import lmmsqueeze
 from lmmsqueeze.models import family_for, geometry_from_config, preset
 from lmmsqueeze.proxyv.stage import proxyv_stage
 from lmmsqueeze.testing import (
+    DecoderInputs,
     noise_image,
     tiny_llava_next,
     tiny_next_inputs,
@@ -33,30 +34,6 @@ def next_sdpa(device):
 
 def _inputs(model, processor, batch=1, sizes=SQUARE):
     return to_device(tiny_next_inputs(processor, batch, sizes), model.device)
-
-
-class _Embeds:
-    """Captures the embeddings entering the decoder at prefill and finds the newline rows."""
-
-    def __init__(self, model):
-        self.model, self.rows = model, []
-
-    def __enter__(self):
-        def grab(module, args, kwargs):
-            emb = kwargs.get("inputs_embeds")
-            if emb is not None and emb.shape[1] > 1:
-                self.rows.append(emb)
-
-        self.handle = self.model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-    def newlines(self, i: int = 0) -> torch.Tensor:
-        """``[B, L]`` True where the prefill's embedding is the image_newline vector."""
-        newline = self.model.model.image_newline.to(self.rows[i].dtype)
-        return (self.rows[i] == newline).all(-1)
 
 
 def test_adapter_and_geometry(next_sdpa):
@@ -107,12 +84,12 @@ def test_pool_is_per_crop_and_newlines_keep_their_rows(next_sdpa):
                                             return_dict=True).pooler_output[0]
     base = packed[:16].view(2, 2, 2, 2, -1).mean(dim=(1, 3)).reshape(4, -1)
     sub = packed[16:].view(8, 9, -1)[:, :8].reshape(4, 2, 4, 2, -1).mean(dim=(1, 3)).reshape(16, -1)
-    with _Embeds(model) as seen, lmmsqueeze.apply(model, "pool") as run:
+    with DecoderInputs(model) as seen, lmmsqueeze.apply(model, "pool") as run:
         logits = model(**inputs).logits
     ids = inputs["input_ids"][0]
     first = int(torch.nonzero(ids == model.config.image_token_id)[0])
     embeds = seen.rows[0][0]
-    newline = seen.newlines()[0]
+    newline = seen.equal_to(model.model.image_newline)[0]
     assert logits.shape[1] == ids.numel() - 60 and run.image_tokens_per_layer == [20] * 4
     # the run: 4 pooled base tokens, then per pooled row 4 tokens and the newlines of its two rows
     expected = [False] * 4 + ([False] * 4 + [True, True]) * 4

@@ -10,7 +10,7 @@ import torch
 
 import lmmsqueeze
 from lmmsqueeze import PipelineError, ScoredPruner, register_reducer
-from lmmsqueeze.attention import cls_query_attention, last_query_attention
+from lmmsqueeze.attention import cls_query_attention
 from lmmsqueeze.models import preset
 from lmmsqueeze.reducers import unregister_reducer
 from lmmsqueeze.reducers.base import SIGNALS
@@ -65,30 +65,6 @@ def test_cls_probe_matches_eager_weights(tiny_sdpa):
         handle.remove()
     probe = cls_query_attention(layer.self_attn, captured["h"])
     assert torch.allclose(probe, _eager_vision_cls_row(model, inputs["pixel_values"]), atol=1e-6)
-
-
-def test_last_query_probe_matches_eager_weights_with_padding(tiny_sdpa):
-    model, processor = tiny_sdpa
-    inputs = tiny_inputs(processor, 2)
-    attn = model.model.language_model.layers[1].self_attn
-    captured = {}
-
-    def grab(module, args, kwargs, output):
-        captured.update(kwargs)
-
-    handle = attn.register_forward_hook(grab, with_kwargs=True)
-    try:
-        model(**inputs)
-    finally:
-        handle.remove()
-    probe = last_query_attention(attn, captured["hidden_states"], captured["position_embeddings"],
-                                 inputs["attention_mask"].bool())
-    model.set_attn_implementation("eager")
-    try:
-        eager = model(**inputs, output_attentions=True).attentions[1][:, :, -1].mean(1)
-    finally:
-        model.set_attn_implementation("sdpa")
-    assert torch.allclose(probe, eager, atol=1e-6)
 
 
 @pytest.mark.parametrize("placement", ["", ", layer=2"])

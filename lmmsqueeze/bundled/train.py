@@ -259,7 +259,7 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log: Path, quiet: 
         lr=cfg.lr,
         betas=(0.9, 0.98),
     )
-    batches = Batches(processor.tokenizer.get_vocab(), cfg)
+    batches = Batches(processor.tokenizer.get_vocab(), cfg.batch, cfg.turns, cfg.seed)
     say_words = say_table(processor.tokenizer.get_vocab())
     probe = AttentionProbe(model, cfg.attn_layer, cfg.attn_heads) if cfg.attn_weight > 0 else None
     evaluate = Evaluator(processor, cfg.eval_size)

@@ -9,7 +9,6 @@ token, and each answer position records the prefix cells its attention is superv
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,9 +27,6 @@ from lmmsqueeze.evaluation.tasks.bundled import (
     render,
     scene_rng,
 )
-
-if TYPE_CHECKING:
-    from lmmsqueeze.bundled.train import TrainConfig
 
 
 def say_table(vocab: dict[str, int]) -> torch.Tensor:
@@ -82,9 +78,9 @@ class Batch:
 class Batches:
     """Endless stream of multi-turn training batches from the "train" split."""
 
-    def __init__(self, vocab: dict[str, int], cfg: TrainConfig) -> None:
+    def __init__(self, vocab: dict[str, int], batch: int, turns: int, seed: int) -> None:
         self.vocab = vocab
-        self.cfg = cfg
+        self.batch, self.turns, self.seed = batch, turns, seed
         self.index = 0
 
     def words(self, text: str) -> list[int]:
@@ -92,15 +88,15 @@ class Batches:
         return [self.vocab[w] for w in text.split()]
 
     def next(self) -> Batch:
-        """The next batch of ``cfg.batch`` images with ``cfg.turns`` question/answer turns each."""
+        """The next batch of ``batch`` images with ``turns`` question/answer turns each."""
         images, seqs, labels, aux, where = [], [], [], [], []
-        for b in range(self.cfg.batch):
-            rng = scene_rng("train", self.index, self.cfg.seed)
+        for b in range(self.batch):
+            rng = scene_rng("train", self.index, self.seed)
             self.index += 1
             scene = random_scene(rng)
             ids = [BOS_ID] + [IMAGE_ID] * IMAGE_TOKENS
             lab = [-100] * len(ids)
-            for _ in range(self.cfg.turns):
+            for _ in range(self.turns):
                 qtype = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
                 question, answer = ask(scene, qtype, rng)
                 q = self.words(question)

@@ -56,7 +56,8 @@ class PrefillHook:
         if kwargs.get("pixel_values_videos") is not None and kwargs.get("mm_encoder_outputs"):
             # the model takes precomputed features for every modality or none: encode the videos its
             # own way (after the images' records are taken, so the image hooks' state is not theirs)
-            encoder_outputs = {**kwargs["mm_encoder_outputs"], "video": self.run.family.video_features(kwargs)}
+            video = self.run.family.video_features(kwargs)
+            encoder_outputs = {**kwargs["mm_encoder_outputs"], "video": video}
             kwargs = {**kwargs, "pixel_values_videos": None, "mm_encoder_outputs": encoder_outputs}
         return args, self._start(kwargs, images)
 

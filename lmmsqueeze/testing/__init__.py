@@ -26,6 +26,7 @@ from .builders import (
     tiny_qwen_inputs,
 )
 from .checks import (
+    DecoderInputs,
     assert_cache_follows_plan,
     assert_steps_match,
     count_flops,
@@ -60,6 +61,7 @@ __all__ = [
     "TINY_STAGE_PARAMS",
     "WORDS",
     "Counts",
+    "DecoderInputs",
     "TinyFamily",
     "assert_cache_follows_plan",
     "assert_steps_match",

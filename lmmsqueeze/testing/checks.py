@@ -64,3 +64,28 @@ def assert_cache_follows_plan(cache, run, geometry, prompt: int, steps: int) -> 
     expected = [prompt - (geometry.image_tokens - tokens) + steps - 1
                 for tokens in tokens_per_layer_as_run(run, geometry)]
     assert lengths == expected, (run.plan.canonical, lengths, expected)
+
+
+class DecoderInputs:
+    """``with DecoderInputs(model) as seen``: the embeddings entering the decoder at every prefill (calls
+    with more than one column), in ``seen.rows``."""
+
+    def __init__(self, model):
+        self.model, self.rows = model, []
+
+    def __enter__(self):
+        def grab(module, args, kwargs):
+            emb = kwargs.get("inputs_embeds")
+            if emb is not None and emb.shape[1] > 1:
+                self.rows.append(emb)
+
+        self.handle = self.model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    def equal_to(self, vector: torch.Tensor, i: int = 0) -> torch.Tensor:
+        """``[B, L]`` True where prefill ``i``'s embedding is ``vector`` (e.g. an ``image_newline``)."""
+        emb = self.rows[i]
+        return (emb == vector.to(emb.dtype)).all(-1)
