@@ -64,8 +64,8 @@ def settings_of(args: argparse.Namespace) -> TrainSettings:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
     model, processor = load_model("bundled", device="cpu")
+    torch.set_num_threads(args.threads)  # after loading, which picks 1 thread for a tiny model
     task = get_task("bundled")
     settings = settings_of(args)
     if args.task_control:

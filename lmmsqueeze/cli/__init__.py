@@ -13,12 +13,14 @@ see the traceback instead.
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
 
+from ..machine import THREADS_ENV, check_threads, env_threads
 from . import convert, evaluate, inspect, run, train
-from .common import console
+from .common import console, user_errors
 
 app = typer.Typer(
     name="lmmsqueeze",
@@ -47,8 +49,18 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    threads: Annotated[str | None, typer.Option(
+        "--threads", metavar="N", show_default=False,
+        help=f"torch CPU threads (same as {THREADS_ENV}=N). Default: 1 for tiny models such as the bundled "
+             "one, else one per physical core not busy; a count set with torch.set_num_threads is kept.")
+    ] = None,
 ) -> None:
     """Composable visual-token reducers and ProxyV for LLaVA-style models: run, explain, measure."""
+    with user_errors():  # refuse a bad count before any command runs
+        if threads is not None:
+            count = check_threads(threads, f"--threads {threads}", "give e.g. --threads 1")
+            os.environ[THREADS_ENV] = str(count)
+        env_threads()
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..machine import LoadMeter
 from ..proxyv.attach import provenance
 from ..runtime.hooks import HookSet
 from ..runtime.loading import build_prompt, model_inputs
@@ -42,8 +43,10 @@ def evaluate(
 
     Returns a dict with the canonical pipeline, accuracy and per-type accuracy, the analytic
     prefill FLOPs and saving (for the prompts' mean text length), median per-sample prefill
-    latency (ms) and peak memory (MB), the image tokens entering each layer, and the per-sample
-    answers (``uid``, ``qtype``, ``prediction``, ``answer``, ``score``).
+    latency (ms) and peak memory (MB), the image tokens entering each layer, how busy the machine was
+    meanwhile (``threads``, ``cpu_cores``, ``loadavg_before``, ``loadavg_after``, ``others_cpu``, ``busy``:
+    :meth:`lmmsqueeze.machine.LoadMeter.metrics`), and the per-sample answers (``uid``, ``qtype``,
+    ``prediction``, ``answer``, ``score``).
     """
     n = task.size if limit is None else min(limit, task.size)
     items = task.samples(split, n, seed)
@@ -57,7 +60,8 @@ def evaluate(
     text_tokens: list[float] = []
     marks: dict[str, Any] = {}
 
-    with HookSet() as timers, prepared.apply() as run:
+    meter = LoadMeter(torch.get_num_threads())  # how busy the machine was while this row was measured
+    with meter, HookSet() as timers, prepared.apply() as run:
         # prefill = from the call (image encoding, pre-LLM stages, the prompt rewrite) to the end of
         # the first forward of the multimodal base model
         def prefill_end(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
@@ -109,6 +113,7 @@ def evaluate(
         "image_tokens_per_layer": tokens_per_layer,
         "image_tokens_avg": sum(tokens_per_layer) / len(tokens_per_layer) if tokens_per_layer else None,
         **trained,
+        **meter.metrics(),
         "answers": answers,
     }
 

@@ -13,6 +13,7 @@ from transformers.utils import logging as hf_logging
 from ..bundled import WEIGHTS_DIR
 from ..errors import ModelError
 from ..models import FAMILIES, supported_models
+from .threads import configure_threads
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -78,7 +79,8 @@ def load_model(
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.padding_side = "left"  # batched generation with a decoder-only model needs left padding
-    return model.to(dev).eval(), processor
+    configure_threads(model.to(dev).eval())  # CPU: deliberate torch threads (runtime/threads.py)
+    return model, processor
 
 
 def model_inputs(processor: Any, model: Any, images: list[Any], texts: list[str]) -> Any:
