@@ -7,9 +7,12 @@ already there. Answers are kept so loyalty and re-scoring need no rerun.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,24 +78,101 @@ def _key_args(key: Key) -> tuple[Any, ...]:
     return key.model, key.pipeline, key.adapter, key.task, key.limit, key.seed
 
 
-class ResultStore:
-    """Read and write results; use as a context manager or call :meth:`close`."""
+def _check_writable(path: Path) -> None:
+    """Refuse, before anything runs, a results file that cannot be written."""
+    if path.is_dir():
+        raise LmmsqueezeError(f"results file {str(path)!r} is a folder; give a file path to --results")
+    folder = path.parent
+    if not folder.is_dir():
+        raise LmmsqueezeError(f"cannot write results file {str(path)!r}: the folder {str(folder)!r} does not "
+                              "exist; create it or give another --results file")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise LmmsqueezeError(f"results file {str(path)!r} is read-only; give a writable --results file "
+                              "(`lmmsqueeze pareto` can still read this one)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise LmmsqueezeError(f"cannot write results file {str(path)!r}: the folder {str(folder)!r} is not "
+                              "writable; give another --results file")
 
-    def __init__(self, path: str | Path = DEFAULT_PATH, create: bool = True):
+
+def _connect(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(str(path), timeout=30)
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """Open for reading only; a file (or folder) the user may not write is opened as immutable, which
+    SQLite needs to read a WAL store it cannot lock."""
+    uri = "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
+    db = sqlite3.connect(uri, uri=True, timeout=30)
+    try:
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.OperationalError:
+        db.close()
+        db = sqlite3.connect(uri + "&immutable=1", uri=True, timeout=30)
+    return db
+
+
+class ResultStore:
+    """Read and write results; use as a context manager or call :meth:`close`.
+
+    ``readonly`` opens an existing store for reading only (``pareto``): a store the user may not write
+    to stays readable, and reading never changes the file. Every SQLite failure (a damaged page, a
+    locked or full disk) becomes a one-line :class:`LmmsqueezeError` naming the file and the fix.
+    """
+
+    def __init__(self, path: str | Path = DEFAULT_PATH, create: bool = True, readonly: bool = False):
         self.path = Path(path)
-        if not create and not self.path.is_file():
+        self.readonly = readonly
+        if (readonly or not create) and not self.path.is_file():
+            what = "is a folder, not a file" if self.path.is_dir() else "does not exist"
             raise LmmsqueezeError(
-                f"results file {str(self.path)!r} does not exist; run `lmmsqueeze eval` or "
-                "`lmmsqueeze sweep` first"
+                f"results file {str(self.path)!r} {what}; run `lmmsqueeze eval` or `lmmsqueeze sweep` first"
             )
+        if not readonly:
+            _check_writable(self.path)
         try:
-            self.db = sqlite3.connect(str(self.path), timeout=30)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-            self.db.executescript(_SCHEMA)
-            self._check_semantics()
+            self.db = _connect(self.path) if not readonly else _connect_readonly(self.path)
         except sqlite3.DatabaseError as exc:
             raise LmmsqueezeError(f"{str(self.path)!r} is not a lmmsqueeze results file: {exc}") from None
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            raise self._damaged(exc) from None
+        except LmmsqueezeError:
+            self.db.close()
+            raise
+
+    def _open(self) -> None:
+        if self.db.execute("PRAGMA quick_check(1)").fetchone()[0] != "ok":
+            raise sqlite3.DatabaseError("database disk image is malformed")
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not self.readonly and not tables:  # a new (or empty) file becomes a store
+            self.db.executescript(_SCHEMA)
+            tables = {"runs", "answers", "meta"}
+        if not {"runs", "answers", "meta"} <= tables:
+            raise LmmsqueezeError(f"{str(self.path)!r} is not a lmmsqueeze results file (an SQLite file "
+                                  "without its tables); give another --results file")
+        if not self.readonly:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+        self._check_semantics()
+
+    def _damaged(self, exc: Exception) -> LmmsqueezeError:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "file is not a database" in first:
+            return LmmsqueezeError(f"{str(self.path)!r} is not a lmmsqueeze results file: {first}")
+        return LmmsqueezeError(
+            f"results file {str(self.path)!r} cannot be used ({first}); if it is damaged, move it away "
+            "(sqlite3's .recover can save its rows) and give a new --results file"
+        )
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """SQLite failures during a read or write, as one-line errors."""
+        try:
+            yield
+        except (sqlite3.DatabaseError, ValueError) as exc:  # ValueError: a damaged metrics text
+            raise self._damaged(exc) from None
 
     def _check_semantics(self) -> None:
         """Refuse a store whose rows were measured with other method behaviour: the same pipeline string
@@ -107,7 +187,7 @@ class ResultStore:
                 f"differently (semantics {stored}, now {SEMANTICS}); give a new --results file or move "
                 "this one away"
             )
-        if not found:
+        if not found and not self.readonly:
             try:
                 with self.db:
                     self.db.execute("INSERT INTO meta (key, value) VALUES ('semantics', ?)",
@@ -124,25 +204,36 @@ class ResultStore:
     def close(self) -> None:
         self.db.close()
 
+    def status(self, key: Key) -> str | None:
+        """``"ok"`` or ``"failed"`` for a stored row, None when nothing is stored under this key."""
+        with self._guard():
+            row = self.db.execute("SELECT status FROM runs WHERE " + _KEY_WHERE, _key_args(key)).fetchone()
+        return None if row is None else row[0]
+
     def has(self, key: Key) -> bool:
-        row = self.db.execute("SELECT 1 FROM runs WHERE " + _KEY_WHERE, _key_args(key)).fetchone()
-        return row is not None
+        return self.status(key) is not None
 
     def delete(self, key: Key) -> None:
         """Remove the row with this key (and its answers)."""
-        with self.db:
+        with self._guard(), self.db:
             self.db.execute("DELETE FROM runs WHERE " + _KEY_WHERE, _key_args(key))
 
     def row(self, key: Key) -> dict[str, Any] | None:
         """The stored row with this key, as :meth:`rows` gives it, or None."""
-        found = self.db.execute("SELECT id FROM runs WHERE " + _KEY_WHERE, _key_args(key)).fetchone()
-        return None if found is None else next(self._rows("WHERE id=?", [found[0]]))
+        with self._guard():
+            found = self.db.execute("SELECT id FROM runs WHERE " + _KEY_WHERE, _key_args(key)).fetchone()
+        return None if found is None else self._rows("WHERE id=?", [found[0]])[0]
 
     def put(self, key: Key, metrics: dict[str, Any], answers: list[dict[str, Any]] | None = None,
-            error: str | None = None) -> None:
-        """Store one row (replacing an earlier one with the same key) and its answers, atomically."""
+            error: str | None = None) -> bool:
+        """Store one row and its answers atomically, replacing an earlier row with the same key unless
+        that would lose results: a failed run never replaces a successful row (returns False then, and
+        nothing is written); a successful run replaces any row, a failed one replaces a failed row."""
         status = "failed" if error else "ok"
-        with self.db:  # one transaction
+        with self._guard(), self.db:  # one transaction, which holds the write lock from the first read
+            self.db.execute("BEGIN IMMEDIATE")
+            if error and self.status(key) == "ok":
+                return False
             self.db.execute("DELETE FROM runs WHERE " + _KEY_WHERE, _key_args(key))
             cur = self.db.execute(
                 "INSERT INTO runs (model, pipeline, adapter, task, limit_n, seed, status, error, accuracy,"
@@ -157,12 +248,14 @@ class ResultStore:
                     [(cur.lastrowid, i, a["uid"], a["qtype"], a["prediction"], a["answer"], a["score"])
                      for i, a in enumerate(answers)],
                 )
+        return True
 
     def answers(self, key: Key) -> list[dict[str, Any]]:
-        rows = self.db.execute(
-            "SELECT a.uid, a.qtype, a.prediction, a.answer, a.score FROM answers a WHERE a.run_id = "
-            "(SELECT id FROM runs WHERE " + _KEY_WHERE + ") ORDER BY a.idx", _key_args(key),
-        ).fetchall()
+        with self._guard():
+            rows = self.db.execute(
+                "SELECT a.uid, a.qtype, a.prediction, a.answer, a.score FROM answers a WHERE a.run_id = "
+                "(SELECT id FROM runs WHERE " + _KEY_WHERE + ") ORDER BY a.idx", _key_args(key),
+            ).fetchall()
         return [dict(zip(("uid", "qtype", "prediction", "answer", "score"), r, strict=True)) for r in rows]
 
     def rows(self, task: str | None = None, model: str | None = None) -> Iterator[dict[str, Any]]:
@@ -174,11 +267,15 @@ class ResultStore:
         if model:
             clauses.append("model=?")
             args.append(model)
-        return self._rows(" WHERE " + " AND ".join(clauses) if clauses else "", args)
+        return iter(self._rows(" WHERE " + " AND ".join(clauses) if clauses else "", args))
 
-    def _rows(self, where: str, args: list[Any]) -> Iterator[dict[str, Any]]:
+    def _rows(self, where: str, args: list[Any]) -> list[dict[str, Any]]:
         query = "SELECT model, pipeline, adapter, task, limit_n, seed, status, error, metrics FROM runs "
-        for model_, pipeline, adapter, task_, limit_n, seed, status, error, metrics in self.db.execute(
-                query + where + " ORDER BY id", args):
-            yield {"model": model_, "pipeline": pipeline, "adapter": adapter, "task": task_, "limit": limit_n,
-                   "seed": seed, "status": status, "error": error, **json.loads(metrics)}
+        out = []
+        with self._guard():
+            for model_, pipeline, adapter, task_, limit_n, seed, status, error, metrics in self.db.execute(
+                    query + where + " ORDER BY id", args):
+                out.append({"model": model_, "pipeline": pipeline, "adapter": adapter, "task": task_,
+                            "limit": limit_n, "seed": seed, "status": status, "error": error,
+                            **json.loads(metrics)})
+        return out
