@@ -2,7 +2,8 @@
 
 Every row is written in one transaction together with its per-sample answers, so a process killed
 at any moment leaves either the whole row or nothing, and the same sweep run again skips what is
-already there. Answers are kept so loyalty and re-scoring need no rerun.
+already there. A failed run never replaces a successful row. Answers are kept so loyalty and
+re-scoring need no rerun.
 """
 
 from __future__ import annotations
@@ -146,16 +147,14 @@ class ResultStore:
         if self.db.execute("PRAGMA quick_check(1)").fetchone()[0] != "ok":
             raise sqlite3.DatabaseError("database disk image is malformed")
         tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if not self.readonly and not tables:  # a new (or empty) file becomes a store
-            self.db.executescript(_SCHEMA)
-            tables = {"runs", "answers", "meta"}
-        if not {"runs", "answers", "meta"} <= tables:
+        if tables and "runs" not in tables or self.readonly and not tables:
             raise LmmsqueezeError(f"{str(self.path)!r} is not a lmmsqueeze results file (an SQLite file "
-                                  "without its tables); give another --results file")
-        if not self.readonly:
+                                  "without its `runs` table); give another --results file")
+        if not self.readonly:  # a new (or empty) file becomes a store; an older store gets what it lacks
+            self.db.executescript(_SCHEMA)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA foreign_keys=ON")
-        self._check_semantics()
+        self._check_semantics("meta" in tables or not self.readonly)
 
     def _damaged(self, exc: Exception) -> LmmsqueezeError:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -174,10 +173,11 @@ class ResultStore:
         except (sqlite3.DatabaseError, ValueError) as exc:  # ValueError: a damaged metrics text
             raise self._damaged(exc) from None
 
-    def _check_semantics(self) -> None:
+    def _check_semantics(self, has_meta: bool = True) -> None:
         """Refuse a store whose rows were measured with other method behaviour: the same pipeline string
         would name different computations (a store without the mark predates it: semantics 1)."""
-        found = self.db.execute("SELECT value FROM meta WHERE key='semantics'").fetchone()
+        query = "SELECT value FROM meta WHERE key='semantics'"
+        found = self.db.execute(query).fetchone() if has_meta else None
         has_rows = self.db.execute("SELECT 1 FROM runs LIMIT 1").fetchone() is not None
         stored = int(found[0]) if found else (1 if has_rows else SEMANTICS)
         if stored != SEMANTICS:
