@@ -40,7 +40,7 @@ def reducers_cmd(
         console.print("Papers and signals: lmmsqueeze reducers --json", highlight=False)
         for name, why in broken.items():
             err_console.print(f"[yellow]warning:[/] plugin {escape(repr(name))} failed to load: "
-                              f"{escape(str(why))}")
+                              f"{escape(str(why))}", highlight=False, soft_wrap=True)
 
     emit(rows, as_json, render)
 

@@ -7,7 +7,10 @@ a module (or an object inside one) whose import registers its reducers::
     [project.entry-points."lmmsqueeze.reducers"]
     my_reducer = "my_package.my_reducer"
 
-A name can be registered once; a second registration raises unless ``override=True``.
+A name can be registered once; a second registration raises unless ``override=True``. A plugin is
+loaded whole or not at all: one that fails to import, or registers a name a built-in or an earlier
+plugin holds (``override`` does not apply to plugins), is refused alone (its registrations undone)
+and named, with its package and error, by ``lmmsqueeze reducers`` and in "unknown stage" errors.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ ENTRY_POINT_GROUP = "lmmsqueeze.reducers"
 _REGISTRY: dict[str, type[Reducer]] = {}
 _PLUGINS_LOADED = False
 _PLUGIN_ERRORS: dict[str, str] = {}
+_LOADING: str | None = None  # the plugin being imported ("package 'x' (module m)"), while it is
 
 R = TypeVar("R", bound=type[Reducer])
 
@@ -89,6 +93,12 @@ def register_reducer(
                                 f"{', '.join(POSITION_POLICIES)}")
         if "llm" in placements and "layer" not in {f.name for f in dataclasses.fields(cls)}:
             raise RegistryError(f"reducer {name!r} declares the llm placement but has no `layer` parameter")
+        if name in _REGISTRY and _LOADING and _REGISTRY[name] is not cls:
+            other = _REGISTRY[name]
+            raise RegistryError(
+                f"reducer name {name!r} is taken by {other.__module__}.{other.__qualname__}; a plugin cannot "
+                "replace it: give the reducer another name in @register_reducer"
+            )
         if name in _REGISTRY and not override and _REGISTRY[name] is not cls:
             other = _REGISTRY[name]
             raise RegistryError(
@@ -117,18 +127,30 @@ def unregister_reducer(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
+def _plugin_label(ep: importlib.metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    package = f"package {dist.name!r}" if dist is not None and dist.name else "an unnamed package"
+    return f"{package} (module {ep.value})"
+
+
 def load_plugins() -> dict[str, str]:
-    """Import every ``lmmsqueeze.reducers`` entry point once; returns ``{entry point: error}`` of failures."""
-    global _PLUGINS_LOADED
+    """Import every ``lmmsqueeze.reducers`` entry point once; returns ``{entry point: "package 'p' (module
+    m): Error: message"}`` of the plugins refused. A refused plugin leaves no registration behind."""
+    global _PLUGINS_LOADED, _LOADING
     if not _PLUGINS_LOADED:
         _PLUGINS_LOADED = True
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            before = dict(_REGISTRY)
+            _LOADING = _plugin_label(ep)
             try:
                 ep.load()
-            except RegistryError:
-                raise
-            except Exception as exc:  # a broken plugin must not break the built-ins
-                _PLUGIN_ERRORS[ep.name] = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # a broken plugin must not break the built-ins or other plugins
+                _REGISTRY.clear()
+                _REGISTRY.update(before)
+                message = " ".join(str(exc).split()) or "(no message)"
+                _PLUGIN_ERRORS[ep.name] = f"{_LOADING}: {type(exc).__name__}: {message}"
+            finally:
+                _LOADING = None
     return dict(_PLUGIN_ERRORS)
 
 
@@ -152,7 +174,8 @@ def get_reducer(name: str) -> type[Reducer]:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
         hint = (f"did you mean {', '.join(repr(c) for c in close)}?" if close
                 else "run `lmmsqueeze reducers` for the list")
-        raise PipelineError(f"unknown stage {name!r}: {hint}") from None
+        broken = "".join(f"; plugin {ep!r} failed to load, {why}" for ep, why in _PLUGIN_ERRORS.items())
+        raise PipelineError(f"unknown stage {name!r}: {hint}{broken}") from None
 
 
 @dataclass(frozen=True)
