@@ -114,7 +114,7 @@ class _Parser:
 
     def error(self, message: str, col: int | None = None) -> PipelineError:
         where = f" at column {col}" if col else " at the end"
-        return PipelineError(f"cannot parse pipeline {self.text.strip()!r}{where}: {message}")
+        return PipelineError(f"cannot parse pipeline {clip(self.text.strip(), col)}{where}: {message}")
 
     def peek(self) -> tuple[str, str, int] | None:
         return self.tokens[self.i] if self.i < len(self.tokens) else None
@@ -191,7 +191,7 @@ class _Parser:
         if kind == "num":
             return float(text) if any(c in text for c in ".eE") else int(text)
         if kind == "str":
-            return bytes(text[1:-1], "utf-8").decode("unicode_escape")
+            return _unescape(text[1:-1], lambda why: self.error(why, col))
         if kind == "name":
             low = text.lower()
             if low in ("true", "false"):
@@ -200,6 +200,51 @@ class _Parser:
                 return float(low)
             return text
         raise self.error(f"expected a value, found {text!r}", col)
+
+
+#: escapes a quoted value may hold: JSON's (what the canonical form writes) and \'
+_ESCAPES = {"\\": "\\", '"': '"', "'": "'", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
+            "t": "\t"}
+
+
+def _unescape(body: str, error: Any) -> str:
+    """The text of a quoted value; an escape outside :data:`_ESCAPES` is refused through ``error``."""
+    out, i = [], 0
+    while i < len(body):
+        c = body[i]
+        if c != "\\":
+            out.append(c)
+            i += 1
+            continue
+        nxt = body[i + 1:i + 2]
+        if nxt in _ESCAPES:
+            out.append(_ESCAPES[nxt])
+            i += 2
+        elif nxt == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", body[i + 2:i + 6]):
+            out.append(chr(int(body[i + 2:i + 6], 16)))
+            i += 6
+        else:
+            raise error(f"bad escape {clip(body[i:i + 6])} in a quoted value; valid escapes: "
+                        "\\\\ \\\" \\' \\/ \\b \\f \\n \\r \\t \\uXXXX (write \\\\ for a backslash)")
+    # \uXXXX pairs (JSON's form of characters beyond U+FFFF) join into one character
+    return "".join(out).encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+#: how much of a user's text an error message echoes
+CLIP = 200
+
+
+def clip(text: str, around: int | None = None, limit: int = CLIP, quote: bool = True) -> str:
+    """``repr(text)`` (``text`` itself when not ``quote``), cut to about ``limit`` characters with an
+    ellipsis (centred on column ``around`` when given), so that an error about a huge input stays one
+    readable line."""
+    show = repr if quote else str
+    if len(text) <= limit:
+        return show(text)
+    start = 0 if around is None else max(0, min(around - limit // 2, len(text) - limit))
+    head = "..." if start else ""
+    tail = "..." if start + limit < len(text) else ""
+    return f"{head}{show(text[start:start + limit])}{tail} ({len(text)} characters)"
 
 
 def parse_pipeline(text: str | PipelineSpec | None) -> PipelineSpec:
@@ -219,21 +264,34 @@ def parse_pipeline(text: str | PipelineSpec | None) -> PipelineSpec:
 def load_pipeline_file(path: str | Path) -> PipelineSpec:
     """Read a pipeline from YAML or JSON: a list of ``{name: ..., key: value}`` (or ``{pipeline: [...]}``)."""
     p = Path(path)
+    if p.is_dir():
+        raise PipelineError(f"pipeline file {clip(str(p))} is a directory; give a .yaml or .json file in it")
     if not p.is_file():
-        raise PipelineError(f"pipeline file {str(p)!r} does not exist; write `@path/to/pipeline.yaml`")
-    text = p.read_text()
+        raise PipelineError(f"pipeline file {clip(str(p))} does not exist; write `@path/to/pipeline.yaml`")
+    suffix = p.suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml"):
+        raise PipelineError(f"pipeline file {clip(str(p))} must end in .yaml, .yml or .json")
     try:
-        if p.suffix.lower() == ".json":
-            data = json.loads(text)
-        elif p.suffix.lower() in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
-        else:
-            raise PipelineError(f"pipeline file {str(p)!r} must end in .yaml, .yml or .json")
-    except ValueError as exc:
-        if isinstance(exc, PipelineError):
-            raise
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise PipelineError(f"pipeline file {clip(str(p))} is not UTF-8 text (a binary file?); write the "
+                            "stages as YAML or JSON") from None
+    except OSError as exc:
+        raise PipelineError(f"cannot read pipeline file {clip(str(p))}: {exc.strerror or exc}") from None
+    if not text.strip():
+        raise PipelineError(f"pipeline file {clip(str(p))} is empty; write a list of stages such as "
+                            "[{name: fastv, keep: 0.5}], or [] for the vanilla model")
+    try:
+        data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"cannot read pipeline file {str(p)!r}: {first}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        if isinstance(exc, yaml.YAMLError):
+            first = getattr(exc, "problem", None) or first
+        kind = "JSON" if suffix == ".json" else "YAML"
+        raise PipelineError(f"pipeline file {clip(str(p))} is not valid {kind}{where}: "
+                            f"{clip(first, limit=120, quote=False)}") from None
     return pipeline_from_data(data, source=str(p))
 
 
@@ -244,26 +302,40 @@ def pipeline_from_data(data: Any, source: str = "pipeline data") -> PipelineSpec
     if data is None:
         return PipelineSpec()
     if isinstance(data, str):
-        return parse_pipeline(data)
+        return _inline(data, source)
     if not isinstance(data, list):
-        raise PipelineError(f"{source}: expected a list of stages like [{{name: fastv, keep: 0.5}}]")
+        raise PipelineError(f"{source}: expected a list of stages like [{{name: fastv, keep: 0.5}}], got "
+                            f"{type(data).__name__} {clip(repr(data), limit=80, quote=False)}")
     stages = []
     for i, item in enumerate(data, 1):
         if isinstance(item, str):
-            stages.extend(parse_pipeline(item).stages)
+            stages.extend(_inline(item, source).stages)
             continue
-        if not isinstance(item, dict) or "name" not in item:
-            raise PipelineError(f"{source}: stage {i} must be a mapping with a `name` key, got {item!r}")
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise PipelineError(f"{source}: stage {i} must be a mapping with a `name` key naming a stage, "
+                                f"got {clip(repr(item), limit=80, quote=False)}")
         params = {k: v for k, v in item.items() if k != "name"}
         for key, value in params.items():
+            if not isinstance(key, str):
+                raise PipelineError(f"{source}: stage {i} ({item['name']}): parameter name {key!r} is not a "
+                                    "word; write `key: value` with a parameter's name")
             ok = isinstance(value, (int, float, bool, str)) or (
                 isinstance(value, list) and all(isinstance(v, (int, float, bool, str)) for v in value)
             )
             if not ok:
-                raise PipelineError(f"{source}: stage {i} ({item['name']}): {key}={value!r} is not a number, "
+                shown = clip(repr(value), limit=80, quote=False)
+                raise PipelineError(f"{source}: stage {i} ({item['name']}): {key}={shown} is not a number, "
                                     "string, boolean or list of them")
-        stages.append(StageSpec(str(item["name"]), params))
+        stages.append(StageSpec(item["name"], params))
     return PipelineSpec(tuple(stages))
+
+
+def _inline(text: str, source: str) -> PipelineSpec:
+    """A pipeline written as text inside a file or data (never another ``@file``)."""
+    if text.strip().startswith("@"):
+        raise PipelineError(f"{source}: {clip(text, limit=80)} names another pipeline file; a file holds the "
+                            "stages themselves")
+    return parse_pipeline(text)
 
 
 def expand_lists(spec: PipelineSpec) -> list[PipelineSpec]:
