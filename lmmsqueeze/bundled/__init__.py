@@ -19,6 +19,10 @@ import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+#: one image of the bundled benchmark (96x96 PNG: validation sample 4 of
+#: ``lmmsqueeze.evaluation.tasks.bundled.samples("val", 5)``), for ``lmmsqueeze run`` and ``show``; the
+#: model answers "what color is the cell with the box" with "yellow"
+SAMPLE_IMAGE = Path(__file__).parent / "sample.png"
 
 
 def prompt(question: str) -> str:
