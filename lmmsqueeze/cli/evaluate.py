@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from ..errors import LmmsqueezeError
 from .common import (
@@ -34,13 +35,13 @@ def _progress() -> Progress:
 
 
 def _run_grid(grid: Any, results: Path, batch_size: int, device: str | None,
-              remeasure: bool = False) -> list[dict]:
-    from ..evaluation.sweep import run_sweep
-    from ..evaluation.tasks import get_task
+              remeasure: bool = False, retry_failed: bool = False) -> list[dict]:
+    from ..evaluation.store import ResultStore
+    from ..evaluation.sweep import check_sweep, run_sweep
 
-    for name in grid.tasks:  # refuse a bad task before the progress display starts
-        get_task(name)
-    total = len(grid.tasks) * (1 + len(grid.items))
+    # refuse a bad grid, task, pipeline or results file before the progress display starts
+    total = len(grid.tasks) * len(check_sweep(grid))
+    ResultStore(results).close()
     with _progress() as progress:
         overall = progress.add_task("sweep", total=total)
         current = progress.add_task("", total=1, visible=False)
@@ -54,13 +55,22 @@ def _run_grid(grid: Any, results: Path, batch_size: int, device: str | None,
             elif kind in ("done", "skip", "failed"):
                 progress.advance(overall)
                 if kind == "failed":
-                    progress.console.print(f"[red]failed[/] {label}: {escape(str(info['error']))}",
+                    kept = " (the earlier successful row is kept)" if info.get("kept") else ""
+                    progress.console.print(f"[red]failed[/] {label}: {escape(str(info['error']))}{kept}",
                                            highlight=False)
-                if kind == "skip":
+                if kind == "skip" and info.get("status") == "failed":
+                    progress.console.print(f"[dim]failed before, skipped (--retry-failed runs it again)[/] "
+                                           f"{label}", highlight=False)
+                elif kind == "skip":
                     progress.console.print(f"[dim]stored already[/] {label}", highlight=False)
 
         return run_sweep(grid, results, batch_size=batch_size, device=device, on_event=on_event,
-                         remeasure=remeasure)
+                         remeasure=remeasure, retry_failed=retry_failed)
+
+
+RetryOpt = Annotated[bool, typer.Option(
+    "--retry-failed", help="Run rows stored as failed again (a failed re-run never replaces a good row).")]
+LimitOpt = Annotated[int | None, typer.Option(help="Samples per run: the first N test samples.")]
 
 
 @app.command("eval")
@@ -70,27 +80,32 @@ def eval_cmd(
     pipeline: Annotated[str, typer.Option("--pipeline", "-p", help="The pipeline to evaluate.")] = "none",
     task: Annotated[str, typer.Option(help="Task name.")] = "bundled",
     adapter: AdapterOpt = None,
-    limit: Annotated[int | None, typer.Option(min=1, help="Evaluate the first N test samples.")] = None,
+    limit: LimitOpt = None,
     seed: Annotated[int, typer.Option(help="Sample seed.")] = 0,
     results: ResultsOpt = DEFAULT_RESULTS,
     batch_size: Annotated[int, typer.Option(min=1)] = 1,
     device: DeviceOpt = None,
     include_path: Annotated[str | None, typer.Option(help="Task folder for --task lmms:TASK.")] = None,
+    retry_failed: RetryOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate one pipeline (and the vanilla model, for loyalty) and store the row.
 
+    The pipeline is measured again even when stored; a failed run keeps an earlier successful row
+    (and exits 2). A stored vanilla row is reused (a failed one runs again with --retry-failed).
     `--task lmms:TASK` runs an lmms-eval task through lmms-eval (the `eval` extra) instead.
     """
     from ..compose import compile_pipeline
     from ..evaluation.store import Key, ResultStore
-    from ..evaluation.sweep import Grid, GridItem
+    from ..evaluation.sweep import Grid, GridItem, check_limit
     from ..evaluation.tasks import get_task
     from ..models import geometry_from_path
     from ..proxyv.attach import pipeline_for
     from ..runtime.loading import model_dir
 
     with user_errors():
+        if limit is not None:
+            check_limit(limit, "--limit")
         if task.startswith("lmms:"):
             row = _eval_lmms(model, pipeline, task, adapter, include_path, limit, seed, results)
             emit(row, as_json, lambda r: console.print(
@@ -102,15 +117,22 @@ def eval_cmd(
         n = min(limit or t.size, t.size)
         grid = Grid(model=model, tasks=[task], limit=n, seed=seed, items=[GridItem(pipeline, adapter)])
         canonical = compile_pipeline(pipeline, geometry_from_path(model_dir(model))).canonical
+        key = Key(model, canonical, adapter or "", task, n, seed)
         # eval re-measures the pipeline asked for
-        _run_grid(grid, results, batch_size, device, remeasure=True)
-        with ResultStore(results) as store:
-            row = store.row(Key(model, canonical, adapter or "", task, n, seed))
-        if row["status"] != "ok":
-            raise LmmsqueezeError(f"evaluation of {canonical!r} failed: {row['error']}")
+        ran = _run_grid(grid, results, batch_size, device, remeasure=True, retry_failed=retry_failed)
+        mine = next((r for r in ran if r["key"] == key), None)
+        if mine is not None and mine["error"]:
+            kept = "; the earlier successful row is kept" if mine["kept"] else ""
+            raise LmmsqueezeError(f"evaluation of {canonical!r} failed: {mine['error']}{kept}")
+        with ResultStore(results, readonly=True) as store:
+            row = store.row(key)
+        if row is None or row["status"] != "ok":
+            error = row["error"] if row else "not stored"
+            raise LmmsqueezeError(f"the stored row of {canonical!r} failed ({error}); --retry-failed runs it "
+                                  "again")
 
     def render(r: dict) -> None:
-        table = Table(title=f"{r['pipeline']} on {r['model']} / {r['task']} ({r['n']} samples)",
+        table = Table(title=Text(f"{r['pipeline']} on {r['model']} / {r['task']} ({r['n']} samples)"),
                       show_header=False)
         table.add_column("metric")
         table.add_column("value")
@@ -171,21 +193,28 @@ def sweep_cmd(
     task: Annotated[list[str] | None, typer.Option("--task", help="Task name (repeat for several).")] = None,
     adapter: AdapterOpt = None,
     limit: Annotated[int | None, typer.Option(
-        min=1, help="Samples per run (default: the whole test split, 1000).")] = None,
+        help="Samples per run (default: the whole test split, 1000).")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     results: ResultsOpt = DEFAULT_RESULTS,
     batch_size: Annotated[int, typer.Option(min=1)] = 1,
     device: DeviceOpt = None,
     plot_file: Annotated[Path | None, typer.Option(
-        "--plot", help="Pareto plot to write after the sweep.")] = None,
+        "--plot", help="Pareto plot to write after the sweep (.png, .pdf, .svg, ...).")] = None,
+    retry_failed: RetryOpt = False,
 ) -> None:
-    """Evaluate a grid of pipelines into the results store (resumable), then print the Pareto table.
+    """Evaluate a grid of pipelines into the results store (resumable), then print the Pareto table
+    of what it swept.
 
-    With no arguments: the default grid on the bundled model, then `pareto.png`.
+    Stored rows are skipped (failed ones too, unless --retry-failed). Every pipeline is compiled
+    before anything runs: one the model cannot run refuses the sweep. With no arguments: the default
+    grid on the bundled model, then `pareto.png`.
     """
-    from ..evaluation.sweep import Grid, default_items, expand_item, load_grid
+    from ..evaluation.pareto import check_plot_path
+    from ..evaluation.sweep import Grid, check_limit, default_items, expand_item, grid_groups, load_grid
 
     with user_errors():
+        if limit is not None:
+            check_limit(limit, "--limit")
         if grid_file is not None:
             grid = load_grid(grid_file)
         else:
@@ -198,12 +227,14 @@ def sweep_cmd(
             grid.model = model
         if task:
             grid.tasks = list(task)
-        if limit:
+        if limit is not None:
             grid.limit = limit
         if seed is not None:
             grid.seed = seed
-        _run_grid(grid, results, batch_size, device)
-    pareto_cmd(results=results, task=None, x="flops", fmt="table", plot_file=plot_file, model=grid.model)
+        if plot_file is not None:
+            check_plot_path(plot_file)
+        _run_grid(grid, results, batch_size, device, retry_failed=retry_failed)
+        _show_pareto(results, "flops", "table", plot_file, groups=grid_groups(grid))
 
 
 @app.command("pareto")
@@ -212,10 +243,30 @@ def pareto_cmd(
     task: Annotated[str | None, typer.Option(help="Only this task.")] = None,
     x: Annotated[str, typer.Option("--x", help="Cost axis: flops or latency.")] = "flops",
     fmt: Annotated[str, typer.Option("--format", help="table, markdown, csv or json.")] = "table",
-    plot_file: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot.")] = None,
+    plot_file: Annotated[Path | None, typer.Option(
+        "--plot", help="Write a plot (.png, .pdf, .svg, ...); one file per group, numbered.")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Only this model.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only rows of this many samples.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Only rows of this seed.")] = None,
 ) -> None:
-    """The Pareto trade-off table (accuracy vs prefill cost) of the stored results."""
+    """The Pareto trade-off table (accuracy vs prefill cost) of the stored results (read only)."""
+    from ..evaluation.pareto import check_plot_path
+
+    with user_errors():
+        if fmt not in ("table", "markdown", "csv", "json"):
+            raise LmmsqueezeError(f"--format {fmt!r} must be one of table, markdown, csv, json")
+        if x not in ("flops", "latency"):
+            raise LmmsqueezeError(f"--x {x!r} must be one of flops, latency")
+        if plot_file is not None:
+            check_plot_path(plot_file)
+        _show_pareto(results, x, fmt, plot_file, task=task, model=model, limit=limit, seed=seed)
+
+
+def _show_pareto(results: Path, x: str, fmt: str, plot_file: Path | None, groups: list[tuple] | None = None,
+                 task: str | None = None, model: str | None = None, limit: int | None = None,
+                 seed: int | None = None) -> None:
+    """Print (and plot) the Pareto groups of the store: the ``groups`` given (what a sweep swept), or
+    every group that matches the filters. Every user string reaches rich as plain Text, never markup."""
     from ..evaluation.pareto import (
         HEADERS,
         TERMINAL,
@@ -225,47 +276,52 @@ def pareto_cmd(
         label,
         pareto_rows,
         plot,
+        plot_paths,
+        plot_title,
         to_csv,
         to_json,
         to_markdown,
     )
     from ..evaluation.store import ResultStore
 
-    with user_errors():
-        if fmt not in ("table", "markdown", "csv", "json"):
-            raise LmmsqueezeError(f"--format {fmt!r} must be one of table, markdown, csv, json")
-        with ResultStore(results, create=False) as store:
-            rows = list(store.rows(task=task, model=model))
-        if not rows:
-            what = f" for task {task!r}" if task else ""
-            raise LmmsqueezeError(f"no results{what} in {str(results)!r}; run `lmmsqueeze sweep` first")
-        groups = {k: pareto_rows(v, x) for k, v in grouped(rows).items()}
-        failed = [r for r in rows if r["status"] != "ok"]
-        if plot_file is not None:
-            (key, best), = list(groups.items())[:1]
-            plot(best, str(plot_file), x, title=f"{key[0]} / {key[1]} ({key[2]} samples)")
+    with ResultStore(results, readonly=True) as store:
+        rows = [r for r in store.rows(task=task, model=model)
+                if (limit is None or r["limit"] == limit) and (seed is None or r["seed"] == seed)
+                and (groups is None or (r["model"], r["task"], r["limit"], r["seed"]) in groups)]
+    if not rows:
+        what = " matching the filters" if any(v is not None for v in (task, model, limit, seed)) else ""
+        raise LmmsqueezeError(f"no results{what} in {str(results)!r}; run `lmmsqueeze sweep` first")
+    groups_rows = {k: pareto_rows(v, x) for k, v in grouped(rows).items()}
+    failed = [r for r in rows if r["status"] != "ok"]
+    written = []
+    if plot_file is not None:
+        plotted = {k: v for k, v in groups_rows.items() if v}
+        for (key, best), path in zip(plotted.items(), plot_paths(plot_file, len(plotted)), strict=True):
+            plot(best, str(path), x, title=plot_title(*key))
+            written.append((path, key))
     if fmt == "json":
-        sys.stdout.write(to_json([r for g in groups.values() for r in g]) + "\n")
+        sys.stdout.write(to_json([r for g in groups_rows.values() for r in g]) + "\n")
         return
     if fmt == "csv":
-        sys.stdout.write(to_csv([r for g in groups.values() for r in g]))
+        sys.stdout.write(to_csv([r for g in groups_rows.values() for r in g]))
         return
-    for (model_, task_, limit_, seed_), group in groups.items():
+    for (model_, task_, limit_, seed_), group in groups_rows.items():
         title = f"{task_} on {model_} ({limit_} samples, seed {seed_}); * = Pareto frontier, sorted by {x}"
         if fmt == "markdown":
             sys.stdout.write(f"**{title}**\n\n{to_markdown(group)}\n\n")
             continue
-        table = Table(title=title)
+        table = Table(title=Text(title))
         for c in TERMINAL:
             table.add_column(HEADERS[c], overflow="fold", ratio=4 if c == "pipeline" else None,
                              min_width=24 if c == "pipeline" else None)
         for r in group:
             cells = [delta_cell(r) if c == "accuracy_delta" else format_cell(c, r.get(c)) for c in TERMINAL]
             cells[1] = label(r) + (f" [{r['adapter']}]" if r.get("adapter") else "")
-            table.add_row(*(escape(c) for c in cells), style="bold" if r["pareto"] else None)
+            table.add_row(*(Text(c) for c in cells), style="bold" if r["pareto"] else None)
         console.print(table)
     for r in failed:
-        err_console.print(f"[red]failed:[/] {escape(r['pipeline'])} ({r['task']}): {escape(str(r['error']))}",
+        err_console.print(Text(f"failed: {r['pipeline']} ({r['task']}): {r['error']}", style="red"),
                           highlight=False)
-    if plot_file is not None:
-        console.print(f"wrote {plot_file}", highlight=False)
+    for path, (model_, task_, limit_, seed_) in written:
+        console.print(Text(f"wrote {path} ({task_} on {model_}, {limit_} samples, seed {seed_})"),
+                      highlight=False)

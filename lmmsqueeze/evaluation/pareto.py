@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
+import math
+import os
+import textwrap
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from ..compose.flops import si_unit
@@ -135,8 +140,106 @@ def to_json(rows: list[dict[str, Any]]) -> str:
     return json.dumps(rows, indent=2)
 
 
+#: plot file types matplotlib writes with its default backends
+PLOT_TYPES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
+KEY_WIDTH = 58  # characters of a pipeline per line in the plot's key
+KEY_LINE = 10  # points between the key's lines
+
+
+def check_plot_path(path: str | Path) -> Path:
+    """Refuse, before anything runs, a plot path that cannot be written (type, folder, matplotlib)."""
+    p = Path(path)
+    if p.suffix.lower() not in PLOT_TYPES:
+        kind = f"file type {p.suffix!r}" if p.suffix else "a name without a file type"
+        raise LmmsqueezeError(f"cannot write plot {str(p)!r}: {kind} is not supported; end it in "
+                              f"{', '.join(PLOT_TYPES)}")
+    if p.is_dir():
+        raise LmmsqueezeError(f"cannot write plot {str(p)!r}: it is a folder; give a file name")
+    if not p.parent.is_dir():
+        raise LmmsqueezeError(f"cannot write plot {str(p)!r}: the folder {str(p.parent)!r} does not exist")
+    if not os.access(p.parent, os.W_OK) or p.exists() and not os.access(p, os.W_OK):
+        raise LmmsqueezeError(f"cannot write plot {str(p)!r}: not writable; give another --plot path")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise LmmsqueezeError("plotting needs matplotlib: pip install 'lmmsqueeze[plot]'")
+    return p
+
+
+def plot_paths(path: str | Path, count: int) -> list[Path]:
+    """One plot per group: ``path`` itself for one group, ``name-1.png``, ``name-2.png``, ... for more."""
+    p = Path(path)
+    return [p] if count == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(1, count + 1)]
+
+
+def plot_title(model: str, task: str, limit: int, seed: int) -> str:
+    """A group's plot title: model and task once each (``bundled model and task``), the model by its
+    folder name."""
+    name = model if model == "bundled" else (Path(model).name or str(model))
+    what = f"{task} model and task" if name == task else f"{task} on {name}"
+    return f"{what} ({limit} samples, seed {seed})"
+
+
+def _key_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The plot's key: one numbered entry per point (wrapped pipeline, adapter on its own line)."""
+    lines = ["  #  frontier  acc %  saving  pipeline"]
+    for i, r in enumerate(rows, 1):
+        text = label(r) + (f" [{r['adapter']}]" if r.get("adapter") else "")
+        wrapped = textwrap.wrap(text, KEY_WIDTH, break_on_hyphens=False) or [""]
+        saving = format_cell("saving", r.get("saving"))
+        lines.append(f"{i:>3}  {'*' if r['pareto'] else ' ':^8}  {100 * r['accuracy']:5.1f}  {saving:>6}  "
+                     f"{wrapped[0]}")
+        lines += [" " * 32 + more for more in wrapped[1:]]
+    return lines
+
+
+#: label offsets (points) tried in order: near the point first, then further out with a leader line
+_OFFSETS = [(r * math.cos(a), r * math.sin(a)) for r in (7, 15, 25, 36)
+            for a in (math.pi / 4, -math.pi / 4, 3 * math.pi / 4, -3 * math.pi / 4, 0, math.pi / 2, math.pi,
+                      -math.pi / 2)]
+
+
+def _place_numbers(fig: Any, ax: Any, xs: list[float], ys: list[float], avoid: list[Any]) -> None:
+    """Number every point (points that coincide on screen share one label, ``3,4``) at the first
+    offset whose label overlaps no other label, marker, legend or the axes' edge."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    screen = ax.transData.transform(list(zip(xs, ys, strict=True)))
+    clusters: list[list[int]] = []
+    for i, (px, py) in enumerate(screen):
+        for c in clusters:
+            cx, cy = screen[c[0]]
+            if abs(cx - px) < 6 and abs(cy - py) < 6:
+                c.append(i)
+                break
+        else:
+            clusters.append([i])
+    placed = list(avoid) + [Bbox.from_extents(px - 5, py - 5, px + 5, py + 5) for px, py in screen]
+    frame = ax.get_window_extent(renderer)
+    for c in clusters:
+        text = ",".join(str(i + 1) for i in c)
+        for n, (dx, dy) in enumerate(_OFFSETS):
+            far = n >= 8
+            note = ax.annotate(
+                text, (xs[c[0]], ys[c[0]]), xytext=(dx, dy), textcoords="offset points", fontsize=8,
+                ha="left" if dx > 1 else "right" if dx < -1 else "center",
+                va="bottom" if dy > 1 else "top" if dy < -1 else "center", zorder=5,
+                arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.6} if far else None)
+            box = note.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            last = n == len(_OFFSETS) - 1
+            if last or inside and not any(box.overlaps(b) for b in placed):
+                placed.append(box)
+                break
+            note.remove()
+
+
 def plot(rows: list[dict[str, Any]], path: str, x: str = "flops", title: str = "") -> None:
-    """Every point, the frontier as a line, labels and the vanilla point, as a PNG."""
+    """Every point (numbered in cost order), the frontier as a line and the vanilla point, with a key
+    beside the axes naming each number's pipeline; written to ``path`` (its type from the suffix).
+
+    Labels never overlap (each number takes the first free place around its point) and the key is
+    part of the saved figure (``bbox_inches="tight"``), so long ProxyV pipelines are wrapped, not cut.
+    """
     try:  # matplotlib is optional (the `plot` extra)
         import matplotlib
 
@@ -147,7 +250,10 @@ def plot(rows: list[dict[str, Any]], path: str, x: str = "flops", title: str = "
     field = X_FIELDS[x]
     top = max(float(r[field]) for r in rows) if rows else 1.0
     unit, scale = si_unit(top) if x == "flops" else ("", 1.0)
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    key = _key_lines(rows)
+    height = max(5.5, KEY_LINE * len(key) / 72 + 1.2)  # the key's lines fit beside the axes
+    fig, ax = plt.subplots(figsize=(15, height), dpi=120)
+    fig.subplots_adjust(left=0.06, right=0.53, bottom=0.6 / height, top=1 - 0.5 / height)
     xs = [r[field] / scale for r in rows]
     ys = [100 * r["accuracy"] for r in rows]
     ax.scatter(xs, ys, color="#8aa4c8", zorder=2, label="pipelines")
@@ -155,20 +261,26 @@ def plot(rows: list[dict[str, Any]], path: str, x: str = "flops", title: str = "
     if front:
         fx, fy = zip(*sorted(front), strict=True)
         ax.plot(fx, fy, color="#d1495b", marker="o", zorder=3, label="Pareto frontier")
-    for a, b, r in zip(xs, ys, rows, strict=True):
-        text = label(r) + (f" [{r['adapter']}]" if r.get("adapter") else "")
-        ax.annotate(text if len(text) < 48 else text[:45] + "...", (a, b), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
     vanilla = [(a, b) for a, b, r in zip(xs, ys, rows, strict=True)
                if r["pipeline"] == "none" and not r.get("adapter")]
     if vanilla:
         ax.scatter(*zip(*vanilla, strict=True), marker="*", s=220, color="#2e4057", zorder=4, label="vanilla")
+    ax.margins(0.12)
     ax.set_xlabel(f"prefill {unit}FLOPs (analytic)" if x == "flops"
                   else "prefill latency (ms, median per sample)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title or "accuracy vs prefill cost")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    legend = ax.legend(loc="best", fontsize=8)
+    for i, line in enumerate(key):  # one text per line: even spacing whatever the glyphs
+        ax.annotate(line, (1.03, 1.0), xycoords="axes fraction", xytext=(0, -KEY_LINE * (i + 1)),
+                    textcoords="offset points", va="baseline", ha="left", family="monospace", fontsize=7.5,
+                    weight="bold" if i == 0 else "normal")
+    fig.canvas.draw()
+    _place_numbers(fig, ax, xs, ys, [legend.get_window_extent(fig.canvas.get_renderer())])
+    try:
+        fig.savefig(path, bbox_inches="tight")
+    except (OSError, ValueError) as exc:
+        raise LmmsqueezeError(f"cannot write plot {path!r}: {' '.join(str(exc).split())}") from None
+    finally:
+        plt.close(fig)

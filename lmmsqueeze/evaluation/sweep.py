@@ -54,6 +54,12 @@ def expand_item(text: str, adapter: str | None = None) -> list[GridItem]:
     return [GridItem(spec.format(), adapter) for spec in expand_lists(parse_pipeline(text))]
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """A user's value as an error message quotes it: repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def parse_items(entries: list[Any], source: str) -> list[GridItem]:
     """Grid entries: pipeline strings, or mappings ``{pipeline: ..., adapter: ...}`` (an adapter without
     a pipeline runs the pipeline it was trained for)."""
@@ -61,49 +67,85 @@ def parse_items(entries: list[Any], source: str) -> list[GridItem]:
     for i, entry in enumerate(entries, 1):
         if isinstance(entry, str):
             items += expand_item(entry)
-        elif isinstance(entry, dict) and set(entry) <= {"pipeline", "adapter"} and entry:
+        elif (isinstance(entry, dict) and entry and set(entry) <= {"pipeline", "adapter"}
+              and all(v is None or isinstance(v, str) for v in entry.values())):
             adapter = entry.get("adapter")
-            text = pipeline_for(str(entry.get("pipeline") or ""), adapter)
-            items += expand_item(str(text), str(adapter) if adapter else None)
+            text = pipeline_for(entry.get("pipeline") or "", adapter)
+            items += expand_item(str(text), adapter or None)
         else:
             raise LmmsqueezeError(
-                f"{source}: entry {i} ({entry!r}) must be a pipeline string or a mapping with `pipeline` "
-                "and/or `adapter`"
+                f"{source}: entry {i} ({_short(entry)}) must be a pipeline string or a mapping with a string "
+                "`pipeline` and/or `adapter`"
             )
     return items
 
 
+def check_limit(limit: Any, where: str = "limit") -> int:
+    """``limit`` (samples per run) as an integer >= 1, or a one-line refusal naming ``where`` it came from."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise LmmsqueezeError(f"{where} must be an integer >= 1 (samples per run), not {_short(limit)}; "
+                              f"e.g. {where}: 100 or --limit 100")
+    return limit
+
+
+def check_grid(grid: Grid, source: str = "sweep") -> None:
+    """Refuse a grid whose fields have the wrong type or range, before anything is loaded or run."""
+    if not isinstance(grid.model, str) or not grid.model:
+        raise LmmsqueezeError(f"{source}: `model` must be a model directory or `bundled`, not "
+                              f"{_short(grid.model)}")
+    if (not isinstance(grid.tasks, list) or not grid.tasks
+            or not all(isinstance(t, str) and t for t in grid.tasks)):
+        raise LmmsqueezeError(f"{source}: `tasks` must be a task name or a list of task names, not "
+                              f"{_short(grid.tasks)}; e.g. tasks: [bundled]")
+    check_limit(grid.limit, f"{source}: `limit`")
+    if isinstance(grid.seed, bool) or not isinstance(grid.seed, int) or grid.seed < 0:
+        raise LmmsqueezeError(f"{source}: `seed` must be an integer >= 0, not {_short(grid.seed)}")
+
+
 def load_grid(path: str | Path) -> Grid:
-    """Read a grid file (YAML or JSON) with `pipelines` and optionally `model`, `tasks`, `limit`, `seed`."""
+    """Read a grid file (YAML or JSON) with `pipelines` and optionally `model`, `tasks`, `limit`, `seed`.
+
+    Every problem (unreadable, binary or invalid YAML/JSON, unknown keys, fields of the wrong type or
+    range, pipelines that do not parse) is one :class:`LmmsqueezeError` naming the file and the field.
+    """
     p = Path(path)
+    where = f"grid file {str(p)!r}"
     if not p.is_file():
-        raise LmmsqueezeError(f"grid file {str(p)!r} does not exist")
+        raise LmmsqueezeError(f"{where} does not exist" if not p.exists() else f"{where} is not a file")
     try:
-        if p.suffix.lower() == ".json":
-            data = json.loads(p.read_text())
-        else:
-            data = yaml.safe_load(p.read_text())
-    except ValueError as exc:
-        raise LmmsqueezeError(f"cannot read grid file {str(p)!r}: {str(exc).splitlines()[0]}") from None
+        text = p.read_bytes().decode("utf-8")
+        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise LmmsqueezeError(f"{where} is not a UTF-8 text file; write the grid as YAML or JSON") from None
+    except (ValueError, yaml.YAMLError, OSError) as exc:
+        first = " ".join(str(exc).split())[:200]
+        raise LmmsqueezeError(f"cannot read {where}: {first}") from None
     if not isinstance(data, dict) or not isinstance(data.get("pipelines"), list):
-        raise LmmsqueezeError(f"grid file {str(p)!r} needs a `pipelines:` list (and optionally model, tasks, "
-                              "limit, seed)")
+        raise LmmsqueezeError(f"{where} needs a `pipelines:` list (and optionally model, tasks, limit, seed)")
     unknown = set(data) - {"pipelines", "model", "tasks", "task", "limit", "seed"}
     if unknown:
-        raise LmmsqueezeError(f"grid file {str(p)!r}: unknown keys {sorted(unknown)}; valid: pipelines, "
-                              "model, tasks, limit, seed")
+        raise LmmsqueezeError(f"{where}: unknown keys {sorted(map(str, unknown))}; valid: pipelines, model, "
+                              "tasks, limit, seed")
+    if "task" in data and "tasks" in data:
+        raise LmmsqueezeError(f"{where}: give `tasks` or `task`, not both")
+    if not data["pipelines"]:
+        raise LmmsqueezeError(f"{where}: `pipelines` is empty; list at least one pipeline (`none` is "
+                              "the vanilla model)")
     tasks = data.get("tasks", data.get("task", ["bundled"]))
-    grid = Grid(
-        model=str(data.get("model", "bundled")),
-        tasks=[tasks] if isinstance(tasks, str) else [str(t) for t in tasks],
-        limit=int(data.get("limit", DEFAULT_LIMIT)),
-        seed=int(data.get("seed", 0)),
-    )
+    grid = Grid(model=data.get("model", "bundled"), tasks=[tasks] if isinstance(tasks, str) else tasks,
+                limit=data.get("limit", DEFAULT_LIMIT), seed=data.get("seed", 0))
+    check_grid(grid, where)
     try:
-        grid.items = parse_items(data["pipelines"], str(p))
+        grid.items = parse_items(data["pipelines"], where)
     except PipelineError as exc:
-        raise LmmsqueezeError(f"grid file {str(p)!r}: {exc}") from None
+        raise LmmsqueezeError(f"{where}: {exc}") from None
     return grid
+
+
+def grid_groups(grid: Grid) -> list[tuple[str, str, int, int]]:
+    """The (model, task, limit, seed) result groups a sweep of ``grid`` fills (what it then shows)."""
+    return [(grid.model, task.name, min(grid.limit, task.size), grid.seed)
+            for task in (get_task(t) for t in grid.tasks)]
 
 
 def default_items(model: str = "bundled") -> list[GridItem]:
@@ -127,6 +169,29 @@ def default_items(model: str = "bundled") -> list[GridItem]:
     return items
 
 
+def check_sweep(grid: Grid) -> dict[GridItem, str]:
+    """Everything a sweep checks before it loads or runs anything: the grid's fields, its tasks, and
+    every pipeline compiled against the model's geometry (read from its config). Returns the items
+    (vanilla first) with their canonical pipelines; the first refusal is one :class:`PipelineError`."""
+    check_grid(grid)
+    for name in grid.tasks:
+        get_task(name)
+    geometry = geometry_from_path(loading.model_dir(grid.model))
+    items = [GridItem("none"), *[i for i in grid.items if not (i.pipeline == "none" and not i.adapter)]]
+    canonical: dict[GridItem, str] = {}
+    refused: list[tuple[GridItem, LmmsqueezeError]] = []
+    for item in items:
+        try:
+            canonical[item] = compile_pipeline(item.pipeline, geometry).canonical
+        except LmmsqueezeError as exc:
+            refused.append((item, exc))
+    if refused:
+        item, exc = refused[0]
+        more = f" ({len(refused) - 1} more refused)" if len(refused) > 1 else ""
+        raise PipelineError(f"{_short(item.label, 120)}: {exc}{more}; nothing was run")
+    return canonical
+
+
 def run_sweep(
     grid: Grid,
     store_path: str | Path,
@@ -134,25 +199,27 @@ def run_sweep(
     device: str | None = None,
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
     remeasure: bool = False,
+    retry_failed: bool = False,
 ) -> list[dict[str, Any]]:
     """Evaluate every (item, task) of a grid that is not in the store yet; vanilla always included.
 
-    A pipeline that raises is stored as failed with its one-line error and the sweep goes on.
-    ``on_event(kind, info)`` reports progress: ``start``, ``progress``, ``done``, ``skip``, ``failed``.
-    ``remeasure`` evaluates the grid's items again even when stored (vanilla is reused). The model
-    is loaded only when something has to run (keys come from its config).
+    Before anything is loaded or run, :func:`check_sweep` checks the grid and compiles every pipeline
+    against the model's geometry: a pipeline the compiler refuses refuses the whole sweep with its
+    one-line error, and nothing is stored. A pipeline that raises while running
+    is stored as failed with its one-line error and the sweep goes on; a failed run never replaces a
+    successful row (the result then says ``kept: True``).
+
+    Stored rows are skipped: successful ones always (unless ``remeasure``), failed ones unless
+    ``retry_failed``. ``remeasure`` evaluates the grid's items again even when stored (vanilla is
+    reused unless it failed and ``retry_failed``). ``on_event(kind, info)`` reports progress:
+    ``start``, ``progress``, ``done``, ``skip`` (``info["status"]`` says what is stored), ``failed``.
+    The model is loaded only when something has to run.
     """
-    tasks = [get_task(t) for t in grid.tasks]  # refuse unknown tasks before loading anything
+    canonical = check_sweep(grid)
+    items = list(canonical)
+    tasks = [get_task(t) for t in grid.tasks]
     emit = on_event or (lambda kind, info: None)
-    geometry = geometry_from_path(loading.model_dir(grid.model))
     loaded: list[Any] = []  # (model, processor) once something runs
-    items = [GridItem("none"), *[i for i in grid.items if not (i.pipeline == "none" and not i.adapter)]]
-    canonical: dict[GridItem, tuple[str, str | None]] = {}
-    for item in items:  # the key of every item, and the one-line refusal of a pipeline that does not compile
-        try:
-            canonical[item] = (compile_pipeline(item.pipeline, geometry).canonical, None)
-        except LmmsqueezeError as exc:
-            canonical[item] = (item.pipeline, str(exc))
     results = []
     with ResultStore(store_path) as store:
         for task in tasks:
@@ -161,10 +228,12 @@ def run_sweep(
             vanilla_answers: list[dict[str, Any]] | None = None
             for n, item in enumerate(items):
                 info = {"index": n, "total": len(items), "item": item.label, "task": task.name}
-                pipeline, error = canonical[item]
+                pipeline = canonical[item]
                 key = Key(grid.model, pipeline, item.adapter or "", task.name, limit, grid.seed)
-                if store.has(key) and not (remeasure and key != vanilla_key):
-                    emit("skip", info)
+                stored = store.status(key)
+                again = remeasure and key != vanilla_key
+                if stored == "ok" and not again or stored == "failed" and not (again or retry_failed):
+                    emit("skip", {**info, "status": stored})
                     continue
                 if not loaded:
                     loaded.extend(loading.load_model(grid.model, device=device))
@@ -172,26 +241,28 @@ def run_sweep(
                 emit("start", {**info, "samples": limit})
                 metrics: dict[str, Any] = {}
                 answers: list[dict[str, Any]] = []
-                if error is None:
-                    try:
-                        result = evaluate(
-                            model, processor, pipeline, task, limit=limit, seed=grid.seed,
-                            adapter=item.adapter, batch_size=batch_size,
-                            on_progress=lambda done, total, info=info: emit(
-                                "progress", {**info, "done": done, "samples": total}),
-                        )
-                    except Exception as exc:  # one failing pipeline must not end the sweep
-                        error = " ".join(f"{type(exc).__name__}: {exc}".split())
-                    else:
-                        answers = result.pop("answers")
-                        if key == vanilla_key:
-                            vanilla_answers = answers
-                        elif vanilla_answers is None:
-                            vanilla_answers = store.answers(vanilla_key)
-                        metrics = {**result, "loyalty": loyalty(answers, vanilla_answers), **versions()}
-                store.put(key, metrics, answers, error=error)
-                emit("failed" if error else "done", {**info, "error": error, **metrics})
-                results.append({"key": key, "error": error, **metrics})
+                error = None
+                try:
+                    result = evaluate(
+                        model, processor, pipeline, task, limit=limit, seed=grid.seed,
+                        adapter=item.adapter, batch_size=batch_size,
+                        on_progress=lambda done, total, info=info: emit(
+                            "progress", {**info, "done": done, "samples": total}),
+                    )
+                    if not result["answers"]:
+                        raise LmmsqueezeError("no sample was evaluated")
+                except Exception as exc:  # one failing pipeline must not end the sweep
+                    error = " ".join(f"{type(exc).__name__}: {exc}".split())
+                else:
+                    answers = result.pop("answers")
+                    if key == vanilla_key:
+                        vanilla_answers = answers
+                    elif vanilla_answers is None:
+                        vanilla_answers = store.answers(vanilla_key)
+                    metrics = {**result, "loyalty": loyalty(answers, vanilla_answers), **versions()}
+                kept = not store.put(key, metrics, answers, error=error)  # a failure never replaces an ok row
+                emit("failed" if error else "done", {**info, "error": error, "kept": kept, **metrics})
+                results.append({"key": key, "error": error, "kept": kept, **metrics})
     return results
 
 
