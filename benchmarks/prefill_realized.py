@@ -38,7 +38,7 @@ def main() -> None:
 
     model, processor = tiny_llava(attn="sdpa", image_size=336, patch_size=14, hidden=1024, layers=8, heads=16,
                                   kv_heads=16, ffn=2816, vision_hidden=128, vision_layers=2)
-    rows = bench(model, processor, args.runtime, random_image(0, 336), QUESTION, runs=args.runs,
+    rows = bench(model, processor, args.pipelines, random_image(0, 336), QUESTION, runs=args.runs,
                  warmup=args.warmup)
     cpu = platform.processor() or platform.machine()
     machine = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
