@@ -29,20 +29,22 @@ from .common import (
 app = typer.Typer()
 
 
-def _progress() -> Progress:
+def _progress(transient: bool = False) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err_console, transient=False)
+                    console=err_console, transient=transient)
 
 
 def _run_grid(grid: Any, results: Path, batch_size: int, device: str | None,
-              remeasure: bool = False, retry_failed: bool = False) -> list[dict]:
+              remeasure: bool = False, retry_failed: bool = False, single: bool = False) -> list[dict]:
+    """Run a grid under a progress display. ``single`` (eval): the display goes when done and a failure
+    is left to the caller's one-line error."""
     from ..evaluation.store import ResultStore
     from ..evaluation.sweep import check_sweep, run_sweep
 
     # refuse a bad grid, task, pipeline or results file before the progress display starts
     total = len(grid.tasks) * len(check_sweep(grid))
     ResultStore(results).close()
-    with _progress() as progress:
+    with _progress(transient=single) as progress:
         overall = progress.add_task("sweep", total=total)
         current = progress.add_task("", total=1, visible=False)
 
@@ -54,7 +56,7 @@ def _run_grid(grid: Any, results: Path, batch_size: int, device: str | None,
                 progress.update(current, completed=info["done"])
             elif kind in ("done", "skip", "failed"):
                 progress.advance(overall)
-                if kind == "failed":
+                if kind == "failed" and not single:
                     kept = " (the earlier successful row is kept)" if info.get("kept") else ""
                     progress.console.print(f"[red]failed[/] {label}: {escape(str(info['error']))}{kept}",
                                            highlight=False)
@@ -119,7 +121,8 @@ def eval_cmd(
         canonical = compile_pipeline(pipeline, geometry_from_path(model_dir(model))).canonical
         key = Key(model, canonical, adapter or "", task, n, seed)
         # eval re-measures the pipeline asked for
-        ran = _run_grid(grid, results, batch_size, device, remeasure=True, retry_failed=retry_failed)
+        ran = _run_grid(grid, results, batch_size, device, remeasure=True, retry_failed=retry_failed,
+                        single=True)
         mine = next((r for r in ran if r["key"] == key), None)
         if mine is not None and mine["error"]:
             kept = "; the earlier successful row is kept" if mine["kept"] else ""

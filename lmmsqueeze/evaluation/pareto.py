@@ -149,12 +149,12 @@ KEY_LINE = 10  # points between the key's lines
 def check_plot_path(path: str | Path) -> Path:
     """Refuse, before anything runs, a plot path that cannot be written (type, folder, matplotlib)."""
     p = Path(path)
+    if p.is_dir():
+        raise LmmsqueezeError(f"cannot write plot {str(p)!r}: it is a folder; give a file name")
     if p.suffix.lower() not in PLOT_TYPES:
         kind = f"file type {p.suffix!r}" if p.suffix else "a name without a file type"
         raise LmmsqueezeError(f"cannot write plot {str(p)!r}: {kind} is not supported; end it in "
                               f"{', '.join(PLOT_TYPES)}")
-    if p.is_dir():
-        raise LmmsqueezeError(f"cannot write plot {str(p)!r}: it is a folder; give a file name")
     if not p.parent.is_dir():
         raise LmmsqueezeError(f"cannot write plot {str(p)!r}: the folder {str(p.parent)!r} does not exist")
     if not os.access(p.parent, os.W_OK) or p.exists() and not os.access(p, os.W_OK):
@@ -233,13 +233,7 @@ def _place_numbers(fig: Any, ax: Any, xs: list[float], ys: list[float], avoid: l
             note.remove()
 
 
-def plot(rows: list[dict[str, Any]], path: str, x: str = "flops", title: str = "") -> None:
-    """Every point (numbered in cost order), the frontier as a line and the vanilla point, with a key
-    beside the axes naming each number's pipeline; written to ``path`` (its type from the suffix).
-
-    Labels never overlap (each number takes the first free place around its point) and the key is
-    part of the saved figure (``bbox_inches="tight"``), so long ProxyV pipelines are wrapped, not cut.
-    """
+def _pyplot() -> Any:
     try:  # matplotlib is optional (the `plot` extra)
         import matplotlib
 
@@ -247,6 +241,29 @@ def plot(rows: list[dict[str, Any]], path: str, x: str = "flops", title: str = "
         import matplotlib.pyplot as plt
     except ImportError:
         raise LmmsqueezeError("plotting needs matplotlib: pip install 'lmmsqueeze[plot]'") from None
+    return plt
+
+
+def plot(rows: list[dict[str, Any]], path: str, x: str = "flops", title: str = "") -> None:
+    """:func:`figure` written to ``path`` (its type from the suffix), the key included."""
+    plt = _pyplot()
+    fig = figure(rows, x, title)
+    try:
+        fig.savefig(path, bbox_inches="tight")
+    except (OSError, ValueError) as exc:
+        raise LmmsqueezeError(f"cannot write plot {path!r}: {' '.join(str(exc).split())}") from None
+    finally:
+        plt.close(fig)
+
+
+def figure(rows: list[dict[str, Any]], x: str = "flops", title: str = "") -> Any:
+    """Every point (numbered in cost order), the frontier as a line and the vanilla point, with a key
+    beside the axes naming each number's pipeline; the matplotlib Figure (close it when done).
+
+    Labels never overlap (each number takes the first free place around its point) and the key is
+    part of the saved figure (``bbox_inches="tight"``), so long ProxyV pipelines are wrapped, not cut.
+    """
+    plt = _pyplot()
     field = X_FIELDS[x]
     top = max(float(r[field]) for r in rows) if rows else 1.0
     unit, scale = si_unit(top) if x == "flops" else ("", 1.0)
@@ -278,9 +295,4 @@ def plot(rows: list[dict[str, Any]], path: str, x: str = "flops", title: str = "
                     weight="bold" if i == 0 else "normal")
     fig.canvas.draw()
     _place_numbers(fig, ax, xs, ys, [legend.get_window_extent(fig.canvas.get_renderer())])
-    try:
-        fig.savefig(path, bbox_inches="tight")
-    except (OSError, ValueError) as exc:
-        raise LmmsqueezeError(f"cannot write plot {path!r}: {' '.join(str(exc).split())}") from None
-    finally:
-        plt.close(fig)
+    return fig
