@@ -100,8 +100,13 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def _connect_readonly(path: Path) -> sqlite3.Connection:
-    """Open for reading only; a file (or folder) the user may not write is opened as immutable, which
-    SQLite needs to read a WAL store it cannot lock."""
+    """Open for reading only. A store the user may write is opened as usual but refuses every write
+    (``query_only``), so closing it tidies SQLite's -wal/-shm files as a writer would; one in a file or
+    folder the user may not write is opened read-only, or as immutable where SQLite cannot lock it."""
+    if os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK):
+        db = _connect(path)
+        db.execute("PRAGMA query_only=ON")
+        return db
     uri = "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
     db = sqlite3.connect(uri, uri=True, timeout=30)
     try:
