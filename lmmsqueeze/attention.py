@@ -37,6 +37,7 @@ def last_query_attention(
     hidden_states: Tensor,
     position_embeddings: tuple[Tensor, Tensor],
     key_padding: Tensor | None = None,
+    keys: Tensor | None = None,
 ) -> Tensor:
     """Head-mean softmax attention of the last position to every position, as the layer computes it.
 
@@ -46,12 +47,14 @@ def last_query_attention(
         hidden_states: ``[B, N, D]`` the (normed) input of the attention module.
         position_embeddings: RoPE ``(cos, sin)``, each ``[B, N, head_dim]``.
         key_padding: ``[B, N]`` bool, True for real tokens (False columns get no attention).
+        keys: ``[B, KV, N, head_dim]`` the layer's post-RoPE keys when the caller has them (the KV cache
+            after this layer's prefill): only the last query is projected then.
 
     Returns:
         ``[B, N]`` float32 attention weights of the last query, averaged over heads.
     """
     last = torch.tensor([hidden_states.shape[1] - 1], device=hidden_states.device)
-    return rows_attention(attn, hidden_states, position_embeddings, last, key_padding)[:, 0]
+    return rows_attention(attn, hidden_states, position_embeddings, last, key_padding, keys)[:, 0]
 
 
 def rows_attention(
@@ -60,9 +63,11 @@ def rows_attention(
     position_embeddings: tuple[Tensor, Tensor],
     rows: Tensor,
     key_padding: Tensor | None = None,
+    keys: Tensor | None = None,
 ) -> Tensor:
     """Head-mean causal attention of the queries at ``rows`` to every position (one sample or a batch
-    sharing ``rows``), computed as the layer does.
+    sharing ``rows``), computed as the layer does; ``keys`` (``[B, KV, N, head_dim]``, post-RoPE) are
+    the layer's own when given, else projected from ``hidden_states``.
 
     Returns:
         ``[B, R, N]`` float32 weights; row r attends to positions ``<= rows[r]``.
@@ -70,9 +75,9 @@ def rows_attention(
     b, n, _ = hidden_states.shape
     cos, sin = position_embeddings
     q = decoder_heads(attn, "q", hidden_states[:, rows])
-    k = decoder_heads(attn, "k", hidden_states)
     q = apply_rope(q, cos[:, rows], sin[:, rows])
-    k = repeat_kv(apply_rope(k, cos, sin), attn.num_key_value_groups)
+    k = apply_rope(decoder_heads(attn, "k", hidden_states), cos, sin) if keys is None else keys
+    k = repeat_kv(k, attn.num_key_value_groups)
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling  # [B, H, R, N]
     allowed = torch.arange(n, device=rows.device)[None, :] <= rows[:, None]  # causal
     allowed = allowed[None, None].expand(b, 1, -1, -1)

@@ -9,7 +9,8 @@ Two conventions:
       attention    2 n c d                         Q K^T and A V over every key position
       ffn          3 n d m  (gated) | 2 n d m      gate/up/down or up/down
 
-  plus the reducers' own matrix products and the signal probes' one-query recomputations.
+  plus the reducers' own matrix products and the signal probes' query rows (over the layer's own
+  cached keys), as a prefill with a KV cache (``generate``) computes them.
 * ``fastv``: the FastV paper's ``4 n d^2 + 2 n^2 d + 2 n d m`` per layer (MAC-like; no GQA, a
   two-matrix FFN, no overhead), to reproduce the numbers papers print.
 
@@ -116,20 +117,21 @@ def layer_macs(
 
 def probe_macs(g: ModelGeometry, needs: frozenset[str], n: int, text_after_image: int) -> int:
     """MACs of the decoder-side signal probes of a stage at layer K, where ``n`` tokens enter layers K-1
-    and K (one-query rows recomputed from the layers' own projections; readings of the input are free)."""
+    and K. Probes of layer K-1 read the keys that layer just wrote to its KV cache and project only their
+    query rows; ``input_text_attention`` reads layer K's input before that layer runs, so it projects
+    the keys too. Readings of the input are free."""
     d = g.hidden_size
     d_q = g.num_heads * g.head_dim
     d_kv = g.num_kv_heads * g.head_dim
     macs = 0
-    for name in ("text_attention", "input_text_attention"):  # q of one row, k of all rows, one row of Q K^T
-        if name in needs:
-            macs += d * d_q + n * d * d_kv + n * d_q
-    if "text_image_attention" in needs:
+    if "text_attention" in needs:  # q of the last row, its row of Q K^T
+        macs += d * d_q + n * d_q
+    if "input_text_attention" in needs:  # q of the last row, k of every row, one row of Q K^T
+        macs += d * d_q + n * d * d_kv + n * d_q
+    if "text_image_attention" in needs:  # q of the text rows after the image, their rows of Q K^T
         r = text_after_image
-        macs += r * d * d_q + n * d * d_kv + r * n * d_q
-    if needs & {"llm_keys", "text_keys"}:  # k of every row, once for both
-        macs += n * d * d_kv
-    return macs
+        macs += r * d * d_q + r * n * d_q
+    return macs  # llm_keys / text_keys: the cached keys themselves
 
 
 def relevance_macs(g: ModelGeometry, image_tokens: int, text_after_image: int) -> int:

@@ -23,26 +23,42 @@ def _wide(x: Tensor) -> Tensor:
 
 
 def post_rope_keys(attn: nn.Module, hidden: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-    """``[B, L, d_kv]`` a layer's keys after RoPE (KV heads side by side), as its cache holds them."""
-    b, n, _ = hidden.shape
-    return apply_rope(decoder_heads(attn, "k", hidden), *rope).transpose(1, 2).reshape(b, n, -1)
+    """``[B, KV, L, head_dim]`` a layer's keys after RoPE, as its cache holds them."""
+    return apply_rope(decoder_heads(attn, "k", hidden), *rope)
+
+
+def cached_keys(cache: Any, layer: int, length: int) -> Tensor | None:
+    """The post-RoPE keys layer ``layer`` just wrote to ``cache`` (``[B, KV, length, head_dim]``), when the
+    cache holds exactly this prefill's ``length`` columns (a fresh dynamic cache); else None."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer >= len(layers):
+        return None
+    keys = getattr(layers[layer], "keys", None)
+    if not isinstance(keys, Tensor) or keys.dim() != 4 or keys.shape[-2] != length:
+        return None
+    return keys
 
 
 def previous_layer_signals(attn: nn.Module, hidden: Tensor, rope: tuple[Tensor, Tensor], padding: Tensor,
-                           text: list[Tensor], needs: frozenset[str]) -> dict[str, Any]:
+                           text: list[Tensor], needs: frozenset[str], keys: Tensor | None = None
+                           ) -> dict[str, Any]:
     """Measured at layer K-1's self-attention from its (normed) input: ``text_attention`` ``[B, L]``,
     post-RoPE ``keys`` ``[B, L, d_kv]`` (for ``llm_keys`` and ``text_keys``) and ``text_image_attention``
-    (the rows of each sample's ``text`` columns, ``[T, L]``)."""
+    (the rows of each sample's ``text`` columns, ``[T, L]``). ``keys`` (``[B, KV, L, head_dim]``) are the
+    layer's own post-RoPE keys from its cache when the caller has them: no key is projected again."""
     out: dict[str, Any] = {}
     pad = None if bool(padding.all()) else padding
+    if keys is None and needs & {"text_attention", "llm_keys", "text_keys", "text_image_attention"}:
+        keys = post_rope_keys(attn, hidden, rope)
     if "text_attention" in needs:
-        out["text_attention"] = last_query_attention(attn, hidden, rope, pad)
+        out["text_attention"] = last_query_attention(attn, hidden, rope, pad, keys)
     if needs & {"llm_keys", "text_keys"}:
-        out["keys"] = post_rope_keys(attn, hidden, rope)
+        b, _, n, _ = keys.shape
+        out["keys"] = keys.transpose(1, 2).reshape(b, n, -1)
     if "text_image_attention" in needs:
         out["text_image_attention"] = [
             rows_attention(attn, hidden[b:b + 1], (rope[0][b:b + 1], rope[1][b:b + 1]), cols,
-                           padding[b:b + 1])[0]
+                           padding[b:b + 1], keys[b:b + 1])[0]
             for b, cols in enumerate(text)]
     return out
 

@@ -21,7 +21,7 @@ from ...compose.plan import PlannedStage, reduced_after_kept
 from ...errors import PipelineError
 from ...reducers.base import LLM_SIGNALS, VISION_SIGNALS, Reducer
 from ..hooks import HookSet
-from ..llm_signals import previous_layer_signals, text_relevance
+from ..llm_signals import cached_keys, previous_layer_signals, text_relevance
 from ..llm_stage import run_llm_stage, segment_rope, text_columns
 from ..masks import mask_filler, slice_key_columns, slice_square_mask
 from ..positions import shift_rope
@@ -114,7 +114,10 @@ class LlmHooks:
             rope = tuple(t.expand(hidden.shape[0], -1, -1) for t in kwargs["position_embeddings"])
             pad = p.current_padding(stage.layer - 1)
             text = [text_columns(s, pad[b]) for b, s in enumerate(p.samples)]
-            p.llm_signals[stage.layer] = previous_layer_signals(module, hidden, rope, pad, text, needs)
+            # the layer's own post-RoPE keys, as it just wrote them to the cache (no second projection)
+            index = getattr(module, "layer_idx", stage.layer - 1)
+            keys = cached_keys(kwargs.get("cache"), index, hidden.shape[1])
+            p.llm_signals[stage.layer] = previous_layer_signals(module, hidden, rope, pad, text, needs, keys)
 
         return probe
 
