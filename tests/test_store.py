@@ -217,6 +217,8 @@ def test_a_damaged_adapter_re_run_keeps_the_good_row(tmp_path):
     (["sweep", "-p", "pool", "--results", "{tmp}/no/such/r.db"], "the folder"),
     (["sweep", "-p", "pool", "--results", "{tmp}"], "is a folder"),
     (["eval", "-p", "pool", "--results", "{tmp}"], "is a folder"),
+    (["sweep", "-p", "pool", "--device", "nonsense"], "unknown device 'nonsense'; give --device one of"),
+    (["eval", "-p", "pool", "--device", "cpu:3"], "device 'cpu:3'"),
 ])
 def test_bad_options_are_refused_before_a_model_is_loaded(tmp_path, no_model, args, message):
     db = tmp_path / "r.db"

@@ -40,9 +40,11 @@ def _run_grid(grid: Any, results: Path, batch_size: int, device: str | None,
     is left to the caller's one-line error."""
     from ..evaluation.store import ResultStore
     from ..evaluation.sweep import check_sweep, run_sweep
+    from ..runtime.loading import pick_device
 
-    # refuse a bad grid, task, pipeline or results file before the progress display starts
+    # refuse a bad grid, task, pipeline, device or results file before the progress display starts
     total = len(grid.tasks) * len(check_sweep(grid))
+    pick_device(device)
     ResultStore(results).close()
     with _progress(transient=single) as progress:
         overall = progress.add_task("sweep", total=total)
