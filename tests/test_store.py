@@ -165,6 +165,24 @@ def test_sweep_skips_stored_rows_and_retries_failed_ones_only_when_asked(tmp_pat
         assert (row["status"], row["accuracy"]) == ("ok", 0.4)
 
 
+def test_eval_reuses_a_failed_vanilla_row_unless_asked_to_retry_it(tmp_path, fake):
+    db = tmp_path / "r.db"
+    with ResultStore(db) as store:
+        store.put(key("none"), {}, [], error="RuntimeError: vanilla broke")
+    args = ["eval", "-p", "pool", "--limit", "3", "--results", str(db), "--json"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert fake.calls == [POOL] and json.loads(first.stdout)["loyalty"] is None  # no vanilla answers
+    assert_refused(runner.invoke(app, ["eval", "-p", "none", "--limit", "3", "--results", str(db)]),
+                   "the stored row of 'none' failed (RuntimeError: vanilla broke); --retry-failed runs it "
+                   "again")
+    again = runner.invoke(app, [*args, "--retry-failed"])
+    assert again.exit_code == 0, again.output
+    assert fake.calls == [POOL, "none", POOL] and json.loads(again.stdout)["loyalty"] == 1.0
+    with ResultStore(db) as store:
+        assert store.row(key("none"))["status"] == "ok"
+
+
 def test_a_failed_sweep_re_run_keeps_the_good_row_and_says_so(tmp_path, fake):
     db = tmp_path / "r.db"
     seeded_store(db)

@@ -36,8 +36,8 @@ def _progress(transient: bool = False) -> Progress:
 
 def _run_grid(grid: Any, results: Path, batch_size: int, device: str | None,
               remeasure: bool = False, retry_failed: bool = False, single: bool = False) -> list[dict]:
-    """Run a grid under a progress display. ``single`` (eval): the display goes when done and a failure
-    is left to the caller's one-line error."""
+    """Run a grid under a progress display. ``single`` (eval): the display goes when done, and failures
+    and reused rows are left to the caller's row or one-line error."""
     from ..evaluation.store import ResultStore
     from ..evaluation.sweep import check_sweep, run_sweep
     from ..runtime.loading import pick_device
@@ -62,7 +62,9 @@ def _run_grid(grid: Any, results: Path, batch_size: int, device: str | None,
                     kept = " (the earlier successful row is kept)" if info.get("kept") else ""
                     progress.console.print(f"[red]failed[/] {label}: {escape(str(info['error']))}{kept}",
                                            highlight=False)
-                if kind == "skip" and info.get("status") == "failed":
+                if kind == "skip" and single:  # eval: its row (or its one-line error) says what was reused
+                    pass
+                elif kind == "skip" and info.get("status") == "failed":
                     progress.console.print(f"[dim]failed before, skipped (--retry-failed runs it again)[/] "
                                            f"{label}", highlight=False)
                 elif kind == "skip":
