@@ -147,7 +147,8 @@ def test_converted_checkpoint_is_the_original_and_its_proxyv_layers_are_the_offi
                 lm.layers[i].register_forward_pre_hook(
                     keep(("in", i), lambda a, r: a[0] if a else r[0]["hidden_states"]), with_kwargs=True),
                 lm.layers[i].register_forward_hook(keep(("out", i), lambda a, r: r[-1])),
-                inner.input_layernorm.register_forward_pre_hook(keep(("full", i), lambda a, r: a[0])),
+                # the layer normalises the sequence, then the proxies: the last input is the proxies
+                inner.input_layernorm.register_forward_pre_hook(keep(("proxies", i), lambda a, r: a[0])),
                 inner.post_attention_layernorm.register_forward_pre_hook(keep(("h", i), lambda a, r: a[0])),
                 inner.mlp.register_forward_hook(keep(("ffn", i), lambda a, r: r[-1])),
             ]
@@ -166,8 +167,7 @@ def test_converted_checkpoint_is_the_original_and_its_proxyv_layers_are_the_offi
         else:  # official get_image_proxy: bilinear resize of each crop's grid by the factor
             grid = F.interpolate(x0.permute(0, 3, 1, 2), size=(2, 2), mode="bilinear", align_corners=False)
             proxies, splat = grid.permute(0, 2, 3, 1).reshape(p, HIDDEN), None
-        n_seq = inputs["input_ids"].shape[1]
-        assert torch.allclose(seen["full", START][0, n_seq:], proxies, atol=1e-5)
+        assert torch.allclose(seen["proxies", START][0], proxies, atol=1e-5)
         for i in range(START, 4):
             new_proxies = (seen["h", i] + seen["ffn", i])[0, :p]  # queries: the proxies first
             mlp = {k[len(f"model.vision_mlp_layers.{i - START}."):]: v for k, v in official.items()

@@ -50,7 +50,6 @@ class _Layout:
 
     q_rows: Tensor  # [B, nq] rows of [sequence; proxies] that are queries: proxies, then the others
     q_rope: tuple[Tensor, Tensor]  # cos/sin of the queries
-    kv_rope: tuple[Tensor, Tensor]  # cos/sin of every key: sequence, then proxies
     allowed: Tensor  # [B, 1, nq, N+P] the attention mask
 
     @classmethod
@@ -58,10 +57,10 @@ class _Layout:
         p = st.proxies.shape[1]
         proxy_rows = (n_seq + torch.arange(p, device=st.image.device)).expand(b, -1)
         q_rows = torch.cat([proxy_rows, st.others], 1)
-        kv_rope = tuple(torch.cat([t.expand(b, -1, -1), pt], 1)
+        kv_rope = tuple(torch.cat([t.expand(b, -1, -1), pt], 1)  # sequence, then proxies
                         for t, pt in zip(rope, st.proxy_rope, strict=True))
         q_rope = tuple(_rows(t, q_rows) for t in kv_rope)
-        return cls(q_rows, q_rope, kv_rope, proxyv_mask(st, q_rows, n_seq)[:, None])
+        return cls(q_rows, q_rope, proxyv_mask(st, q_rows, n_seq)[:, None])
 
 
 def make_proxies(stage: ProxyV, adapter: ProxyVAdapter, image: Tensor, grids: Any, groups: Tensor
@@ -120,25 +119,27 @@ def _proxyv_sample(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Te
     attn = layer.self_attn
     if st.layout is None:
         st.layout = _Layout.of(st, rope, b, n_seq)
-    q_rows, allowed = st.layout.q_rows, st.layout.allowed
-    full = torch.cat([hidden, st.proxies], 1)  # rows: sequence, then proxies
-    normed = layer.input_layernorm(full)
-    nq = q_rows.shape[1]
-    q = decoder_heads(attn, "q", _rows(normed, q_rows))
-    k = decoder_heads(attn, "k", normed)
-    v = decoder_heads(attn, "v", normed)
-    q = apply_rope(q, *st.layout.q_rope)
-    k = apply_rope(k, *st.layout.kv_rope)
-    k_seq, v_seq = k[:, :, :n_seq], v[:, :, :n_seq]  # what the cache keeps: no proxy entries
-    k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
+    allowed = st.layout.allowed
+    norm, groups = layer.input_layernorm, attn.num_key_value_groups
+    seq_normed, proxy_normed = norm(hidden), norm(st.proxies)  # row-wise: no [sequence; proxies] copy
+    queries = torch.cat([proxy_normed, _rows(seq_normed, st.others)], 1)  # the layout's q_rows order
+    nq = queries.shape[1]
+    q = apply_rope(decoder_heads(attn, "q", queries), *st.layout.q_rope)
+    # the sequence's keys and values are what the cache keeps: their own tensors, no proxy rows behind them
+    k_seq = apply_rope(decoder_heads(attn, "k", seq_normed), *(t.expand(b, -1, -1) for t in rope))
+    v_seq = decoder_heads(attn, "v", seq_normed)
+    k_proxy = apply_rope(decoder_heads(attn, "k", proxy_normed), *st.proxy_rope)
+    k = repeat_kv(torch.cat([k_seq, k_proxy], 2), groups)
+    v = repeat_kv(torch.cat([v_seq, decoder_heads(attn, "v", proxy_normed)], 2), groups)
     if getattr(attn.config, "_attn_implementation", "sdpa") == "eager":  # plain matmuls, as eager layers do
         logits = (q @ k.transpose(-1, -2)) * attn.scaling
         weights = logits.masked_fill(~allowed, float("-inf")).float().softmax(dim=-1).to(q.dtype)
         out = weights @ v
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=attn.scaling)
+    del k, v
     out = attn.o_proj(out.transpose(1, 2).reshape(b, nq, -1))
-    h = _rows(full, q_rows) + out
+    h = torch.cat([st.proxies, _rows(hidden, st.others)], 1) + out
     h = h + layer.mlp(layer.post_attention_layernorm(h))
     new_proxies, new_others = h[:, :p], h[:, p:]
     image_in = _rows(hidden, st.image)
@@ -148,8 +149,11 @@ def _proxyv_sample(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Te
         context = st.splat @ mlp.context_proj(new_proxies)
     image_out = mlp(image_in, context)
     st.proxies = new_proxies
-    seq = hidden.scatter(1, st.others[..., None].expand(-1, -1, d), new_others)
-    return seq.scatter(1, st.image[..., None].expand(-1, -1, d), image_out), k_seq, v_seq
+    # every slot is an image token or another token: one new tensor, written in place
+    seq = torch.empty_like(hidden)
+    seq.scatter_(1, st.others[..., None].expand(-1, -1, d), new_others)
+    seq.scatter_(1, st.image[..., None].expand(-1, -1, d), image_out)
+    return seq, k_seq, v_seq
 
 
 def proxyv_mask(st: ProxyVState, q_rows: Tensor, n_seq: int) -> Tensor:
