@@ -10,7 +10,17 @@ from typing import Any
 import pytest
 import torch
 
+from lmmsqueeze.proxyv.attach import allow_untrained
 from lmmsqueeze.testing import tiny_llava
+
+
+@pytest.fixture(autouse=True)
+def _untrained_proxyv():
+    """Tests run ProxyV stages on random models without adapters (fresh modules, seed 0); users must
+    pass an adapter or say untrained=true. tests/test_bad_inputs.py turns this off to test the refusal."""
+    with allow_untrained():
+        yield
+
 
 #: device parameter for model tests: the same tests run on CUDA when one is present
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),

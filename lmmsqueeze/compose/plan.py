@@ -203,12 +203,10 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, geometry: ModelGeometr
                 raise PipelineError(
                     f"{where}: {stage.name} needs the token grid, but an earlier stage broke it; {fix}"
                 )
-            keep = getattr(reducer, "keep", None)
-            if isinstance(keep, int) and keep > tokens:
-                raise PipelineError(
-                    f"{where}: keep={keep} is more than the {tokens} image tokens this stage receives; "
-                    f"give keep <= {tokens} or a fraction in (0, 1]"
-                )
+            try:
+                reducer.check_input(tokens, grids)
+            except ValueError as exc:
+                raise PipelineError(f"{where}: {exc}") from None
             if observed and len(stages) in observed:  # an adaptive stage, as a run saw it
                 reducer = reducer.observed(observed[len(stages)])
             try:
@@ -222,8 +220,43 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, geometry: ModelGeometr
                              (part, len(parts)) if len(parts) > 1 else None, policy, len(stages))
             )
             tokens, grids = out, out_grids
-    canonical = PipelineSpec(tuple(canonical_specs))
-    return Plan(canonical, tuple(stages), geometry)
+    plan = Plan(PipelineSpec(tuple(canonical_specs)), tuple(stages), geometry)
+    if observed is None:
+        _check_saving(plan)
+    return plan
+
+
+#: the prompt length at which the compiler checks that a plan saves (``explain``'s default)
+CHECK_TEXT_TOKENS = 64
+
+
+def _check_saving(plan: Plan) -> None:
+    """Refuse a plan with a stage that keeps every image token (ProxyV: it saves through proxies) whose
+    analytic prefill costs more than the vanilla model's (at :data:`CHECK_TEXT_TOKENS` text tokens),
+    unless a stage is a documented control. Reducers are bounded by their counts instead
+    (:meth:`~lmmsqueeze.reducers.base.Reducer.check_input`)."""
+    if not any(s.where.keeps_tokens for s in plan.stages) or any(s.reducer.is_control for s in plan.stages):
+        return
+    cost = plan.cost(CHECK_TEXT_TOKENS)
+    if cost.saving >= 0:
+        return
+    blamed = ([s for s in plan.stages if s.where.keeps_tokens]
+              or [s for s in plan.stages if s.tokens_out >= s.tokens_in] or list(plan.stages))
+    s = blamed[0]
+    what = (f"it keeps all {s.tokens_in} image tokens it receives" if s.tokens_out >= s.tokens_in
+            and not s.where.keeps_tokens else "its extra work outweighs what it saves")
+    raise PipelineError(
+        f"stage {s.position} ({s.name}): the pipeline would cost {100 * -cost.saving:.1f}% more "
+        f"prefill FLOPs than the vanilla model ({what}); {_saving_fix(s)}"
+    )
+
+
+def _saving_fix(stage: PlannedStage) -> str:
+    """How to make a stage that costs more than it saves worth running."""
+    fix = getattr(stage.reducer, "saving_fix", None)
+    if fix:
+        return fix(stage.tokens_in, stage.grids_in)
+    return "give it a smaller budget (fewer tokens kept), or keep=1.0 to run it as a documented control"
 
 
 def _declared(reducer: Reducer, where: str) -> list[Placement]:

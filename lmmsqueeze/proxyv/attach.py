@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,18 +55,50 @@ def config_for(model: nn.Module, plan: Any) -> ProxyVConfig:
     )
 
 
+_ALLOW_UNTRAINED: list[bool] = [False]
+
+
+@contextlib.contextmanager
+def allow_untrained(allow: bool = True) -> Iterator[None]:
+    """Within the block, a proxyv stage without an adapter runs freshly initialised modules (seed 0), as
+    if it said ``untrained=true`` (``allow=False``: refused again). For test suites that run many
+    pipelines on random models; a user asks for untrained modules with ``untrained=true`` in the stage."""
+    _ALLOW_UNTRAINED.append(allow)
+    try:
+        yield
+    finally:
+        _ALLOW_UNTRAINED.pop()
+
+
 def resolve_adapter(model: nn.Module, plan: Any, adapter: Any) -> ProxyVAdapter | None:
-    """The ProxyV modules for a plan: the given adapter (checked), or fresh ones (seed 0); None when
-    the plan runs no ProxyV layer."""
-    if proxyv_stage(plan) is None:
+    """The ProxyV modules for a plan: the given adapter (checked), or fresh ones (seed 0) when the
+    stage says ``untrained=true``; None when the plan runs no ProxyV layer.
+
+    Raises:
+        ModelError: no adapter for a stage that needs one, an adapter for an ``untrained=true`` stage,
+            or an adapter that cannot be read or does not fit the plan and model.
+    """
+    stage = proxyv_stage(plan)
+    if stage is None:
         return None
+    untrained = bool(stage.reducer.untrained)
+    if adapter is None and not (untrained or _ALLOW_UNTRAINED[-1]):
+        raise ModelError(
+            f"stage {stage.position} (proxyv) needs trained ProxyV weights: pass --adapter DIR (the bundled "
+            f"model ships {', '.join('bundled:' + a for a in BUNDLED_ADAPTERS)}; weights= in Python), or add "
+            "untrained=true to the stage to run freshly initialised modules on purpose"
+        )
+    if adapter is not None and untrained:
+        raise ModelError(f"stage {stage.position} (proxyv) says untrained=true, but an adapter was given; "
+                         "remove untrained=true to run the adapter, or the adapter to run fresh modules")
     needed = config_for(model, plan)
     if adapter is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             module = ProxyVAdapter(needed)
     else:
-        module = adapter if isinstance(adapter, ProxyVAdapter) else ProxyVAdapter.load(adapter_path(adapter))
+        module = adapter if isinstance(adapter, ProxyVAdapter) else ProxyVAdapter.load(adapter_path(adapter),
+                                                                                         expect=needed)
         problem = module.config.mismatch(needed)
         if problem:
             raise ModelError(f"the ProxyV adapter does not fit this pipeline or model: {problem}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -134,24 +134,88 @@ class ProxyVAdapter(nn.Module):
         return d
 
     @classmethod
-    def load(cls, directory: str | Path) -> ProxyVAdapter:
+    def load(cls, directory: str | Path, expect: ProxyVConfig | None = None) -> ProxyVAdapter:
+        """The adapter saved in ``directory``; with ``expect``, one that does not fit it is refused
+        before any weight is built."""
         d = Path(directory)
         if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
             raise ModelError(
                 f"{str(d)!r} is not a ProxyV adapter (expected {CONFIG_NAME} and {WEIGHTS_NAME})"
             )
-        try:
-            config = ProxyVConfig(**json.loads((d / CONFIG_NAME).read_text()))
-        except (TypeError, ValueError) as exc:
-            raise ModelError(f"cannot read {str(d / CONFIG_NAME)!r}: {exc}") from None
+        config = config_from(read_config(d), d / CONFIG_NAME)
+        problem = config.mismatch(expect) if expect is not None else None
+        if problem:
+            raise ModelError(f"the ProxyV adapter {str(d)!r} does not fit this pipeline or model: {problem}")
         adapter = cls(config)
-        adapter.load_state_dict(load_file(str(d / WEIGHTS_NAME)))
+        try:
+            weights = load_file(str(d / WEIGHTS_NAME))
+        except Exception as exc:  # safetensors raises its own error type for damaged files
+            raise ModelError(f"cannot read {str(d / WEIGHTS_NAME)!r} (damaged or not a safetensors file: "
+                             f"{_first_line(exc)}); train the adapter again or restore the file") from None
+        try:
+            adapter.load_state_dict(weights)
+        except RuntimeError as exc:
+            raise ModelError(f"{str(d / WEIGHTS_NAME)!r} does not match {CONFIG_NAME} "
+                             f"({_first_line(exc, 1)}); the two files come from different adapters") from None
         return adapter
+
+
+def _first_line(exc: BaseException, line: int = 0) -> str:
+    """One line of an exception's text (``line``: which, when several), at most 200 characters."""
+    lines = [t.strip() for t in str(exc).splitlines() if t.strip()] or [type(exc).__name__]
+    text = lines[min(line, len(lines) - 1)]
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+#: the fields of an adapter config and their types (the rest are optional strings and a dict)
+_INT_FIELDS = ("layer", "factor", "proxies", "hidden_size", "width", "num_layers")
+VARIANTS = ("spatial", "nonspatial", "control")
+
+
+def config_from(data: Any, path: str | Path) -> ProxyVConfig:
+    """An adapter config from its JSON data, every field checked (a one-line error names the bad one)."""
+    where = f"{str(path)!r}"
+    if not isinstance(data, dict):
+        raise ModelError(f"{where} must hold a JSON object of adapter settings, not {type(data).__name__}")
+    known = {f.name for f in fields(ProxyVConfig)}
+    unknown = sorted(set(data) - known)
+    missing = sorted(f.name for f in fields(ProxyVConfig) if f.default is MISSING and f.name not in data)
+    if unknown or missing:
+        parts = (unknown and f"unknown fields {unknown}", missing and f"missing {missing}")
+        what = "; ".join(p for p in parts if p)
+        raise ModelError(f"{where} is not a ProxyV adapter config ({what}); write it with ProxyVAdapter.save")
+    for name in _INT_FIELDS:
+        value = data[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "layer" else 1):
+            raise ModelError(f"{where}: {name}={value!r} must be an integer >= {0 if name == 'layer' else 1}")
+    if data["variant"] not in VARIANTS:
+        raise ModelError(f"{where}: variant={data['variant']!r} must be one of {', '.join(VARIANTS)}")
+    eps = data["rms_norm_eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ModelError(f"{where}: rms_norm_eps={eps!r} must be a small positive number such as 1e-6")
+    for name in ("base_model", "pipeline", "objective", "control"):
+        if not isinstance(data.get(name, ""), str):
+            raise ModelError(f"{where}: {name}={data[name]!r} must be a string")
+    if data.get("training") is not None and not isinstance(data["training"], dict):
+        raise ModelError(f"{where}: training must be an object of settings")
+    if data["layer"] > data["num_layers"]:
+        raise ModelError(f"{where}: layer={data['layer']} is beyond num_layers={data['num_layers']}")
+    return ProxyVConfig(**data)
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
     """The adapter config as a dict (for the recorded pipeline) without loading weights."""
     d = Path(directory)
     if not (d / CONFIG_NAME).is_file():
-        raise ModelError(f"{str(d)!r} is not a ProxyV adapter (no {CONFIG_NAME})")
-    return json.loads((d / CONFIG_NAME).read_text())
+        raise ModelError(f"{str(d)!r} is not a ProxyV adapter (no {CONFIG_NAME}); give a directory written "
+                         "by train-proxyv or convert-proxyv, or bundled:<name>")
+    try:
+        data = json.loads((d / CONFIG_NAME).read_bytes().decode("utf-8"))
+    except (ValueError, OSError) as exc:  # invalid JSON, not UTF-8, unreadable
+        raise ModelError(f"cannot read {str(d / CONFIG_NAME)!r}: {_first_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{str(d / CONFIG_NAME)!r} must hold a JSON object of adapter settings, not "
+                         f"{type(data).__name__}")
+    if not isinstance(data.get("pipeline", ""), str):
+        raise ModelError(f"{str(d / CONFIG_NAME)!r}: pipeline must be a string")
+    return data

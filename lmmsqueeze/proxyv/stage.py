@@ -32,7 +32,11 @@ class ProxyV(Reducer):
     ``spatial`` proxies resize each crop's grid by ``factor`` (bilinear); ``nonspatial`` proxies are
     ``proxies`` learned queries per crop (per image once crops are gone) pooling the image tokens,
     so they can follow any reducer. ``mlp_hidden=0`` picks the paper's width (d/4, or d/2 below
-    d=1024). Needs trained weights (``--adapter``); without them the modules are freshly initialised.
+    d=1024). Needs trained weights (``--adapter``): without them running it is refused, unless
+    ``untrained=true`` asks for freshly initialised modules (seed 0) on purpose (tests, ablations).
+    Proxies must be fewer than the image tokens they stand for (spatial: ``factor >= 2``;
+    non-spatial: ``proxies`` below each crop's or image's tokens), and the ProxyV layers must cost less
+    than the layers they replace.
 
     ``control`` is not ProxyV: the trained control of a task-trained adapter ("vanilla-ft"). Its layers
     are ordinary, and each image token gets a residual branch with the same VisionMLP weights (its own
@@ -46,8 +50,11 @@ class ProxyV(Reducer):
     factor: int = 4
     proxies: int = 36
     mlp_hidden: int = 0
+    untrained: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.untrained is False:  # the default, written out: one canonical form
+            object.__setattr__(self, "untrained", None)
         if self.factor < 1:
             raise ValueError(f"factor={self.factor} must be an integer >= 1 (4 resizes 24x24 to 6x6)")
         if self.proxies < 1:
@@ -56,6 +63,36 @@ class ProxyV(Reducer):
             raise ValueError(f"mlp_hidden={self.mlp_hidden} must be >= 0 (0 = the paper's width)")
         if self.layer < 0:
             raise ValueError(f"layer={self.layer} must be an integer >= 0")
+
+    @property
+    def is_control(self) -> bool:  # type: ignore[override]
+        return self.variant == "control"
+
+    def check_input(self, n: int, grids: Grids) -> None:
+        if self.variant == "control":
+            return
+        if self.variant == "spatial":
+            if self.proxies != 36 and self.proxies > n:  # unused by the spatial variant: never beyond n
+                raise ValueError(f"proxies={self.proxies} is more than the {n} image tokens this stage "
+                                 "receives (and spatial ProxyV takes its proxies from factor, not proxies); "
+                                 f"give factor=F, or variant=nonspatial with proxies < {n}")
+            count = self.proxy_count(n, grids)
+            if count >= n:
+                raise ValueError(f"factor={self.factor} makes {count} proxies of the {n} image tokens this "
+                                 "stage receives, no fewer; give factor >= 2 (paper: 4, 576 tokens to 36)")
+            return
+        groups = len(grids) if grids else 1
+        each = n // groups
+        if self.proxies >= each:
+            unit = "crop" if groups > 1 else "image"
+            raise ValueError(f"proxies={self.proxies} per {unit} is not fewer than the {each} image tokens "
+                             f"each {unit} brings to this stage; give proxies < {each} (paper: 36 of 576)")
+
+    def saving_fix(self, n: int, grids: Grids) -> str:
+        """How to make a ProxyV stage cheaper than the layers it replaces."""
+        if self.variant == "spatial":
+            return f"give a larger factor than {self.factor} (fewer proxies)"
+        return f"give fewer proxies than {self.proxies}, or a smaller mlp_hidden"
 
     @property
     def requires_grid(self) -> bool:  # type: ignore[override]

@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
+from ..compose.plan import compile_pipeline
 from ..compose.spec import PipelineSpec, StageSpec, parse_pipeline
 from ..errors import LmmsqueezeError
+from ..models import family_for
 from ..runtime.run import prepare
 from .attach import config_for
 from .modules import ProxyVAdapter
@@ -93,11 +95,14 @@ def train_proxyv(
     ``settings.eval_every`` steps goes to the log."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = prepare(model, pipeline).plan
+    plan = compile_pipeline(pipeline, family_for(model).geometry)  # the adapter is built here, fresh
     if proxyv_stage(plan) is None:
         raise LmmsqueezeError(
             f"pipeline {plan.canonical!r} has no proxyv stage before the last layer to train"
         )
+    if proxyv_stage(plan).reducer.untrained:
+        raise LmmsqueezeError("train-proxyv trains fresh ProxyV modules itself; remove untrained=true from "
+                              "the proxyv stage")
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     torch.manual_seed(settings.seed)
     config = replace(config_for(model, plan), objective=settings.objective, training=asdict(settings))

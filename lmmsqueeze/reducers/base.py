@@ -44,6 +44,13 @@ def check_keep(value: float, name: str = "keep") -> None:
         raise ValueError(f"{name}={value} keeps no token; give a count >= 1 or a fraction in (0, 1]")
 
 
+def check_count(value: float | None, n: int, name: str = "keep") -> None:
+    """Refuse a count (an int) larger than the ``n`` image tokens a stage receives (fractions pass)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > n:
+        raise ValueError(f"{name}={value} is more than the {n} image tokens this stage receives; give "
+                         f"{name} <= {n} or a fraction in (0, 1]")
+
+
 def resolve_keep(value: float, n: int) -> int:
     """Number of tokens a budget keeps out of ``n``: a count as is, a fraction rounded to the nearest count
     (ties to even, as Python's ``round`` in the released FastV and DivPrune code), at least 1."""
@@ -125,10 +132,26 @@ class Reducer:
         return self
 
     @property
+    def is_control(self) -> bool:
+        """True for a documented control that keeps every token on purpose (``keep=1.0``; ProxyV's
+        ``variant=control``): a plan with one may cost more than the vanilla model (its signals, its
+        modules); the compiler refuses any other plan that does."""
+        keep = getattr(self, "keep", None)
+        return isinstance(keep, float) and keep == 1.0
+
+    @property
     def adaptive(self) -> bool:
         """True when the number of tokens out depends on the data (e.g. PruMerge+'s outlier count):
         :meth:`output_count` is then an estimate for planning and the runtime reports what ran."""
         return False
+
+    def check_input(self, n: int, grids: Grids) -> None:
+        """Refuse parameters that do not fit the ``n`` tokens (and ``grids``) this stage receives, with a
+        ``ValueError`` naming the parameter, the count received and the fix. The compiler calls it with
+        the planned counts, before :meth:`output_count`; the runtime never does. By default a ``keep``
+        count larger than ``n`` is refused; a reducer with other counts (e.g. VisionZip's ``dominant``)
+        extends it."""
+        check_count(getattr(self, "keep", None), n)
 
     def output_count(self, n: int, grids: Grids) -> int:
         """Tokens out for ``n`` tokens in (per image at vision/projector placement, per sample at llm);
@@ -222,6 +245,7 @@ __all__ = [
     "Signals",
     "TokenState",
     "apportion",
+    "check_count",
     "check_keep",
     "check_layer",
     "resolve_keep",

@@ -53,6 +53,12 @@ class DARTReducer(Reducer):
         if isinstance(self.text_pivots, bool) or self.text_pivots < 0:
             raise ValueError(f"text_pivots={self.text_pivots} must be an integer >= 0 (paper: 4 text pivots)")
 
+    def check_input(self, n: int, grids: Grids) -> None:
+        super().check_input(n, grids)
+        if self.pivots >= n:
+            raise ValueError(f"pivots={self.pivots} is not fewer than the {n} image tokens this stage "
+                             f"receives, so nothing is pruned; give pivots < {n} (paper: 4)")
+
     def _per_pivot(self, n: int) -> int:
         budget = self.keep if isinstance(self.keep, int) else n * self.keep
         return math.ceil(budget // (self.pivots + self.text_pivots))

@@ -39,6 +39,12 @@ class StrideReducer(Reducer):
                 f"stride={self.stride} must be an integer >= 1 (2 keeps every other row and column)"
             )
 
+    def check_input(self, n: int, grids: Grids) -> None:
+        for h, w in grids or ():
+            if self.stride > min(h, w):
+                raise ValueError(f"stride={self.stride} is larger than the {h}x{w} token grid this stage "
+                                 f"receives; give stride <= {min(h, w)}")
+
     def output_grids(self, grids: Grids) -> Grids:
         if grids is None:
             raise ValueError("stride needs the token grid, but an earlier stage broke it")

@@ -8,7 +8,17 @@ from dataclasses import dataclass
 import torch
 
 from ._common import unit_rows
-from .base import Grids, Reducer, Signals, TokenState, check_keep, resolve_keep, top_k_per_group, wide
+from .base import (
+    Grids,
+    Reducer,
+    Signals,
+    TokenState,
+    check_count,
+    check_keep,
+    resolve_keep,
+    top_k_per_group,
+    wide,
+)
 from .registry import register_reducer
 
 
@@ -49,6 +59,17 @@ class VisionZipReducer(Reducer):
         if not (isinstance(self.contextual, int) and not isinstance(self.contextual, bool)
                 and self.contextual == 0):
             check_keep(self.contextual, "contextual")
+
+    def check_input(self, n: int, grids: Grids) -> None:
+        check_count(self.dominant, n, "dominant")
+        check_count(self.contextual, n, "contextual")
+        dom = resolve_keep(self.dominant, n)
+        ctx = 0 if self.contextual == 0 else resolve_keep(self.contextual, n)
+        if dom + ctx > n:
+            raise ValueError(f"dominant={self.dominant} + contextual={self.contextual} make {dom + ctx} "
+                             f"tokens, more than the {n} image tokens this stage receives; give dominant + "
+                             f"contextual <= {n} (the paper's ratio: dominant={max(1, n * 54 // 64)}, "
+                             f"contextual={n * 10 // 64})")
 
     def bind(self, available: frozenset[str]) -> VisionZipReducer:
         return self if "cls_hidden" in available else dataclasses.replace(self, cls=False)

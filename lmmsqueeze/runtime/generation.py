@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,34 @@ from ..errors import LmmsqueezeError
 from .loading import build_prompt, load_model, model_inputs
 from .run import prepare
 
+#: the largest image lmmsqueeze opens (pixels): 40 megapixels, e.g. 8000 x 5000; models see a few
+#: hundred pixels a side, and a larger file is more likely a mistake (or a decompression bomb)
+MAX_IMAGE_PIXELS = 40_000_000
+
 
 def open_image(path: str | Path) -> Image.Image:
+    """The RGB image in ``path``; a file that is not an image, is damaged, or holds more than
+    :data:`MAX_IMAGE_PIXELS` pixels is refused with one line."""
+    p = Path(path)
+    if p.is_dir():
+        raise LmmsqueezeError(f"image {str(p)!r} is a directory; give an image file (PNG, JPEG, ...)")
+    limit = f"lmmsqueeze's limit of {MAX_IMAGE_PIXELS // 1_000_000} megapixels (MAX_IMAGE_PIXELS)"
+    fix = "downscale it first, e.g. to 2048 pixels on the long side"
     try:
-        return Image.open(path).convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise LmmsqueezeError(f"cannot read image {str(path)!r}: {exc}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(p)
+            w, h = image.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise LmmsqueezeError(f"image {str(p)!r} is {w}x{h} ({w * h / 1e6:.0f} megapixels), over "
+                                      f"{limit}; {fix}")
+            return image.convert("RGB")
+    except Image.DecompressionBombError:
+        raise LmmsqueezeError(f"image {str(p)!r} is over {limit}; {fix}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        raise LmmsqueezeError(f"cannot read image {str(p)!r} ({why[:200]}); give a PNG or JPEG file"
+                              ) from None
 
 
 @torch.no_grad()

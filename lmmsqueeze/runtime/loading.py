@@ -11,16 +11,43 @@ from transformers.utils import is_flash_attn_2_available
 from transformers.utils import logging as hf_logging
 
 from ..bundled import WEIGHTS_DIR
-from ..errors import ModelError
+from ..errors import LmmsqueezeError, ModelError
 from ..models import FAMILIES, supported_models
 from .threads import configure_threads
 
+#: device kinds a model can be loaded on, and how to tell whether this machine has one
+DEVICE_KINDS = {
+    "cpu": lambda: 1,
+    "cuda": lambda: torch.cuda.device_count() if torch.cuda.is_available() else 0,
+    "mps": lambda: 1 if torch.backends.mps.is_available() else 0,
+    "xpu": lambda: torch.xpu.device_count() if hasattr(torch, "xpu") and torch.xpu.is_available() else 0,
+}
+
 
 def pick_device(device: str | None = None) -> torch.device:
-    """``device`` if given, else CUDA when present, else CPU."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``device`` if given (checked: a known kind that this machine has), else CUDA when present, else CPU.
+
+    Raises:
+        ModelError: an unknown device, or one this machine does not have, with the ones it has.
+    """
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    have = [k if n == 1 and k in ("cpu", "mps") else f"{k} ({k}:0..{k}:{n - 1})" if n > 1 else k
+            for k, n in ((k, count()) for k, count in DEVICE_KINDS.items()) if n]
+    fix = f"give --device one of: {', '.join(have)}"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ModelError(f"unknown device {device!r}; {fix}") from None
+    if dev.type not in DEVICE_KINDS:
+        raise ModelError(f"device {device!r}: lmmsqueeze runs on {', '.join(DEVICE_KINDS)}; {fix}")
+    count = DEVICE_KINDS[dev.type]()
+    if not count:
+        raise ModelError(f"device {device!r} is not available on this machine; {fix}")
+    if dev.index is not None and dev.index >= count:
+        raise ModelError(f"device {device!r} does not exist: this machine has {count} {dev.type} device(s); "
+                         f"{fix}")
+    return dev
 
 
 def attention_backend(device: torch.device) -> str:
@@ -87,8 +114,13 @@ def model_inputs(processor: Any, model: Any, images: list[Any], texts: list[str]
     """Processor outputs for ``texts`` (one prompt per sample; several: a left-padded batch) and their
     ``images``, on the model's device, pixel values in the model's dtype."""
     batch = len(texts) > 1
-    inputs = processor(images=images if batch or len(images) != 1 else images[0],
-                       text=texts if batch else texts[0], return_tensors="pt", padding=batch)
+    try:
+        inputs = processor(images=images if batch or len(images) != 1 else images[0],
+                           text=texts if batch else texts[0], return_tensors="pt", padding=batch)
+    except ValueError as exc:  # e.g. image placeholders that do not match the images
+        why = " ".join(str(exc).split())
+        raise LmmsqueezeError(f"the model's processor refused the prompt and its {len(images)} image(s): "
+                              f"{why[:300]}") from None
     param = next(model.parameters())
     inputs = inputs.to(param.device)
     if "pixel_values" in inputs:
@@ -100,6 +132,9 @@ def build_prompt(processor: Any, text: str) -> str:
     """The prompt for one image and one question: the processor's chat template when it has one,
     else the LLaVA-1.5 format. Text that already holds the image token is used as is."""
     token = getattr(processor, "image_token", "<image>")
+    if text.count(token) > 1:
+        raise LmmsqueezeError(f"the prompt holds {text.count(token)} {token} placeholders for one image; "
+                              f"write the question without {token} (lmmsqueeze places the image) or with one")
     if token in text:
         return text
     if getattr(processor, "chat_template", None):

@@ -209,6 +209,7 @@ TINY_STAGE_PARAMS: dict[str, str] = {
     "pdrop": "layer=1, step=1, stages=3",
     "sparsevlm": 'layer=1, more_layers="2,3", budget=64',
     "dart": "keep=16",
+    "visionzip": "dominant=10, contextual=4",  # the defaults (54 + 10) are more than a tiny image's tokens
 }
 
 
