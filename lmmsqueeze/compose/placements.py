@@ -10,6 +10,7 @@ built-in ones live in :mod:`lmmsqueeze.runtime.placements` (``vision``, ``projec
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -116,7 +117,14 @@ def register_placement(placement: Placement) -> Placement:
     return placement
 
 
+def _load_builtins() -> None:
+    """Import the modules that register the built-in placements (lazily: the CLI starts without torch)."""
+    for module in ("lmmsqueeze.runtime.placements", "lmmsqueeze.proxyv"):
+        importlib.import_module(module)
+
+
 def get_placement(name: str) -> Placement:
+    _load_builtins()
     try:
         return _PLACEMENTS[name]
     except KeyError:
@@ -127,6 +135,7 @@ def get_placement(name: str) -> Placement:
 
 def placements() -> list[Placement]:
     """Every registered placement, in run order."""
+    _load_builtins()
     return sorted(_PLACEMENTS.values(), key=lambda p: p.order)
 
 

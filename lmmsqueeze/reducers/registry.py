@@ -139,6 +139,7 @@ def load_plugins() -> dict[str, str]:
     global _PLUGINS_LOADED, _LOADING
     if not _PLUGINS_LOADED:
         _PLUGINS_LOADED = True
+        importlib.import_module("lmmsqueeze.proxyv")  # the built-in proxyv stage (and placements) first
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             before = dict(_REGISTRY)
             _LOADING = _plugin_label(ep)
