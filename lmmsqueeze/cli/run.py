@@ -14,6 +14,46 @@ from .common import AdapterOpt, DeviceOpt, JsonOpt, ModelOpt, PipelineOpt, conso
 app = typer.Typer()
 
 
+def _check_image(image: Path | None) -> None:
+    """An --image that is not a file is refused before any model loads."""
+    if image is None:
+        return
+    if image.is_dir():
+        raise LmmsqueezeError(f"image {str(image)!r} is a directory; give an image file (PNG, JPEG, ...)")
+    if not image.is_file():
+        raise LmmsqueezeError(f"image file {str(image)!r} does not exist")
+
+
+def _precheck(model: str, pipelines: list[str], adapter: str | None, device: str | None) -> None:
+    """Refuse a bad device, adapter or pipeline before any model loads (the model's geometry is read
+    from its config)."""
+    from ..compose import compile_pipeline
+    from ..models import geometry_from_path
+    from ..proxyv.attach import pipeline_for
+    from ..runtime.loading import model_dir, pick_device
+
+    pick_device(device)
+    geometry = geometry_from_path(model_dir(model))
+    for pipeline in pipelines:
+        compile_pipeline(pipeline_for(pipeline, adapter), geometry)
+
+
+def _check_picture_path(out: Path) -> None:
+    """`show --out`: a file in an existing folder, of a picture type PIL writes."""
+    from PIL import Image
+
+    if out.is_dir():
+        raise LmmsqueezeError(f"--out {str(out)!r} is a directory; give a file such as "
+                              f"{str(out / 'show.png')!r}")
+    if not out.parent.is_dir():
+        raise LmmsqueezeError(f"cannot write {str(out)!r}: the folder {str(out.parent)!r} does not exist")
+    writable = sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
+    if out.suffix.lower() not in writable:
+        common = ", ".join(e for e in (".png", ".jpg", ".webp", ".bmp", ".tiff") if e in writable)
+        raise LmmsqueezeError(f"--out {str(out)!r}: {out.suffix or 'no suffix'!s} is not a picture file type "
+                              f"this can write; end it in {common}")
+
+
 @app.command("run")
 def run_cmd(
     model: ModelOpt,
@@ -29,8 +69,8 @@ def run_cmd(
     from ..runtime.generation import answer
 
     with user_errors():
-        if not image.is_file():
-            raise LmmsqueezeError(f"image file {str(image)!r} does not exist")
+        _check_image(image)
+        _precheck(model, [pipeline], adapter, device)
         result = answer(model, image, prompt, pipeline, max_new_tokens=max_new_tokens, device=device,
                         weights=adapter)
     emit(result, as_json, lambda r: console.print(r["answer"], highlight=False))
@@ -58,8 +98,8 @@ def bench_cmd(
     from ..testing import random_image
 
     with user_errors():
-        if image is not None and not image.is_file():
-            raise LmmsqueezeError(f"image file {str(image)!r} does not exist")
+        _check_image(image)
+        _precheck(model, pipeline, adapter, device)
         loaded, processor = load_model(model, device=device)
         picture = open_image(image) if image is not None else random_image(0, 336)
         rows = bench(loaded, processor, pipeline, picture, prompt, runs=runs, warmup=warmup, weights=adapter)
@@ -101,10 +141,9 @@ def show_cmd(
     from ..visualize import save_picture, show_pipeline
 
     with user_errors():
-        if not image.is_file():
-            raise LmmsqueezeError(f"image file {str(image)!r} does not exist")
-        if not out.parent.is_dir():
-            raise LmmsqueezeError(f"cannot write {str(out)!r}: the folder {str(out.parent)!r} does not exist")
+        _check_image(image)
+        _check_picture_path(out)
+        _precheck(model, [pipeline], adapter, device)
         picture = open_image(image)
         loaded, processor = load_model(model, device=device)
         drawing, views = show_pipeline(loaded, processor, picture, prompt, pipeline, panel_size, adapter)

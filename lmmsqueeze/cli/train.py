@@ -47,10 +47,12 @@ def train_proxyv_cmd(
     brings. Resumes from OUT/checkpoint.pt when it exists; writes OUT/adapter (adapter.safetensors +
     adapter_config.json), with --control OUT/control/adapter, and with --full the models too.
     """
+    from ..compose import compile_pipeline
     from ..evaluation.runner import validator
     from ..evaluation.tasks import get_task
-    from ..proxyv.train import TrainSettings, train_proxyv, train_with_control
-    from ..runtime.loading import load_model
+    from ..models import geometry_from_path
+    from ..proxyv.train import TrainSettings, check_trainable, train_proxyv, train_with_control
+    from ..runtime.loading import load_model, model_dir, pick_device
 
     with user_errors():
         settings = TrainSettings(steps=steps, batch=batch, lr=lr, objective=objective,
@@ -60,6 +62,8 @@ def train_proxyv_cmd(
             raise LmmsqueezeError("--control trains the yardstick of task training: "
                                   "give --objective task with it")
         task = get_task(data)
+        pick_device(device)  # bad devices and pipelines are refused before the model loads
+        check_trainable(compile_pipeline(pipeline, geometry_from_path(model_dir(model))))
         loaded, processor = load_model(model, device=device)
         with Progress(TextColumn("train-proxyv"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(),

@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from ..bundled import WEIGHTS_DIR
+from ..compose.spec import parse_pipeline
 from ..errors import ModelError
-from .modules import ProxyVAdapter, ProxyVConfig, read_config
+from ..reducers.registry import build_reducer
+from .modules import ProxyVAdapter, ProxyVConfig, check_adapter_dir, read_config
 from .stage import proxyv_stage
 
 #: adapters shipped with the bundled model, addressable as `bundled:<name>`
@@ -36,10 +38,43 @@ def adapter_pipeline(adapter: str) -> str:
 
 
 def pipeline_for(pipeline: str, adapter: str | None) -> str:
-    """``pipeline``, or the adapter's own when there is an adapter and the pipeline is empty/none."""
-    if adapter and str(pipeline).strip() in ("", "none"):
-        return adapter_pipeline(adapter)
+    """``pipeline``, or the adapter's own when there is an adapter and the pipeline is empty/none.
+
+    What can be checked before a model loads is checked here (callers use it before they touch a
+    results store): the adapter's files (:func:`check_adapter_dir`), and a proxyv stage without an
+    adapter (refused unless it says ``untrained=true``, as :func:`resolve_adapter` would).
+    """
+    if adapter:
+        config = check_adapter_dir(adapter_path(adapter))
+        if str(pipeline).strip() in ("", "none"):
+            return adapter_pipeline(adapter)
+        for position, stage in enumerate(parse_pipeline(pipeline).stages, 1):
+            if stage.name == "proxyv":
+                _fits(config, build_reducer("proxyv", stage.params, f"stage {position} (proxyv)"), adapter)
+        return pipeline
+    for position, stage in enumerate(parse_pipeline(pipeline).stages, 1):
+        if stage.name == "proxyv" and stage.params.get("untrained") is not True and not _ALLOW_UNTRAINED[-1]:
+            raise ModelError(_no_weights(position))
     return pipeline
+
+
+def _fits(config: ProxyVConfig, stage: Any, adapter: Any) -> None:
+    """An adapter config against a proxyv stage's own parameters (the model's shapes wait for the model)."""
+    for name in ("layer", "variant", "factor", "proxies"):
+        if (name == "factor" and config.variant != "spatial") or (name == "proxies" and
+                                                                   config.variant != "nonspatial"):
+            continue
+        if getattr(config, name) != getattr(stage, name):
+            mine, theirs = getattr(config, name), getattr(stage, name)
+            raise ModelError(f"the ProxyV adapter {str(adapter)!r} does not fit this pipeline or model: "
+                             f"{name}: the adapter has {mine}, the pipeline needs {theirs}; omit the "
+                             "pipeline to run the adapter's own")
+
+
+def _no_weights(position: int) -> str:
+    return (f"stage {position} (proxyv) needs trained ProxyV weights: pass --adapter DIR (the bundled model "
+            f"ships {', '.join('bundled:' + a for a in BUNDLED_ADAPTERS)}; weights= in Python), or add "
+            "untrained=true to the stage to run freshly initialised modules on purpose")
 
 
 def config_for(model: nn.Module, plan: Any) -> ProxyVConfig:
@@ -83,11 +118,7 @@ def resolve_adapter(model: nn.Module, plan: Any, adapter: Any) -> ProxyVAdapter 
         return None
     untrained = bool(stage.reducer.untrained)
     if adapter is None and not (untrained or _ALLOW_UNTRAINED[-1]):
-        raise ModelError(
-            f"stage {stage.position} (proxyv) needs trained ProxyV weights: pass --adapter DIR (the bundled "
-            f"model ships {', '.join('bundled:' + a for a in BUNDLED_ADAPTERS)}; weights= in Python), or add "
-            "untrained=true to the stage to run freshly initialised modules on purpose"
-        )
+        raise ModelError(_no_weights(stage.position))
     if adapter is not None and untrained:
         raise ModelError(f"stage {stage.position} (proxyv) says untrained=true, but an adapter was given; "
                          "remove untrained=true to run the adapter, or the adapter to run fresh modules")

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -158,6 +159,29 @@ class ProxyVAdapter(nn.Module):
             raise ModelError(f"{str(d / WEIGHTS_NAME)!r} does not match {CONFIG_NAME} "
                              f"({_first_line(exc, 1)}); the two files come from different adapters") from None
         return adapter
+
+
+def check_adapter_dir(directory: str | Path) -> ProxyVConfig:
+    """An adapter directory's config, after checking both files without loading a weight: the config's
+    fields, and the names and shapes in the safetensors header against what the config builds."""
+    d = Path(directory)
+    if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
+        raise ModelError(f"{str(d)!r} is not a ProxyV adapter (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    config = config_from(read_config(d), d / CONFIG_NAME)
+    try:
+        with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as exc:  # safetensors raises its own error type for damaged files
+        raise ModelError(f"cannot read {str(d / WEIGHTS_NAME)!r} (damaged or not a safetensors file: "
+                         f"{_first_line(exc)}); train the adapter again or restore the file") from None
+    with torch.device("meta"):  # shapes only: nothing allocated
+        wanted = {k: tuple(v.shape) for k, v in ProxyVAdapter(config).state_dict().items()}
+    if stored != wanted:
+        bad = sorted(set(stored) ^ set(wanted)) or sorted(k for k in wanted if stored[k] != wanted[k])
+        raise ModelError(f"{str(d / WEIGHTS_NAME)!r} does not match {CONFIG_NAME} (e.g. {bad[0]!r}: "
+                         f"{stored.get(bad[0], 'nothing')} stored, {wanted.get(bad[0], 'nothing')} "
+                         "expected); the two files come from different adapters")
+    return config
 
 
 def _first_line(exc: BaseException, line: int = 0) -> str:

@@ -95,14 +95,7 @@ def train_proxyv(
     ``settings.eval_every`` steps goes to the log."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = compile_pipeline(pipeline, family_for(model).geometry)  # the adapter is built here, fresh
-    if proxyv_stage(plan) is None:
-        raise LmmsqueezeError(
-            f"pipeline {plan.canonical!r} has no proxyv stage before the last layer to train"
-        )
-    if proxyv_stage(plan).reducer.untrained:
-        raise LmmsqueezeError("train-proxyv trains fresh ProxyV modules itself; remove untrained=true from "
-                              "the proxyv stage")
+    plan = check_trainable(compile_pipeline(pipeline, family_for(model).geometry))  # the adapter: built here
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     torch.manual_seed(settings.seed)
     config = replace(config_for(model, plan), objective=settings.objective, training=asdict(settings))
@@ -201,6 +194,18 @@ def _loss(model: Any, teacher: Any, processor: Any, plan: Any, adapter: ProxyVAd
         return distill_loss(student.logits, run.output_positions, target.logits, where,
                             student.hidden_states[-1] if hidden else None,
                             target.hidden_states[-1] if hidden else None, settings.hidden_weight)
+
+
+def check_trainable(plan: Any) -> Any:
+    """``plan``, when it has a ProxyV stage to train (before the last layer, not ``untrained=true``)."""
+    if proxyv_stage(plan) is None:
+        raise LmmsqueezeError(
+            f"pipeline {plan.canonical!r} has no proxyv stage before the last layer to train"
+        )
+    if proxyv_stage(plan).reducer.untrained:
+        raise LmmsqueezeError("train-proxyv trains fresh ProxyV modules itself; remove untrained=true from "
+                              "the proxyv stage")
+    return plan
 
 
 def train_with_control(model: Any, processor: Any, pipeline: str, task: Any, out: str | Path,
