@@ -77,3 +77,52 @@ def test_syntax_errors_are_one_line(text):
     with pytest.raises(PipelineError) as err:
         parse_pipeline(text)
     assert "\n" not in str(err.value) and "cannot parse pipeline" in str(err.value)
+
+
+# --- quoted values, long pipelines, pipeline files (one-line errors) -------------------------------
+
+
+@given(st.text(max_size=30))
+def test_any_string_value_round_trips_through_its_canonical_form(value):
+    """Every string (quotes, backslashes, control and non-ASCII characters, beyond U+FFFF) parses back
+    to itself from the form the canonical pipeline writes."""
+    spec = PipelineSpec((StageSpec("fastv", {"tag": value}),))
+    assert parse_pipeline(spec.format()).stages[0].params["tag"] == value
+
+
+@pytest.mark.parametrize("text, escape", [
+    ('fastv(tag="a\\x41")', "\\x41"), ('fastv(tag="\\u12")', "\\u12"), ("fastv(tag='\\q')", "\\q"),
+    ('fastv(tag="\\N{DASH}")', "\\N{DAS"),
+])
+def test_a_bad_escape_is_refused_naming_it_and_the_valid_ones(text, escape):
+    with pytest.raises(PipelineError) as err:
+        parse_pipeline(text)
+    assert f"bad escape {escape!r} in a quoted value; valid escapes:" in str(err.value)
+
+
+def test_a_huge_bad_pipeline_is_echoed_clipped_around_the_error():
+    text = "fastv(keep=0.5) | " * 5000 + "fastv(keep=))"
+    with pytest.raises(PipelineError) as err:
+        parse_pipeline(text)
+    message = str(err.value)
+    assert len(message) < 400 and "..." in message and f"({len(text)} characters)" in message
+    assert "keep=))" in message  # the clip is centred on the error's column
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("p.yaml", b"- name: fastv\n  keep: [0.5\n", "is not valid YAML (line 3, column 1)"),
+    ("p.yaml", b"\xff\xfe\x00binary", "is not UTF-8 text"),
+    ("p.yaml", b"  \n", "is empty"),
+    ("p.json", b"{", "is not valid JSON"),
+    ("p.yaml", b"- '@p.yaml'\n", "names another pipeline file"),
+    ("p.yaml", b"{name: fastv}\n", "expected a list of stages"),
+    ("p.yaml", b"- name: fastv\n  1: 2\n", "parameter name 1 is not a word"),
+])
+def test_bad_pipeline_files_are_one_line_errors(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(PipelineError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+        parse_pipeline(f"@{tmp_path / name}")
+    assert "\n" not in str(err.value)
+    (tmp_path / "d.yaml").mkdir()
+    with pytest.raises(PipelineError, match="is a directory"):
+        parse_pipeline(f"@{tmp_path / 'd.yaml'}")

@@ -199,6 +199,12 @@ def compile_pipeline(pipeline: str | PipelineSpec | None, geometry: ModelGeometr
             _check_order(where, placement, stages)
             _check_signals(where, stage.name, reducer, placement, geometry)
             if getattr(reducer, "requires_grid", False) and grids is None:
+                if not stages:  # no earlier stage: the model's (or --vision-tokens') count is no grid
+                    raise PipelineError(
+                        f"{where}: {stage.name} needs the token grid, but {tokens} image tokens per image "
+                        "make no whole number of the model's crop grids; give --vision-tokens as a multiple "
+                        "of a crop's tokens, or a reducer that needs no grid"
+                    )
                 fix = getattr(reducer, "grid_fix", "move it before that stage")
                 raise PipelineError(
                     f"{where}: {stage.name} needs the token grid, but an earlier stage broke it; {fix}"
