@@ -334,6 +334,16 @@ def test_convert_proxyv_refuses_a_missing_source_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["train-proxyv", "convert-proxyv"])
+def test_an_output_directory_that_is_a_file_is_one_line(command, tmp_path):
+    (tmp_path / "taken").write_text("x")
+    argv = (["train-proxyv", "-m", "bundled", "-p", "proxyv(layer=1)", "--steps", "1", "--device", "cpu",
+             "--out", str(tmp_path / "taken")] if command == "train-proxyv"
+            else ["convert-proxyv", str(tmp_path), str(tmp_path / "taken")])
+    _one_line_error(runner.invoke(app, argv), "is a file; give a directory")
+    assert (tmp_path / "taken").read_text() == "x"
+
+
 def test_train_proxyv_refuses_untrained_true(tmp_path):
     result = runner.invoke(app, ["train-proxyv", "-m", "bundled", "-p", "proxyv(layer=1, untrained=true)",
                                  "--out", str(tmp_path / "t"), "--steps", "1", "--device", "cpu"])

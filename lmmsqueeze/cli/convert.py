@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..errors import LmmsqueezeError
 from .common import console, err_console, user_errors
 
 app = typer.Typer()
@@ -33,6 +34,8 @@ def convert_proxyv_cmd(
 
     notes: list[str] = []
     with user_errors():
+        if out.exists() and not out.is_dir():
+            raise LmmsqueezeError(f"OUT {str(out)!r} is a file; give a directory (it is created if missing)")
         model_dir, adapter_dir = convert_official(src, out, vision_config=vision_config, say=notes.append)
         pipeline = read_config(adapter_dir)["pipeline"]
     for note in notes:

@@ -61,6 +61,9 @@ def train_proxyv_cmd(
         if control and objective != "task":
             raise LmmsqueezeError("--control trains the yardstick of task training: "
                                   "give --objective task with it")
+        if out.exists() and not out.is_dir():
+            raise LmmsqueezeError(f"--out {str(out)!r} is a file; give a directory (it is created if "
+                                  "missing)")
         task = get_task(data)
         pick_device(device)  # bad devices and pipelines are refused before the model loads
         check_trainable(compile_pipeline(pipeline, geometry_from_path(model_dir(model))))
