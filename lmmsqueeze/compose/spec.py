@@ -75,7 +75,7 @@ def format_value(value: Value) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(format_value(v) for v in value) + "]"
     if isinstance(value, str):
-        if _BARE.fullmatch(value) and value not in _KEYWORDS:
+        if _BARE.fullmatch(value) and value.lower() not in _KEYWORDS:
             return value
         return json.dumps(value)
     raise PipelineError(f"value {value!r} of type {type(value).__name__} cannot appear in a pipeline")
