@@ -420,3 +420,22 @@ def test_prepare_refuses_proxyv_without_weights_and_allows_untrained_on_purpose(
     assert trained.plan.canonical == "proxyv(factor=3, layer=1, mlp_hidden=0, proxies=36, variant=spatial)"
     assert lmmsqueeze.compile_pipeline("proxyv(layer=1, untrained=false)", fresh.plan.geometry).canonical == \
         lmmsqueeze.compile_pipeline("proxyv(layer=1)", fresh.plan.geometry).canonical
+
+
+#: usage errors Typer finds before any command runs: (arguments, a phrase of the one line)
+USAGE_ERRORS = {
+    "wrong type": (["sweep", "--limit", "abc"], "Invalid value for '--limit'"),
+    "unknown option": (["eval", "--bogus"], "No such option: --bogus"),
+    "unknown command": (["evaluate"], "No such command 'evaluate'"),
+    "missing argument": (["explain"], "Missing argument"),
+    "missing option value": (["pareto", "--results"], "requires an argument"),
+    "extra argument": (["reducers", "pool", "fastv"], "unexpected extra argument"),
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE_ERRORS))
+def test_usage_errors_are_one_line_naming_the_commands_help(case, tmp_path):
+    args, phrase = USAGE_ERRORS[case]
+    store = tmp_path / "r.db"
+    line = _one_line_error(runner.invoke(app, [*args]), phrase)
+    assert line.endswith("--help')") and not store.exists()

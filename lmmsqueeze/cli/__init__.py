@@ -8,21 +8,52 @@ added without a name so that its commands stay top-level (``lmmsqueeze sweep``).
 ``lmmsqueeze --help`` lists the commands in that order.
 
 Known errors print one line (``error: ...``) and exit with code 2; set ``LMMSQUEEZE_DEBUG=1`` to
-see the traceback instead.
+see the traceback instead. Usage errors (an unknown option or command, a value of the wrong type, a
+missing argument) are one line too, naming the command's ``--help``.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Annotated
+import sys
+from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
+from typer.core import TyperGroup
 
 from ..machine import THREADS_ENV, check_threads, env_threads
 from . import convert, evaluate, inspect, run, train
-from .common import console, user_errors
+from .common import console, err_console, user_errors
+
+
+class OneLineUsageErrors(TyperGroup):
+    """The root group: a usage error is one ``error:`` line and exit 2, as every other bad input (Typer's
+    own rendering is a usage line, a hint and a boxed message)."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except typer.Abort:
+            err_console.print("Aborted.", highlight=False)
+            sys.exit(1)
+        except typer.TyperException as exc:
+            if not hasattr(exc, "format_message"):
+                raise
+            context = getattr(exc, "ctx", None)
+            where = context.command_path if context is not None else "lmmsqueeze"
+            message = " ".join(exc.format_message().split())
+            err_console.print(f"[bold red]error:[/] {escape(message)} (see '{escape(where)} --help')",
+                              highlight=False, soft_wrap=True)
+            sys.exit(getattr(exc, "exit_code", 2))
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     name="lmmsqueeze",
     help="Composable visual-token reducers and ProxyV for LLaVA-style models: run, explain, measure.",
     no_args_is_help=True,
