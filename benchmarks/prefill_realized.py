@@ -21,7 +21,7 @@ import torch
 from lmmsqueeze.runtime.measure import bench
 from lmmsqueeze.testing import random_image, tiny_llava
 
-PIPELINES = ["fastv(layer=2, keep=0.5)", "pool", "random(keep=0.5)", "proxyv(layer=3)"]
+PIPELINES = ["fastv(layer=2, keep=0.5)", "pool", "random(keep=0.5)", "proxyv(layer=3, untrained=true)"]
 QUESTION = " ".join(["describe the colour of the cell at row one column two ."] * 5)
 
 
