@@ -524,3 +524,24 @@ def test_a_plot_is_written_in_the_type_its_name_asks_for(tmp_path):
     for name, magic in (("p.png", b"\x89PNG"), ("p.svg", b"<?xml"), ("p.pdf", b"%PDF")):
         pareto.plot(rows, str(tmp_path / name), "flops", "t")
         assert (tmp_path / name).read_bytes().startswith(magic)
+
+
+def test_latencies_measured_on_a_busy_machine_are_marked(tmp_path):
+    """A row whose metrics say the machine was busy shows its latency marked ``!`` with the footnote, in
+    the terminal and in Markdown; the others are unmarked."""
+    db = tmp_path / "r.db"
+    with ResultStore(db) as store:
+        store.put(key("none"), {"accuracy": 0.9, "prefill_flops": 10.0, "latency_ms": 2.0, "busy": False},
+                  answers(3))
+        store.put(key("pool(size=2)"), {"accuracy": 0.5, "prefill_flops": 4.0, "latency_ms": 7.25,
+                                         "busy": True}, answers(3))
+    for fmt in ("table", "markdown"):
+        result = runner.invoke(app, ["pareto", "--results", str(db), "--format", fmt])
+        assert result.exit_code == 0, result.output
+        out = " ".join(result.stdout.split())
+        assert "7.25 !" in out and "2 !" not in out and "kept the CPU busy" in out, result.stdout
+    with ResultStore(db) as store:
+        store.put(key("pool(size=2)"), {"accuracy": 0.5, "prefill_flops": 4.0, "latency_ms": 7.25,
+                                         "busy": False}, answers(3))
+    result = runner.invoke(app, ["pareto", "--results", str(db)])
+    assert "!" not in result.stdout and "busy" not in result.stdout

@@ -275,16 +275,16 @@ def _show_pareto(results: Path, x: str, fmt: str, plot_file: Path | None, groups
     """Print (and plot) the Pareto groups of the store: the ``groups`` given (what a sweep swept), or
     every group that matches the filters. Every user string reaches rich as plain Text, never markup."""
     from ..evaluation.pareto import (
+        BUSY_NOTE,
         HEADERS,
         TERMINAL,
-        delta_cell,
-        format_cell,
         grouped,
         label,
         pareto_rows,
         plot,
         plot_paths,
         plot_title,
+        table_cell,
         to_csv,
         to_json,
         to_markdown,
@@ -322,9 +322,11 @@ def _show_pareto(results: Path, x: str, fmt: str, plot_file: Path | None, groups
             table.add_column(HEADERS[c], overflow="fold", ratio=4 if c == "pipeline" else None,
                              min_width=24 if c == "pipeline" else None)
         for r in group:
-            cells = [delta_cell(r) if c == "accuracy_delta" else format_cell(c, r.get(c)) for c in TERMINAL]
+            cells = [table_cell(r, c) for c in TERMINAL]
             cells[1] = label(r) + (f" [{r['adapter']}]" if r.get("adapter") else "")
             table.add_row(*(Text(c) for c in cells), style="bold" if r["pareto"] else None)
+        if any(r.get("busy") for r in group):
+            table.caption = Text(BUSY_NOTE)
         console.print(table)
     for r in failed:
         err_console.print(Text(f"failed: {r['pipeline']} ({r['task']}): {r['error']}", style="red"),

@@ -52,7 +52,7 @@ def pareto_rows(rows: Iterable[dict[str, Any]], x: str = "flops") -> list[dict[s
     for r, flag in zip(ok, flags, strict=True):
         row = {k: r.get(k) for k in COLUMNS}
         row.update(pareto=flag, task=r.get("task"), model=r.get("model"), reference="vanilla",
-                   control=is_control(r["pipeline"]))
+                   control=is_control(r["pipeline"]), busy=bool(r.get("busy")))
         baseline = vanilla
         if r.get("adapter_control"):  # task-trained: measured against its trained control, when it ran
             baseline = next((c for c in ok
@@ -115,15 +115,28 @@ def delta_cell(row: dict[str, Any]) -> str:
     return f"{cell} vs ft" if row.get("reference") == "vanilla-ft" else cell
 
 
+#: the footnote of a table with a latency measured on a busy machine (marked ``!``)
+BUSY_NOTE = ("! latency measured while other processes kept the CPU busy (the row's metrics: others_cpu, "
+             "loadavg_before, loadavg_after); measure it again on an idle machine")
+
+
+def table_cell(row: dict[str, Any], key: str) -> str:
+    """A cell as tables print it: Δ acc with its reference, a latency measured on a busy machine
+    marked ``!`` (see :data:`BUSY_NOTE`), else :func:`format_cell`."""
+    if key == "accuracy_delta":
+        return delta_cell(row)
+    cell = format_cell(key, row.get(key))
+    return f"{cell} !" if key == "latency_ms" and row.get("busy") and row.get(key) is not None else cell
+
+
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         pipeline = label(r).replace("|", "\\|")  # a pipe inside a Markdown table cell must be escaped
-        cells = [f"`{pipeline}`" if c == "pipeline"
-                 else delta_cell(r) if c == "accuracy_delta"
-                 else format_cell(c, r.get(c))
-                 for c in COLUMNS]
+        cells = [f"`{pipeline}`" if c == "pipeline" else table_cell(r, c) for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    if any(r.get("busy") for r in rows):
+        lines += ["", BUSY_NOTE]
     return "\n".join(lines)
 
 
