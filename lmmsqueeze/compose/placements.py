@@ -10,11 +10,11 @@ built-in ones live in :mod:`lmmsqueeze.runtime.placements` (``vision``, ``projec
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ..builtins import load_builtins
 from ..errors import PipelineError, RegistryError
 from ..reducers.base import Grids, Reducer
 from .flops import CostContext, LayerCost, metric_width
@@ -117,14 +117,8 @@ def register_placement(placement: Placement) -> Placement:
     return placement
 
 
-def _load_builtins() -> None:
-    """Import the modules that register the built-in placements (lazily: the CLI starts without torch)."""
-    for module in ("lmmsqueeze.runtime.placements", "lmmsqueeze.proxyv"):
-        importlib.import_module(module)
-
-
 def get_placement(name: str) -> Placement:
-    _load_builtins()
+    load_builtins()
     try:
         return _PLACEMENTS[name]
     except KeyError:
@@ -135,7 +129,7 @@ def get_placement(name: str) -> Placement:
 
 def placements() -> list[Placement]:
     """Every registered placement, in run order."""
-    _load_builtins()
+    load_builtins()
     return sorted(_PLACEMENTS.values(), key=lambda p: p.order)
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from ..builtins import load_builtins
 from ..errors import PipelineError, RegistryError
 from .base import BUILTIN_PLACEMENTS, FAMILIES, POSITION_POLICIES, SIGNALS, Reducer
 
@@ -139,7 +140,7 @@ def load_plugins() -> dict[str, str]:
     global _PLUGINS_LOADED, _LOADING
     if not _PLUGINS_LOADED:
         _PLUGINS_LOADED = True
-        importlib.import_module("lmmsqueeze.proxyv")  # the built-in proxyv stage (and placements) first
+        load_builtins()  # the built-in placements and the proxyv stage first
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             before = dict(_REGISTRY)
             _LOADING = _plugin_label(ep)
