@@ -53,7 +53,7 @@ def pipeline_for(pipeline: str, adapter: str | None) -> str:
                 _fits(config, build_reducer("proxyv", stage.params, f"stage {position} (proxyv)"), adapter)
         return pipeline
     for position, stage in enumerate(parse_pipeline(pipeline).stages, 1):
-        if stage.name == "proxyv" and stage.params.get("untrained") is not True and not _ALLOW_UNTRAINED[-1]:
+        if stage.name == "proxyv" and _needs_weights(stage.params.get("untrained") is True):
             raise ModelError(_no_weights(position))
     return pipeline
 
@@ -93,6 +93,12 @@ def config_for(model: nn.Module, plan: Any) -> ProxyVConfig:
 _ALLOW_UNTRAINED: list[bool] = [False]
 
 
+def _needs_weights(untrained: bool) -> bool:
+    """A proxyv stage without an adapter is refused unless it says ``untrained=true`` or runs inside
+    :func:`allow_untrained` (the one rule :func:`pipeline_for` and :func:`resolve_adapter` apply)."""
+    return not (untrained or _ALLOW_UNTRAINED[-1])
+
+
 @contextlib.contextmanager
 def allow_untrained(allow: bool = True) -> Iterator[None]:
     """Within the block, a proxyv stage without an adapter runs freshly initialised modules (seed 0), as
@@ -117,7 +123,7 @@ def resolve_adapter(model: nn.Module, plan: Any, adapter: Any) -> ProxyVAdapter 
     if stage is None:
         return None
     untrained = bool(stage.reducer.untrained)
-    if adapter is None and not (untrained or _ALLOW_UNTRAINED[-1]):
+    if adapter is None and _needs_weights(untrained):
         raise ModelError(_no_weights(stage.position))
     if adapter is not None and untrained:
         raise ModelError(f"stage {stage.position} (proxyv) says untrained=true, but an adapter was given; "
