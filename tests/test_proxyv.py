@@ -37,11 +37,20 @@ def test_mask_semantics_on_the_attention_inputs(tiny_sdpa, monkeypatch, pipeline
     with torch.no_grad(), lmmsqueeze.apply(model, pipeline):
         model(**inputs, position_ids=positions)
     ours = [s for s in seen if s[2] is not None and s[2].dtype == torch.bool and s[0][2] != s[1][2]]
-    assert ours, "the ProxyV layer did not call attention"
-    q_shape, k_shape, mask = ours[0]
+    assert len(ours) >= 2, "the ProxyV layer did not call attention twice (proxies, then other tokens)"
+    (pq, pk, proxy_mask), (tq, tk, text_mask) = ours[:2]
     n_seq = inputs["input_ids"].shape[1]
-    assert k_shape[2] == n_seq + p
     image = inputs["input_ids"] == model.config.image_token_id
+    t = int((~image[0]).sum())
+    # the proxies' call: p queries over [proxies; the t other tokens]; the others' call: t over the sequence
+    assert (pq[2], pk[2], tq[2], tk[2]) == (p, p + t, t, n_seq)
+    # the dense mask over [sequence; proxies] that the two calls compute: a key a call leaves out is unseen
+    mask = torch.zeros(2, 1, p + t, n_seq + p, dtype=torch.bool)
+    for b in range(2):
+        others = torch.nonzero(~image[b]).flatten()
+        mask[b, 0, :p, n_seq:] = proxy_mask[b, 0, :, :p]
+        mask[b, 0, :p, others] = proxy_mask[b, 0, :, p:]
+        mask[b, 0, p:, :n_seq] = text_mask[b, 0]
     for b in range(2):
         others = torch.nonzero(~image[b]).flatten()
         first_image = int(positions[b][image[b]].min())

@@ -2,7 +2,9 @@
 
 Queries are the proxies and every non-image token; keys and values are the image tokens, the
 proxies and every non-image token. Masks: causal by position, proxies never see image tokens,
-text never sees proxies. The FFN runs on the queries only. Image tokens skip attention-as-query
+text never sees proxies. So attention runs as two calls that skip the scores every mask would
+drop: the proxies over [proxies; non-image tokens], the non-image tokens over the sequence. The
+FFN runs on the queries only. Image tokens skip attention-as-query
 and the FFN: the layer's VisionMLP updates them from their own state and their proxy's output.
 Only the sequence tokens' keys and values enter the KV cache, so decode steps are ordinary.
 """
@@ -50,7 +52,8 @@ class _Layout:
 
     q_rows: Tensor  # [B, nq] rows of [sequence; proxies] that are queries: proxies, then the others
     q_rope: tuple[Tensor, Tensor]  # cos/sin of the queries
-    allowed: Tensor  # [B, 1, nq, N+P] the attention mask
+    proxy_allowed: Tensor  # [B, 1, P, P+t] what the proxies see of [proxies; others]
+    text_allowed: Tensor  # [B, 1, t, N] what the others see of the sequence
 
     @classmethod
     def of(cls, st: ProxyVState, rope: tuple[Tensor, Tensor], b: int, n_seq: int) -> _Layout:
@@ -60,7 +63,10 @@ class _Layout:
         kv_rope = tuple(torch.cat([t.expand(b, -1, -1), pt], 1)  # sequence, then proxies
                         for t, pt in zip(rope, st.proxy_rope, strict=True))
         q_rope = tuple(_rows(t, q_rows) for t in kv_rope)
-        return cls(q_rows, q_rope, proxyv_mask(st, q_rows, n_seq)[:, None])
+        allowed = proxyv_mask(st, q_rows, n_seq)  # [B, nq, N+P]; the two calls take the parts it allows
+        others = st.others[:, None].expand(-1, p, -1)
+        proxy_allowed = torch.cat([allowed[:, :p, n_seq:], allowed[:, :p, :n_seq].gather(2, others)], 2)
+        return cls(q_rows, q_rope, proxy_allowed[:, None], allowed[:, p:, :n_seq][:, None])
 
 
 def make_proxies(stage: ProxyV, adapter: ProxyVAdapter, image: Tensor, grids: Any, groups: Tensor
@@ -119,25 +125,23 @@ def _proxyv_sample(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Te
     attn = layer.self_attn
     if st.layout is None:
         st.layout = _Layout.of(st, rope, b, n_seq)
-    allowed = st.layout.allowed
+    lay = st.layout
     norm, groups = layer.input_layernorm, attn.num_key_value_groups
     seq_normed, proxy_normed = norm(hidden), norm(st.proxies)  # row-wise: no [sequence; proxies] copy
     queries = torch.cat([proxy_normed, _rows(seq_normed, st.others)], 1)  # the layout's q_rows order
     nq = queries.shape[1]
-    q = apply_rope(decoder_heads(attn, "q", queries), *st.layout.q_rope)
+    q = apply_rope(decoder_heads(attn, "q", queries), *lay.q_rope)
     # the sequence's keys and values are what the cache keeps: their own tensors, no proxy rows behind them
     k_seq = apply_rope(decoder_heads(attn, "k", seq_normed), *(t.expand(b, -1, -1) for t in rope))
     v_seq = decoder_heads(attn, "v", seq_normed)
     k_proxy = apply_rope(decoder_heads(attn, "k", proxy_normed), *st.proxy_rope)
-    k = repeat_kv(torch.cat([k_seq, k_proxy], 2), groups)
-    v = repeat_kv(torch.cat([v_seq, decoder_heads(attn, "v", proxy_normed)], 2), groups)
-    if getattr(attn.config, "_attn_implementation", "sdpa") == "eager":  # plain matmuls, as eager layers do
-        logits = (q @ k.transpose(-1, -2)) * attn.scaling
-        weights = logits.masked_fill(~allowed, float("-inf")).float().softmax(dim=-1).to(q.dtype)
-        out = weights @ v
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=attn.scaling)
-    del k, v
+    v_proxy = decoder_heads(attn, "v", proxy_normed)
+    others = st.others[:, None, :, None].expand(-1, k_seq.shape[1], -1, k_seq.shape[-1])
+    k_small = repeat_kv(torch.cat([k_proxy, k_seq.gather(2, others)], 2), groups)
+    v_small = repeat_kv(torch.cat([v_proxy, v_seq.gather(2, others)], 2), groups)
+    out = torch.cat([_attend(attn, q[:, :, :p], k_small, v_small, lay.proxy_allowed),
+                     _attend(attn, q[:, :, p:], repeat_kv(k_seq, groups), repeat_kv(v_seq, groups),
+                             lay.text_allowed)], 2)
     out = attn.o_proj(out.transpose(1, 2).reshape(b, nq, -1))
     h = torch.cat([st.proxies, _rows(hidden, st.others)], 1) + out
     h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -154,6 +158,17 @@ def _proxyv_sample(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Te
     seq.scatter_(1, st.others[..., None].expand(-1, -1, d), new_others)
     seq.scatter_(1, st.image[..., None].expand(-1, -1, d), image_out)
     return seq, k_seq, v_seq
+
+
+def _attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+    """Masked attention of ``q`` over ``k``/``v`` (``[B, H, *, hd]``), as the layer's backend computes it."""
+    if not q.shape[2]:
+        return q.new_zeros(*q.shape[:-1], v.shape[-1])
+    if getattr(attn.config, "_attn_implementation", "sdpa") == "eager":  # plain matmuls, as eager layers do
+        logits = (q @ k.transpose(-1, -2)) * attn.scaling
+        weights = logits.masked_fill(~allowed, float("-inf")).float().softmax(dim=-1).to(q.dtype)
+        return weights @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=attn.scaling)
 
 
 def proxyv_mask(st: ProxyVState, q_rows: Tensor, n_seq: int) -> Tensor:

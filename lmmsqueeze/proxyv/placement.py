@@ -115,7 +115,9 @@ def proxyv_layer_macs(g: ModelGeometry, image_tokens: int, proxies: int, other_t
     """(projections, attention, ffn, light-MLP) MACs of one ProxyV layer.
 
     ``nq = proxies + other_tokens`` queries (proxies, newlines, text); keys and values over every
-    image token too (``nkv = image_tokens + nq``); the FFN runs on the ``nq`` queries only; each
+    image token too (``nkv = image_tokens + nq``); attention as the layer runs it, in two calls that
+    skip what the masks drop: the proxies over the proxies and other tokens, the other tokens over
+    the sequence (``image_tokens + other_tokens`` keys); the FFN runs on the ``nq`` queries only; each
     image token is updated by the light MLP (two d->h inputs, 2h->h, h->d), whose guidance
     projection runs on the proxies (and, for the non-spatial variant, the projected proxies are
     splatted back to every image token, ``image_tokens * proxies * h``). With ``convention="fastv"``
@@ -133,7 +135,7 @@ def proxyv_layer_macs(g: ModelGeometry, image_tokens: int, proxies: int, other_t
         ffn = 2 * nq * d * m
     else:
         projections = nq * 2 * d * d_q + nkv * 2 * d * d_kv
-        attention = 2 * nq * nkv * d_q
+        attention = 2 * (proxies * nq + other_tokens * (image_tokens + other_tokens)) * d_q
         ffn = (3 if g.gated_ffn else 2) * nq * d * m
     light = image_tokens * (d * h + 2 * h * h + h * d)
     light += proxies * d * h  # the guidance projection runs on the proxies
