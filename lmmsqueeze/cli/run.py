@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import LmmsqueezeError
@@ -87,37 +88,72 @@ def bench_cmd(
         help="The question in the prompt.")] = "Describe the image in detail.",
     runs: Annotated[int, typer.Option(min=1, help="Timed runs per pipeline (interleaved).")] = 5,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed warm-up rounds.")] = 1,
+    tokens: Annotated[str | None, typer.Option(
+        help="Image-token counts to measure at, e.g. 144,576,1156,2916 (square grids; a LLaVA model's vision "
+             "tower is resized for each, a noise image of its size is used).")] = None,
     device: DeviceOpt = None,
     adapter: AdapterOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Prefill latency and peak memory of the vanilla model and each pipeline, measured vs analytic saving."""
+    """Prefill latency, overhead and peak memory of the vanilla model and each pipeline, measured vs
+    analytic saving (with --tokens: at each image-token count, the scaling table)."""
     from ..runtime.generation import open_image
     from ..runtime.loading import load_model
     from ..runtime.measure import bench
+    from ..runtime.scaling import resized, scaling
     from ..testing import random_image
 
     with user_errors():
+        sizes = _token_counts(tokens)
+        if sizes and image is not None:
+            raise LmmsqueezeError("--tokens measures on a noise image of each size; drop --image")
         _check_image(image)
-        _precheck(model, pipeline, adapter, device)
-        loaded, processor = load_model(model, device=device)
-        picture = open_image(image) if image is not None else random_image(0, 336)
-        rows = bench(loaded, processor, pipeline, picture, prompt, runs=runs, warmup=warmup, weights=adapter)
+        _precheck(model, [] if sizes else pipeline, adapter, device)  # with --tokens: compiled at each size
+        if sizes:
+            rows = [{"image_tokens": s["image_tokens"], **r, "busy": s["machine"]["busy"]}
+                    for s in scaling(resized(model, device), sizes, pipeline, prompt, runs=runs,
+                                     warmup=warmup, weights=adapter)
+                    for r in s["rows"]]
+        else:
+            loaded, processor = load_model(model, device=device)
+            picture = open_image(image) if image is not None else random_image(0, 336)
+            rows = bench(loaded, processor, pipeline, picture, prompt, runs=runs, warmup=warmup,
+                         weights=adapter)
 
     def render(rows: list[dict]) -> None:
         table = Table(title=f"prefill on {model} ({runs} interleaved runs after {warmup} warm-up)")
-        for col in ("pipeline", "latency ms", "decoder ms", "peak MB", "saving measured", "saving analytic",
-                    "realized"):
+        cols = ["pipeline", "latency ms", "decoder ms", "overhead", "peak MB", "RSS MB", "saving measured",
+                "saving analytic", "realized"]
+        for col in (["image tokens"] if sizes else []) + cols:
             table.add_column(col, overflow="fold")
         for r in rows:
             realized = "-" if r["realized_fraction"] is None else f"{r['realized_fraction']:.2f}"
-            table.add_row(r["pipeline"], f"{r['latency_ms']:.1f} ± {r['latency_iqr_ms'] / 2:.1f}",
-                          f"{r['decoder_ms']:.1f}", f"{r['peak_memory_mb']:.1f}",
+            overhead = "-" if r["overhead_fraction"] is None else f"{100 * r['overhead_fraction']:.1f}%"
+            rss = "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.1f}"
+            table.add_row(*([f"{r['image_tokens']}{' !' if r['busy'] else ''}"] if sizes else []),
+                          escape(r["pipeline"]), f"{r['latency_ms']:.1f} ± {r['latency_iqr_ms'] / 2:.1f}",
+                          f"{r['decoder_ms']:.1f}", overhead, f"{r['peak_memory_mb']:.1f}", rss,
                           f"{100 * r['measured_saving']:.1f}%",
                           f"{100 * r['analytic_saving']:.1f}%", realized)
         console.print(table)
+        if sizes and any(r["busy"] for r in rows):
+            console.print("! measured while other processes kept the CPU busy: rerun on an idle machine")
 
     emit(rows, as_json, render)
+
+
+def _token_counts(text: str | None) -> list[int]:
+    """``--tokens 144,576``: positive whole numbers (the loader checks they are square grids)."""
+    if text is None:
+        return []
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise LmmsqueezeError(f"--tokens {text!r} is not a list of image-token counts; give e.g. "
+                              "144,576,1156,2916")
+    return sizes
 
 
 # --- show (reducer library) ---

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+
+class HookTimer:
+    """Wall time spent inside the pre- and post-hooks of a :class:`HookSet` (scoring, selection, gathers,
+    masks: everything lmmsqueeze adds around the model's own modules; stand-in layers and patched methods
+    are the model's work and are not counted). CPU time is exact; on CUDA it is the launch time only."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
 
 
 class HookSet:
@@ -20,18 +30,33 @@ class HookSet:
             model(...)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, timer: HookTimer | None = None) -> None:
         self._handles: list[RemovableHandle] = []
         self._swaps: list[tuple[nn.ModuleList, int, nn.Module]] = []
         self._patches: list[tuple[Any, str, bool, Any]] = []
+        self.timer = timer
 
     def pre(self, module: nn.Module, fn: Callable[..., Any]) -> None:
         """``fn(module, args, kwargs) -> None | (args, kwargs)`` runs before ``module.forward``."""
-        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        self._handles.append(module.register_forward_pre_hook(self._timed(fn), with_kwargs=True))
 
     def post(self, module: nn.Module, fn: Callable[..., Any]) -> None:
         """``fn(module, args, kwargs, output) -> None | output`` runs after ``module.forward``."""
-        self._handles.append(module.register_forward_hook(fn, with_kwargs=True))
+        self._handles.append(module.register_forward_hook(self._timed(fn), with_kwargs=True))
+
+    def _timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        timer = self.timer
+        if timer is None:
+            return fn
+
+        def timed(*args: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                timer.seconds += time.perf_counter() - start
+
+        return timed
 
     def swap(self, container: nn.ModuleList, index: int, module: nn.Module) -> None:
         """Put ``module`` at ``container[index]`` (this instance only) until the set is removed."""

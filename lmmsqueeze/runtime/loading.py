@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +76,31 @@ def model_dir(ref: str | Path) -> Path:
     return path
 
 
+def resize_vision(config: Any, image_tokens: int, ref: str | Path) -> int:
+    """Set a fixed-resolution (LLaVA) vision tower's input size so that an image gives an
+    ``image_tokens`` grid (a square: 144, 576, 1156, 2916, ...). Returns the new image side in pixels."""
+    side = math.isqrt(max(image_tokens, 0))
+    if image_tokens < 1 or side * side != image_tokens:
+        raise LmmsqueezeError(f"image tokens {image_tokens} is not a square grid (n x n tokens); give e.g. "
+                              "144, 576, 1156 or 2916")
+    if config.model_type != "llava":
+        raise ModelError(f"resizing to {image_tokens} image tokens needs a fixed-resolution LLaVA vision "
+                         f"tower, but {str(ref)!r} is a {config.model_type!r} model, whose image tokens "
+                         "follow the image: give a larger --image instead")
+    config.vision_config.image_size = side * config.vision_config.patch_size
+    config.image_seq_length = image_tokens
+    return config.vision_config.image_size
+
+
 def load_model(
-    ref: str | Path, device: str | None = None, dtype: torch.dtype | None = None
+    ref: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
+    image_tokens: int | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, processor)`` offline from ``"bundled"`` or a local Hugging Face model directory.
 
     On CUDA the model loads in bfloat16 with flash-attn when it is installed (else sdpa); on CPU in
-    float32 with sdpa.
+    float32 with sdpa. ``image_tokens`` (LLaVA; for benchmarks) resizes the vision tower so an image
+    gives that many tokens: its position embeddings then start random, every other weight is loaded.
     """
     dev = pick_device(device)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -96,18 +115,40 @@ def load_model(
         raise ModelError(
             f"{str(ref)!r} is a {config.model_type!r} model; lmmsqueeze runs {supported_models()}"
         )
+    pixels = None if image_tokens is None else resize_vision(config, image_tokens, ref)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            path, local_files_only=True, dtype=dtype, attn_implementation=attention_backend(dev)
-        )
+        with _quiet_when(pixels is not None):  # the resized position embeddings are expected to be new
+            model = AutoModelForImageTextToText.from_pretrained(
+                path, config=config, local_files_only=True, dtype=dtype,
+                ignore_mismatched_sizes=pixels is not None, attn_implementation=attention_backend(dev),
+            )
         processor = FAMILIES[config.model_type].load_processor(path)
     except OSError as exc:
         raise ModelError(f"cannot load {str(ref)!r}: {str(exc).splitlines()[0]}") from None
+    if pixels is not None:
+        processor.image_processor.size = {"shortest_edge": pixels}
+        processor.image_processor.crop_size = {"height": pixels, "width": pixels}
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.padding_side = "left"  # batched generation with a decoder-only model needs left padding
     configure_threads(model.to(dev).eval())  # CPU: deliberate torch threads (runtime/threads.py)
     return model, processor
+
+
+class _quiet_when:
+    """transformers' loading messages silenced while ``on`` (e.g. the expected newly-initialised weights)."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self) -> None:
+        if self.on:
+            self.level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.on:
+            hf_logging.set_verbosity(self.level)
 
 
 def model_inputs(processor: Any, model: Any, images: list[Any], texts: list[str]) -> Any:

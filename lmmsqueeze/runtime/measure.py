@@ -1,14 +1,21 @@
 """Measuring prefill: latency (whole forward and decoder only) and peak tensor memory.
 
 Timings are interleaved across pipelines (A B C A B C ...) after warm-up so that machine noise
-hits every pipeline alike; on CUDA they use CUDA events. Peak memory is CUDA's allocator peak on
-GPU, and on CPU the peak of live tensor bytes allocated during the call, tracked by a dispatch
-mode (weights and other tensors that existed before the call are not counted).
+hits every pipeline alike; on CUDA they use CUDA events. Each timed call also adds up the time
+spent inside the pipeline's hooks (its overhead: scoring, selection, gathers, masks; CPU only).
+Peak memory is CUDA's allocator peak on GPU, and on CPU the peak of live tensor bytes allocated
+during the call, tracked by a dispatch mode (weights and other tensors that existed before the
+call are not counted), and the peak resident set size above the call's start, sampled every
+half millisecond (Linux). glibc keeps freed heap memory, so the RSS of one call depends on the
+calls before it unless large blocks are always mapped: run with ``MALLOC_MMAP_THRESHOLD_=65536``
+for RSS figures that compare (``benchmarks/scaling.py`` measures memory that way).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import threading
 import time
 import weakref
 from collections import defaultdict
@@ -22,7 +29,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..compose.plan import compile_pipeline
 from ..models import family_for
-from .hooks import HookSet
+from .hooks import HookSet, HookTimer
 from .loading import build_prompt, model_inputs
 from .run import Prepared, prepare
 
@@ -73,6 +80,38 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     return mode.peak
 
 
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_rss_bytes(fn: Callable[[], Any], interval: float = 0.0005) -> int | None:
+    """Peak resident set size above its value when ``fn`` starts, sampled every ``interval`` seconds
+    while it runs (None where /proc/self/statm is missing)."""
+    start = _rss_bytes()
+    if start is None:
+        return None
+    peak = [start]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes() or 0)
+            time.sleep(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], _rss_bytes() or 0) - start
+
+
 class Clock:
     """Wall time on CPU, CUDA events on GPU."""
 
@@ -99,6 +138,7 @@ class Timing:
 
     total: list[float] = field(default_factory=list)
     decoder: list[float] = field(default_factory=list)
+    overhead: list[float] = field(default_factory=list)  # time inside the pipeline's hooks (CPU)
 
     @staticmethod
     def summary(values: list[float]) -> dict[str, float]:
@@ -127,13 +167,16 @@ def time_prefills(
             order = list(range(len(prepared)))
             shift = r % len(prepared)
             for i in order[shift:] + order[:shift]:
-                with prepared[i].apply():
+                timer = HookTimer()
+                with prepared[i].apply(timer):
                     start = clock.mark()
                     model(**inputs, logits_to_keep=1, use_cache=True)
                     end = clock.mark()
                 if r >= warmup:
                     timings[i].total.append(clock.elapsed_ms(start, end))
                     timings[i].decoder.append(clock.elapsed_ms(marks["lm_start"], marks["lm_end"]))
+                    if not clock.cuda:
+                        timings[i].overhead.append(1000.0 * timer.seconds)
     return timings
 
 
@@ -145,9 +188,25 @@ def peak_prefill_memory(prepared: Prepared, inputs: dict) -> int:
         return peak_memory_bytes(lambda: model(**inputs, logits_to_keep=1, use_cache=True), device)
 
 
+def peak_prefill_rss(prepared: list[Prepared], inputs: dict, runs: int = 3) -> list[float | None]:
+    """Median over ``runs`` interleaved rounds of each pipeline's peak RSS above its prefill's start
+    (bytes; None off Linux). See the module's note on glibc."""
+    model = prepared[0].model
+    seen: list[list[int]] = [[] for _ in prepared]
+    with torch.no_grad():
+        for _ in range(runs):
+            for i, p in enumerate(prepared):
+                with p.apply():
+                    rss = peak_rss_bytes(lambda: model(**inputs, logits_to_keep=1, use_cache=True))
+                if rss is not None:
+                    seen[i].append(rss)
+    return [statistics.median(s) if s else None for s in seen]
+
+
 def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: str, runs: int = 5,
-          warmup: int = 1, weights: Any = None) -> list[dict[str, Any]]:
-    """Vanilla and each pipeline on the same input: latency, peak memory, measured vs analytic saving.
+          warmup: int = 1, weights: Any = None, rss_runs: int = 1) -> list[dict[str, Any]]:
+    """Vanilla and each pipeline on the same input: latency, overhead, peak memory (tensors and RSS,
+    the latter over ``rss_runs`` interleaved rounds; 0: not measured), measured vs analytic saving.
 
     ``weights`` (e.g. a ProxyV adapter) go to every pipeline with a stage that runs with trained
     weights; each pipeline is prepared (and refused) before anything is measured.
@@ -165,8 +224,9 @@ def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: 
     timings = time_prefills(model, dict(inputs), prepared, runs=runs, warmup=warmup)
     base_total = Timing.summary(timings[0].total)["median"]
     base_decoder = Timing.summary(timings[0].decoder)["median"]
+    rss = peak_prefill_rss(prepared, dict(inputs), rss_runs) if rss_runs else [None] * len(prepared)
     rows = []
-    for p, timing in zip(prepared, timings, strict=True):
+    for p, timing, rss_bytes in zip(prepared, timings, rss, strict=True):
         plan = p.plan
         total, dec = Timing.summary(timing.total), Timing.summary(timing.decoder)
         costs = p.costs()
@@ -185,7 +245,12 @@ def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: 
             "latency_max_ms": total["max"],
             "decoder_ms": dec["median"],
             "decoder_iqr_ms": dec["iqr"],
+            "overhead_ms": statistics.median(timing.overhead) if timing.overhead else None,
+            "overhead_fraction": (statistics.median(o / t for o, t in zip(timing.overhead, timing.total,
+                                                                         strict=True))
+                                  if timing.overhead else None),
             "peak_memory_mb": peak_prefill_memory(p, dict(inputs)) / 2**20,
+            "peak_rss_mb": None if rss_bytes is None else rss_bytes / 2**20,
             "measured_saving": measured,
             "total_saving": 1.0 - total["median"] / base_total,
             "analytic_saving": analytic,

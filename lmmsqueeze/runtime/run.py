@@ -28,7 +28,7 @@ from ..compose.spec import PipelineSpec
 from ..errors import ModelError
 from ..models import Family, family_for
 from .costs import InputCosts
-from .hooks import HookSet
+from .hooks import HookSet, HookTimer
 from .images import ImageStages
 from .prefill import PrefillHook
 from .records import Prefill
@@ -130,10 +130,11 @@ class Prepared:
     weights: Any = None
 
     @contextlib.contextmanager
-    def apply(self) -> Iterator[PipelineRun]:
-        """Install the plan for the duration of a ``with`` block; every hook is removed on exit."""
+    def apply(self, timer: HookTimer | None = None) -> Iterator[PipelineRun]:
+        """Install the plan for the duration of a ``with`` block; every hook is removed on exit.
+        ``timer`` adds up the time spent in the run's hooks (what the pipeline costs beyond the layers)."""
         run = PipelineRun(self.model, self.plan, self.family, self.weights)
-        with HookSet() as hooks:
+        with HookSet(timer) as hooks:
             run.install(hooks)
             yield run
 
