@@ -29,7 +29,7 @@ _LAZY = {
     "Family": "models", "family_for": "models", "geometry_of": "models", "register_family": "models",
     "Reducer": "reducers", "ScoredPruner": "reducers", "Signals": "reducers", "TokenState": "reducers",
     "create_reducer": "reducers", "get_reducer": "reducers", "list_reducers": "reducers",
-    "register_reducer": "reducers",
+    "register_reducer": "reducers", "searchable": "reducers", "LAST_LAYER": "reducers",
     "Prepared": "runtime", "apply": "runtime", "load_model": "runtime", "prepare": "runtime",
 }
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .errors import LmmsqueezeError, ModelError, PipelineError, RegistryError
     from .models import Family, family_for, register_family
     from .reducers import (
+        LAST_LAYER,
         Reducer,
         ScoredPruner,
         Signals,
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
         get_reducer,
         list_reducers,
         register_reducer,
+        searchable,
     )
     from .runtime import Prepared, apply, load_model, prepare
 
@@ -77,6 +79,7 @@ def compile(pipeline: str | PipelineSpec | None, model_or_config: Any = None) ->
 
 
 __all__ = [
+    "LAST_LAYER",
     "Family",
     "LmmsqueezeError",
     "ModelError",
@@ -101,4 +104,5 @@ __all__ = [
     "prepare",
     "register_family",
     "register_reducer",
+    "searchable",
 ]

@@ -200,6 +200,7 @@ def run_sweep(
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
     remeasure: bool = False,
     retry_failed: bool = False,
+    loaded: list[Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every (item, task) of a grid that is not in the store yet; vanilla always included.
 
@@ -213,13 +214,14 @@ def run_sweep(
     ``retry_failed``. ``remeasure`` evaluates the grid's items again even when stored (vanilla is
     reused unless it failed and ``retry_failed``). ``on_event(kind, info)`` reports progress:
     ``start``, ``progress``, ``done``, ``skip`` (``info["status"]`` says what is stored), ``failed``.
-    The model is loaded only when something has to run.
+    The model is loaded only when something has to run; ``loaded``, a list that holds (model, processor)
+    once loaded, lets several calls share one load (`lmmsqueeze tune` evaluates rung after rung).
     """
     canonical = check_sweep(grid)
     items = list(canonical)
     tasks = [get_task(t) for t in grid.tasks]
     emit = on_event or (lambda kind, info: None)
-    loaded: list[Any] = []  # (model, processor) once something runs
+    loaded = [] if loaded is None else loaded  # (model, processor) once something runs
     results = []
     with ResultStore(store_path) as store:
         for task in tasks:

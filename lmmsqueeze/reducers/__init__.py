@@ -29,11 +29,14 @@ from .registry import (
     register_reducer,
     unregister_reducer,
 )
+from .search import LAST_LAYER, SearchRange, search_ranges, searchable
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "LAST_LAYER",
     "Reducer",
     "ScoredPruner",
+    "SearchRange",
     "Signals",
     "TokenState",
     "check_keep",
@@ -45,6 +48,8 @@ __all__ = [
     "reducer_params",
     "register_reducer",
     "resolve_keep",
+    "search_ranges",
+    "searchable",
     "top_k_slots",
     "unregister_reducer",
 ]

@@ -11,6 +11,7 @@ import torch
 from ._common import bilinear_grids
 from .base import Grids, Reducer, Signals, TokenState
 from .registry import register_reducer
+from .search import searchable
 
 
 @register_reducer(
@@ -35,7 +36,7 @@ class BilinearReducer(Reducer):
     Needs an intact grid.
     """
 
-    scale: float = 0.5
+    scale: float = searchable(0.5, low=0.2, high=0.9)
     side: int | None = None
     requires_grid: ClassVar[bool] = True
 

@@ -10,6 +10,7 @@ import torch
 from ._common import unit_rows
 from .base import Grids, Reducer, Signals, TokenState, check_keep, check_layer, top_k_slots, wide
 from .registry import register_reducer
+from .search import LAST_LAYER, searchable
 
 
 @register_reducer(
@@ -40,10 +41,10 @@ class DARTReducer(Reducer):
     positions.
     """
 
-    keep: int | float = 128
-    layer: int = 2
-    pivots: int = 4
-    text_pivots: int = 4
+    keep: int | float = searchable(128, low=0.02, high=0.9, log=True)
+    layer: int = searchable(2, low=1, high=LAST_LAYER)
+    pivots: int = searchable(4, low=1, high=8)
+    text_pivots: int = searchable(4, low=0, high=8)
 
     def __post_init__(self) -> None:
         check_keep(self.keep)

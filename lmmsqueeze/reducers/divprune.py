@@ -9,6 +9,7 @@ import torch
 from ._common import unit_rows
 from .base import Grids, ScoredPruner, Signals, TokenState, check_layer
 from .registry import register_reducer
+from .search import LAST_LAYER, searchable
 
 
 @register_reducer(
@@ -32,8 +33,8 @@ class DivPruneReducer(ScoredPruner):
     decoder layer ``layer``); survivors keep their original order. One ``N x N`` similarity matrix.
     """
 
-    keep: int | float = 0.098
-    layer: int | None = None
+    keep: int | float = searchable(0.098, low=0.02, high=0.9, log=True)
+    layer: int | None = searchable(None, low=0, high=LAST_LAYER)
 
     def __post_init__(self) -> None:
         super().__post_init__()

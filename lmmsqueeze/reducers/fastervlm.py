@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .base import ScoredPruner, Signals, TokenState
 from .registry import register_reducer
+from .search import searchable
 
 
 @register_reducer(
@@ -35,7 +36,7 @@ class FasterVLMReducer(ScoredPruner):
     """
 
     per_crop = True
-    keep: int | float = 0.1
+    keep: int | float = searchable(0.1, low=0.02, high=0.9, log=True)
 
     def score(self, state: TokenState, signals: Signals) -> Tensor:
         return signals.require("cls_attention")

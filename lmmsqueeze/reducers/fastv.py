@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .base import ScoredPruner, Signals, TokenState, check_layer
 from .registry import register_reducer
+from .search import LAST_LAYER, searchable
 
 
 @register_reducer(
@@ -29,8 +30,8 @@ class FastVReducer(ScoredPruner):
     Survivors keep their original positions.
     """
 
-    keep: int | float = 0.5
-    layer: int = 2
+    keep: int | float = searchable(0.5, low=0.02, high=0.9, log=True)
+    layer: int = searchable(2, low=1, high=LAST_LAYER)
 
     def __post_init__(self) -> None:
         super().__post_init__()

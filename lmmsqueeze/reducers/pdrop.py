@@ -12,6 +12,7 @@ from torch import Tensor
 from ._common import run_parts
 from .base import Grids, ScoredPruner, Signals, TokenState, check_layer
 from .registry import register_reducer
+from .search import LAST_LAYER, searchable
 
 
 @register_reducer(
@@ -36,10 +37,10 @@ class PDropReducer(ScoredPruner):
     The released code renumbers positions after every drop (``positions=renumber``).
     """
 
-    keep: float = 0.5
-    layer: int = 8
-    step: int = 8
-    stages: int = 3
+    keep: float = searchable(0.5, low=0.1, high=0.9)
+    layer: int = searchable(8, low=1, high=LAST_LAYER)
+    step: int = searchable(8, low=1, high=8)
+    stages: int = searchable(3, low=1, high=4)
 
     def __post_init__(self) -> None:
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or math.isnan(self.keep) \

@@ -10,6 +10,7 @@ import torch
 from ._common import weighted_means
 from .base import Grids, Reducer, Signals, TokenState
 from .registry import register_reducer
+from .search import searchable
 
 
 @register_reducer(
@@ -29,7 +30,7 @@ class PoolReducer(Reducer):
     token. Needs an intact grid.
     """
 
-    size: int = 2
+    size: int = searchable(2, low=2, high=4)
     requires_grid: ClassVar[bool] = True
 
     def __post_init__(self) -> None:

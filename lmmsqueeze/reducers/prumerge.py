@@ -11,6 +11,7 @@ from torch import Tensor
 from ._common import unit_rows
 from .base import Grids, ScoredPruner, Signals, TokenState, check_keep, resolve_keep, top_k_slots, wide
 from .registry import register_reducer
+from .search import searchable
 
 #: the IQR fence of the outlier rule, and the share of outliers PruMerge+ keeps on LLaVA-1.5 on average
 #: (about 32 of 576, as its paper reports): the estimate a plan uses before the data decides
@@ -47,7 +48,7 @@ class PruMergeReducer(ScoredPruner):
     """
 
     keep: int | float | None = None
-    neighbors: int = 32
+    neighbors: int = searchable(32, low=4, high=64)
 
     def __post_init__(self) -> None:
         if self.keep is not None:

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .base import ScoredPruner, Signals, TokenState, check_layer
 from .registry import register_reducer
+from .search import LAST_LAYER, searchable
 
 
 @register_reducer(
@@ -27,9 +28,9 @@ class RandomReducer(ScoredPruner):
     Runs before the LLM by default, or at the input of decoder layer ``layer``.
     """
 
-    keep: int | float = 0.5
+    keep: int | float = searchable(0.5, low=0.02, high=0.9, log=True)
     seed: int = 0
-    layer: int | None = None
+    layer: int | None = searchable(None, low=0, high=LAST_LAYER)
 
     def __post_init__(self) -> None:
         super().__post_init__()

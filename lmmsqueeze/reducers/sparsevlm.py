@@ -12,6 +12,7 @@ from torch import Tensor
 from ._common import run_parts
 from .base import Grids, Reducer, Signals, TokenState, check_layer, top_k_slots, wide
 from .registry import register_reducer
+from .search import LAST_LAYER, searchable
 
 #: image tokens kept at each sparse layer for each layer-averaged budget (released v1 schedules)
 SCHEDULES = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
@@ -45,10 +46,10 @@ class SparseVLMReducer(Reducer):
     renumbered.
     """
 
-    layer: int = 3
-    more_layers: str = "7,16"
-    budget: Literal[64, 96, 128, 192] = 192
-    recycle: bool = True
+    layer: int = searchable(3, low=1, high=LAST_LAYER)
+    more_layers: str = searchable("7,16", choices=("7,16", ""))
+    budget: Literal[64, 96, 128, 192] = searchable(192, choices=(64, 96, 128, 192))
+    recycle: bool = searchable(True, choices=(True, False))
 
     def __post_init__(self) -> None:
         check_layer(self.layer, minimum=1, why="SparseVLM scores tokens with the attention of layer K-1")

@@ -11,6 +11,7 @@ import torch
 
 from .base import Grids, Reducer, Signals, TokenState
 from .registry import register_reducer
+from .search import searchable
 
 
 @register_reducer(
@@ -30,7 +31,7 @@ class StrideReducer(Reducer):
     ``ceil(h/stride) x ceil(w/stride)`` grid. Needs an intact grid.
     """
 
-    stride: int = 2
+    stride: int = searchable(2, low=2, high=4)
     requires_grid: ClassVar[bool] = True
 
     def __post_init__(self) -> None:

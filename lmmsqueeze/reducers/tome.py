@@ -10,6 +10,7 @@ import torch
 from ._common import unit_rows, weighted_means
 from .base import Grids, ScoredPruner, Signals, TokenState, check_layer, resolve_keep, wide
 from .registry import register_reducer
+from .search import LAST_LAYER, searchable
 
 
 @register_reducer(
@@ -39,9 +40,9 @@ class ToMeReducer(ScoredPruner):
     ``layer``. A merged token takes the position of its B token.
     """
 
-    keep: int | float = 0.5
-    metric: Literal["keys", "hidden"] = "keys"
-    layer: int | None = None
+    keep: int | float = searchable(0.5, low=0.02, high=0.9, log=True)
+    metric: Literal["keys", "hidden"] = searchable("keys", choices=("keys", "hidden"))
+    layer: int | None = searchable(None, low=0, high=LAST_LAYER)
 
     def __post_init__(self) -> None:
         super().__post_init__()

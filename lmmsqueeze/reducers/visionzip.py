@@ -20,6 +20,7 @@ from .base import (
     wide,
 )
 from .registry import register_reducer
+from .search import searchable
 
 
 @register_reducer(
@@ -50,8 +51,8 @@ class VisionZipReducer(Reducer):
     across crops by their token counts). ``contextual=0`` gives the dominant part alone.
     """
 
-    dominant: int | float = 54
-    contextual: int | float = 10
+    dominant: int | float = searchable(54, low=0.02, high=0.5, log=True)
+    contextual: int | float = searchable(10, low=0.007, high=0.2, log=True)
     cls: bool = True
 
     def __post_init__(self) -> None:

@@ -10,6 +10,7 @@ from torch import Tensor
 from ._common import unit_rows
 from .base import Grids, ScoredPruner, Signals, TokenState, resolve_keep, wide
 from .registry import register_reducer
+from .search import searchable
 
 
 @register_reducer(
@@ -36,9 +37,9 @@ class VisPrunerReducer(ScoredPruner):
     in the paper. Survivors keep their original order.
     """
 
-    keep: int | float = 0.1
-    important: float = 0.5
-    r: int = 8
+    keep: int | float = searchable(0.1, low=0.02, high=0.9, log=True)
+    important: float = searchable(0.5, low=0.1, high=0.9)
+    r: int = searchable(8, low=1, high=16)
 
     def __post_init__(self) -> None:
         super().__post_init__()
