@@ -4,7 +4,8 @@ render plain dicts; no tensor code lives here.
 This module only joins: the root ``app`` and ``main()``, plus each command group's own Typer app,
 added without a name so that its commands stay top-level (``lmmsqueeze sweep``). The groups are
 ``inspect`` (reducers, explain), ``run`` (run, bench, show), ``convert`` (convert-proxyv), ``evaluate``
-(eval, export-lmms-task, sweep, pareto) and ``train`` (train-proxyv); ``common`` holds what they share.
+(eval, export-lmms-task, sweep, pareto), ``train`` (train-proxyv) and ``tune`` (tune); ``common`` holds
+what they share.
 ``lmmsqueeze --help`` lists the commands in that order.
 
 Known errors print one line (``error: ...``) and exit with code 2; set ``LMMSQUEEZE_DEBUG=1`` to
@@ -23,7 +24,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from ..machine import THREADS_ENV, check_threads, env_threads
-from . import convert, evaluate, inspect, run, train
+from . import convert, evaluate, inspect, run, train, tune
 from .common import console, err_console, user_errors
 
 
@@ -66,6 +67,7 @@ app.add_typer(run.app)  # run, bench, show
 app.add_typer(convert.app)  # convert-proxyv
 app.add_typer(evaluate.app)  # eval, export-lmms-task, sweep, pareto
 app.add_typer(train.app)  # train-proxyv
+app.add_typer(tune.app)  # tune
 
 
 def _version(value: bool) -> None:
