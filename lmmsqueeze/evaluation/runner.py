@@ -48,11 +48,35 @@ def evaluate(
     :meth:`lmmsqueeze.machine.LoadMeter.metrics`), and the per-sample answers (``uid``, ``qtype``,
     ``prediction``, ``answer``, ``score``).
     """
+    part = measure(model, processor, pipeline, task, limit, seed, adapter, batch_size, on_progress,
+                   measure_memory, split)
+    return summarize(part, [part], task)
+
+
+@torch.no_grad()
+def measure(
+    model: Any,
+    processor: Any,
+    pipeline: Any,
+    task: Task,
+    limit: int | None = None,
+    seed: int = 0,
+    adapter: Any = None,
+    batch_size: int = 1,
+    on_progress: Callable[[int, int], None] | None = None,
+    measure_memory: bool = True,
+    split: str = "test",
+    shard: tuple[int, int] = (0, 1),
+) -> dict[str, Any]:
+    """The raw measurements of :func:`evaluate` on the samples of one shard: ``shard=(rank, world)``
+    answers samples ``rank``, ``rank + world``, ... (rank 0 also measures memory on the first samples of
+    all). :func:`summarize` makes the row of one or several shards' parts. ``on_progress(done, total)``
+    counts this shard's samples."""
+    rank, world = shard
     n = task.size if limit is None else min(limit, task.size)
-    items = task.samples(split, n, seed)
+    everything = task.samples(split, n, seed)
+    items = everything[rank::world]
     prepared = prepare(model, pipeline, adapter)  # the adapter is loaded once, not at every `apply`
-    plan = prepared.plan
-    trained = provenance(adapter)
     costs = prepared.costs()
     clock = Clock(next(model.parameters()).device)
     answers: list[dict[str, Any]] = []
@@ -69,7 +93,7 @@ def evaluate(
                 marks["end"] = clock.mark()
 
         timers.post(prepared.family.base, prefill_end)
-        for lo in range(0, n, batch_size):
+        for lo in range(0, len(items), batch_size):
             chunk = items[lo:lo + batch_size]
             inputs = _inputs(processor, model, chunk)
             geometries = costs.add(inputs)
@@ -89,17 +113,35 @@ def evaluate(
                 answers.append({"uid": item.uid, "qtype": item.qtype, "prediction": prediction,
                                 "answer": item.answer, "score": task.score(prediction, item.answer)})
             if on_progress:
-                on_progress(len(answers), n)
+                on_progress(len(answers), len(items))
 
     memory = []
-    if measure_memory:
-        for item in items[:MEMORY_SAMPLES]:
+    if measure_memory and rank == 0:
+        for item in everything[:MEMORY_SAMPLES]:
             memory.append(peak_prefill_memory(prepared, dict(_inputs(processor, model, [item]))) / 2**20)
+    return {"pipeline": prepared.plan.canonical, "costs": costs, "counts": costs.counts(),
+            "answers": answers, "latencies": latencies, "text_tokens": text_tokens, "memory": memory,
+            "provenance": provenance(adapter), "machine": meter.metrics()}
+
+
+def summarize(own: dict[str, Any], parts: list[dict[str, Any]], task: Task) -> dict[str, Any]:
+    """The row of a run measured in ``parts`` (shard ``rank`` at index ``rank``; ``own``, one of them, holds
+    the cost model): answers in sample order, accuracy, FLOPs and token counts over the images of every
+    part, the median latency over every sample, the memory and machine load ``own`` measured."""
+    world = len(parts)
+    answers = [parts[i % world]["answers"][i // world] for i in range(sum(len(p["answers"]) for p in parts))]
+    costs = own["costs"]
+    for part in parts:
+        if part is not own:
+            costs.merge(part["counts"])
+    latencies = [x for p in parts for x in p["latencies"]]
+    text_tokens = [x for p in parts for x in p["text_tokens"]]
+    memory = own["memory"]
     summary = task.summarize((a["qtype"], a["score"]) for a in answers)
     cost = costs.cost(round(statistics.mean(text_tokens)) if text_tokens else 0)
     tokens_per_layer = costs.tokens_per_layer()
     return {
-        "pipeline": plan.canonical,
+        "pipeline": own["pipeline"],
         "task": task.name,
         "metric": task.metric,
         "n": len(answers),
@@ -112,8 +154,9 @@ def evaluate(
         "peak_memory_mb": statistics.median(memory) if memory else None,
         "image_tokens_per_layer": tokens_per_layer,
         "image_tokens_avg": sum(tokens_per_layer) / len(tokens_per_layer) if tokens_per_layer else None,
-        **trained,
-        **meter.metrics(),
+        **own["provenance"],
+        **own["machine"],
+        **({"processes": world} if world > 1 else {}),
         "answers": answers,
     }
 

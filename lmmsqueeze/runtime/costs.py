@@ -55,6 +55,16 @@ class InputCosts:
             self._plans[key] = compile_pipeline(self.plan.canonical, geometry, observed=at)
         return self._plans[key]
 
+    def counts(self) -> dict[Any, int]:
+        """The images seen, by (geometry, adaptive stages' kept counts): what :meth:`merge` takes."""
+        return dict(self._counts)
+
+    def merge(self, counts: dict[Any, int]) -> None:
+        """Add the images another run of the same plan saw (its :meth:`counts`; data-parallel shards)."""
+        for key, n in counts.items():
+            self._plan_for(*key)
+            self._counts[key] = self._counts.get(key, 0) + n
+
     def tokens_per_layer(self) -> list[float]:
         """Image tokens entering each decoder layer, per image, averaged over the images seen."""
         counts = self._counts or {(self.plan.geometry, ()): 1}
