@@ -439,3 +439,50 @@ def test_usage_errors_are_one_line_naming_the_commands_help(case, tmp_path):
     store = tmp_path / "r.db"
     line = _one_line_error(runner.invoke(app, [*args]), phrase)
     assert line.endswith("--help')") and not store.exists()
+
+
+#: `tune` arguments and space files refused before anything loads or runs: name -> (arguments after
+#: `tune`, with {tmp} for the test's folder; space file text or None; a phrase of the one line)
+BAD_TUNE = {
+    "budget-zero": (["--budget", "0"], None, "--budget 0.0 must be a fraction"),
+    "budget-negative": (["--budget", "-0.5"], None, "in (0, 1]"),
+    "budget-above-one": (["--budget", "1.5"], None, "--budget 1.5 must be a fraction"),
+    "unknown-metric": (["--metric", "speed"], None, "--metric 'speed' must be one of flops, latency"),
+    "trials-zero": (["--trials", "0"], None, "--trials 0 must be an integer >= 1"),
+    "bad-rungs": (["--rungs", "50,x"], None, "--rungs '50,x' must be comma-separated"),
+    "missing-space": (["--space", "{tmp}/nope.yaml"], None, "does not exist"),
+    "invalid-yaml": ([], "reducers: [fastv\n", "is not valid YAML"),
+    "space-not-a-mapping": ([], "- fastv\n", "must be a mapping"),
+    "unknown-key": ([], "reducer: [fastv]\n", "unknown keys ['reducer']; valid: reducers"),
+    "unknown-reducer": ([], "reducers: [fastvv]\n", "unknown stage 'fastvv': did you mean 'fastv'"),
+    "unknown-parameter": ([], "reducers: {fastv: {kep: [0.1, 0.5]}}\n", "fastv has no parameter 'kep'"),
+    "range-outside-bounds": ([], "reducers: {fastv: {keep: [0.0, 0.5]}}\n", "0.0 is outside fastv's bounds"),
+    "layer-beyond-model": ([], "reducers: {fastv: {layer: [1, 9]}}\n", "layer 9 is beyond the model's 4"),
+    "range-reversed": ([], "reducers: {fastv: {keep: [0.5, 0.1]}}\n", "low 0.5 is above high 0.1"),
+    "bad-max-stages": ([], "max_stages: 99\n", "must be an integer from 0 to"),
+    "placement-not-declared": ([], "reducers: {fastv: {placements: [vision]}}\n",
+                               "placements fastv declares"),
+    "proxyv-as-reducer": ([], "reducers: [proxyv]\n", "list it under `adapters:`"),
+    "unknown-adapter": ([], "adapters: [bundled:nope]\n", "unknown bundled adapter 'nope'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TUNE))
+def test_tune_refuses_bad_arguments_and_spaces_in_one_line(case, tmp_path, store, monkeypatch):
+    from lmmsqueeze.evaluation import sweep
+    from lmmsqueeze.runtime import loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded or run although the input was refused")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+    monkeypatch.setattr(sweep, "evaluate", refuse)
+    args, space, phrase = BAD_TUNE[case]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if space is not None:
+        (tmp_path / "space.yaml").write_text(space)
+        args += ["--space", str(tmp_path / "space.yaml")]
+    before = store.read_bytes()
+    _one_line_error(runner.invoke(app, ["tune", "--results", str(store), "--trials", "2", *args]), phrase)
+    assert store.read_bytes() == before
+    assert not list(tmp_path.glob("*.tune.db"))
