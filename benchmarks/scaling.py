@@ -1,18 +1,28 @@
 """Realized savings as image tokens grow: measured decoder-time saving over analytic FLOPs saving.
 
-The model of `prefill_realized.py` (a LLaVA-1.5-shaped random LlavaForConditionalGeneration: patch 14,
-hidden 1024, 8 layers, SwiGLU 2816, ~60 text tokens) built at several image sizes, so that the image is
-`--tokens` tokens (a square grid: 144 = 12x12 at 168 px, 576 at 336, 1156 at 476, 2916 at 756). For each
-size, `lmmsqueeze.runtime.measure.bench` times every pipeline interleaved with the vanilla model; the
-table gives the decoder time, the measured and analytic savings and their ratio (`realized`), and the
-JSON records how busy the machine was before and after each size (run it on an idle machine).
+A LLaVA-1.5-shaped random LlavaForConditionalGeneration (patch 14, hidden 1024, 8 layers, SwiGLU
+2816, ~60 text tokens) built at several image sizes, so that the image is ``--tokens`` tokens (a
+square grid: 144 = 12x12 at 168 px, 576 at 336, 1156 at 476, 2916 at 756). For each size:
 
-    python benchmarks/scaling.py [--tokens 144,576,1156,2916] [--runs 3] [--threads 1] \
+- time: :func:`lmmsqueeze.runtime.scaling.scaling` times every pipeline interleaved with vanilla
+  (``--runs`` rounds after a warm-up); per pipeline the decoder time, measured and analytic saving,
+  ``realized`` (median, and its min-max over the rounds, each round against the same round's
+  vanilla), and the overhead (time inside the pipeline's hooks over its prefill);
+- memory: in a child process started with ``MALLOC_MMAP_THRESHOLD_=65536`` (so freed blocks leave
+  the resident set at once), each pipeline's peak of live tensor bytes and peak RSS above its
+  prefill's start;
+- peer (``--peer-tokens``): FastV done the way its reference repositories do it (eager layer K-1,
+  full attention matrix: ``benchmarks/peers.py``) against our ``fastv`` (one-query probe, sdpa),
+  interleaved, with the kept sets compared.
+
+The JSON records how busy the machine was over each size; run it on an idle machine:
+
+    python benchmarks/scaling.py [--tokens 144,576,1156,2916] [--runs 3] [--threads 1] \\
         [--out benchmarks/results/scaling-cpu.json]
 
 Profile one reduced prefill (where the time goes) with torch.profiler, e.g.:
 
-    python -c "import torch, benchmarks.scaling as s; s.profile('fastv(layer=2, keep=0.5)', 2916)"
+    python -c "import benchmarks.scaling as s; s.profile('proxyv(layer=3, untrained=true)', 2916)"
 """
 
 from __future__ import annotations
@@ -20,37 +30,59 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
+import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
 
 import lmmsqueeze
-from lmmsqueeze.machine import cores_in_use, loadavg
+from lmmsqueeze.machine import LoadMeter
 from lmmsqueeze.runtime.loading import build_prompt, model_inputs
-from lmmsqueeze.runtime.measure import bench
-from lmmsqueeze.testing import random_image, tiny_llava
+from lmmsqueeze.runtime.measure import PeakTensorMemory, peak_prefill_memory, peak_prefill_rss
+from lmmsqueeze.runtime.run import prepare
+from lmmsqueeze.runtime.scaling import scaling
 
-PIPELINES = ["fastv(layer=2, keep=0.5)", "visionzip(dominant=0.375, contextual=0.07)",
-             "proxyv(layer=3, untrained=true)"]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.peers import decoder_input, fastv_reference  # noqa: E402
+from lmmsqueeze.testing import random_image, tiny_llava  # noqa: E402
+
+# every built-in reducer once, at its own placement, set for the 8-layer model, and both ProxyV variants
+PIPELINES = [
+    "pool", "maxpool", "bilinear", "stride", "random(keep=0.5)", "tome(keep=0.5)",
+    "visionzip(dominant=0.375, contextual=0.07)", "vispruner(keep=0.25)", "fastervlm(keep=0.25)",
+    "prumerge", "divprune(keep=0.25)", "dart(layer=2, keep=0.25)", "fastv(layer=2, keep=0.5)",
+    "pdrop(layer=2, step=2, stages=3)", "sparsevlm(layer=2, more_layers='', budget=192)",
+    "proxyv(layer=3, untrained=true)", "proxyv(layer=3, variant=nonspatial, untrained=true)",
+]
 QUESTION = " ".join(["describe the colour of the cell at row one column two ."] * 5)
 PATCH = 14
 
 
 def model_for(tokens: int):
-    """The benchmark model whose square image grid has ``tokens`` tokens, and its processor."""
+    """The benchmark model whose square image grid has ``tokens`` tokens, its processor and an image."""
     side = math.isqrt(tokens)
     if side * side != tokens:
         raise SystemExit(f"--tokens {tokens} is not a square grid; give e.g. 144, 576, 1156, 2916")
-    return tiny_llava(attn="sdpa", image_size=side * PATCH, patch_size=PATCH, hidden=1024, layers=8, heads=16,
-                      kv_heads=16, ffn=2816, vision_hidden=128, vision_layers=2)
+    model, processor = tiny_llava(attn="sdpa", image_size=side * PATCH, patch_size=PATCH, hidden=1024,
+                                  layers=8, heads=16, kv_heads=16, ffn=2816, vision_hidden=128,
+                                  vision_layers=2)
+    return model, processor, random_image(0, side * PATCH)
+
+
+def _inputs(model, processor, image):
+    return model_inputs(processor, model, [image], [build_prompt(processor, QUESTION)])
 
 
 def profile(pipeline: str, tokens: int, rows: int = 25) -> None:
     """Print torch.profiler's table of one prefill of ``pipeline`` at ``tokens`` image tokens."""
-    model, processor = model_for(tokens)
-    side = math.isqrt(tokens) * PATCH
-    inputs = model_inputs(processor, model, [random_image(0, side)], [build_prompt(processor, QUESTION)])
+    torch.set_num_threads(1)
+    model, processor, image = model_for(tokens)
+    inputs = _inputs(model, processor, image)
     with torch.no_grad(), lmmsqueeze.apply(model, pipeline):
         model(**inputs)  # warm-up
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -58,39 +90,131 @@ def profile(pipeline: str, tokens: int, rows: int = 25) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
+def memory(tokens: int, pipelines: list[str], runs: int) -> list[dict]:
+    """Peak tensor bytes and peak RSS of vanilla and each pipeline (run in the child process)."""
+    model, processor, image = model_for(tokens)
+    inputs = dict(_inputs(model, processor, image))
+    prepared = [prepare(model, p) for p in ["none", *pipelines]]
+    with torch.no_grad():
+        model(**inputs, logits_to_keep=1, use_cache=True)  # warm-up: lazy buffers and one-time allocations
+    rss = peak_prefill_rss(prepared, inputs, runs)
+    return [{"pipeline": p.plan.canonical, "peak_memory_mb": peak_prefill_memory(p, inputs) / 2**20,
+             "peak_rss_mb": None if r is None else r / 2**20} for p, r in zip(prepared, rss, strict=True)]
+
+
+def memory_in_child(tokens: int, pipelines: list[str], runs: int, threads: int) -> list[dict]:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    cmd = [sys.executable, __file__, "--memory-child", str(tokens), "--runs", str(runs),
+           "--threads", str(threads), "--pipelines", *pipelines]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def peer(tokens: int, runs: int) -> dict:
+    """Decoder prefill time and peak tensor memory: our fastv against FastV's reference way."""
+    model, processor, image = model_for(tokens)
+    inputs = _inputs(model, processor, image)
+    lm = model.model.language_model
+    marks = {}
+    pre = lm.register_forward_pre_hook(lambda m, a: marks.__setitem__("start", time.perf_counter()))
+    post = lm.register_forward_hook(lambda m, a, o: marks.__setitem__("end", time.perf_counter()))
+    ours_ms, theirs_ms = [], []
+    prepared = prepare(model, "fastv(layer=2, keep=0.5)")
+
+    def ours():
+        with prepared.apply() as run:
+            model(**inputs, logits_to_keep=1, use_cache=True)
+        return run
+
+    with torch.no_grad():
+        embeds = decoder_input(model, inputs)  # vision tower and merge: outside the decoder's span, as ours
+        for r in range(runs + 1):
+            for who in (("ours", "theirs") if r % 2 else ("theirs", "ours")):
+                if who == "ours":
+                    ours()
+                    elapsed = marks["end"] - marks["start"]
+                else:
+                    start = time.perf_counter()
+                    _, kept = fastv_reference(model, inputs, 2, 0.5, embeds=embeds)
+                    elapsed = time.perf_counter() - start
+                if r:
+                    (ours_ms if who == "ours" else theirs_ms).append(1000 * elapsed)
+        run = ours()
+        same = torch.equal(torch.sort(run.trace[0][0]).values, kept)
+        mode = PeakTensorMemory()
+        with mode:
+            fastv_reference(model, inputs, 2, 0.5, embeds=embeds)
+        theirs_peak = mode.peak
+        ours_peak = peak_prefill_memory(prepared, dict(inputs))
+    pre.remove()
+    post.remove()
+    ours_med, theirs_med = statistics.median(ours_ms), statistics.median(theirs_ms)
+    return {"image_tokens": tokens, "ours_ms": ours_med, "theirs_ms": theirs_med,
+            "ratio": ours_med / theirs_med,
+            "ratio_runs": [o / t for o, t in zip(ours_ms, theirs_ms, strict=True)],
+            "ours_peak_mb": ours_peak / 2**20, "theirs_peak_mb": theirs_peak / 2**20, "same_kept_set": same}
+
+
+def _realized_runs(row: dict, base: dict) -> list[float] | None:
+    if not row["analytic_saving"] > 0:
+        return None
+    return [(1 - d / b) / row["analytic_saving"]
+            for d, b in zip(row["decoder_runs_ms"], base["decoder_runs_ms"], strict=True)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="144,576,1156,2916")
+    parser.add_argument("--peer-tokens", default="576,2916")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--pipelines", nargs="*", default=PIPELINES)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scaling-cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sizes = [int(t) for t in args.tokens.split(",")]
+    if args.memory_child is not None:
+        print(json.dumps(memory(args.memory_child, args.pipelines, args.runs)))
+        return
+    sizes = [int(t) for t in args.tokens.split(",") if t]
     cpu = platform.processor() or platform.machine()
     machine = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    results = []
-    print("| image tokens | pipeline | decoder ms | measured saving | analytic saving | realized |"
-          f"  ({machine})")
-    print("|---|---|---|---|---|---|")
-    for tokens in sizes:
-        model, processor = model_for(tokens)
-        before = {"others_cpu": cores_in_use(), "loadavg": loadavg()}
-        side = math.isqrt(tokens) * PATCH
-        rows = bench(model, processor, args.pipelines, random_image(0, side), QUESTION, runs=args.runs,
-                     warmup=args.warmup)
-        after = {"others_cpu": cores_in_use(), "loadavg": loadavg()}
-        results.append({"image_tokens": tokens, "machine_before": before, "machine_after": after,
-                        "rows": rows})
-        for r in rows:
-            realized = "-" if r["realized_fraction"] is None else f"{r['realized_fraction']:.2f}"
-            print(f"| {tokens} | `{r['pipeline']}` | {r['decoder_ms']:.0f} | "
-                  f"{100 * r['measured_saving']:.1f}% | {100 * r['analytic_saving']:.1f}% | {realized} |",
-                  flush=True)
+    result = {"machine": machine, "runs": args.runs, "command": " ".join(sys.argv), "sizes": [], "peer": []}
+    print(f"| image tokens | pipeline | decoder ms | measured | analytic | realized (min-max) | overhead | "
+          f"tensor peak MB | RSS peak MB |  ({machine})")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size in scaling(model_for, sizes, args.pipelines, QUESTION, runs=args.runs, warmup=args.warmup,
+                        rss_runs=0):
+        mem = memory_in_child(size["image_tokens"], args.pipelines, args.runs, args.threads)
+        base = size["rows"][0]
+        for row, m in zip(size["rows"], mem, strict=True):
+            row.update(peak_memory_mb=m["peak_memory_mb"], peak_rss_mb=m["peak_rss_mb"],
+                       realized_runs=_realized_runs(row, base))
+            runs = row["realized_runs"]
+            spread = ("-" if runs is None
+                      else f"{row['realized_fraction']:.2f} ({min(runs):.2f}-{max(runs):.2f})")
+            overhead = "-" if row["overhead_fraction"] is None else f"{100 * row['overhead_fraction']:.1f}%"
+            busy = " !" if size["machine"]["busy"] else ""
+            print(f"| {size['image_tokens']}{busy} | `{row['pipeline']}` | {row['decoder_ms']:.0f} | "
+                  f"{100 * row['measured_saving']:.1f}% | {100 * row['analytic_saving']:.1f}% | {spread} | "
+                  f"{overhead} | {row['peak_memory_mb']:.1f} | {row['peak_rss_mb']:.1f} |", flush=True)
+        result["sizes"].append(size)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": machine, "runs": args.runs, "sizes": results}, indent=2))
+        args.out.write_text(json.dumps(result, indent=2))
+    print("\n| image tokens | ours (sdpa, one-query probe) ms | FastV reference (eager layer K-1) ms | "
+          "ratio | peak MB ours / theirs | same kept set |")
+    print("|---|---|---|---|---|---|")
+    for tokens in [int(t) for t in args.peer_tokens.split(",") if t]:
+        with LoadMeter(torch.get_num_threads()) as meter:
+            p = peer(tokens, args.runs)
+        p["machine"] = meter.metrics()
+        result["peer"].append(p)
+        busy = " !" if p["machine"]["busy"] else ""
+        print(f"| {tokens}{busy} | {p['ours_ms']:.0f} | {p['theirs_ms']:.0f} | "
+              f"{p['ratio']:.2f} ({min(p['ratio_runs']):.2f}-{max(p['ratio_runs']):.2f}) | "
+              f"{p['ours_peak_mb']:.0f} / {p['theirs_peak_mb']:.0f} | {p['same_kept_set']} |", flush=True)
+        args.out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import nn
@@ -11,12 +12,39 @@ from torch.utils.hooks import RemovableHandle
 
 
 class HookTimer:
-    """Wall time spent inside the pre- and post-hooks of a :class:`HookSet` (scoring, selection, gathers,
-    masks: everything lmmsqueeze adds around the model's own modules; stand-in layers and patched methods
-    are the model's work and are not counted). CPU time is exact; on CUDA it is the launch time only."""
+    """Wall time spent inside the pre- and post-hooks of a :class:`HookSet`: what lmmsqueeze adds around
+    the model's own modules (scoring, selection, gathers, masks). Model work a hook runs on the model's
+    behalf (e.g. the vision tower, called early to reduce its output) is excluded with
+    :meth:`model_work`; hooks nested in it count again. Stand-in layers and patched methods are the
+    model's work and are not counted. CPU time is exact; on CUDA it is the launch time only."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self._depth = 0  # hooks running now (a hook may call modules that have hooks)
+        self._since = 0.0
+
+    def enter(self) -> None:
+        if not self._depth:
+            self._since = time.perf_counter()
+        self._depth += 1
+
+    def leave(self) -> None:
+        self._depth -= 1
+        if not self._depth:
+            self.seconds += time.perf_counter() - self._since
+
+    @contextlib.contextmanager
+    def model_work(self) -> Iterator[None]:
+        """The model's own computation, run from inside a hook: not counted."""
+        depth, self._depth = self._depth, 0
+        if depth:
+            self.seconds += time.perf_counter() - self._since
+        try:
+            yield
+        finally:
+            self._depth = depth
+            if depth:
+                self._since = time.perf_counter()
 
 
 class HookSet:
@@ -50,11 +78,11 @@ class HookSet:
             return fn
 
         def timed(*args: Any) -> Any:
-            start = time.perf_counter()
+            timer.enter()
             try:
                 return fn(*args)
             finally:
-                timer.seconds += time.perf_counter() - start
+                timer.leave()
 
         return timed
 

@@ -245,6 +245,7 @@ def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: 
             "latency_max_ms": total["max"],
             "decoder_ms": dec["median"],
             "decoder_iqr_ms": dec["iqr"],
+            "decoder_runs_ms": list(timing.decoder),  # per interleaved round, in order
             "overhead_ms": statistics.median(timing.overhead) if timing.overhead else None,
             "overhead_fraction": (statistics.median(o / t for o, t in zip(timing.overhead, timing.total,
                                                                          strict=True))

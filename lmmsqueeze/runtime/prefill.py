@@ -45,7 +45,8 @@ class PrefillHook:
                 "start a new conversation (fresh cache) for each image prompt"
             )
         if kwargs.get("pixel_values") is not None:
-            features = self.run.family.image_features(kwargs)
+            with self.run.model_work():  # the vision tower and projector (image stages' hooks count)
+                features = self.run.family.image_features(kwargs)
             records = self.run.images.records
             if not self.run.family.packs_features and records:  # each image as its stages left it
                 features.pooler_output = self.run.family.pooled([rec.state.hidden for rec in records])
@@ -56,7 +57,8 @@ class PrefillHook:
         if kwargs.get("pixel_values_videos") is not None and kwargs.get("mm_encoder_outputs"):
             # the model takes precomputed features for every modality or none: encode the videos its
             # own way (after the images' records are taken, so the image hooks' state is not theirs)
-            video = self.run.family.video_features(kwargs)
+            with self.run.model_work():
+                video = self.run.family.video_features(kwargs)
             encoder_outputs = {**kwargs["mm_encoder_outputs"], "video": video}
             kwargs = {**kwargs, "pixel_values_videos": None, "mm_encoder_outputs": encoder_outputs}
         return args, self._start(kwargs, images)

@@ -61,6 +61,11 @@ class PipelineRun:
         backend = getattr(model.config.get_text_config(), "_attn_implementation", None) or ""
         self.flat_masks = "flash" in str(backend)  # flash-attn layers take 2-D padding masks only
         self.images = ImageStages(self)
+        self.timer: HookTimer | None = None  # set by Prepared.apply when the hooks' time is measured
+
+    def model_work(self) -> contextlib.AbstractContextManager:
+        """Around model computation a hook runs on the model's behalf: not the pipeline's overhead."""
+        return self.timer.model_work() if self.timer is not None else contextlib.nullcontext()
 
     @property
     def trace(self) -> list[list[Tensor]]:
@@ -134,6 +139,7 @@ class Prepared:
         """Install the plan for the duration of a ``with`` block; every hook is removed on exit.
         ``timer`` adds up the time spent in the run's hooks (what the pipeline costs beyond the layers)."""
         run = PipelineRun(self.model, self.plan, self.family, self.weights)
+        run.timer = timer
         with HookSet(timer) as hooks:
             run.install(hooks)
             yield run
