@@ -10,6 +10,7 @@ import torch
 
 from ..machine import LoadMeter
 from ..proxyv.attach import provenance
+from ..runtime.dispatch import input_device
 from ..runtime.hooks import HookSet
 from ..runtime.loading import build_prompt, model_inputs
 from ..runtime.measure import Clock, peak_prefill_memory
@@ -78,7 +79,7 @@ def measure(
     items = everything[rank::world]
     prepared = prepare(model, pipeline, adapter)  # the adapter is loaded once, not at every `apply`
     costs = prepared.costs()
-    clock = Clock(next(model.parameters()).device)
+    clock = Clock(input_device(model))
     answers: list[dict[str, Any]] = []
     latencies: list[float] = []
     text_tokens: list[float] = []

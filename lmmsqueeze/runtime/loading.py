@@ -14,6 +14,7 @@ from transformers.utils import logging as hf_logging
 from ..bundled import WEIGHTS_DIR
 from ..errors import LmmsqueezeError, ModelError
 from ..models import FAMILIES, supported_models
+from .dispatch import input_device, load_options
 from .threads import configure_threads
 
 #: device kinds a model can be loaded on, and how to tell whether this machine has one
@@ -94,13 +95,17 @@ def resize_vision(config: Any, image_tokens: int, ref: str | Path) -> int:
 
 def load_model(
     ref: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
-    image_tokens: int | None = None,
+    image_tokens: int | None = None, device_map: str | dict | None = None,
+    max_memory: dict[Any, str] | None = None, offload_folder: str | Path | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, processor)`` offline from ``"bundled"`` or a local Hugging Face model directory.
 
     On CUDA the model loads in bfloat16 with flash-attn when it is installed (else sdpa); on CPU in
     float32 with sdpa. ``image_tokens`` (LLaVA; for benchmarks) resizes the vision tower so an image
     gives that many tokens: its position embeddings then start random, every other weight is loaded.
+    ``device_map`` (``"auto"`` or a module->device dict), ``max_memory`` and ``offload_folder`` load the
+    model across devices (and CPU/disk) through accelerate's big-model inference (the ``dist`` extra):
+    :func:`lmmsqueeze.runtime.dispatch.load_options`.
     """
     dev = pick_device(device)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -121,6 +126,7 @@ def load_model(
             model = AutoModelForImageTextToText.from_pretrained(
                 path, config=config, local_files_only=True, dtype=dtype,
                 ignore_mismatched_sizes=pixels is not None, attn_implementation=attention_backend(dev),
+                **load_options(device_map, max_memory, offload_folder),
             )
         processor = FAMILIES[config.model_type].load_processor(path)
     except OSError as exc:
@@ -131,7 +137,8 @@ def load_model(
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.padding_side = "left"  # batched generation with a decoder-only model needs left padding
-    configure_threads(model.to(dev).eval())  # CPU: deliberate torch threads (runtime/threads.py)
+    # CPU: deliberate torch threads (runtime/threads.py); a dispatched model stays where accelerate put it
+    configure_threads((model if device_map else model.to(dev)).eval())
     return model, processor
 
 
@@ -163,7 +170,7 @@ def model_inputs(processor: Any, model: Any, images: list[Any], texts: list[str]
         raise LmmsqueezeError(f"the model's processor refused the prompt and its {len(images)} image(s): "
                               f"{why[:300]}") from None
     param = next(model.parameters())
-    inputs = inputs.to(param.device)
+    inputs = inputs.to(input_device(model))
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
     return inputs
