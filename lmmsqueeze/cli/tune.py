@@ -47,6 +47,8 @@ def tune_cmd(
         help="Optuna storage URL (default: sqlite beside --results); an RDB URL shares a study across "
              "machines.")
     ] = None,
+    grid_samples: Annotated[int, typer.Option(
+        min=1, help="Grid points drawn to estimate how many of the grid's candidates would run.")] = 1000,
     plot_file: Annotated[Path | None, typer.Option(
         "--plot", help="Pareto plot of the candidates that reached the last rung.")] = None,
     device: DeviceOpt = None,
@@ -76,7 +78,7 @@ def tune_cmd(
                 if kind == "start":
                     status.update(Text(f"tuning: {info['item']} on {info['samples']} samples"))
 
-            out = tune(config, on_event=on_event)
+            out = tune(config, on_event=on_event, grid_samples=grid_samples)
         if out["best_pipeline"] is None:
             raise LmmsqueezeError(f"no candidate within the budget reached the last rung in {out['trials']} "
                                   f"trials ({out['rejected']} rejected unrun: {out['rejected_why']}); give "

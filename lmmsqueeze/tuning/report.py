@@ -60,6 +60,14 @@ def grid_estimate(config: TuneConfig, geometry: Any, text: int | None, samples: 
             "grid_sample_evaluations": (feasible + 1) * config.full}
 
 
+def _grid(study: Any, config: TuneConfig, geometry: Any, text: int | None, samples: int) -> dict[str, Any]:
+    """The grid estimate, computed once per study and sample count (kept in the study)."""
+    name = f"grid-{samples}"
+    if name not in study.user_attrs:
+        study.set_user_attr(name, grid_estimate(config, geometry, text, samples))
+    return {**study.user_attrs[name], "grid_samples": samples}
+
+
 def summarize(config: TuneConfig, geometry: Any, grid_samples: int = GRID_SAMPLES) -> dict[str, Any]:
     """The study's result as one plain dict (what `lmmsqueeze tune --json` prints)."""
     study = open_study(config)
@@ -105,7 +113,7 @@ def summarize(config: TuneConfig, geometry: Any, grid_samples: int = GRID_SAMPLE
         "cost": cost(best) if best else None,
         "vanilla_accuracy": vanilla["accuracy"] if vanilla else None,
         "sample_evaluations": sample_evaluations,
-        **grid_estimate(c, geometry, text, grid_samples),
+        **_grid(study, c, geometry, text, grid_samples),
         "trials": len(ran),
         "completed": sum(t.state.name == "COMPLETE" for t in ran),
         "stopped_early": sum("stopped_at" in t.user_attrs for t in ran),
