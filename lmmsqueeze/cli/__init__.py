@@ -24,7 +24,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from ..machine import THREADS_ENV, check_threads, env_threads
-from . import convert, evaluate, inspect, run, train, tune
+from . import convert, evaluate, inspect, run, scale, train, tune
 from .common import console, err_console, user_errors
 
 
@@ -68,6 +68,7 @@ app.add_typer(convert.app)  # convert-proxyv
 app.add_typer(evaluate.app)  # eval, export-lmms-task, sweep, pareto
 app.add_typer(train.app)  # train-proxyv
 app.add_typer(tune.app)  # tune
+app.add_typer(scale.app, name="results")  # results merge
 
 
 def _version(value: bool) -> None:

@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import LmmsqueezeError
+from . import scale
 from .common import (
     DEFAULT_RESULTS,
     AdapterOpt,
@@ -35,17 +36,26 @@ def _progress(transient: bool = False) -> Progress:
 
 
 def _run_grid(grid: Any, results: Path, batch_size: int, device: str | None,
-              remeasure: bool = False, retry_failed: bool = False, single: bool = False) -> list[dict]:
+              remeasure: bool = False, retry_failed: bool = False, single: bool = False,
+              how: scale.Scale | None = None) -> list[dict]:
     """Run a grid under a progress display. ``single`` (eval): the display goes when done, and failures
-    and reused rows are left to the caller's row or one-line error."""
+    and reused rows are left to the caller's row or one-line error. ``how``: ranks and device map
+    (cli/scale.py); every rank runs this, rank 0 alone shows progress and writes the store."""
+    from ..evaluation.distributed import run_sweep_ranks
     from ..evaluation.store import ResultStore
-    from ..evaluation.sweep import check_sweep, run_sweep
+    from ..evaluation.sweep import check_sweep
     from ..runtime.loading import pick_device
 
     # refuse a bad grid, task, pipeline, device or results file before the progress display starts
     total = len(grid.tasks) * len(check_sweep(grid))
     pick_device(device)
+    how = how or scale.Scale()
+    options = how.check()
+    if not scale.is_main():  # another rank: rank 0 reads and writes the store and shows the progress
+        return run_sweep_ranks(grid, results, batch_size=batch_size, device=device)
     ResultStore(results).close()
+    if how.spawns:
+        return scale.spawn(how, grid, results, batch_size, device, remeasure, retry_failed, single)
     with _progress(transient=single) as progress:
         overall = progress.add_task("sweep", total=total)
         current = progress.add_task("", total=1, visible=False)
@@ -70,8 +80,8 @@ def _run_grid(grid: Any, results: Path, batch_size: int, device: str | None,
                 elif kind == "skip":
                     progress.console.print(f"[dim]stored already[/] {label}", highlight=False)
 
-        return run_sweep(grid, results, batch_size=batch_size, device=device, on_event=on_event,
-                         remeasure=remeasure, retry_failed=retry_failed)
+        return run_sweep_ranks(grid, results, batch_size=batch_size, device=device, on_event=on_event,
+                               remeasure=remeasure, retry_failed=retry_failed, load_options=options)
 
 
 RetryOpt = Annotated[bool, typer.Option(
@@ -94,6 +104,10 @@ def eval_cmd(
     include_path: Annotated[str | None, typer.Option(help="Task folder for --task lmms:TASK.")] = None,
     retry_failed: RetryOpt = False,
     as_json: JsonOpt = False,
+    processes: scale.ProcessesOpt = 1,
+    device_map: scale.DeviceMapOpt = None,
+    max_memory: scale.MaxMemoryOpt = None,
+    offload_folder: scale.OffloadOpt = None,
 ) -> None:
     """Evaluate one pipeline (and the vanilla model, for loyalty) and store the row.
 
@@ -112,6 +126,10 @@ def eval_cmd(
     with user_errors():
         if limit is not None:
             check_limit(limit, "--limit")
+        if task.startswith("lmms:") and (processes != 1 or device_map):
+            raise LmmsqueezeError(f"--task {task}: lmms-eval tasks run on several processes through "
+                                  "lmms-eval's own launcher (accelerate launch -m lmms_eval; see the "
+                                  "README); drop --processes/--device-map")
         if task.startswith("lmms:"):
             row = _eval_lmms(model, pipeline, task, adapter, include_path, limit, seed, results)
             emit(row, as_json, lambda r: console.print(
@@ -126,7 +144,9 @@ def eval_cmd(
         key = Key(model, canonical, adapter or "", task, n, seed)
         # eval re-measures the pipeline asked for
         ran = _run_grid(grid, results, batch_size, device, remeasure=True, retry_failed=retry_failed,
-                        single=True)
+                        single=True, how=scale.Scale(processes, device_map, max_memory, offload_folder))
+        if not scale.is_main():
+            return
         mine = next((r for r in ran if r["key"] == key), None)
         if mine is not None and mine["error"]:
             kept = "; the earlier successful row is kept" if mine["kept"] else ""
@@ -208,6 +228,11 @@ def sweep_cmd(
     plot_file: Annotated[Path | None, typer.Option(
         "--plot", help="Pareto plot to write after the sweep (.png, .pdf, .svg, ...).")] = None,
     retry_failed: RetryOpt = False,
+    processes: scale.ProcessesOpt = 1,
+    device_map: scale.DeviceMapOpt = None,
+    max_memory: scale.MaxMemoryOpt = None,
+    offload_folder: scale.OffloadOpt = None,
+    shard: scale.ShardOpt = None,
 ) -> None:
     """Evaluate a grid of pipelines into the results store (resumable), then print the Pareto table
     of what it swept.
@@ -240,8 +265,11 @@ def sweep_cmd(
             grid.seed = seed
         if plot_file is not None:
             check_plot_path(plot_file)
-        _run_grid(grid, results, batch_size, device, retry_failed=retry_failed)
-        _show_pareto(results, "flops", "table", plot_file, groups=grid_groups(grid))
+        how = scale.Scale(processes, device_map, max_memory, offload_folder)
+        for part in scale.shards(grid, shard):  # the whole grid, or one shard's grids (one per task)
+            _run_grid(part, results, batch_size, device, retry_failed=retry_failed, how=how)
+        if scale.is_main():
+            _show_pareto(results, "flops", "table", plot_file, groups=grid_groups(grid))
 
 
 @app.command("pareto")

@@ -263,6 +263,26 @@ class ResultStore:
             ).fetchall()
         return [dict(zip(("uid", "qtype", "prediction", "answer", "score"), r, strict=True)) for r in rows]
 
+    def records(self) -> Iterator[tuple[Key, str, str | None, dict[str, Any], list[dict[str, Any]]]]:
+        """Every stored row as :meth:`put` takes it: (key, status, error, metrics, answers), in store order
+        (what ``lmmsqueeze results merge`` copies)."""
+        with self._guard():
+            keys = [Key(*r) for r in self.db.execute(
+                "SELECT model, pipeline, adapter, task, limit_n, seed FROM runs ORDER BY id").fetchall()]
+        for key in keys:
+            found = self.record(key)
+            if found is not None:
+                yield (key, *found)
+
+    def record(self, key: Key) -> tuple[str, str | None, dict[str, Any], list[dict[str, Any]]] | None:
+        """The row with this key as :meth:`put` took it: (status, error, metrics, answers), or None."""
+        with self._guard():
+            found = self.db.execute("SELECT status, error, metrics FROM runs WHERE " + _KEY_WHERE,
+                                    _key_args(key)).fetchone()
+            if found is None:
+                return None
+            return found[0], found[1], json.loads(found[2]), self.answers(key)
+
     def rows(self, task: str | None = None, model: str | None = None) -> Iterator[dict[str, Any]]:
         """Every stored row as a flat dict (identity, status, error and metrics)."""
         clauses, args = [], []

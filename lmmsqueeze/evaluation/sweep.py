@@ -201,6 +201,8 @@ def run_sweep(
     remeasure: bool = False,
     retry_failed: bool = False,
     loaded: list[Any] | None = None,
+    evaluator: Callable[..., dict[str, Any]] | None = None,
+    load: Callable[[], tuple[Any, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every (item, task) of a grid that is not in the store yet; vanilla always included.
 
@@ -216,6 +218,8 @@ def run_sweep(
     ``start``, ``progress``, ``done``, ``skip`` (``info["status"]`` says what is stored), ``failed``.
     The model is loaded only when something has to run; ``loaded``, a list that holds (model, processor)
     once loaded, lets several calls share one load (`lmmsqueeze tune` evaluates rung after rung).
+    ``evaluator`` replaces :func:`~lmmsqueeze.evaluation.runner.evaluate` (same signature; data-parallel
+    ranks: :class:`lmmsqueeze.evaluation.distributed.Leader`), ``load()`` the model's loading.
     """
     canonical = check_sweep(grid)
     items = list(canonical)
@@ -238,14 +242,14 @@ def run_sweep(
                     emit("skip", {**info, "status": stored})
                     continue
                 if not loaded:
-                    loaded.extend(loading.load_model(grid.model, device=device))
+                    loaded.extend(load() if load else loading.load_model(grid.model, device=device))
                 model, processor = loaded
                 emit("start", {**info, "samples": limit})
                 metrics: dict[str, Any] = {}
                 answers: list[dict[str, Any]] = []
                 error = None
                 try:
-                    result = evaluate(
+                    result = (evaluator or evaluate)(
                         model, processor, pipeline, task, limit=limit, seed=grid.seed,
                         adapter=item.adapter, batch_size=batch_size,
                         on_progress=lambda done, total, info=info: emit(

@@ -11,7 +11,10 @@ chooses instead, by the first rule that applies:
 3. A tiny model (fewer than :data:`TINY_PARAMS` parameters, such as the bundled 2M one): 1 thread;
    per-op overheads dominate, one thread is as fast and immune to a busy core.
 4. Otherwise one thread per physical core not in use: the physical cores this process may run on
-   minus the cores other processes keep busy (:func:`lmmsqueeze.machine.cores_in_use`), at least 1.
+   minus the cores other processes keep busy (:func:`lmmsqueeze.machine.cores_in_use`), at least 1;
+   shared evenly by the ranks a launcher started on this machine (``LOCAL_WORLD_SIZE``, set by torchrun
+   and ``lmmsqueeze eval --processes N``; note torchrun and ``accelerate launch`` set
+   ``OMP_NUM_THREADS=1`` for every rank unless it is set, which rule 2 keeps).
 """
 
 from __future__ import annotations
@@ -68,8 +71,16 @@ def choose_threads(params: int, in_use: float | None = None, environ: Any = None
         return ThreadChoice(1, f"tiny model ({params / 1e6:.1f}M parameters)")
     cores = physical_cores(usable_cpus())
     busy = cores_in_use() if in_use is None else in_use
-    return ThreadChoice(max(1, min(cores, cores - round(busy))),
-                        f"{cores} physical cores, {busy:.1f} busy with other processes")
+    ranks = env_ranks(environ)
+    share = f", shared by {ranks} local ranks" if ranks > 1 else ""
+    return ThreadChoice(max(1, min(cores, cores - round(busy)) // ranks),
+                        f"{cores} physical cores, {busy:.1f} busy with other processes{share}")
+
+
+def env_ranks(environ: Any = None) -> int:
+    """The processes a launcher started on this machine (``LOCAL_WORLD_SIZE``; 1 without one)."""
+    text = str((os.environ if environ is None else environ).get("LOCAL_WORLD_SIZE", "1")).strip()
+    return int(text) if text.isdigit() and int(text) > 0 else 1
 
 
 def configure_threads(model: Any) -> ThreadChoice:
