@@ -215,7 +215,7 @@ class Objective:
                 raise Rejected("over budget", f"{100 * cost:.1f}% of the vanilla FLOPs > {100 * c.budget:g}%")
             if canonical == "none" and c.budget < 1:
                 raise Rejected("over budget", "the vanilla model costs 100%")
-            for other in evaluated(trial.study):
+            for other in [] if trial.user_attrs.get("finish") else evaluated(trial.study):
                 if (other.user_attrs["pipeline"], other.user_attrs["adapter"]) == (canonical, adapter or ""):
                     raise Rejected("duplicate", f"trial {other.number} ran it")
         except Rejected as why:
@@ -244,7 +244,7 @@ class Objective:
                     trial.set_user_attr("rejected", "over budget")
                     trial.set_user_attr("reason", f"measured latency {100 * ratio:.1f}% of vanilla's")
                     raise optuna.TrialPruned("over the latency budget")
-            if i + 1 < len(c.rungs):
+            if i + 1 < len(c.rungs) and not trial.user_attrs.get("finish"):
                 trial.report(row["accuracy"], c.reduction ** i)
                 if trial.should_prune():
                     trial.set_user_attr("stopped_at", limit)
@@ -259,8 +259,36 @@ class Rejected(Exception):
         self.kind, self.reason = kind, reason
 
 
+def requeue(study: optuna.Study) -> None:
+    """Ask again, once, for the candidates of trials that died mid-way (a killed worker's, failed when its
+    heartbeat went stale): their stored rungs are reused, so they go on where they stopped."""
+    done = set(study.user_attrs.get("requeued", []))
+    dead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            if "rungs" in t.user_attrs and t.number not in done]
+    for t in dead:
+        study.enqueue_trial(t.params, user_attrs={"resumes": t.number})
+    if dead:
+        study.set_user_attr("requeued", sorted(done | {t.number for t in dead}))
+
+
+def finish(study: optuna.Study, config: TuneConfig,
+           on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+    """When no candidate within the budget reached the last rung (the pruner stopped every one, or the
+    leader's worker was killed), run the furthest-reaching, most accurate one to the end."""
+    ran = evaluated(study)
+    if not ran or any(t.state == TrialState.COMPLETE for t in ran):
+        return
+    fits = [t for t in ran if "rejected" not in t.user_attrs and "failed" not in t.user_attrs]
+    if not fits:
+        return
+    best = max(fits, key=lambda t: (len(t.user_attrs["rungs"]), t.user_attrs["rungs"][-1][1]))
+    study.enqueue_trial(best.params, user_attrs={"finish": True, "resumes": best.number})
+    study.optimize(Objective(config, on_event), n_trials=1, catch=(), gc_after_trial=False)
+
+
 def _stopper(trials: int) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
     def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        requeue(study)
         done = len(evaluated(study))
         if done >= trials or len(study.get_trials(deepcopy=False)) >= trials * REJECT_FACTOR:
             study.stop()
@@ -275,6 +303,7 @@ def work(config: TuneConfig, on_event: Callable[[str, dict[str, Any]], None] | N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # trials of a killed worker (no heartbeat for 20 s)
+    requeue(study)
     study.optimize(Objective(config, on_event), callbacks=[_stopper(config.trials)], catch=(),
                    gc_after_trial=False)
 
@@ -296,6 +325,7 @@ def run_workers(config: TuneConfig, on_event: Callable[[str, dict[str, Any]], No
     finally:
         for p in others:
             p.join()
+    finish(open_study(config), config, on_event)
     failed = [p.exitcode for p in others if p.exitcode]
     if failed:
         raise LmmsqueezeError(f"{len(failed)} of {config.workers} tune workers failed (exit codes {failed}); "
