@@ -486,3 +486,71 @@ def test_tune_refuses_bad_arguments_and_spaces_in_one_line(case, tmp_path, store
     _one_line_error(runner.invoke(app, ["tune", "--results", str(store), "--trials", "2", *args]), phrase)
     assert store.read_bytes() == before
     assert not list(tmp_path.glob("*.tune.db"))
+
+
+#: scale-out arguments refused before anything loads or runs: name -> (arguments, a phrase of the one line)
+BAD_SCALE = {
+    "shard-zero": (["sweep", "-p", "pool", "--shard", "0/2"], "--shard '0/2' is not I/N with 1 <= I <= N"),
+    "shard-beyond": (["sweep", "-p", "pool", "--shard", "3/2"], "--shard '3/2' is not I/N"),
+    "shard-word": (["sweep", "-p", "pool", "--shard", "x"], "--shard 'x' is not I/N"),
+    "shard-of-zero": (["sweep", "-p", "pool", "--shard", "1/0"], "--shard '1/0' is not I/N"),
+    "processes-zero-eval": (["eval", "-p", "pool", "--processes", "0"], "--processes 0 must be an integer"),
+    "processes-zero-sweep": (["sweep", "-p", "pool", "--processes", "0"], "--processes 0 must be"),
+    "device-map-unknown": (["eval", "-p", "pool", "--device-map", "everywhere"], "is not one of auto"),
+    "max-memory-alone": (["eval", "-p", "pool", "--max-memory", "cpu=1GiB"], "go with --device-map"),
+    "max-memory-malformed": (["eval", "--device-map", "auto", "--max-memory", "cpu:1GiB"],
+                             "is not DEVICE=SIZE"),
+    "device-map-with-processes": (["eval", "--device-map", "auto", "--processes", "2"],
+                                  "runs in one process"),
+    "offload-folder-a-file": (["eval", "--device-map", "auto", "--offload-folder", "{store}"], "is a file"),
+    "lmms-task-with-processes": (["eval", "--task", "lmms:mme", "--processes", "2"], "own launcher"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SCALE))
+def test_scale_out_arguments_are_refused_in_one_line(case, tmp_path, store, monkeypatch):
+    from lmmsqueeze.evaluation import sweep
+    from lmmsqueeze.runtime import loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded or run although the input was refused")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+    monkeypatch.setattr(sweep, "evaluate", refuse)
+    args, phrase = BAD_SCALE[case]
+    before = store.read_bytes()
+    args = [a.replace("{store}", str(store)) for a in args]
+    _one_line_error(runner.invoke(app, [*args, "--results", str(store), "--limit", "2"]), phrase)
+    assert store.read_bytes() == before
+
+
+def _not_a_store(tmp: Path) -> str:
+    (tmp / "notes.db").write_text("not a database, just text\n" * 100)
+    return str(tmp / "notes.db")
+
+
+def _damaged_store(tmp: Path, stored: Path) -> str:
+    data = bytearray(stored.read_bytes())
+    data[4096:8192] = b"\xff" * 4096  # a damaged page
+    (tmp / "damaged.db").write_bytes(bytes(data))
+    return str(tmp / "damaged.db")
+
+
+#: `results merge` inputs refused before the output is written: name -> (make(tmp, store) -> a source,
+#: a phrase of the one line)
+BAD_MERGE = {
+    "missing": (lambda tmp, store: str(tmp / "nope.db"), "does not exist"),
+    "folder": (lambda tmp, store: str(tmp), "is a folder"),
+    "not-a-store": (lambda tmp, store: _not_a_store(tmp), "is not a lmmsqueeze results file"),
+    "damaged": (_damaged_store, ("cannot be used", "is not a lmmsqueeze results file")),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MERGE))
+def test_results_merge_refuses_missing_or_damaged_inputs_in_one_line(case, tmp_path, store):
+    make, phrase = BAD_MERGE[case]
+    bad = make(tmp_path, store)
+    out = tmp_path / "out" / "merged.db"
+    out.parent.mkdir()
+    _one_line_error(runner.invoke(app, ["results", "merge", str(store), bad, "-o", str(out)]), phrase)
+    assert not out.exists()  # every source is checked before anything is written
