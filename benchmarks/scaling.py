@@ -43,7 +43,7 @@ import torch
 import lmmsqueeze
 from lmmsqueeze.machine import LoadMeter
 from lmmsqueeze.runtime.loading import build_prompt, model_inputs
-from lmmsqueeze.runtime.measure import PeakTensorMemory, peak_prefill_memory, peak_prefill_rss
+from lmmsqueeze.runtime.measure import peak_memory_bytes, peak_prefill_memory, peak_prefill_rss
 from lmmsqueeze.runtime.run import prepare
 from lmmsqueeze.runtime.scaling import scaling
 
@@ -63,14 +63,19 @@ QUESTION = " ".join(["describe the colour of the cell at row one column two ."] 
 PATCH = 14
 
 
+#: where and how the model runs: ``--device cuda --dtype bfloat16 --attn flash_attention_2`` on a GPU
+TARGET = {"device": "cpu", "dtype": "float32", "attn": "sdpa"}
+
+
 def model_for(tokens: int):
     """The benchmark model whose square image grid has ``tokens`` tokens, its processor and an image."""
     side = math.isqrt(tokens)
     if side * side != tokens:
         raise SystemExit(f"--tokens {tokens} is not a square grid; give e.g. 144, 576, 1156, 2916")
-    model, processor = tiny_llava(attn="sdpa", image_size=side * PATCH, patch_size=PATCH, hidden=1024,
+    model, processor = tiny_llava(attn=TARGET["attn"], image_size=side * PATCH, patch_size=PATCH, hidden=1024,
                                   layers=8, heads=16, kv_heads=16, ffn=2816, vision_hidden=128,
                                   vision_layers=2)
+    model = model.to(TARGET["device"], getattr(torch, TARGET["dtype"]))
     return model, processor, random_image(0, side * PATCH)
 
 
@@ -97,7 +102,7 @@ def memory(tokens: int, pipelines: list[str], runs: int) -> list[dict]:
     prepared = [prepare(model, p) for p in ["none", *pipelines]]
     with torch.no_grad():
         model(**inputs, logits_to_keep=1, use_cache=True)  # warm-up: lazy buffers and one-time allocations
-    rss = peak_prefill_rss(prepared, inputs, runs)
+    rss = peak_prefill_rss(prepared, inputs, runs) if TARGET["device"] == "cpu" else [None] * len(prepared)
     return [{"pipeline": p.plan.canonical, "peak_memory_mb": peak_prefill_memory(p, inputs) / 2**20,
              "peak_rss_mb": None if r is None else r / 2**20} for p, r in zip(prepared, rss, strict=True)]
 
@@ -116,8 +121,15 @@ def peer(tokens: int, runs: int) -> dict:
     inputs = _inputs(model, processor, image)
     lm = model.model.language_model
     marks = {}
-    pre = lm.register_forward_pre_hook(lambda m, a: marks.__setitem__("start", time.perf_counter()))
-    post = lm.register_forward_hook(lambda m, a, o: marks.__setitem__("end", time.perf_counter()))
+    device = next(model.parameters()).device
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    pre = lm.register_forward_pre_hook(lambda m, a: marks.__setitem__("start", now()))
+    post = lm.register_forward_hook(lambda m, a, o: marks.__setitem__("end", now()))
     ours_ms, theirs_ms = [], []
     prepared = prepare(model, "fastv(layer=2, keep=0.5)")
 
@@ -134,17 +146,14 @@ def peer(tokens: int, runs: int) -> dict:
                     ours()
                     elapsed = marks["end"] - marks["start"]
                 else:
-                    start = time.perf_counter()
+                    start = now()
                     _, kept = fastv_reference(model, inputs, 2, 0.5, embeds=embeds)
-                    elapsed = time.perf_counter() - start
+                    elapsed = now() - start
                 if r:
                     (ours_ms if who == "ours" else theirs_ms).append(1000 * elapsed)
         run = ours()
         same = torch.equal(torch.sort(run.trace[0][0]).values, kept)
-        mode = PeakTensorMemory()
-        with mode:
-            fastv_reference(model, inputs, 2, 0.5, embeds=embeds)
-        theirs_peak = mode.peak
+        theirs_peak = peak_memory_bytes(lambda: fastv_reference(model, inputs, 2, 0.5, embeds=embeds), device)
         ours_peak = peak_prefill_memory(prepared, dict(inputs))
     pre.remove()
     post.remove()
@@ -170,23 +179,30 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--pipelines", nargs="*", default=PIPELINES)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scaling-cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    TARGET.update(device=args.device, attn=args.attn, dtype=args.dtype or ("bfloat16" if cuda else "float32"))
     if args.memory_child is not None:
         print(json.dumps(memory(args.memory_child, args.pipelines, args.runs)))
         return
     sizes = [int(t) for t in args.tokens.split(",") if t]
     cpu = platform.processor() or platform.machine()
-    machine = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = (f"{torch.cuda.get_device_name(args.device)}, {TARGET['dtype']}, {args.attn}" if cuda
+               else f"{cpu}, {torch.get_num_threads()} threads") + f", torch {torch.__version__}"
     result = {"machine": machine, "runs": args.runs, "command": " ".join(sys.argv), "sizes": [], "peer": []}
     print(f"| image tokens | pipeline | decoder ms | measured | analytic | realized (min-max) | overhead | "
           f"tensor peak MB | RSS peak MB |  ({machine})")
     print("|---|---|---|---|---|---|---|---|---|")
     for size in scaling(model_for, sizes, args.pipelines, QUESTION, runs=args.runs, warmup=args.warmup,
                         rss_runs=0):
-        mem = memory_in_child(size["image_tokens"], args.pipelines, args.runs, args.threads)
+        mem = (memory(size["image_tokens"], args.pipelines, 1) if cuda  # CUDA: the allocator's peak, no RSS
+               else memory_in_child(size["image_tokens"], args.pipelines, args.runs, args.threads))
         base = size["rows"][0]
         for row, m in zip(size["rows"], mem, strict=True):
             row.update(peak_memory_mb=m["peak_memory_mb"], peak_rss_mb=m["peak_rss_mb"],
@@ -198,7 +214,7 @@ def main() -> None:
             busy = " !" if size["machine"]["busy"] else ""
             print(f"| {size['image_tokens']}{busy} | `{row['pipeline']}` | {row['decoder_ms']:.0f} | "
                   f"{100 * row['measured_saving']:.1f}% | {100 * row['analytic_saving']:.1f}% | {spread} | "
-                  f"{overhead} | {row['peak_memory_mb']:.1f} | {row['peak_rss_mb']:.1f} |", flush=True)
+                  f"{overhead} | {row['peak_memory_mb']:.1f} | {row['peak_rss_mb'] or 0:.1f} |", flush=True)
         result["sizes"].append(size)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
