@@ -120,6 +120,10 @@ def close() -> None:
         dist.destroy_process_group()
 
 
+class RanksLost(BaseException):  # not an Exception: run_sweep must not store it as a failed row
+    """A collective failed (a rank died or hung): no row of this run can be trusted, none is written."""
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
@@ -190,8 +194,6 @@ class Leader:
     def evaluate(self, model: Any, processor: Any, pipeline: Any, task: Any, limit: int | None = None,
                  seed: int = 0, adapter: Any = None, batch_size: int = 1,
                  on_progress: Callable[[int, int], None] | None = None, **_: Any) -> dict[str, Any]:
-        if self.broken:
-            raise LmmsqueezeError(f"the ranks cannot run any more ({self.broken}); run the command again")
         self.runs += 1
         n = task.size if limit is None else min(limit, task.size)
         command = {"pipeline": str(pipeline), "task": task.name, "limit": n, "seed": seed,
@@ -206,7 +208,8 @@ class Leader:
             dist.gather_object((sent, error), gathered, dst=0)
         except Exception as exc:  # a rank died or hung: the group cannot be trusted any more
             self.broken = _one_line(exc)
-            raise LmmsqueezeError(f"the ranks stopped answering ({self.broken})") from None
+            raise RanksLost(f"the ranks stopped answering ({self.broken[:300]}); no row of this run was "
+                            "stored: run the command again (stored rows are skipped)") from None
         errors = [(r, e) for r, (_, e) in enumerate(gathered) if e]
         if errors:
             rank, first = errors[0]
@@ -264,4 +267,8 @@ def run_sweep_ranks(grid: Any, store_path: str | Path, batch_size: int = 1, devi
         follow(here, load)
         return []
     with Leader(here) as leader:
-        return run_sweep(grid, store_path, on_event=on_event, load=load, evaluator=leader.evaluate, **kwargs)
+        try:
+            return run_sweep(grid, store_path, on_event=on_event, load=load, evaluator=leader.evaluate,
+                             **kwargs)
+        except RanksLost as exc:
+            raise LmmsqueezeError(str(exc)) from None
