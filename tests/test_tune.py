@@ -215,3 +215,30 @@ def test_a_space_file_narrows_the_search(tmp_path):
     assert "metric" not in config.space.option("tome@vision").ranges
     per_stage = 5 * 2 + 5 + 5 * 4  # fastv keep x layer; tome keep (vision); tome keep x layer 0..3 (llm)
     assert config.space.grid_size() == 1 + per_stage + per_stage ** 2
+
+
+def test_warm_start_draws_the_default_grid_pipelines_token_for_token(tmp_path):
+    """Every default grid pipeline is expressed as trial parameters that draw the same plan."""
+    import optuna
+
+    from lmmsqueeze.evaluation.sweep import default_items
+    from lmmsqueeze.tuning.study import suggest
+    from lmmsqueeze.tuning.warm import params_for
+
+    config = make_config(budget=0.25, results=tmp_path / "r.db")
+    study = optuna.create_study(direction="maximize")
+    items = default_items("bundled")
+    for item in items:
+        params = params_for(item.pipeline, item.adapter, config.space, GEOMETRY)
+        assert params is not None, item.label
+        study.enqueue_trial(params)
+        trial = study.ask()
+        pipeline, adapter = suggest(trial, config.space)
+        study.tell(trial, 0.0)
+        assert adapter == item.adapter
+        assert (compile_pipeline(pipeline, GEOMETRY).tokens_per_layer()
+                == compile_pipeline(item.pipeline, GEOMETRY).tokens_per_layer()), item.label
+    narrow = make_config(budget=0.25, results=tmp_path / "r.db",
+                         space={"reducers": ["fastv"], "adapters": []})
+    assert [i.pipeline for i in items if params_for(i.pipeline, i.adapter, narrow.space, GEOMETRY)] == [
+        "fastv(keep=0.25)", "fastv(keep=0.5)", "fastv(keep=0.75)"]

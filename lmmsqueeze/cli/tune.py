@@ -47,6 +47,8 @@ def tune_cmd(
         help="Optuna storage URL (default: sqlite beside --results); an RDB URL shares a study across "
              "machines.")
     ] = None,
+    warm: Annotated[bool, typer.Option(
+        "--warm-start/--cold-start", help="Try the default sweep grid's pipelines first.")] = True,
     grid_samples: Annotated[int, typer.Option(
         min=1, help="Grid points drawn to estimate how many of the grid's candidates would run.")] = 1000,
     plot_file: Annotated[Path | None, typer.Option(
@@ -69,7 +71,7 @@ def tune_cmd(
                                   "'lmmsqueeze[tune]'") from None
         config = make_config(model=model, task=task, budget=budget, metric=metric, trials=trials, space=space,
                              workers=workers, seed=seed, results=results, storage=storage, rungs=rung_list,
-                             device=device, limit=limit)
+                             device=device, limit=limit, warm=warm)
         if plot_file is not None:
             check_plot_path(plot_file)
         pick_device(device)

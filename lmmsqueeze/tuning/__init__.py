@@ -27,7 +27,7 @@ def make_config(model: str = "bundled", task: str = "bundled", budget: float = 0
                 trials: int = 40, space: str | Path | dict[str, Any] | Space | None = None, workers: int = 1,
                 seed: int = 0, results: str | Path = "lmmsqueeze-results.db", storage: str | None = None,
                 rungs: tuple[int, ...] | list[int] = DEFAULT_RUNGS, device: str | None = None,
-                limit: int | None = None) -> TuneConfig:
+                limit: int | None = None, warm: bool = True) -> TuneConfig:
     """A checked :class:`TuneConfig`: the arguments first, then the task, the model's geometry and the
     space (a space file, its data as a dict, a :class:`Space`, or None for the default space); every
     problem is one :class:`~lmmsqueeze.errors.LmmsqueezeError` before anything is loaded or run."""
@@ -42,7 +42,7 @@ def make_config(model: str = "bundled", task: str = "bundled", budget: float = 0
         space = build_space(space, model, geometry)
     return TuneConfig(space=space, model=model, task=task, budget=budget, metric=metric, trials=trials,
                       seed=seed, results=Path(results), storage=storage, rungs=tuple(rungs), device=device,
-                      workers=workers, limit=limit)
+                      workers=workers, limit=limit, warm=warm)
 
 
 def _stored(config: TuneConfig) -> set[tuple[str, str, int]]:

@@ -34,6 +34,7 @@ from ..models import geometry_from_path
 from ..proxyv.attach import pipeline_for
 from ..runtime import loading
 from .space import Space, assemble
+from .warm import warm_start
 
 METRICS = ("flops", "latency")
 DEFAULT_RUNGS = (50, 150, 450)
@@ -63,6 +64,7 @@ class TuneConfig:
     device: str | None = None
     workers: int = 1
     limit: int | None = None
+    warm: bool = True
     full: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
@@ -85,7 +87,7 @@ class TuneConfig:
     def study_name(self) -> str:
         rungs = ",".join(map(str, self.rungs))  # the last is the full split (or --limit)
         return (f"tune/{self.model}/{self.task}/{self.metric}<={self.budget:g}/space-{self.space.digest()}/"
-                f"seed-{self.seed}/rungs-{rungs}/eta-{self.reduction}")
+                f"seed-{self.seed}/rungs-{rungs}/eta-{self.reduction}" + ("" if self.warm else "/cold"))
 
 
 def check_args(budget: Any, metric: Any, trials: Any, workers: Any = 1, seed: Any = 0,
@@ -314,7 +316,9 @@ def _spawned(config: TuneConfig) -> None:
 
 def run_workers(config: TuneConfig, on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
     """``config.workers`` processes on one study: this one and ``workers - 1`` spawned ones."""
-    open_study(config)  # create it once, before several processes race to
+    study = open_study(config)  # create it once, before several processes race to
+    if config.warm:
+        warm_start(study, config.model, config.space, geometry_from_path(loading.model_dir(config.model)))
     context = multiprocessing.get_context("spawn")
     others = [context.Process(target=_spawned, args=(config,), daemon=True)
               for _ in range(config.workers - 1)]
