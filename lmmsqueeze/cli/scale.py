@@ -127,9 +127,10 @@ def merge_cmd(
     for key, source, fields in report.conflicts:
         err_console.print(Text(f"conflict: {key.pipeline} ({key.task}, {key.limit} samples, seed {key.seed}"
                                f"{', ' + key.adapter if key.adapter else ''}) in {source} differs in "
-                               f"{', '.join(fields)}; the row in {output} is kept"), highlight=False)
+                               f"{', '.join(fields)}; the row in {output} is kept"), highlight=False,
+                          soft_wrap=True)
     console.print(Text(f"{output}: {report.added} added, {report.replaced} failed rows replaced by ok ones, "
                        f"{report.same} already there, {report.kept} failed rows not copied, "
-                       f"{len(report.conflicts)} conflicts"), highlight=False)
+                       f"{len(report.conflicts)} conflicts"), highlight=False, soft_wrap=True)
     if report.conflicts:
         raise typer.Exit(1)
