@@ -100,6 +100,14 @@ def _make_classes() -> tuple[type, type]:
             super().__init__()
             if device and str(device).startswith("cuda") and not torch.cuda.is_available():
                 device = None  # lmms-eval defaults to cuda; fall back to what this machine has
+            if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # accelerate launch -m lmms_eval
+                from accelerate import Accelerator  # lmms-eval's own dependency, as its models use it
+
+                # lmms-eval gives each rank its share of the documents and gathers through `accelerator`
+                self.accelerator = Accelerator()
+                self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+                if self.accelerator.device.type == "cuda":
+                    device = str(self.accelerator.device)  # one GPU per rank
             self.engine = _Engine(pretrained, pipeline, adapter, device or None)
             self.batch_size_per_gpu = int(batch_size)
 
