@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from lmmsqueeze.cli import app
@@ -125,3 +126,33 @@ def test_a_rank_killed_leaves_no_partial_row_and_a_rerun_completes_it(tmp_path):
     assert runner.invoke(app, ["sweep", "-p", "fastv(layer=2, keep=0.5)", "--limit", "4", "--results",
                                str(single), "--device", "cpu"]).exit_code == 0
     assert stored(store) == stored(single)
+
+
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2,
+                              reason="needs 2 CUDA devices (.ci/gpu runs it on a machine with two)")
+
+
+@TWO_GPUS
+@pytest.mark.parametrize("launcher", ["processes", "accelerate"])
+def test_two_gpus_store_the_rows_of_one_gpu_answer_by_answer(tmp_path, launcher):
+    import subprocess
+    import sys
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID.replace("limit: 5", "limit: 16"))
+    sweep = ["sweep", "--grid", str(grid), "--device", "cuda"]
+    result = runner.invoke(app, [*sweep, "--results", str(tmp_path / "one.db")])
+    assert result.exit_code == 0, result.output
+    two = tmp_path / "two.db"
+    if launcher == "processes":
+        result = runner.invoke(app, [*sweep, "--results", str(two), "--processes", "2"])
+        assert result.exit_code == 0, result.output
+    else:
+        accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                      "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        done = subprocess.run([*accelerate, "-m", "lmmsqueeze", *sweep, "--results", str(two)],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert stored(two) == stored(tmp_path / "one.db")
+    with ResultStore(two, readonly=True) as store:
+        assert {row["processes"] for row in store.rows()} == {2}

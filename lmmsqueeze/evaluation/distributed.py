@@ -104,11 +104,13 @@ def rank_device(device: str | None, here: World) -> str | None:
 
 
 def init(here: World, device: str | None) -> None:
-    """Join the process group (once): nccl when this rank runs on CUDA, else gloo."""
+    """Join the process group (once): nccl when this rank runs on a CUDA device of its own, else gloo (CPU,
+    or more local ranks than GPUs: nccl refuses two ranks on one GPU; the collectives carry objects)."""
     if dist.is_initialized():
         return
     dev = pick_device(device)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
+    local = _env_int(os.environ, "LOCAL_WORLD_SIZE", here.size)
+    backend = "nccl" if dev.type == "cuda" and local <= torch.cuda.device_count() else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     dist.init_process_group(backend, rank=here.rank, world_size=here.size,
