@@ -24,8 +24,12 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def decoder_heads(attn: nn.Module, which: str, x: Tensor) -> Tensor:
     """``[B, H, N, head_dim]``: a decoder attention's ``q``, ``k`` or ``v`` heads of ``x`` (``[B, N, D]``),
     before RoPE, each head normalised when the layer normalises it (Qwen3's ``q_norm``/``k_norm``)."""
-    b, n, _ = x.shape
-    proj = getattr(attn, f"{which}_proj")(x)
+    return projected_heads(attn, which, getattr(attn, f"{which}_proj")(x))
+
+
+def projected_heads(attn: nn.Module, which: str, proj: Tensor) -> Tensor:
+    """:func:`decoder_heads` from the projection's output ``[B, N, H * head_dim]``."""
+    b, n, _ = proj.shape
     heads = proj.view(b, n, proj.shape[-1] // attn.head_dim, attn.head_dim)  # n may be 0 (no proxies)
     norm = getattr(attn, f"{which}_norm", None) if which in ("q", "k") else None
     if norm is not None:

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 import lmmsqueeze
 from lmmsqueeze.cli import app
 from lmmsqueeze.runtime.hooks import HookSet, HookTimer
+from lmmsqueeze.runtime.llm_signals import ReusedProjection
 from lmmsqueeze.runtime.loading import build_prompt, load_model, model_inputs
 from lmmsqueeze.runtime.measure import peak_rss_bytes
 from lmmsqueeze.testing import random_image, tiny_inputs, tiny_qwen2_vl
@@ -126,3 +127,31 @@ def test_bench_tokens_refuses_a_model_whose_tokens_follow_the_image(tmp_path):
     result = runner.invoke(app, ["bench", "-m", str(tmp_path), "-p", "pool", "--tokens", "16"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "fixed-resolution LLaVA" in result.stderr and "larger --image" in result.stderr
+
+
+def test_pruning_stage_hands_layer_k_the_keys_it_projected_to_score(tiny_sdpa, monkeypatch):
+    """pdrop scores with layer K's own keys over its whole input; layer K then takes the kept rows instead of
+    projecting them again: the same logits as projecting anew, one projection fewer."""
+    model, processor = tiny_sdpa
+    inputs = tiny_inputs(processor, 2)
+    pipeline = "pdrop(layer=1, step=1, stages=2, keep=0.5)"
+    k_proj = model.model.language_model.layers[1].self_attn.k_proj
+    projected = []  # rows of every real projection (a reused call returns without projecting)
+
+    def counting(x, project=k_proj.forward):
+        projected.append(x.shape[1])
+        return project(x)
+
+    monkeypatch.setattr(k_proj, "forward", counting)
+    with torch.no_grad():
+        with lmmsqueeze.apply(model, pipeline):
+            reused = model(**inputs).logits
+        with_reuse = list(projected)
+        monkeypatch.setattr(ReusedProjection, "__call__", lambda self, x: self.forward(x))
+        with lmmsqueeze.apply(model, pipeline):
+            anew = model(**inputs).logits
+    torch.testing.assert_close(reused, anew, rtol=1e-5, atol=1e-5)
+    length = inputs["input_ids"].shape[1]
+    # reused: the stage's projection of the whole input only; anew: that, then layer K's of the kept rows
+    assert with_reuse == [length]
+    assert projected[1] == length and len(projected) == 3 and projected[2] < length

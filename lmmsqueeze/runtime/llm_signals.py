@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attention import apply_rope, decoder_heads, last_query_attention, rows_attention
+from ..attention import apply_rope, decoder_heads, last_query_attention, projected_heads, rows_attention
 from ..reducers.base import Signals
 
 
@@ -66,15 +66,36 @@ def previous_layer_signals(attn: nn.Module, hidden: Tensor, rope: tuple[Tensor, 
 def input_signals(layer: nn.Module, final_norm: nn.Module | None, hidden: Tensor, rope: tuple[Tensor, Tensor],
                   padding: Tensor, needs: frozenset[str]) -> dict[str, Any]:
     """Read from the input of layer K itself: ``input_text_attention`` (layer K's own input norm, q/k
-    projections and RoPE) and the input through the decoder's final norm (``normed``)."""
+    projections and RoPE; the key projection is kept as ``k_proj`` ``[B, L, d_kv]``, so that layer K can
+    take its kept rows instead of projecting them again) and the input through the decoder's final norm
+    (``normed``)."""
     out: dict[str, Any] = {}
     if "input_text_attention" in needs:
         pad = None if bool(padding.all()) else padding
-        out["input_text_attention"] = last_query_attention(layer.self_attn, layer.input_layernorm(hidden),
-                                                           rope, pad)
+        attn, normed = layer.self_attn, layer.input_layernorm(hidden)
+        out["k_proj"] = attn.k_proj(normed)
+        keys = apply_rope(projected_heads(attn, "k", out["k_proj"]), *rope)
+        out["input_text_attention"] = last_query_attention(attn, normed, rope, pad, keys)
     if needs & {"normed_hidden", "text_normed_hidden"}:
         out["normed"] = final_norm(hidden)
     return out
+
+
+class ReusedProjection:
+    """Stands in for a layer's ``k_proj.forward`` (installed by the run's HookSet): an ``llm`` stage that
+    projected the keys of layer K's whole input to score it hands over the rows it kept, and layer K's
+    next call with that many rows returns them instead of projecting again (rows of a row-wise
+    projection of the same normed input: the same values). Any other call projects as usual."""
+
+    def __init__(self, forward: Any):
+        self.forward = forward
+        self.pending: Tensor | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        rows, self.pending = self.pending, None
+        if rows is not None and rows.shape[:-1] == x.shape[:-1]:
+            return rows
+        return self.forward(x)
 
 
 def text_relevance(image: Tensor, text: Tensor) -> Tensor:

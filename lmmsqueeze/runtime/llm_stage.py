@@ -10,6 +10,7 @@ policy (:mod:`.positions`); the segment's cos/sin are computed from them once.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -36,9 +37,10 @@ def segment_rope(family: Any, hidden: Tensor, seg: Segment) -> tuple[Tensor, Ten
 
 
 def run_llm_stage(run: Any, stage: PlannedStage, hidden: Tensor, layer: nn.Module,
-                  rope: tuple[Tensor, Tensor], prev: Segment | None) -> tuple[Segment, Tensor]:
-    """Run ``stage`` on every sample at layer ``stage.layer``; returns the new segment and the rows of
-    the shorter sequence (``[B, n, D]``)."""
+                  rope: tuple[Tensor, Tensor], prev: Segment | None) -> tuple[Segment, Tensor, Tensor | None]:
+    """Run ``stage`` on every sample at layer ``stage.layer``; returns the new segment, the rows of the
+    shorter sequence (``[B, n, D]``) and, when scoring projected layer K's keys and the stage kept its
+    rows unchanged (pruning), the key projection of those rows (``[B, n, d_kv]``) for layer K to reuse."""
     p = run.prefill
     batch, length, _ = hidden.shape
     device = hidden.device
@@ -47,8 +49,12 @@ def run_llm_stage(run: Any, stage: PlannedStage, hidden: Tensor, layer: nn.Modul
     needs = stage.reducer.needs | (stage.reducer.optional & run.plan.geometry.signals)
     measured = dict(p.llm_signals.get(stage.layer, {}))
     rope = tuple(t.expand(batch, -1, -1) for t in rope)
-    measured.update(input_signals(layer, run.family.final_norm, hidden, rope, padding, needs))
+    start = time.perf_counter()
+    with run.model_work():  # what layer K reuses of it is the layer's work; the rest is charged below
+        measured.update(input_signals(layer, run.family.final_norm, hidden, rope, padding, needs))
+    reading = time.perf_counter() - start
     columns = torch.cumsum(padding.long(), 1) - 1  # each column's place in its sample's own sequence
+    projected = measured.pop("k_proj", None)  # layer K's keys, projected for scoring
     keeps, sources, owners, fills = [], [], [], []
     for b, sample in enumerate(p.samples):
         if not sample.slots.numel():
@@ -72,6 +78,8 @@ def run_llm_stage(run: Any, stage: PlannedStage, hidden: Tensor, layer: nn.Modul
             raise ModelError(f"{stage.name}: inside the LLM every output token needs a representative "
                              "among its input tokens")
         rep_cols = sample.slots[src]  # in the reducer's order
+        if projected is not None and not torch.equal(new.hidden, hidden[b, rep_cols]):
+            projected = None  # the stage changed rows: their keys must be projected anew
         image_cols = torch.sort(rep_cols).values  # the columns the image tokens take, filled in that order
         is_text = torch.ones(length, dtype=torch.bool, device=device)
         is_text[sample.slots] = False
@@ -125,7 +133,11 @@ def run_llm_stage(run: Any, stage: PlannedStage, hidden: Tensor, layer: nn.Modul
     seg = Segment(stage, keep, source, new_ids, delta, None if bool(local_alive.all()) else local_alive)
     seg.position_ids = (new_ids[0] if ids.shape[0] == 1
                         else (None if pos is None else pos.gather(1, local_keep)))
-    return seg, torch.stack(rows)
+    if projected is not None:
+        projected = projected.gather(1, local_keep[..., None].expand(-1, -1, projected.shape[-1]))
+        reading *= 1.0 - local_keep.shape[1] / length
+    run.charge(reading)
+    return seg, torch.stack(rows), projected
 
 
 def _relocate(at: Tensor, order: Tensor) -> Tensor:

@@ -67,6 +67,11 @@ class PipelineRun:
         """Around model computation a hook runs on the model's behalf: not the pipeline's overhead."""
         return self.timer.model_work() if self.timer is not None else contextlib.nullcontext()
 
+    def charge(self, seconds: float) -> None:
+        """Count ``seconds`` of work done inside :meth:`model_work` as the pipeline's overhead after all."""
+        if self.timer is not None:
+            self.timer.seconds += seconds
+
     @property
     def trace(self) -> list[list[Tensor]]:
         """``trace[stage][sample]``: after a prefill, the original indices (``0..N-1`` over the sample's

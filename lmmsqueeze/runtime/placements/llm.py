@@ -21,7 +21,7 @@ from ...compose.plan import PlannedStage, reduced_after_kept
 from ...errors import PipelineError
 from ...reducers.base import LLM_SIGNALS, VISION_SIGNALS, Reducer
 from ..hooks import HookSet
-from ..llm_signals import cached_keys, previous_layer_signals, text_relevance
+from ..llm_signals import ReusedProjection, cached_keys, previous_layer_signals, text_relevance
 from ..llm_stage import run_llm_stage, segment_rope, text_columns
 from ..masks import mask_filler, slice_key_columns, slice_square_mask
 from ..positions import shift_rope
@@ -29,6 +29,8 @@ from ..records import Segment
 
 #: signals a stage reads from the decoder layer before it
 PROBED = frozenset({"text_attention", "text_image_attention", "llm_keys", "text_keys"})
+#: the signal that projects layer K's keys before layer K runs (a pruning stage hands the kept rows on)
+REUSES_KEYS = "input_text_attention"
 
 
 class LlmPlacement(Placement):
@@ -67,6 +69,10 @@ class LlmPlacement(Placement):
         """The stage's probes at layer K-1 and its reducer's work, counted at layer K."""
         n_at_probe = ctx.text_tokens + ctx.tokens_per_layer[stage.layer - 1] if stage.layer > 0 else 0
         macs = probe_macs(g, stage.reducer.needs, n_at_probe, ctx.text_after_image)
+        if REUSES_KEYS in stage.reducer.needs and stage.reducer.family == "pruning":
+            # layer K reuses the keys the probe projected for the rows a pruning stage keeps
+            kept = ctx.text_tokens + ctx.tokens_per_layer[stage.layer]
+            macs -= kept * g.hidden_size * g.num_kv_heads * g.head_dim
         macs += super().overhead(stage, g, ctx)[None]
         return {stage.layer: macs}
 
@@ -80,6 +86,7 @@ class LlmHooks:
     def __init__(self, run: Any, stages: list[PlannedStage]):
         self.run = run
         self.stages = stages
+        self.reused: dict[int, ReusedProjection] = {}  # layer K -> its k_proj stand-in
 
     def install(self, hooks: HookSet) -> None:
         layers = self.run.family.layers
@@ -90,6 +97,11 @@ class LlmHooks:
         for i in range(self.stages[0].layer, len(layers)):
             hooks.pre(layers[i], self._make_layer_hook(i))
         for stage in self.stages:
+            if REUSES_KEYS in stage.reducer.needs and stage.reducer.family == "pruning":
+                # layer K takes the keys the stage projected to score it
+                proj = layers[stage.layer].self_attn.k_proj
+                self.reused[stage.layer] = ReusedProjection(proj.forward)
+                hooks.patch(proj, "forward", self.reused[stage.layer])
             needs = stage.reducer.needs & PROBED
             if needs:
                 hooks.post(layers[stage.layer - 1].self_attn, self._make_llm_probe(stage, frozenset(needs)))
@@ -168,7 +180,9 @@ class LlmHooks:
             pos = torch.arange(hidden.shape[1], device=hidden.device)[None] if pos is None else pos
             p.ids = p.mrope if p.mrope is not None else pos.expand(hidden.shape[0], -1)[None]
         rope = prev.position_embeddings if prev is not None else kwargs["position_embeddings"]
-        seg, rows = run_llm_stage(self.run, stage, hidden, layer, rope, prev)
+        seg, rows, keys = run_llm_stage(self.run, stage, hidden, layer, rope, prev)
+        if keys is not None and stage.layer in self.reused:
+            self.reused[stage.layer].pending = keys
         p.segments.append(seg)
         count = int(p.samples[0].slots.numel())
         for i in range(stage.layer, len(self.run.image_tokens_per_layer)):
