@@ -242,3 +242,17 @@ def test_warm_start_draws_the_default_grid_pipelines_token_for_token(tmp_path):
                          space={"reducers": ["fastv"], "adapters": []})
     assert [i.pipeline for i in items if params_for(i.pipeline, i.adapter, narrow.space, GEOMETRY)] == [
         "fastv(keep=0.25)", "fastv(keep=0.5)", "fastv(keep=0.75)"]
+
+
+def test_candidates_that_keep_the_same_tokens_are_one_candidate():
+    from lmmsqueeze.tuning.study import effect
+
+    def of(p, adapter=None):
+        return effect(compile_pipeline(p, GEOMETRY), adapter)
+
+    # 0.1204 x 144 = 17.3 and 0.1208 x 144 = 17.4: both keep 17 tokens, as keep=17 does
+    assert of("fastv(keep=0.1204)") == of("fastv(keep=0.1208)") == of("fastv(keep=17)")
+    assert of("fastv(keep=0.1204)") != of("fastv(keep=0.2)") != of("fastv(keep=0.2, layer=3)")
+    assert of("visionzip(dominant=0.1875, contextual=0.0347)") == of("visionzip(dominant=27, contextual=5)")
+    spatial = "proxyv(factor=3, layer=1)"
+    assert of(spatial, "bundled:proxyv-spatial") != of(spatial, "elsewhere")

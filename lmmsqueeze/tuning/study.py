@@ -156,6 +156,18 @@ def suggest(trial: optuna.Trial, space: Space) -> tuple[str, str | None]:
     return assemble(stages, adapter), adapter
 
 
+def effect(plan: Any, adapter: str | None) -> str:
+    """What a candidate does, at token resolution: its stages, placements, layers and token counts, with
+    every fraction as the token count it resolves to, so that ``keep=0.1204`` and ``keep=0.1208`` (both
+    17 of 144 tokens) are one candidate, tried once."""
+    parts = []
+    for s in plan.stages:
+        params = sorted((k, round(v * s.tokens_in) if isinstance(v, float) else v)
+                        for k, v in s.spec.params.items())
+        parts.append(f"{s.name}@{s.placement}:{s.layer}:{s.tokens_in}->{s.tokens_out}:{params}")
+    return " | ".join(parts) + f" [{adapter or ''}]"
+
+
 def text_tokens(geometry: ModelGeometry, vanilla_flops: float) -> int:
     """The prompt length (text tokens) at which the analytic model gives the vanilla row's FLOPs: the
     mean the runner priced the task at, so candidates are priced as their rows will be."""
@@ -192,8 +204,9 @@ class Objective:
             raise LmmsqueezeError(f"no row was stored for {pipeline!r} at {limit} samples")
         return found
 
-    def price(self, pipeline: str, adapter: str | None) -> tuple[str, float]:
-        """The canonical pipeline and its analytic cost relative to vanilla, or a rejection."""
+    def price(self, pipeline: str, adapter: str | None) -> tuple[str, float, str]:
+        """The canonical pipeline, its analytic cost relative to vanilla and its :func:`effect`, or a
+        rejection."""
         try:
             pipeline_for(pipeline, adapter)
             plan = compile_pipeline(pipeline, self.geometry)
@@ -202,7 +215,7 @@ class Objective:
         if self.text is None:
             vanilla = self.row("none", None, self.config.rungs[0])
             self.text = text_tokens(self.geometry, vanilla["vanilla_prefill_flops"])
-        return plan.canonical, 1.0 - plan.cost(self.text).saving
+        return plan.canonical, 1.0 - plan.cost(self.text).saving, effect(plan, adapter)
 
     def __call__(self, trial: optuna.Trial) -> float:
         c = self.config
@@ -210,16 +223,18 @@ class Objective:
         trial.set_user_attr("pipeline", pipeline)
         trial.set_user_attr("adapter", adapter or "")
         try:
-            canonical, cost = self.price(pipeline, adapter)
+            canonical, cost, same = self.price(pipeline, adapter)
             trial.set_user_attr("pipeline", canonical)
+            trial.set_user_attr("effect", same)
             trial.set_user_attr("flops_cost", cost)
             if c.metric == "flops" and cost > c.budget:
                 raise Rejected("over budget", f"{100 * cost:.1f}% of the vanilla FLOPs > {100 * c.budget:g}%")
             if canonical == "none" and c.budget < 1:
                 raise Rejected("over budget", "the vanilla model costs 100%")
             for other in [] if trial.user_attrs.get("finish") else evaluated(trial.study):
-                if (other.user_attrs["pipeline"], other.user_attrs["adapter"]) == (canonical, adapter or ""):
-                    raise Rejected("duplicate", f"trial {other.number} ran it")
+                if other.user_attrs.get("effect") == same:
+                    raise Rejected("duplicate", f"trial {other.number} ran the same tokens "
+                                   f"({other.user_attrs['pipeline']})")
         except Rejected as why:
             trial.set_user_attr("rejected", why.kind)
             trial.set_user_attr("reason", why.reason)
