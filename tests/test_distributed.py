@@ -156,3 +156,41 @@ def test_two_gpus_store_the_rows_of_one_gpu_answer_by_answer(tmp_path, launcher)
     assert stored(two) == stored(tmp_path / "one.db")
     with ResultStore(two, readonly=True) as store:
         assert {row["processes"] for row in store.rows()} == {2}
+
+
+def test_cpu_threads_are_shared_by_the_local_ranks():
+    from lmmsqueeze.machine import physical_cores, usable_cpus
+    from lmmsqueeze.runtime.threads import choose_threads
+
+    cores = physical_cores(usable_cpus())
+    alone = choose_threads(10**9, in_use=0.0, environ={}, user_chose=False)
+    shared = choose_threads(10**9, in_use=0.0, environ={"LOCAL_WORLD_SIZE": "2"}, user_chose=False)
+    assert alone.threads == cores and shared.threads == max(1, cores // 2)
+    assert choose_threads(10**6, in_use=0.0, environ={"LOCAL_WORLD_SIZE": "2"}, user_chose=False).threads == 1
+
+
+def _late_rank_zero(store: str) -> list:
+    """Rank 0 starts its shard 3 s late; returns what rank 0's progress display was told."""
+    import time
+
+    seen: list = []
+    if os.environ["RANK"] == "0":
+        measure = distributed.measure
+
+        def late(*args, **kwargs):
+            time.sleep(3)
+            return measure(*args, **kwargs)
+
+        distributed.measure = late
+    grid = Grid(model="bundled", tasks=["bundled"], limit=6, items=[])
+    distributed.run_sweep_ranks(grid, store, device="cpu",
+                                on_event=lambda kind, info: seen.append((kind, info.get("done"))))
+    return seen
+
+
+@pytest.mark.slow
+def test_rank_zeros_progress_counts_the_samples_of_every_rank(tmp_path):
+    seen = launch(2, _late_rank_zero, str(tmp_path / "r.db"))[0]
+    done = [d for kind, d in seen if kind == "progress"]
+    # rank 1 answered its 3 samples while rank 0 waited: rank 0's first sample already shows 4 of 6
+    assert done[0] >= 4 and done == sorted(done) and done[-1] == 6
