@@ -194,3 +194,14 @@ def test_rank_zeros_progress_counts_the_samples_of_every_rank(tmp_path):
     done = [d for kind, d in seen if kind == "progress"]
     # rank 1 answered its 3 samples while rank 0 waited: rank 0's first sample already shows 4 of 6
     assert done[0] >= 4 and done == sorted(done) and done[-1] == 6
+
+
+def test_the_collectives_timeout_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    assert distributed.timeout() == distributed.DEFAULT_TIMEOUT
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "90")
+    assert distributed.timeout() == 90
+    for bad in ("soon", "0", "-5"):
+        monkeypatch.setenv(distributed.TIMEOUT_ENV, bad)
+        with pytest.raises(LmmsqueezeError, match="is not a number of seconds > 0"):
+            distributed.timeout()
