@@ -19,6 +19,7 @@ before every rank has answered, so nothing partial is ever stored.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -110,7 +111,8 @@ def init(here: World, device: str | None) -> None:
         return
     dev = pick_device(device)
     local = _env_int(os.environ, "LOCAL_WORLD_SIZE", here.size)
-    backend = "nccl" if dev.type == "cuda" and local <= torch.cuda.device_count() else "gloo"
+    own_gpu = dev.type == "cuda" and local <= torch.cuda.device_count() and dev.index == here.local_rank
+    backend = "nccl" if own_gpu else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     dist.init_process_group(backend, rank=here.rank, world_size=here.size,
@@ -134,7 +136,7 @@ class _Counter:
     """Samples done over all ranks, counted in the process group's key-value store (the one torchrun's
     rendezvous made); without one, rank 0 counts its own samples times the ranks."""
 
-    def __init__(self, run: int, here: World):
+    def __init__(self, run: str, here: World):
         self.key, self.here = f"lmmsqueeze/progress/{run}", here
         try:
             self.store = dist.distributed_c10d._get_default_store()
@@ -178,6 +180,7 @@ class Leader:
 
     def __init__(self, here: World):
         self.here, self.runs, self.broken = here, 0, None
+        self.name = uuid.uuid4().hex[:12]  # progress counters stay apart when a group runs several sweeps
 
     def __enter__(self) -> Leader:
         return self
@@ -199,8 +202,8 @@ class Leader:
         self.runs += 1
         n = task.size if limit is None else min(limit, task.size)
         command = {"pipeline": str(pipeline), "task": task.name, "limit": n, "seed": seed,
-                   "adapter": adapter, "batch_size": batch_size, "run": self.runs}
-        counter = _Counter(self.runs, self.here)
+                   "adapter": adapter, "batch_size": batch_size, "run": f"{self.name}-{self.runs}"}
+        counter = _Counter(command["run"], self.here)
         try:
             dist.broadcast_object_list([command], src=0)
             part, error = _shard(command, self.here, [model, processor], lambda: (model, processor), counter,
