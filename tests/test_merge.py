@@ -111,3 +111,10 @@ def test_shards_are_disjoint_cover_the_grid_and_do_not_depend_on_its_order():
     assert [shard_grids(reordered, i, 3) for i in (1, 2, 3)] == shards
     assert shard_grids(grid, 1, 9)[0].items and shard_grids(Grid(items=[GridItem("pool")]), 2, 2) == []
     assert parse_shard(" 2 / 4 ") == (2, 4)
+
+
+def test_a_shard_without_rows_runs_nothing_and_says_so(tmp_path):
+    result = runner.invoke(app, ["sweep", "-p", "pool", "--limit", "2", "--shard", "2/2", "--results",
+                                 str(tmp_path / "r.db")])
+    assert result.exit_code == 0, result.output
+    assert "shard 2/2 holds none of this grid's rows" in result.stderr and not (tmp_path / "r.db").exists()

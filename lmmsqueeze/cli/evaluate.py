@@ -266,9 +266,10 @@ def sweep_cmd(
         if plot_file is not None:
             check_plot_path(plot_file)
         how = scale.Scale(processes, device_map, max_memory, offload_folder)
-        for part in scale.shards(grid, shard):  # the whole grid, or one shard's grids (one per task)
+        parts = scale.shards(grid, shard)  # the whole grid, or one shard's grids (one per task)
+        for part in parts:
             _run_grid(part, results, batch_size, device, retry_failed=retry_failed, how=how)
-        if scale.is_main():
+        if parts and scale.is_main():
             _show_pareto(results, "flops", "table", plot_file, groups=grid_groups(grid))
 
 

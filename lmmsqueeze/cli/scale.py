@@ -109,7 +109,11 @@ def shards(grid: Any, shard: str | None) -> list[Any]:
         return [grid]
     from ..evaluation.shards import parse_shard, shard_grids
 
-    return shard_grids(grid, *parse_shard(shard))
+    parts = shard_grids(grid, *parse_shard(shard))
+    if not parts and is_main():
+        err_console.print(f"shard {shard} holds none of this grid's rows (fewer rows than shards); nothing "
+                          "to run", highlight=False)
+    return parts
 
 
 @app.command("merge")
