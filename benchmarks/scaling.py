@@ -20,9 +20,8 @@ The JSON records how busy the machine was over each size; run it on an idle mach
     python benchmarks/scaling.py [--tokens 144,576,1156,2916] [--runs 3] [--threads 1] \\
         [--out benchmarks/results/scaling-cpu.json]
 
-Profile one reduced prefill (where the time goes) with torch.profiler, e.g.:
-
-    python -c "import benchmarks.scaling as s; s.profile('proxyv(layer=3, untrained=true)', 2916)"
+Profile one reduced prefill (where the time goes) with torch.profiler: ``benchmarks/profiles.py``
+(its docstring gives the command of the committed before/after tables).
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ from pathlib import Path
 
 import torch
 
-import lmmsqueeze
 from lmmsqueeze.machine import LoadMeter
 from lmmsqueeze.runtime.loading import build_prompt, model_inputs
 from lmmsqueeze.runtime.measure import peak_memory_bytes, peak_prefill_memory, peak_prefill_rss
@@ -81,18 +79,6 @@ def model_for(tokens: int):
 
 def _inputs(model, processor, image):
     return model_inputs(processor, model, [image], [build_prompt(processor, QUESTION)])
-
-
-def profile(pipeline: str, tokens: int, rows: int = 25) -> None:
-    """Print torch.profiler's table of one prefill of ``pipeline`` at ``tokens`` image tokens."""
-    torch.set_num_threads(1)
-    model, processor, image = model_for(tokens)
-    inputs = _inputs(model, processor, image)
-    with torch.no_grad(), lmmsqueeze.apply(model, pipeline):
-        model(**inputs)  # warm-up
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            model(**inputs)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def memory(tokens: int, pipelines: list[str], runs: int) -> list[dict]:
