@@ -150,6 +150,30 @@ def peer(tokens: int, runs: int) -> dict:
             "ours_peak_mb": ours_peak / 2**20, "theirs_peak_mb": theirs_peak / 2**20, "same_kept_set": same}
 
 
+def summary(result: dict) -> str:
+    """The README's table from a results JSON: per pipeline, realized at each size (median and the
+    rounds' min-max), the largest overhead, and the largest tensor-peak and RSS-peak ratios to vanilla."""
+    sizes = result["sizes"]
+    head = " | ".join(f"{s['image_tokens']}{' !' if s['machine']['busy'] else ''}" for s in sizes)
+    lines = [f"| pipeline | {head} | overhead (max) | tensor peak / vanilla (max) | "
+             "RSS peak / vanilla (max) |",
+             "|---|" + "---|" * (len(sizes) + 3)]
+    for i, row in enumerate(sizes[0]["rows"][1:], start=1):
+        cells, overhead, tensor, rss = [], 0.0, 0.0, 0.0
+        for s in sizes:
+            r, base = s["rows"][i], s["rows"][0]
+            runs = r.get("realized_runs")
+            spread = "-" if not runs else f"{r['realized_fraction']:.2f} ({min(runs):.2f}-{max(runs):.2f})"
+            cells.append(spread)
+            overhead = max(overhead, r["overhead_fraction"] or 0.0)
+            tensor = max(tensor, r["peak_memory_mb"] / base["peak_memory_mb"])
+            if r.get("peak_rss_mb") is not None and base.get("peak_rss_mb"):
+                rss = max(rss, r["peak_rss_mb"] / base["peak_rss_mb"])
+        lines.append(f"| `{row['pipeline']}` | " + " | ".join(cells)
+                     + f" | {100 * overhead:.1f}% | {tensor:.2f} | {rss:.2f} |")
+    return "\n".join(lines)
+
+
 def _realized_runs(row: dict, base: dict) -> list[float] | None:
     if not row["analytic_saving"] > 0:
         return None
@@ -169,11 +193,15 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--summary", type=Path, default=None, help="print the summary of a results JSON")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scaling-cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     TARGET.update(device=args.device, attn=args.attn, dtype=args.dtype or ("bfloat16" if cuda else "float32"))
+    if args.summary is not None:
+        print(summary(json.loads(args.summary.read_text())))
+        return
     if args.memory_child is not None:
         print(json.dumps(memory(args.memory_child, args.pipelines, args.runs)))
         return
