@@ -155,3 +155,17 @@ def test_pruning_stage_hands_layer_k_the_keys_it_projected_to_score(tiny_sdpa, m
     # reused: the stage's projection of the whole input only; anew: that, then layer K's of the kept rows
     assert with_reuse == [length]
     assert projected[1] == length and len(projected) == 3 and projected[2] < length
+
+
+def test_divprune_picks_the_same_on_the_host_and_on_the_device():
+    """DivPrune's greedy loop runs in numpy on CPU, in torch elsewhere: the same picks, ties included."""
+    from lmmsqueeze.reducers.divprune import _greedy, _greedy_on_device
+
+    torch.manual_seed(0)
+    for n, k in ((40, 10), (300, 75)):
+        x = torch.nn.functional.normalize(torch.randn(n, 16), dim=1)
+        x[n // 2:n // 2 + 5] = x[0]  # exact duplicates: equal distances to break alike
+        dist = (1.0 - x @ x.T).fill_diagonal_(0.0)
+        host = _greedy(dist.numpy(), 3, k)
+        device = _greedy_on_device(dist, torch.tensor(3), k)
+        assert host.tolist() == device.tolist() and len(set(host.tolist())) == k

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ._common import unit_rows
@@ -49,17 +50,39 @@ class DivPruneReducer(ScoredPruner):
             return state
         x = unit_rows(state.hidden)
         dist = 1.0 - x @ x.T
-        # picks stay on the device (no host sync per pick): first the token with the largest
-        # nearest-neighbour distance (self-distance excluded), then the farthest from the picked set
-        picked = torch.empty(k, dtype=torch.long, device=x.device)
-        picked[0] = torch.argmax(dist.fill_diagonal_(float("inf")).min(dim=1).values)
+        # first the token with the largest nearest-neighbour distance (self-distance excluded), then
+        # each time the farthest from the picked set; a picked token's distance is set to -inf, so
+        # it is never picked again (argmax takes the first of equal values, in numpy and torch alike)
+        first = torch.argmax(dist.fill_diagonal_(float("inf")).min(dim=1).values)
         dist.fill_diagonal_(0.0)
-        nearest = dist[picked[0]].clone()  # distance of every token to the picked set
-        chosen = torch.zeros(n, dtype=torch.bool, device=x.device)
-        chosen[picked[0]] = True
-        for j in range(1, k):
-            picked[j] = torch.argmax(nearest.masked_fill(chosen, float("-inf")))
-            chosen[picked[j]] = True
-            nearest = torch.minimum(nearest, dist[picked[j]])
-        return state.select(picked)
+        if x.device.type == "cpu":  # k tiny steps: numpy's per-call cost is a fraction of torch's
+            return state.select(torch.from_numpy(_greedy(dist.detach().float().numpy(), int(first), k)))
+        return state.select(_greedy_on_device(dist, first, k))
+
+
+def _greedy_on_device(dist: torch.Tensor, first: torch.Tensor, k: int) -> torch.Tensor:
+    """The greedy max-min picks where ``dist`` lives (no host sync per pick)."""
+    picked = torch.empty(k, dtype=torch.long, device=dist.device)
+    picked[0] = first
+    nearest = dist[first].clone()  # distance of every token to the picked set
+    nearest[first] = float("-inf")
+    for j in range(1, k):
+        picked[j] = torch.argmax(nearest)
+        torch.minimum(nearest, dist[picked[j]], out=nearest)
+        nearest[picked[j]] = float("-inf")
+    return picked
+
+
+def _greedy(dist: np.ndarray, first: int, k: int) -> np.ndarray:
+    """The greedy max-min picks on the host (``dist``: ``[N, N]`` with a zero diagonal)."""
+    picked = np.empty(k, dtype=np.int64)
+    picked[0] = first
+    nearest = dist[first].copy()
+    nearest[first] = -np.inf
+    for j in range(1, k):
+        pick = int(nearest.argmax())
+        picked[j] = pick
+        np.minimum(nearest, dist[pick], out=nearest)
+        nearest[pick] = -np.inf
+    return picked
 
