@@ -150,10 +150,21 @@ def peer(tokens: int, runs: int) -> dict:
             "ours_peak_mb": ours_peak / 2**20, "theirs_peak_mb": theirs_peak / 2**20, "same_kept_set": same}
 
 
-def summary(result: dict) -> str:
+def summary(result: dict, *updates: dict) -> str:
     """The README's table from a results JSON: per pipeline, realized at each size (median and the
-    rounds' min-max), the largest overhead, and the largest tensor-peak and RSS-peak ratios to vanilla."""
+    rounds' min-max), the largest overhead, and the largest tensor-peak and RSS-peak ratios to vanilla.
+    A pipeline measured again in an ``update`` (a later run, against its own vanilla) takes that run's
+    numbers, marked ``†``."""
     sizes = result["sizes"]
+    for update in updates:
+        for size in update["sizes"]:
+            mine = next(s for s in sizes if s["image_tokens"] == size["image_tokens"])
+            base = size["rows"][0]
+            for row in size["rows"][1:]:
+                i = next(i for i, r in enumerate(mine["rows"]) if r["pipeline"] == row["pipeline"])
+                ratio = {k: row[k] / base[k] * mine["rows"][0][k] for k in ("peak_memory_mb", "peak_rss_mb")
+                         if row.get(k) is not None and base.get(k)}
+                mine["rows"][i] = {**row, **ratio, "pipeline": row["pipeline"] + " †"}
     head = " | ".join(f"{s['image_tokens']}{' !' if s['machine']['busy'] else ''}" for s in sizes)
     lines = [f"| pipeline | {head} | overhead (max) | tensor peak / vanilla (max) | "
              "RSS peak / vanilla (max) |",
@@ -193,14 +204,15 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--summary", type=Path, default=None, help="print the summary of a results JSON")
+    parser.add_argument("--summary", type=Path, nargs="+", default=None,
+                        help="print the summary of a results JSON (later files: pipelines measured again)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scaling-cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     TARGET.update(device=args.device, attn=args.attn, dtype=args.dtype or ("bfloat16" if cuda else "float32"))
     if args.summary is not None:
-        print(summary(json.loads(args.summary.read_text())))
+        print(summary(*(json.loads(path.read_text()) for path in args.summary)))
         return
     if args.memory_child is not None:
         print(json.dumps(memory(args.memory_child, args.pipelines, args.runs)))
