@@ -65,9 +65,7 @@ class VisPrunerReducer(ScoredPruner):
 
     def cost_macs(self, n: int, dim: int, grids: Grids) -> int:
         n_imp, n_div = self._split(n)
-        rest = n - n_imp
-        # one similarity matrix of the remaining tokens; each round reads its A x B block of it
-        return rest * rest * dim if self._rounds(rest, n_div) else 0
+        return sum(a * b * dim for a, b, _ in self._rounds(n - n_imp, n_div))  # A @ B.T per round
 
     def score(self, state: TokenState, signals: Signals) -> Tensor:
         return signals.require("cls_attention")
@@ -78,15 +76,10 @@ class VisPrunerReducer(ScoredPruner):
             return state
         ranked = torch.argsort(wide(self.score(state, signals)), descending=True, stable=True)
         important, rest = ranked[:n_imp], ranked[n_imp:]
-        rounds = self._rounds(rest.numel(), n_div)
-        if rounds:  # the released code computes A @ B.T anew each round: the same dot products, read here
-            x = unit_rows(state.hidden[rest])
-            similarity = x @ x.T
-            at = torch.empty(state.n, dtype=torch.long, device=rest.device)
-            at[rest] = torch.arange(rest.numel(), device=rest.device)  # token -> its row of the matrix
-        for _a, _b, drop in rounds:
+        x = unit_rows(state.hidden)
+        for _a, _b, drop in self._rounds(rest.numel(), n_div):
             a, b = rest[0::2], rest[1::2]
-            duplication = similarity[at[a]][:, at[b]].max(dim=1).values
+            duplication = (x[a] @ x[b].T).max(dim=1).values
             survivors = a[torch.argsort(duplication, descending=True, stable=True)[drop:]]
             rest = torch.cat([survivors, b])
         return state.select(torch.cat([important, rest if n_div else rest[:0]]))
