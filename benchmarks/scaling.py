@@ -150,17 +150,19 @@ def peer(tokens: int, runs: int) -> dict:
             "ours_peak_mb": ours_peak / 2**20, "theirs_peak_mb": theirs_peak / 2**20, "same_kept_set": same}
 
 
-def summary(result: dict, *updates: dict) -> str:
+def summary(result: dict, *updates: dict, take: list[str] | None = None) -> str:
     """The README's table from a results JSON: per pipeline, realized at each size (median and the
     rounds' min-max), the largest overhead, and the largest tensor-peak and RSS-peak ratios to vanilla.
     A pipeline measured again in an ``update`` (a later run, against its own vanilla) takes that run's
-    numbers, marked ``†``."""
+    numbers, marked ``†`` (only the reducers named in ``take``, when given)."""
     sizes = result["sizes"]
     for update in updates:
         for size in update["sizes"]:
             mine = next(s for s in sizes if s["image_tokens"] == size["image_tokens"])
             base = size["rows"][0]
             for row in size["rows"][1:]:
+                if take is not None and row["pipeline"].split("(")[0] not in take:
+                    continue
                 i = next(i for i, r in enumerate(mine["rows"]) if r["pipeline"] == row["pipeline"])
                 ratio = {k: row[k] / base[k] * mine["rows"][0][k] for k in ("peak_memory_mb", "peak_rss_mb")
                          if row.get(k) is not None and base.get(k)}
@@ -206,13 +208,14 @@ def main() -> None:
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--summary", type=Path, nargs="+", default=None,
                         help="print the summary of a results JSON (later files: pipelines measured again)")
+    parser.add_argument("--take", nargs="+", default=None, help="--summary: reducers taken from later files")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scaling-cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     TARGET.update(device=args.device, attn=args.attn, dtype=args.dtype or ("bfloat16" if cuda else "float32"))
     if args.summary is not None:
-        print(summary(*(json.loads(path.read_text()) for path in args.summary)))
+        print(summary(*(json.loads(path.read_text()) for path in args.summary), take=args.take))
         return
     if args.memory_child is not None:
         print(json.dumps(memory(args.memory_child, args.pipelines, args.runs)))
