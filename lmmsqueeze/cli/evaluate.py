@@ -35,6 +35,17 @@ def _progress(transient: bool = False) -> Progress:
                     console=err_console, transient=transient)
 
 
+def grid_worker(grid: Any, results: Path, batch_size: int, device: str | None, remeasure: bool,
+                retry_failed: bool, single: bool) -> tuple[int, list[dict]]:
+    """One rank of ``--processes N`` (run by the elastic launcher): the grid as the command runs it; returns
+    (exit code, rank 0's results). A bad input is this rank's one error line and exit code 2."""
+    try:
+        with user_errors():
+            return 0, _run_grid(grid, results, batch_size, device, remeasure, retry_failed, single)
+    except typer.Exit as exc:
+        return exc.exit_code, []
+
+
 def _run_grid(grid: Any, results: Path, batch_size: int, device: str | None,
               remeasure: bool = False, retry_failed: bool = False, single: bool = False,
               how: scale.Scale | None = None) -> list[dict]:
@@ -55,7 +66,8 @@ def _run_grid(grid: Any, results: Path, batch_size: int, device: str | None,
         return run_sweep_ranks(grid, results, batch_size=batch_size, device=device)
     ResultStore(results).close()
     if how.spawns:
-        return scale.spawn(how, grid, results, batch_size, device, remeasure, retry_failed, single)
+        return scale.spawn(how, grid_worker, grid, results, batch_size, device, remeasure, retry_failed,
+                           single)
     with _progress(transient=single) as progress:
         overall = progress.add_task("sweep", total=total)
         current = progress.add_task("", total=1, visible=False)

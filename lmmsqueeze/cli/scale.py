@@ -2,7 +2,7 @@
 --shard), the local launch of data-parallel ranks, and the `results merge` command.
 
 ``--processes N`` starts N local ranks through torch's elastic launcher (what ``torchrun`` runs); each rank
-runs the command's grid (:func:`grid_worker`), rank 0 shows the progress and writes the store, and this
+runs the command's grid (the worker it is given), rank 0 shows the progress and writes the store, and this
 process then renders the stored rows as a single process would. Under ``torchrun`` or ``accelerate
 launch`` every rank runs the whole command instead and only rank 0 prints.
 """
@@ -10,6 +10,7 @@ launch`` every rank runs the whole command instead and only rank 0 prints.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -76,27 +77,13 @@ def is_main() -> bool:
     return not in_ranks() or os.environ.get("RANK", "0").strip() in ("", "0")
 
 
-def grid_worker(grid: Any, results: Path, batch_size: int, device: str | None, remeasure: bool,
-                retry_failed: bool, single: bool) -> tuple[int, list[dict]]:
-    """One rank of ``--processes N`` (run by the elastic launcher): the grid as the command runs it; returns
-    (exit code, rank 0's results). A bad input is this rank's one error line and exit code 2."""
-    from .evaluate import _run_grid
-
-    try:
-        with user_errors():
-            return 0, _run_grid(grid, results, batch_size, device, remeasure, retry_failed, single)
-    except typer.Exit as exc:
-        return exc.exit_code, []
-
-
-def spawn(scale: Scale, grid: Any, results: Path, batch_size: int, device: str | None, remeasure: bool,
-          retry_failed: bool, single: bool) -> list[dict]:
-    """Run the grid on ``scale.processes`` local ranks; rank 0's results. A rank's own error line stands
-    for it (exit 2); a rank that died is one line here."""
+def spawn(scale: Scale, worker: Callable[..., tuple[int, list[dict]]], *args: Any) -> list[dict]:
+    """Run ``worker(*args)`` (a module-level function returning (exit code, results): the command's grid)
+    on ``scale.processes`` local ranks; rank 0's results. A rank's own error line stands for it (exit 2);
+    a rank that died is one line here."""
     from ..evaluation.launch import launch
 
-    codes = launch(scale.processes, grid_worker, grid, results, batch_size, device, remeasure, retry_failed,
-                   single)
+    codes = launch(scale.processes, worker, *args)
     failed = [code for code, _ in codes.values() if code]
     if failed:
         raise typer.Exit(failed[0])
