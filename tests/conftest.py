@@ -117,3 +117,16 @@ def miniature():
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
     return Miniature(model, eager, processor, miniature_inputs(processor))
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """A model loader (and runner) that fails the test if anything tries to load or run a model."""
+    from lmmsqueeze.evaluation import sweep
+    from lmmsqueeze.runtime import loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded or run although the input was refused")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+    monkeypatch.setattr(sweep, "evaluate", refuse)

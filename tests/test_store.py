@@ -59,16 +59,6 @@ def fake(monkeypatch):
     return runs
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """A model loader (and runner) that fails the test if anything tries to load or run a model."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded or run although the input was refused")
-
-    monkeypatch.setattr(loading, "load_model", refuse)
-    monkeypatch.setattr(sweep, "evaluate", refuse)
-
-
 def seeded_store(path: Path) -> bytes:
     """A store holding one vanilla and one pool row (3 answers each); returns its bytes."""
     with ResultStore(path) as store:

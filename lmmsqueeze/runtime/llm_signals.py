@@ -81,6 +81,12 @@ def input_signals(layer: nn.Module, final_norm: nn.Module | None, hidden: Tensor
     return out
 
 
+def reuses_keys(reducer: Any) -> bool:
+    """Whether layer K takes the keys a stage projected to score it (``input_text_attention``) for the rows
+    it keeps: a pruning stage keeps rows as they were. The runtime and the cost model both ask this."""
+    return "input_text_attention" in reducer.needs and reducer.family == "pruning"
+
+
 class ReusedProjection:
     """Stands in for a layer's ``k_proj.forward`` (installed by the run's HookSet): an ``llm`` stage that
     projected the keys of layer K's whole input to score it hands over the rows it kept, and layer K's

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..compose.plan import PlannedStage
 from ..errors import ModelError
 from ..reducers.base import LLM_SIGNALS, Signals, TokenState
-from .llm_signals import input_signals, signals_of, stage_signals
+from .llm_signals import input_signals, reuses_keys, signals_of, stage_signals
 from .positions import next_position, renumber
 from .records import Segment, rows_of
 
@@ -55,6 +55,8 @@ def run_llm_stage(run: Any, stage: PlannedStage, hidden: Tensor, layer: nn.Modul
     reading = time.perf_counter() - start
     columns = torch.cumsum(padding.long(), 1) - 1  # each column's place in its sample's own sequence
     projected = measured.pop("k_proj", None)  # layer K's keys, projected for scoring
+    if not reuses_keys(stage.reducer):
+        projected = None
     keeps, sources, owners, fills = [], [], [], []
     for b, sample in enumerate(p.samples):
         if not sample.slots.numel():

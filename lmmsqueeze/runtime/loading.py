@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,20 +144,16 @@ def load_model(
     return model, processor
 
 
-class _quiet_when:
+@contextlib.contextmanager
+def _quiet_when(on: bool) -> Iterator[None]:
     """transformers' loading messages silenced while ``on`` (e.g. the expected newly-initialised weights)."""
-
-    def __init__(self, on: bool):
-        self.on = on
-
-    def __enter__(self) -> None:
-        if self.on:
-            self.level = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.on:
-            hf_logging.set_verbosity(self.level)
+    level = hf_logging.get_verbosity()
+    if on:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def model_inputs(processor: Any, model: Any, images: list[Any], texts: list[str]) -> Any:

@@ -21,7 +21,7 @@ from ...compose.plan import PlannedStage, reduced_after_kept
 from ...errors import PipelineError
 from ...reducers.base import LLM_SIGNALS, VISION_SIGNALS, Reducer
 from ..hooks import HookSet
-from ..llm_signals import ReusedProjection, cached_keys, previous_layer_signals, text_relevance
+from ..llm_signals import ReusedProjection, cached_keys, previous_layer_signals, reuses_keys, text_relevance
 from ..llm_stage import run_llm_stage, segment_rope, text_columns
 from ..masks import mask_filler, slice_key_columns, slice_square_mask
 from ..positions import shift_rope
@@ -29,8 +29,6 @@ from ..records import Segment
 
 #: signals a stage reads from the decoder layer before it
 PROBED = frozenset({"text_attention", "text_image_attention", "llm_keys", "text_keys"})
-#: the signal that projects layer K's keys before layer K runs (a pruning stage hands the kept rows on)
-REUSES_KEYS = "input_text_attention"
 
 
 class LlmPlacement(Placement):
@@ -69,7 +67,7 @@ class LlmPlacement(Placement):
         """The stage's probes at layer K-1 and its reducer's work, counted at layer K."""
         n_at_probe = ctx.text_tokens + ctx.tokens_per_layer[stage.layer - 1] if stage.layer > 0 else 0
         macs = probe_macs(g, stage.reducer.needs, n_at_probe, ctx.text_after_image)
-        if REUSES_KEYS in stage.reducer.needs and stage.reducer.family == "pruning":
+        if reuses_keys(stage.reducer):
             # layer K reuses the keys the probe projected for the rows a pruning stage keeps
             kept = ctx.text_tokens + ctx.tokens_per_layer[stage.layer]
             macs -= kept * g.hidden_size * g.num_kv_heads * g.head_dim
@@ -97,7 +95,7 @@ class LlmHooks:
         for i in range(self.stages[0].layer, len(layers)):
             hooks.pre(layers[i], self._make_layer_hook(i))
         for stage in self.stages:
-            if REUSES_KEYS in stage.reducer.needs and stage.reducer.family == "pruning":
+            if reuses_keys(stage.reducer):
                 # layer K takes the keys the stage projected to score it
                 proj = layers[stage.layer].self_attn.k_proj
                 self.reused[stage.layer] = ReusedProjection(proj.forward)
