@@ -302,7 +302,9 @@ def test_maxpool_by_hand_on_a_4x3_grid_with_ragged_border():
 
 @pytest.mark.parametrize("name, params", [
     ("divprune", {"keep": 5}), ("tome", {"keep": 7}), ("visionzip", {"dominant": 4, "contextual": 3}),
-    ("vispruner", {"keep": 8, "r": 2}), ("dart", {"keep": 9}), ("prumerge", {"keep": 6, "neighbors": 3}),
+    ("vispruner", {"keep": 8, "r": 2}),  # many rounds: one similarity matrix
+    ("vispruner", {"keep": 20, "r": 8}),  # two rounds: their own products
+    ("dart", {"keep": 9}), ("prumerge", {"keep": 6, "neighbors": 3}),
     ("sparsevlm", {"layer": 1, "more_layers": "2"}),
 ])
 def test_cost_macs_equals_the_flop_counter(name, params):
