@@ -25,6 +25,7 @@ from released import eager as E
 from released.sparsevlm import PRUNING_LOC, SCHEDULE_192, Stage, cluster_and_merge, sparse_stage, text_raters
 
 import lmmsqueeze
+from lmmsqueeze.reducers.sparsevlm import pairwise_distances
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -138,3 +139,17 @@ def test_sparsevlm(miniature):
     assert logits.shape == expected.shape, f"{tuple(logits.shape)} logits, expected {tuple(expected.shape)}"
     assert torch.allclose(logits[:, -1], expected[:, -1], atol=1e-6), float((logits - expected).abs().max())
     assert torch.allclose(logits, expected, atol=1e-6), float((logits - expected).abs().max())
+
+
+def test_recycled_distances_as_exact_as_the_released_differences():
+    """DPC-kNN's distances (``|a|^2 + |b|^2 - 2 a.b`` in float64) are at least as close to the exact
+    distances as the released pairwise differences in float32 (``(x1 - x2).norm(dim=-1)`` of
+    ``utils.py::cluster_and_merge``), here with one dimension in the hundreds as LLM hidden states have."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 256, generator=g) * 2.0
+    x[:, 7] += 400.0
+    exact = (x.double()[:, None] - x.double()[None]).norm(dim=-1)
+    released = (x[:, None] - x[None]).norm(dim=-1)
+    ours = pairwise_distances(x)
+    assert ours.dtype == torch.float32 and torch.equal(ours.diagonal(), torch.zeros(200))
+    assert float((ours.double() - exact).abs().max()) <= float((released.double() - exact).abs().max())
