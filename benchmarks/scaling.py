@@ -7,7 +7,9 @@ square grid: 144 = 12x12 at 168 px, 576 at 336, 1156 at 476, 2916 at 756). For e
 - time: :func:`lmmsqueeze.runtime.scaling.scaling` times every pipeline interleaved with vanilla
   (``--runs`` rounds after a warm-up); per pipeline the decoder time, measured and analytic saving,
   ``realized`` (median, and its min-max over the rounds, each round against the same round's
-  vanilla), and the overhead (time inside the pipeline's hooks over its prefill);
+  vanilla), and the overhead (time inside the pipeline's hooks over its prefill) beside the share of
+  the pipeline's prefill FLOPs that its stages' own arithmetic takes (probes, scoring, the released
+  selection: ``cost_macs``), the part of the overhead that no runtime can remove;
 - memory: in a child process started with ``MALLOC_MMAP_THRESHOLD_=65536`` (so freed blocks leave
   the resident set at once), each pipeline's peak of live tensor bytes and peak RSS above its
   prefill's start;
@@ -168,22 +170,24 @@ def summary(result: dict, *updates: dict, take: list[str] | None = None) -> str:
                          if row.get(k) is not None and base.get(k)}
                 mine["rows"][i] = {**row, **ratio, "pipeline": row["pipeline"] + " †"}
     head = " | ".join(f"{s['image_tokens']}{' !' if s['machine']['busy'] else ''}" for s in sizes)
-    lines = [f"| pipeline | {head} | overhead (max) | tensor peak / vanilla (max) | "
+    lines = [f"| pipeline | {head} | overhead (max) [own FLOPs there] | tensor peak / vanilla (max) | "
              "RSS peak / vanilla (max) |",
              "|---|" + "---|" * (len(sizes) + 3)]
     for i, row in enumerate(sizes[0]["rows"][1:], start=1):
-        cells, overhead, tensor, rss = [], 0.0, 0.0, 0.0
+        cells, overhead, own, tensor, rss = [], 0.0, None, 0.0, 0.0
         for s in sizes:
             r, base = s["rows"][i], s["rows"][0]
             runs = r.get("realized_runs")
             spread = "-" if not runs else f"{r['realized_fraction']:.2f} ({min(runs):.2f}-{max(runs):.2f})"
             cells.append(spread)
-            overhead = max(overhead, r["overhead_fraction"] or 0.0)
+            if (r["overhead_fraction"] or 0.0) >= overhead:
+                overhead, own = r["overhead_fraction"] or 0.0, r.get("analytic_overhead_fraction")
             tensor = max(tensor, r["peak_memory_mb"] / base["peak_memory_mb"])
             if r.get("peak_rss_mb") is not None and base.get("peak_rss_mb"):
                 rss = max(rss, r["peak_rss_mb"] / base["peak_rss_mb"])
+        own_cell = "" if own is None else f" [{100 * own:.1f}%]"
         lines.append(f"| `{row['pipeline']}` | " + " | ".join(cells)
-                     + f" | {100 * overhead:.1f}% | {tensor:.2f} | {rss:.2f} |")
+                     + f" | {100 * overhead:.1f}%{own_cell} | {tensor:.2f} | {rss:.2f} |")
     return "\n".join(lines)
 
 
@@ -225,8 +229,8 @@ def main() -> None:
     machine = (f"{torch.cuda.get_device_name(args.device)}, {TARGET['dtype']}, {args.attn}" if cuda
                else f"{cpu}, {torch.get_num_threads()} threads") + f", torch {torch.__version__}"
     result = {"machine": machine, "runs": args.runs, "command": " ".join(sys.argv), "sizes": [], "peer": []}
-    print(f"| image tokens | pipeline | decoder ms | measured | analytic | realized (min-max) | overhead | "
-          f"tensor peak MB | RSS peak MB |  ({machine})")
+    print(f"| image tokens | pipeline | decoder ms | measured | analytic | realized (min-max) | overhead "
+          f"[own FLOPs] | tensor peak MB | RSS peak MB |  ({machine})")
     print("|---|---|---|---|---|---|---|---|---|")
     for size in scaling(model_for, sizes, args.pipelines, QUESTION, runs=args.runs, warmup=args.warmup,
                         rss_runs=0):
@@ -239,7 +243,8 @@ def main() -> None:
             runs = row["realized_runs"]
             spread = ("-" if runs is None
                       else f"{row['realized_fraction']:.2f} ({min(runs):.2f}-{max(runs):.2f})")
-            overhead = "-" if row["overhead_fraction"] is None else f"{100 * row['overhead_fraction']:.1f}%"
+            overhead = ("-" if row["overhead_fraction"] is None else f"{100 * row['overhead_fraction']:.1f}% "
+                        f"[{100 * row['analytic_overhead_fraction']:.1f}%]")
             busy = " !" if size["machine"]["busy"] else ""
             print(f"| {size['image_tokens']}{busy} | `{row['pipeline']}` | {row['decoder_ms']:.0f} | "
                   f"{100 * row['measured_saving']:.1f}% | {100 * row['analytic_saving']:.1f}% | {spread} | "

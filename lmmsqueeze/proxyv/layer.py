@@ -136,14 +136,20 @@ def _proxyv_sample(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Te
     v_seq = decoder_heads(attn, "v", seq_normed)
     k_proxy = apply_rope(decoder_heads(attn, "k", proxy_normed), *st.proxy_rope)
     v_proxy = decoder_heads(attn, "v", proxy_normed)
+    # every temporary goes as soon as it is used: the FFN below runs at the layer's memory peak
+    del seq_normed, proxy_normed, queries
     others = st.others[:, None, :, None].expand(-1, k_seq.shape[1], -1, k_seq.shape[-1])
     k_small = repeat_kv(torch.cat([k_proxy, k_seq.gather(2, others)], 2), groups)
     v_small = repeat_kv(torch.cat([v_proxy, v_seq.gather(2, others)], 2), groups)
-    out = torch.cat([_attend(attn, q[:, :, :p], k_small, v_small, lay.proxy_allowed),
-                     _attend(attn, q[:, :, p:], repeat_kv(k_seq, groups), repeat_kv(v_seq, groups),
-                             lay.text_allowed)], 2)
+    del k_proxy, v_proxy
+    out = _attend(attn, q[:, :, :p], k_small, v_small, lay.proxy_allowed)
+    del k_small, v_small
+    out = torch.cat([out, _attend(attn, q[:, :, p:], repeat_kv(k_seq, groups), repeat_kv(v_seq, groups),
+                                  lay.text_allowed)], 2)
+    del q
     out = attn.o_proj(out.transpose(1, 2).reshape(b, nq, -1))
     h = torch.cat([st.proxies, _rows(hidden, st.others)], 1) + out
+    del out
     h = h + layer.mlp(layer.post_attention_layernorm(h))
     new_proxies, new_others = h[:, :p], h[:, p:]
     image_in = _rows(hidden, st.image)

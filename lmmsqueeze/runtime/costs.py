@@ -76,11 +76,14 @@ class InputCosts:
         return [int(t) if float(t).is_integer() else round(t, 2) for t in per_layer]
 
     def cost(self, text_tokens: int) -> dict[str, float]:
-        """``prefill_flops``, ``vanilla_prefill_flops`` (means over the images seen) and ``saving``."""
+        """``prefill_flops``, ``vanilla_prefill_flops``, ``overhead_flops`` (the stages' own work: probes,
+        scoring, selection, ProxyV's light MLPs; means over the images seen) and ``saving``."""
         counts = self._counts or {(self.plan.geometry, ()): 1}
         total = sum(counts.values())
         costs = [(self._plans[key].cost(text_tokens=text_tokens), n) for key, n in counts.items()]
         prefill = sum(c.prefill_flops * n for c, n in costs) / total
         vanilla = sum(c.vanilla_prefill_flops * n for c, n in costs) / total
+        overhead = sum(2 * c.parts()["overhead"] * n for c, n in costs) / total
         return {"prefill_flops": round(prefill), "vanilla_prefill_flops": round(vanilla),
+                "overhead_flops": round(overhead),
                 "saving": 1.0 - prefill / vanilla if vanilla else 0.0}

@@ -235,7 +235,8 @@ def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: 
             with p.apply() as run, torch.no_grad():
                 model(**inputs, logits_to_keep=1)
             costs.observe(run)
-        analytic = costs.cost(text_tokens)["saving"]
+        cost = costs.cost(text_tokens)
+        analytic = cost["saving"]
         measured = 1.0 - dec["median"] / base_decoder
         rows.append({
             "pipeline": plan.canonical,
@@ -250,6 +251,9 @@ def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: 
             "overhead_fraction": (statistics.median(o / t for o, t in zip(timing.overhead, timing.total,
                                                                          strict=True))
                                   if timing.overhead else None),
+            # the share of the pipeline's prefill FLOPs that its stages' own arithmetic takes (the released
+            # selection included): the part of ``overhead_fraction`` no runtime can remove
+            "analytic_overhead_fraction": cost["overhead_flops"] / cost["prefill_flops"],
             "peak_memory_mb": peak_prefill_memory(p, dict(inputs)) / 2**20,
             "peak_rss_mb": None if rss_bytes is None else rss_bytes / 2**20,
             "measured_saving": measured,
