@@ -45,11 +45,17 @@ def _eager_layer(layer: Any, hidden: torch.Tensor, rope: tuple, cache: Any
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), weights
 
 
-def fastv_reference(model: Any, inputs: dict, layer: int, keep: float, embeds: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def fastv_reference(model: Any, inputs: dict, layer: int, keep: float, embeds: torch.Tensor | None = None,
+                    eager_everywhere: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoder prefill of one sample with FastV done the reference way (from ``embeds``, the
     :func:`decoder_input`, when given); returns (final hidden state of the last token, kept image-token
-    indices in image order)."""
+    indices in image order).
+
+    By default only layer K-1 runs eager (the toolkits' way: a hook asks that one layer for its
+    attention weights). ``eager_everywhere``: every layer does, as in FastV's own repository, whose
+    transformers fork (``src/transformers/.../llama/modeling_llama.py``, ``LlamaAttention.forward``)
+    has no other attention than ``softmax(q k^T / sqrt(d) + mask) v`` with a materialised causal mask.
+    """
     lm = model.model.language_model
     hidden = decoder_input(model, inputs) if embeds is None else embeds
     n = hidden.shape[1]
@@ -68,6 +74,8 @@ def fastv_reference(model: Any, inputs: dict, layer: int, keep: float, embeds: t
             slots[image[kept]] = True
             columns = torch.nonzero(slots).flatten()
             hidden, positions = hidden[:, columns], positions[:, columns]
+        elif eager_everywhere:
+            hidden, _ = _eager_layer(block, hidden, rope, cache)
         else:
             hidden = block(hidden, position_embeddings=rope, position_ids=positions, cache=cache,
                            use_cache=True)

@@ -13,8 +13,9 @@ square grid: 144 = 12x12 at 168 px, 576 at 336, 1156 at 476, 2916 at 756). For e
 - memory: in a child process started with ``MALLOC_MMAP_THRESHOLD_=65536`` (so freed blocks leave
   the resident set at once), each pipeline's peak of live tensor bytes and peak RSS above its
   prefill's start;
-- peer (``--peer-tokens``): FastV done the way its reference repositories do it (eager layer K-1,
-  full attention matrix: ``benchmarks/peers.py``) against our ``fastv`` (one-query probe, sdpa),
+- peer (``--peer-tokens``): FastV done the way its reference repositories do it (``benchmarks/peers.py``:
+  eager layer K-1 with the full attention matrix, as the toolkits hook it; and eager attention in every
+  layer, as FastV's own transformers fork runs) against our ``fastv`` (one-query probe, sdpa),
   interleaved, with the kept sets compared.
 
 The JSON records how busy the machine was over each size; run it on an idle machine:
@@ -104,7 +105,8 @@ def memory_in_child(tokens: int, pipelines: list[str], runs: int, threads: int) 
 
 
 def peer(tokens: int, runs: int) -> dict:
-    """Decoder prefill time and peak tensor memory: our fastv against FastV's reference way."""
+    """Decoder prefill time and peak tensor memory: our fastv against FastV's reference ways (eager
+    layer K-1 as the toolkits do it, and eager attention in every layer as FastV's own fork has it)."""
     model, processor, image = model_for(tokens)
     inputs = _inputs(model, processor, image)
     lm = model.model.language_model
@@ -118,7 +120,8 @@ def peer(tokens: int, runs: int) -> dict:
 
     pre = lm.register_forward_pre_hook(lambda m, a: marks.__setitem__("start", now()))
     post = lm.register_forward_hook(lambda m, a, o: marks.__setitem__("end", now()))
-    ours_ms, theirs_ms = [], []
+    times: dict[str, list[float]] = {"ours": [], "theirs": [], "fork": []}
+    kept: dict[str, torch.Tensor] = {}
     prepared = prepare(model, "fastv(layer=2, keep=0.5)")
 
     def ours():
@@ -126,30 +129,38 @@ def peer(tokens: int, runs: int) -> dict:
             model(**inputs, logits_to_keep=1, use_cache=True)
         return run
 
+    def reference(who: str):
+        return fastv_reference(model, inputs, 2, 0.5, embeds=embeds, eager_everywhere=who == "fork")
+
     with torch.no_grad():
         embeds = decoder_input(model, inputs)  # vision tower and merge: outside the decoder's span, as ours
+        order = list(times)
         for r in range(runs + 1):
-            for who in (("ours", "theirs") if r % 2 else ("theirs", "ours")):
+            for who in order[r % 3:] + order[:r % 3]:
                 if who == "ours":
                     ours()
                     elapsed = marks["end"] - marks["start"]
                 else:
                     start = now()
-                    _, kept = fastv_reference(model, inputs, 2, 0.5, embeds=embeds)
+                    _, kept[who] = reference(who)
                     elapsed = now() - start
                 if r:
-                    (ours_ms if who == "ours" else theirs_ms).append(1000 * elapsed)
-        run = ours()
-        same = torch.equal(torch.sort(run.trace[0][0]).values, kept)
-        theirs_peak = peak_memory_bytes(lambda: fastv_reference(model, inputs, 2, 0.5, embeds=embeds), device)
+                    times[who].append(1000 * elapsed)
+        mine = torch.sort(ours().trace[0][0]).values
+        peaks = {who: peak_memory_bytes(lambda who=who: reference(who), device) for who in ("theirs", "fork")}
         ours_peak = peak_prefill_memory(prepared, dict(inputs))
     pre.remove()
     post.remove()
-    ours_med, theirs_med = statistics.median(ours_ms), statistics.median(theirs_ms)
-    return {"image_tokens": tokens, "ours_ms": ours_med, "theirs_ms": theirs_med,
-            "ratio": ours_med / theirs_med,
-            "ratio_runs": [o / t for o, t in zip(ours_ms, theirs_ms, strict=True)],
-            "ours_peak_mb": ours_peak / 2**20, "theirs_peak_mb": theirs_peak / 2**20, "same_kept_set": same}
+    med = {who: statistics.median(t) for who, t in times.items()}
+    return {"image_tokens": tokens, "ours_ms": med["ours"], "theirs_ms": med["theirs"],
+            "fork_ms": med["fork"],
+            "ratio": med["ours"] / med["theirs"],
+            "ratio_runs": [o / t for o, t in zip(times["ours"], times["theirs"], strict=True)],
+            "ratio_fork": med["ours"] / med["fork"],
+            "ratio_fork_runs": [o / t for o, t in zip(times["ours"], times["fork"], strict=True)],
+            "ours_peak_mb": ours_peak / 2**20, "theirs_peak_mb": peaks["theirs"] / 2**20,
+            "fork_peak_mb": peaks["fork"] / 2**20,
+            "same_kept_set": all(torch.equal(mine, k) for k in kept.values())}
 
 
 def summary(result: dict, *updates: dict, take: list[str] | None = None) -> str:
@@ -191,6 +202,29 @@ def summary(result: dict, *updates: dict, take: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def repeated(result: dict, *repeats: dict) -> dict:
+    """``result`` with each pipeline's realized at each size taken over ``repeats`` too (whole runs of
+    the same command on the same commit): the median of the runs' medians, and as its spread the
+    runs' medians themselves (sizes a repeat lacks keep ``result``'s rounds). Overhead and memory stay
+    ``result``'s."""
+    merged = json.loads(json.dumps(result))
+    for size in merged["sizes"]:
+        others = [next((s for s in r["sizes"] if s["image_tokens"] == size["image_tokens"]), None)
+                  for r in repeats]
+        others = [s for s in others if s is not None]
+        if not others:
+            continue
+        for row in size["rows"][1:]:
+            values = [row["realized_fraction"]]
+            for other in others:
+                match = next((r for r in other["rows"] if r["pipeline"] == row["pipeline"]), None)
+                if match is not None and match["realized_fraction"] is not None:
+                    values.append(match["realized_fraction"])
+            if row["realized_fraction"] is not None and len(values) > 1:
+                row["realized_fraction"], row["realized_runs"] = statistics.median(values), values
+    return merged
+
+
 def _realized_runs(row: dict, base: dict) -> list[float] | None:
     if not row["analytic_saving"] > 0:
         return None
@@ -213,13 +247,17 @@ def main() -> None:
     parser.add_argument("--summary", type=Path, nargs="+", default=None,
                         help="print the summary of a results JSON (later files: pipelines measured again)")
     parser.add_argument("--take", nargs="+", default=None, help="--summary: reducers taken from later files")
+    parser.add_argument("--repeats", action="store_true",
+                        help="--summary: later files are repeats of the first run; realized is the median of "
+                             "the runs' medians, its spread the runs' medians")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scaling-cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     TARGET.update(device=args.device, attn=args.attn, dtype=args.dtype or ("bfloat16" if cuda else "float32"))
     if args.summary is not None:
-        print(summary(*(json.loads(path.read_text()) for path in args.summary), take=args.take))
+        results = [json.loads(path.read_text()) for path in args.summary]
+        print(summary(repeated(*results)) if args.repeats else summary(*results, take=args.take))
         return
     if args.memory_child is not None:
         print(json.dumps(memory(args.memory_child, args.pipelines, args.runs)))
@@ -252,9 +290,9 @@ def main() -> None:
         result["sizes"].append(size)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
-    print("\n| image tokens | ours (sdpa, one-query probe) ms | FastV reference (eager layer K-1) ms | "
-          "ratio | peak MB ours / theirs | same kept set |")
-    print("|---|---|---|---|---|---|")
+    print("\n| image tokens | ours (sdpa, one-query probe) ms | eager layer K-1 ms | ratio | "
+          "eager every layer (FastV's fork) ms | ratio | peak MB ours / K-1 / fork | same kept set |")
+    print("|---|---|---|---|---|---|---|---|")
     for tokens in [int(t) for t in args.peer_tokens.split(",") if t]:
         with LoadMeter(torch.get_num_threads()) as meter:
             p = peer(tokens, args.runs)
@@ -263,7 +301,10 @@ def main() -> None:
         busy = " !" if p["machine"]["busy"] else ""
         print(f"| {tokens}{busy} | {p['ours_ms']:.0f} | {p['theirs_ms']:.0f} | "
               f"{p['ratio']:.2f} ({min(p['ratio_runs']):.2f}-{max(p['ratio_runs']):.2f}) | "
-              f"{p['ours_peak_mb']:.0f} / {p['theirs_peak_mb']:.0f} | {p['same_kept_set']} |", flush=True)
+              f"{p['fork_ms']:.0f} | "
+              f"{p['ratio_fork']:.2f} ({min(p['ratio_fork_runs']):.2f}-{max(p['ratio_fork_runs']):.2f}) | "
+              f"{p['ours_peak_mb']:.0f} / {p['theirs_peak_mb']:.0f} / {p['fork_peak_mb']:.0f} | "
+              f"{p['same_kept_set']} |", flush=True)
         args.out.write_text(json.dumps(result, indent=2))
 
 

@@ -90,13 +90,18 @@ def test_resized_llava_gives_the_image_tokens_asked_for(tiny_dir):
 
 
 def test_bench_tokens_gives_a_row_per_size_and_pipeline(tiny_dir):
-    result = runner.invoke(app, ["bench", "-m", str(tiny_dir), "-p", "pool", "--tokens", "16,64",
-                                 "--runs", "2", "--warmup", "0", "--json"])
+    result = runner.invoke(app, ["bench", "-m", str(tiny_dir), "-p", "pool", "-p", "divprune(keep=0.5)",
+                                 "--tokens", "16,64", "--runs", "2", "--warmup", "0", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert [(r["image_tokens"], r["pipeline"]) for r in rows] == [
-        (16, "none"), (16, "pool(size=2)"), (64, "none"), (64, "pool(size=2)")]
-    small, large = rows[1], rows[3]
+        (16, "none"), (16, "pool(size=2)"), (16, "divprune(keep=0.5)"),
+        (64, "none"), (64, "pool(size=2)"), (64, "divprune(keep=0.5)")]
+    # the stages' own arithmetic: none for vanilla and pooling; DivPrune's N x N similarity grows faster
+    # than the prefill it shortens
+    assert [r["analytic_overhead_fraction"] for r in rows[:2] + rows[3:5]] == [0.0] * 4
+    assert 0 < rows[2]["analytic_overhead_fraction"] < rows[5]["analytic_overhead_fraction"] < 1
+    small, large = rows[1], rows[4]
     # pooling removes 3/4 of the image tokens: the larger the image's share of the prompt, the more it saves
     assert 0 < small["analytic_saving"] < large["analytic_saving"] < 0.75
     assert all(r["overhead_fraction"] is not None and 0 < r["overhead_fraction"] < 1 for r in (small, large))

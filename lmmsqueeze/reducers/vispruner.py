@@ -84,14 +84,19 @@ class VisPrunerReducer(ScoredPruner):
         x = unit_rows(state.hidden[rest])
         per_round, once = self._products(state.n)
         # every round's A @ B.T is a block of the candidates' similarity matrix: when the rounds would
-        # multiply more than that matrix holds (most budgets: ~6x faster at 1024-wide features and
-        # 2,916 tokens), it is computed once and each round reads its block; the same products
+        # multiply more than that matrix holds (most budgets), it is computed once; a round then takes
+        # B's rows whole (a contiguous gather) and reduces over them, reading each A token's best match
+        # as that of its column (the matrix is symmetric); it shrinks to the survivors as they thin out
         similarity = x @ x.T if once < per_round else None
-        order = torch.arange(rest.numel(), device=rest.device)  # candidates, in round order
+        order = torch.arange(rest.numel(), device=rest.device)  # rows of `similarity`, in round order
         for _a, _b, drop in self._rounds(rest.numel(), n_div):
             a, b = order[0::2], order[1::2]
-            block = (x[a] @ x[b].T if similarity is None
-                     else similarity.index_select(0, a).index_select(1, b))
-            survivors = a[torch.argsort(block.max(dim=1).values, descending=True, stable=True)[drop:]]
-            order = torch.cat([survivors, b])
+            if similarity is None:
+                duplication = (x[a] @ x[b].T).max(dim=1).values
+            else:
+                duplication = similarity.index_select(0, b).amax(dim=0).index_select(0, a)
+            order = torch.cat([a[torch.argsort(duplication, descending=True, stable=True)[drop:]], b])
+            if similarity is not None and order.numel() < 0.8 * similarity.shape[0]:
+                similarity = similarity.index_select(0, order).index_select(1, order)
+                rest, order = rest[order], torch.arange(order.numel(), device=rest.device)
         return state.select(torch.cat([important, rest[order] if n_div else rest[:0]]))
