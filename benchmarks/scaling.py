@@ -250,6 +250,8 @@ def main() -> None:
     parser.add_argument("--repeats", action="store_true",
                         help="--summary: later files are repeats of the first run; realized is the median of "
                              "the runs' medians, its spread the runs' medians")
+    parser.add_argument("--update", type=Path, nargs="+", default=[],
+                        help="--summary --repeats: runs whose --take reducers replace those rows (†)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scaling-cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -257,7 +259,9 @@ def main() -> None:
     TARGET.update(device=args.device, attn=args.attn, dtype=args.dtype or ("bfloat16" if cuda else "float32"))
     if args.summary is not None:
         results = [json.loads(path.read_text()) for path in args.summary]
-        print(summary(repeated(*results)) if args.repeats else summary(*results, take=args.take))
+        updates = [json.loads(path.read_text()) for path in args.update]
+        print(summary(repeated(*results), *updates, take=args.take) if args.repeats
+              else summary(*results, take=args.take))
         return
     if args.memory_child is not None:
         print(json.dumps(memory(args.memory_child, args.pipelines, args.runs)))
