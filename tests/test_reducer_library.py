@@ -309,7 +309,7 @@ def test_maxpool_by_hand_on_a_4x3_grid_with_ragged_border():
 ])
 def test_cost_macs_equals_the_flop_counter(name, params):
     """The declared matmul MACs equal what torch's flop counter sees (FLOPs = 2 x MACs; SparseVLM's
-    distances, ``cdist``, counted as the matrix product they replace)."""
+    distances are one float64 matrix product)."""
     n, d = 30, 8
     state = _state(n, d=d, seed=18)
     reducer = create_reducer(name, **params)

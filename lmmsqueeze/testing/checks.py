@@ -17,7 +17,8 @@ def _cdist_flop(x1_shape, x2_shape, *args, **kwargs) -> int:
 
 
 def flop_counter():
-    """``torch.utils.flop_counter.FlopCounterMode`` that also counts ``cdist`` (SparseVLM's clustering)."""
+    """``torch.utils.flop_counter.FlopCounterMode`` that also counts ``cdist`` (SparseVLM's clustering on
+    devices without float64, where it takes the place of the distance matrix product)."""
     return FlopCounterMode(display=False, custom_mapping={torch.ops.aten._cdist_forward: _cdist_flop})
 
 
