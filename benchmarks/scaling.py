@@ -30,6 +30,7 @@ Profile one reduced prefill (where the time goes) with torch.profiler: ``benchma
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -207,7 +208,7 @@ def repeated(result: dict, *repeats: dict) -> dict:
     the same command on the same commit): the median of the runs' medians, and as its spread the
     runs' medians themselves (sizes a repeat lacks keep ``result``'s rounds). Overhead and memory stay
     ``result``'s."""
-    merged = json.loads(json.dumps(result))
+    merged = copy.deepcopy(result)
     for size in merged["sizes"]:
         others = [next((s for s in r["sizes"] if s["image_tokens"] == size["image_tokens"]), None)
                   for r in repeats]

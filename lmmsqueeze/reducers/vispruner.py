@@ -63,14 +63,17 @@ class VisPrunerReducer(ScoredPruner):
             rest -= drop
         return rounds
 
-    def _products(self, n: int) -> tuple[int, int]:
-        """MACs per feature: (the rounds' ``A @ B.T`` products, one similarity matrix of the candidates)."""
-        n_imp, n_div = self._split(n)
-        rounds = self._rounds(n - n_imp, n_div)
-        return sum(a * b for a, b, _ in rounds), (n - n_imp) ** 2 if rounds else 0
+    @staticmethod
+    def _once(rest: int, rounds: list[tuple[int, int, int]]) -> bool:
+        """Whether one similarity matrix of the ``rest`` candidates takes fewer MACs than the rounds'
+        ``A @ B.T`` products."""
+        return rest * rest < sum(a * b for a, b, _ in rounds)
 
     def cost_macs(self, n: int, dim: int, grids: Grids) -> int:
-        return min(self._products(n)) * dim
+        n_imp, n_div = self._split(n)
+        rounds = self._rounds(n - n_imp, n_div)
+        rest = n - n_imp
+        return (rest * rest if self._once(rest, rounds) else sum(a * b for a, b, _ in rounds)) * dim
 
     def score(self, state: TokenState, signals: Signals) -> Tensor:
         return signals.require("cls_attention")
@@ -82,14 +85,14 @@ class VisPrunerReducer(ScoredPruner):
         ranked = torch.argsort(wide(self.score(state, signals)), descending=True, stable=True)
         important, rest = ranked[:n_imp], ranked[n_imp:]
         x = unit_rows(state.hidden[rest])
-        per_round, once = self._products(state.n)
+        rounds = self._rounds(rest.numel(), n_div)
         # every round's A @ B.T is a block of the candidates' similarity matrix: when the rounds would
         # multiply more than that matrix holds (most budgets), it is computed once; a round then takes
         # B's rows whole (a contiguous gather) and reduces over them, reading each A token's best match
         # as that of its column (the matrix is symmetric); it shrinks to the survivors as they thin out
-        similarity = x @ x.T if once < per_round else None
+        similarity = x @ x.T if self._once(rest.numel(), rounds) else None
         order = torch.arange(rest.numel(), device=rest.device)  # rows of `similarity`, in round order
-        for _a, _b, drop in self._rounds(rest.numel(), n_div):
+        for _a, _b, drop in rounds:
             a, b = order[0::2], order[1::2]
             if similarity is None:
                 duplication = (x[a] @ x[b].T).max(dim=1).values
