@@ -115,6 +115,54 @@ def test_vispruner(miniature):
     assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
 
 
+
+@pytest.mark.parametrize("path, neighbours", [
+    ("_by_products", None), ("_from_matrix", None),
+    ("_from_neighbours", 16), ("_from_neighbours", 2), ("_from_neighbours", 1),  # 1: every row reads its row
+])
+def test_vispruner_rounds_follow_the_released_loop(path, neighbours, monkeypatch):
+    """Each way of running the duplicate-removal rounds (per-round products; one matrix, on a device;
+    one matrix with neighbour lists, on the host) leaves the released loop's residual, in its order,
+    over 44 rounds of 400 float64 candidates with clusters of near-duplicates."""
+    from lmmsqueeze.reducers import vispruner as module
+
+    if neighbours is not None:
+        monkeypatch.setattr(module, "NEIGHBOURS", neighbours)
+    generator = torch.Generator().manual_seed(3)
+    centres = torch.randn(50, 24, generator=generator, dtype=torch.float64)
+    features = centres.repeat_interleave(9, 0)[:450] + 0.3 * torch.randn(450, 24, generator=generator,
+                                                                            dtype=torch.float64)
+    attention = torch.rand(1, 4, 450, generator=generator, dtype=torch.float64)
+    selection = vispruner_select(features[None], attention, visual_token_num=100, important_ratio=0.5)
+    assert len(selection.rounds) == 44 and selection.cuts[-1] == 6  # 400 -> 50: 43 rounds of 8, then 6
+    ranked = attention.mean(dim=1)[0].argsort(descending=True)
+    rest = ranked[50:]
+    unit = features[rest] / features[rest].norm(dim=1, keepdim=True)
+    drops = selection.cuts
+    if path == "_by_products":
+        order = module._by_products(unit, drops)
+    elif path == "_from_matrix":
+        order = module._from_matrix(unit @ unit.T, drops)
+    else:
+        order = torch.from_numpy(module._from_neighbours(unit @ unit.T, drops))
+    assert torch.equal(rest[order], selection.residual[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vispruner_host_order_is_torchs_stable_descending_argsort(dtype):
+    """The host path's ranking equals ``torch.argsort(descending=True, stable=True)``, ties (signed
+    zeros, infinities, repeated values) in their original order."""
+    from lmmsqueeze.reducers.vispruner import _descending
+
+    generator = torch.Generator().manual_seed(5)
+    pool = torch.tensor([-float("inf"), -2.5, -1e-30, -0.0, 0.0, 1e-30, 0.75, 1.0, float("inf")], dtype=dtype)
+    for size in (1, 2, 7, 300, 1277):
+        values = torch.cat([pool[torch.randint(len(pool), (size,), generator=generator)],
+                            torch.randn(size, generator=generator, dtype=dtype)])[torch.randperm(2 * size,
+                                                                                          generator=generator)]
+        expected = torch.argsort(values, descending=True, stable=True)
+        assert torch.equal(torch.from_numpy(_descending(values.numpy())).long(), expected), size
+
 def test_fastervlm(miniature):
     """FasterVLM keep=0.1 (58 tokens): top [CLS] attention of the feature layer, spatial order."""
     mini = miniature
