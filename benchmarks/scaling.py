@@ -20,7 +20,7 @@ square grid: 144 = 12x12 at 168 px, 576 at 336, 1156 at 476, 2916 at 756). For e
 
 The JSON records how busy the machine was over each size; run it on an idle machine:
 
-    python benchmarks/scaling.py [--tokens 144,576,1156,2916] [--runs 3] [--threads 1] \\
+    python benchmarks/scaling.py [--tokens 144,576,1156,2916] [--runs 3] [--threads 1] [--batch 1] \\
         [--out benchmarks/results/scaling-cpu.json]
 
 Profile one reduced prefill (where the time goes) with torch.profiler: ``benchmarks/profiles.py``
@@ -81,14 +81,14 @@ def model_for(tokens: int):
     return model, processor, random_image(0, side * PATCH)
 
 
-def _inputs(model, processor, image):
-    return model_inputs(processor, model, [image], [build_prompt(processor, QUESTION)])
+def _inputs(model, processor, image, batch: int = 1):
+    return model_inputs(processor, model, [image] * batch, [build_prompt(processor, QUESTION)] * batch)
 
 
-def memory(tokens: int, pipelines: list[str], runs: int) -> list[dict]:
+def memory(tokens: int, pipelines: list[str], runs: int, batch: int = 1) -> list[dict]:
     """Peak tensor bytes and peak RSS of vanilla and each pipeline (run in the child process)."""
     model, processor, image = model_for(tokens)
-    inputs = dict(_inputs(model, processor, image))
+    inputs = dict(_inputs(model, processor, image, batch))
     prepared = [prepare(model, p) for p in ["none", *pipelines]]
     with torch.no_grad():
         model(**inputs, logits_to_keep=1, use_cache=True)  # warm-up: lazy buffers and one-time allocations
@@ -97,10 +97,10 @@ def memory(tokens: int, pipelines: list[str], runs: int) -> list[dict]:
              "peak_rss_mb": None if r is None else r / 2**20} for p, r in zip(prepared, rss, strict=True)]
 
 
-def memory_in_child(tokens: int, pipelines: list[str], runs: int, threads: int) -> list[dict]:
+def memory_in_child(tokens: int, pipelines: list[str], runs: int, threads: int, batch: int = 1) -> list[dict]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     cmd = [sys.executable, __file__, "--memory-child", str(tokens), "--runs", str(runs),
-           "--threads", str(threads), "--pipelines", *pipelines]
+           "--threads", str(threads), "--batch", str(batch), "--pipelines", *pipelines]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -241,6 +241,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--pipelines", nargs="*", default=PIPELINES)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1, help="copies of the sample prefilled as one batch")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
@@ -265,20 +266,22 @@ def main() -> None:
               else summary(*results, take=args.take))
         return
     if args.memory_child is not None:
-        print(json.dumps(memory(args.memory_child, args.pipelines, args.runs)))
+        print(json.dumps(memory(args.memory_child, args.pipelines, args.runs, args.batch)))
         return
     sizes = [int(t) for t in args.tokens.split(",") if t]
     cpu = platform.processor() or platform.machine()
     machine = (f"{torch.cuda.get_device_name(args.device)}, {TARGET['dtype']}, {args.attn}" if cuda
                else f"{cpu}, {torch.get_num_threads()} threads") + f", torch {torch.__version__}"
-    result = {"machine": machine, "runs": args.runs, "command": " ".join(sys.argv), "sizes": [], "peer": []}
+    result = {"machine": machine, "runs": args.runs, "batch": args.batch, "command": " ".join(sys.argv),
+              "sizes": [], "peer": []}
     print(f"| image tokens | pipeline | decoder ms | measured | analytic | realized (min-max) | overhead "
           f"[own FLOPs] | tensor peak MB | RSS peak MB |  ({machine})")
     print("|---|---|---|---|---|---|---|---|---|")
     for size in scaling(model_for, sizes, args.pipelines, QUESTION, runs=args.runs, warmup=args.warmup,
-                        rss_runs=0):
-        mem = (memory(size["image_tokens"], args.pipelines, 1) if cuda  # CUDA: the allocator's peak, no RSS
-               else memory_in_child(size["image_tokens"], args.pipelines, args.runs, args.threads))
+                        rss_runs=0, batch=args.batch):
+        tokens = size["image_tokens"]
+        mem = (memory(tokens, args.pipelines, 1, args.batch) if cuda  # CUDA: the allocator's peak, no RSS
+               else memory_in_child(tokens, args.pipelines, args.runs, args.threads, args.batch))
         base = size["rows"][0]
         for row, m in zip(size["rows"], mem, strict=True):
             row.update(peak_memory_mb=m["peak_memory_mb"], peak_rss_mb=m["peak_rss_mb"],

@@ -91,6 +91,7 @@ def bench_cmd(
     tokens: Annotated[str | None, typer.Option(
         help="Image-token counts to measure at, e.g. 144,576,1156,2916 (square grids; a LLaVA model's vision "
              "tower is resized for each, a noise image of its size is used).")] = None,
+    batch: Annotated[int, typer.Option(min=1, help="Copies of the sample prefilled as one batch.")] = 1,
     device: DeviceOpt = None,
     adapter: AdapterOpt = None,
     as_json: JsonOpt = False,
@@ -112,13 +113,13 @@ def bench_cmd(
         if sizes:
             rows = [{"image_tokens": s["image_tokens"], **r, "busy": s["machine"]["busy"]}
                     for s in scaling(resized(model, device), sizes, pipeline, prompt, runs=runs,
-                                     warmup=warmup, weights=adapter)
+                                     warmup=warmup, weights=adapter, batch=batch)
                     for r in s["rows"]]
         else:
             loaded, processor = load_model(model, device=device)
             picture = open_image(image) if image is not None else random_image(0, 336)
             rows = bench(loaded, processor, pipeline, picture, prompt, runs=runs, warmup=warmup,
-                         weights=adapter)
+                         weights=adapter, batch=batch)
 
     def render(rows: list[dict]) -> None:
         table = Table(title=f"prefill on {model} ({runs} interleaved runs after {warmup} warm-up)")

@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ..compose.plan import compile_pipeline
+from ..errors import LmmsqueezeError
 from ..models import family_for
 from .hooks import HookSet, HookTimer
 from .loading import build_prompt, model_inputs
@@ -204,9 +205,10 @@ def peak_prefill_rss(prepared: list[Prepared], inputs: dict, runs: int = 3) -> l
 
 
 def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: str, runs: int = 5,
-          warmup: int = 1, weights: Any = None, rss_runs: int = 1) -> list[dict[str, Any]]:
+          warmup: int = 1, weights: Any = None, rss_runs: int = 1, batch: int = 1) -> list[dict[str, Any]]:
     """Vanilla and each pipeline on the same input: latency, overhead, peak memory (tensors and RSS,
     the latter over ``rss_runs`` interleaved rounds; 0: not measured), measured vs analytic saving.
+    ``batch`` copies of the sample run as one batch (the analytic saving is per sample, the same).
 
     ``weights`` (e.g. a ProxyV adapter) go to every pipeline with a stage that runs with trained
     weights; each pipeline is prepared (and refused) before anything is measured.
@@ -214,12 +216,14 @@ def bench(model: Any, processor: Any, pipelines: list[Any], image: Any, prompt: 
     ``realized_fraction`` is the measured decoder-time saving over the analytic FLOPs saving (1.0:
     the FLOPs saving turned fully into time).
     """
-    inputs = model_inputs(processor, model, [image], [build_prompt(processor, prompt)])
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise LmmsqueezeError(f"batch={batch!r} must be an integer >= 1 (copies of the sample run together)")
+    inputs = model_inputs(processor, model, [image] * batch, [build_prompt(processor, prompt)] * batch)
     family = family_for(model)
     plans = [compile_pipeline(p, family.geometry) for p in ["none", *pipelines]]
     prepared = [prepare(model, plan, weights if any(s.where.takes_weights for s in plan.stages) else None)
                 for plan in plans]
-    image_tokens = prepared[0].family.count_image_tokens(inputs)
+    image_tokens = prepared[0].family.count_image_tokens(inputs) // batch  # per sample: the copies are alike
     text_tokens = inputs["input_ids"].shape[1] - image_tokens
     timings = time_prefills(model, dict(inputs), prepared, runs=runs, warmup=warmup)
     base_total = Timing.summary(timings[0].total)["median"]

@@ -35,7 +35,7 @@ def resized(ref: str, device: str | None = None) -> Callable[[int], tuple[Any, A
 
 
 def scaling(make: Callable[[int], tuple[Any, Any, Any]], sizes: list[int], pipelines: list[Any], prompt: str,
-            runs: int = 3, warmup: int = 1, weights: Any = None, rss_runs: int = 1
+            runs: int = 3, warmup: int = 1, weights: Any = None, rss_runs: int = 1, batch: int = 1
             ) -> Iterator[dict[str, Any]]:
     """For each count in ``sizes``: ``{"image_tokens", "machine", "rows"}`` with :func:`bench`'s rows
     (vanilla first) and the load measured over them. Models are built one size at a time."""
@@ -43,6 +43,6 @@ def scaling(make: Callable[[int], tuple[Any, Any, Any]], sizes: list[int], pipel
         model, processor, image = make(tokens)
         with LoadMeter(torch.get_num_threads()) as meter:
             rows = bench(model, processor, pipelines, image, prompt, runs=runs, warmup=warmup,
-                         weights=weights, rss_runs=rss_runs)
+                         weights=weights, rss_runs=rss_runs, batch=batch)
         del model
         yield {"image_tokens": tokens, "machine": meter.metrics(), "rows": rows}
