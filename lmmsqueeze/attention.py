@@ -11,14 +11,24 @@ import itertools
 
 import torch
 from torch import Tensor, nn
-from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
+from transformers.models.llama.modeling_llama import repeat_kv
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: [B, H, N, hd]; cos/sin: [B, N, hd]
+    """``x * cos + rotate_half(x) * sin`` (Llama's RoPE) with the same roundings, in fewer passes.
+
+    ``x``: ``[B, H, N, hd]``; ``cos``/``sin``: ``[B, N, hd]``. ``rotate_half(x)`` is ``[-x2, x1]``, so
+    the first half is ``x1 * cos1 - x2 * sin1`` (adding ``(-x2) * sin1`` rounds as subtracting
+    ``x2 * sin1``) and the second ``x2 * cos2 + x1 * sin2``: each half updated in place, without the
+    negated and concatenated copy of ``x``.
+    """
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half] -= x[..., half:] * sin[..., :half]
+    out[..., half:] += x[..., :half] * sin[..., half:]
+    return out
 
 
 def decoder_heads(attn: nn.Module, which: str, x: Tensor) -> Tensor:

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import LlamaConfig, LlamaRotaryEmbedding, rotate_half
 
 import lmmsqueeze
 from lmmsqueeze import PipelineError, ScoredPruner, register_reducer
-from lmmsqueeze.attention import cls_query_attention
+from lmmsqueeze.attention import apply_rope, cls_query_attention
 from lmmsqueeze.models import preset
 from lmmsqueeze.reducers import unregister_reducer
 from lmmsqueeze.reducers.base import SIGNALS
@@ -48,6 +49,25 @@ def _eager_vision_cls_row(model, pixel_values):
     # vision_feature_layer=-2 on a 2-layer tower selects hidden_states[1], the output of layers[0]
     return out.attentions[0][:, :, 0].mean(1)  # [images, 1 + patches]
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_rope_is_llamas_formula_to_the_bit(dtype):
+    """``apply_rope`` (halves updated in place) equals transformers' ``q * cos + rotate_half(q) * sin``
+    bit for bit, on Llama's own cos/sin, for a transposed [B, H, N, hd] view as the layers pass it; its
+    gradient agrees too."""
+    config = LlamaConfig(hidden_size=128, num_attention_heads=2, rope_theta=10000.0)
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 37, 2, 64, generator=generator).mul(30).to(dtype).transpose(1, 2)
+    cos, sin = LlamaRotaryEmbedding(config)(x, torch.arange(37)[None].expand(2, -1) * 7)
+    expected = x * cos[:, None] + rotate_half(x) * sin[:, None]
+    assert torch.equal(apply_rope(x, cos, sin), expected)
+    leaf = x.float().detach().requires_grad_()
+    weights = torch.randn(leaf.shape, generator=generator)
+    with torch.enable_grad():  # the module's tests run under no_grad
+        (apply_rope(leaf, cos.float(), sin.float()) * weights).sum().backward()
+        ours, leaf.grad = leaf.grad, None
+        ((leaf * cos.float()[:, None] + rotate_half(leaf) * sin.float()[:, None]) * weights).sum().backward()
+    assert torch.allclose(ours, leaf.grad, atol=1e-5)
 
 def test_cls_probe_matches_eager_weights(tiny_sdpa):
     model, processor = tiny_sdpa

@@ -52,6 +52,7 @@ class _Layout:
 
     q_rows: Tensor  # [B, nq] rows of [sequence; proxies] that are queries: proxies, then the others
     q_rope: tuple[Tensor, Tensor]  # cos/sin of the queries
+    kv_rope: tuple[Tensor, Tensor]  # cos/sin of [sequence; proxies]
     proxy_allowed: Tensor  # [B, 1, P, P+t] what the proxies see of [proxies; others]
     text_allowed: Tensor  # [B, 1, t, N] what the others see of the sequence
 
@@ -66,7 +67,7 @@ class _Layout:
         allowed = proxyv_mask(st, q_rows, n_seq)  # [B, nq, N+P]; the two calls take the parts it allows
         others = st.others[:, None].expand(-1, p, -1)
         proxy_allowed = torch.cat([allowed[:, :p, n_seq:], allowed[:, :p, :n_seq].gather(2, others)], 2)
-        return cls(q_rows, q_rope, proxy_allowed[:, None], allowed[:, p:, :n_seq][:, None])
+        return cls(q_rows, q_rope, kv_rope, proxy_allowed[:, None], allowed[:, p:, :n_seq][:, None])
 
 
 def make_proxies(stage: ProxyV, adapter: ProxyVAdapter, image: Tensor, grids: Any, groups: Tensor
@@ -131,13 +132,16 @@ def _proxyv_sample(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Te
     queries = torch.cat([proxy_normed, _rows(seq_normed, st.others)], 1)  # the layout's q_rows order
     nq = queries.shape[1]
     q = apply_rope(decoder_heads(attn, "q", queries), *lay.q_rope)
-    # the sequence's keys and values are what the cache keeps: their own tensors, no proxy rows behind them
-    k_seq = apply_rope(decoder_heads(attn, "k", seq_normed), *(t.expand(b, -1, -1) for t in rope))
-    v_seq = decoder_heads(attn, "v", seq_normed)
-    k_proxy = apply_rope(decoder_heads(attn, "k", proxy_normed), *st.proxy_rope)
-    v_proxy = decoder_heads(attn, "v", proxy_normed)
+    # keys and values of the sequence and the proxies in one product each (the few proxy rows alone run
+    # at a fraction of the speed); the cache copies the sequence's part (DynamicCache concatenates)
+    rows = torch.cat([seq_normed, proxy_normed], 1)
     # every temporary goes as soon as it is used: the FFN below runs at the layer's memory peak
     del seq_normed, proxy_normed, queries
+    k_all = apply_rope(decoder_heads(attn, "k", rows), *lay.kv_rope)
+    v_all = decoder_heads(attn, "v", rows)
+    del rows
+    k_seq, k_proxy = k_all[:, :, :n_seq], k_all[:, :, n_seq:]
+    v_seq, v_proxy = v_all[:, :, :n_seq], v_all[:, :, n_seq:]
     others = st.others[:, None, :, None].expand(-1, k_seq.shape[1], -1, k_seq.shape[-1])
     k_small = repeat_kv(torch.cat([k_proxy, k_seq.gather(2, others)], 2), groups)
     v_small = repeat_kv(torch.cat([v_proxy, v_seq.gather(2, others)], 2), groups)
