@@ -115,7 +115,7 @@ def run_llm_stage(run: Any, stage: PlannedStage, hidden: Tensor, layer: nn.Modul
             if at is not None:
                 at = _relocate(at, order)
                 p.samples[b].slots = at
-        row = hidden[b, keep].clone()
+        row = hidden[b, keep]  # a new tensor (index gather): written below without touching hidden
         if at is not None:
             row[at] = values.to(row.dtype)
         rows.append(row)
