@@ -108,7 +108,6 @@ def test_bench_tokens_gives_a_row_per_size_and_pipeline(tiny_dir):
     assert all(len(r["decoder_runs_ms"]) == 2 for r in rows)
 
 
-
 def test_bench_batch_prefills_copies_together_and_costs_a_sample_as_alone(tiny_dir):
     """``--batch 2``: two copies of the sample in one prefill; the analytic saving is a sample's, the
     same as at batch 1 (a batch-wide image-token count taken for one sample's would change it), and
@@ -123,6 +122,7 @@ def test_bench_batch_prefills_copies_together_and_costs_a_sample_as_alone(tiny_d
     assert rows["2"][0]["peak_memory_mb"] > rows["1"][0]["peak_memory_mb"]
     result = runner.invoke(app, ["bench", "-m", str(tiny_dir), "-p", "pool", "--batch", "0"])
     assert result.exit_code == 2 and "Traceback" not in result.output and "--batch" in result.output
+
 
 @pytest.mark.parametrize("args, phrase", [
     (["--tokens", "abc"], "not a list of image-token counts"),

@@ -115,7 +115,6 @@ def test_vispruner(miniature):
     assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
 
 
-
 @pytest.mark.parametrize("path, neighbours", [
     ("_by_products", None), ("_from_matrix", None),
     ("_from_neighbours", 16), ("_from_neighbours", 2), ("_from_neighbours", 1),  # 1: every row reads its row
@@ -162,6 +161,7 @@ def test_vispruner_host_order_is_torchs_stable_descending_argsort(dtype):
                                                                                           generator=generator)]
         expected = torch.argsort(values, descending=True, stable=True)
         assert torch.equal(torch.from_numpy(_descending(values.numpy())).long(), expected), size
+
 
 def test_fastervlm(miniature):
     """FasterVLM keep=0.1 (58 tokens): top [CLS] attention of the feature layer, spatial order."""

@@ -69,6 +69,7 @@ def test_apply_rope_is_llamas_formula_to_the_bit(dtype):
         ((leaf * cos.float()[:, None] + rotate_half(leaf) * sin.float()[:, None]) * weights).sum().backward()
     assert torch.allclose(ours, leaf.grad, atol=1e-5)
 
+
 def test_cls_probe_matches_eager_weights(tiny_sdpa):
     model, processor = tiny_sdpa
     inputs = tiny_inputs(processor, 2)
