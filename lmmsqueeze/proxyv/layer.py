@@ -55,6 +55,9 @@ class _Layout:
     kv_rope: tuple[Tensor, Tensor]  # cos/sin of [sequence; proxies]
     proxy_allowed: Tensor  # [B, 1, P, P+t] what the proxies see of [proxies; others]
     text_allowed: Tensor  # [B, 1, t, N] what the others see of the sequence
+    # (start, stop) when every sample's image tokens fill slots start..stop-1 in state order (one image,
+    # no newline tokens): the layer then reads and writes them as a slice instead of gathering rows
+    image_span: tuple[int, int] | None
 
     @classmethod
     def of(cls, st: ProxyVState, rope: tuple[Tensor, Tensor], b: int, n_seq: int) -> _Layout:
@@ -67,7 +70,17 @@ class _Layout:
         allowed = proxyv_mask(st, q_rows, n_seq)  # [B, nq, N+P]; the two calls take the parts it allows
         others = st.others[:, None].expand(-1, p, -1)
         proxy_allowed = torch.cat([allowed[:, :p, n_seq:], allowed[:, :p, :n_seq].gather(2, others)], 2)
-        return cls(q_rows, q_rope, kv_rope, proxy_allowed[:, None], allowed[:, p:, :n_seq][:, None])
+        return cls(q_rows, q_rope, kv_rope, proxy_allowed[:, None], allowed[:, p:, :n_seq][:, None],
+                   _span(st.image))
+
+
+def _span(image: Tensor) -> tuple[int, int] | None:
+    """``(start, stop)`` when ``image`` (``[B, n]`` slots) is ``start, start + 1, ...`` in every row."""
+    if not image.shape[1]:
+        return None
+    start = int(image[0, 0])
+    run = torch.arange(start, start + image.shape[1], device=image.device)
+    return (start, start + image.shape[1]) if torch.equal(image, run.expand_as(image)) else None
 
 
 def make_proxies(stage: ProxyV, adapter: ProxyVAdapter, image: Tensor, grids: Any, groups: Tensor
@@ -156,7 +169,8 @@ def _proxyv_sample(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Te
     del out
     h = h + layer.mlp(layer.post_attention_layernorm(h))
     new_proxies, new_others = h[:, :p], h[:, p:]
-    image_in = _rows(hidden, st.image)
+    span = lay.image_span
+    image_in = hidden[:, span[0]:span[1]] if span else _rows(hidden, st.image)
     if st.assign is not None:
         context = mlp.context_proj(new_proxies)[:, st.assign]
     else:  # splat the projected proxies (the projection is linear: cheaper than projecting the splat)
@@ -166,7 +180,10 @@ def _proxyv_sample(layer: nn.Module, mlp: VisionMLP, st: ProxyVState, hidden: Te
     # every slot is an image token or another token: one new tensor, written in place
     seq = torch.empty_like(hidden)
     seq.scatter_(1, st.others[..., None].expand(-1, -1, d), new_others)
-    seq.scatter_(1, st.image[..., None].expand(-1, -1, d), image_out)
+    if span:
+        seq[:, span[0]:span[1]] = image_out
+    else:
+        seq.scatter_(1, st.image[..., None].expand(-1, -1, d), image_out)
     return seq, k_seq, v_seq
 
 
