@@ -226,6 +226,12 @@ def repeated(result: dict, *repeats: dict) -> dict:
     return merged
 
 
+def load_update(group: str) -> dict:
+    """An ``--update`` argument: one results JSON, or several joined by commas (repeats of one command on
+    one commit), merged by :func:`repeated`."""
+    return repeated(*(json.loads(Path(path).read_text()) for path in group.split(",")))
+
+
 def _realized_runs(row: dict, base: dict) -> list[float] | None:
     if not row["analytic_saving"] > 0:
         return None
@@ -252,8 +258,9 @@ def main() -> None:
     parser.add_argument("--repeats", action="store_true",
                         help="--summary: later files are repeats of the first run; realized is the median of "
                              "the runs' medians, its spread the runs' medians")
-    parser.add_argument("--update", type=Path, nargs="+", default=[],
-                        help="--summary --repeats: runs whose --take reducers replace those rows (†)")
+    parser.add_argument("--update", nargs="+", default=[],
+                        help="--summary: runs whose --take reducers replace those rows (†); paths joined by "
+                             "commas are repeats of one command, merged as --repeats merges")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scaling-cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -261,7 +268,7 @@ def main() -> None:
     TARGET.update(device=args.device, attn=args.attn, dtype=args.dtype or ("bfloat16" if cuda else "float32"))
     if args.summary is not None:
         results = [json.loads(path.read_text()) for path in args.summary]
-        updates = [json.loads(path.read_text()) for path in args.update]
+        updates = [load_update(group) for group in args.update]
         print(summary(repeated(*results), *updates, take=args.take) if args.repeats
               else summary(*results, take=args.take))
         return
