@@ -11,7 +11,7 @@ tower, final norm) is the rest of the decoder's span. Each prefill's minor page 
 zeroed pages; ``ru_minflt``).
 
 The model is ``benchmarks/scaling.py``'s (LLaVA-1.5-shaped, hidden 1024, 8 layers) at ``--tokens``
-image tokens, 1 thread; run it on an idle machine:
+image tokens, on the CPU (wall clock: no device synchronisation), 1 thread; run it on an idle machine:
 
     python benchmarks/layers.py --tokens 1156 --runs 5 -p "proxyv(layer=3, untrained=true)" \\
         [--out benchmarks/results/layers-1156.json]
