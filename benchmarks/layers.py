@@ -2,8 +2,8 @@
 
 Where ``benchmarks/scaling.py`` gives one ``realized`` per pipeline (measured decoder-time saving over the
 analytic FLOPs saving), this splits it by layer: each layer's median wall time over ``--runs`` rounds
-(after a warm-up, pipelines in a rotating order), its analytic FLOPs from the cost model
-(:func:`lmmsqueeze.compose.flops.plan_cost`, the same numbers ``realized`` uses) and so its GFLOP/s. A
+(after a warm-up, pipelines in a rotating order), its analytic FLOPs from the cost model (the plan's
+cost, an adaptive stage's count as the run kept it: the numbers ``realized`` uses) and so its GFLOP/s. A
 layer a pipeline changes that runs at a lower rate than vanilla's layers is where a saving is lost; one
 at the same rate turns its FLOPs saving into time in full. Time outside the layers (embedding, vision
 tower, final norm) is the rest of the decoder's span. Each prefill's minor page faults are counted too
@@ -29,23 +29,24 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.scaling import QUESTION, model_for  # noqa: E402
-from lmmsqueeze.compose.flops import plan_cost  # noqa: E402
+from benchmarks.scaling import _inputs, model_for  # noqa: E402
 from lmmsqueeze.machine import LoadMeter  # noqa: E402
-from lmmsqueeze.runtime.loading import build_prompt, model_inputs  # noqa: E402
 from lmmsqueeze.runtime.run import prepare  # noqa: E402
+from lmmsqueeze.testing import plan_as_run  # noqa: E402
 
 
-def timed_prefill(prepared, inputs: dict) -> tuple[list[float], float, int]:
-    """One prefill: each decoder layer's wall time (ms), the decoder's (ms) and the minor page faults."""
+def timed_prefill(prepared, inputs: dict) -> tuple[list[float], float, int, Any]:
+    """One prefill: each decoder layer's wall time (ms), the decoder's (ms), the minor page faults and
+    the pipeline's run (what its adaptive stages kept)."""
     layers = prepared.model.model.language_model.layers
     decoder = prepared.model.model.language_model
     marks: dict = {}
-    with prepared.apply():  # hooks go on the layers as they are now (a pipeline may have swapped some)
+    with prepared.apply() as run:  # hooks go on the layers as they are now (a pipeline may have swapped some)
         handles = [
             decoder.register_forward_pre_hook(lambda m, a: marks.__setitem__("start", time.perf_counter())),
             decoder.register_forward_hook(lambda m, a, o: marks.__setitem__("end", time.perf_counter()))]
@@ -62,28 +63,30 @@ def timed_prefill(prepared, inputs: dict) -> tuple[list[float], float, int]:
             for handle in handles:
                 handle.remove()
     per_layer = [1000 * (marks[("out", i)] - marks[("in", i)]) for i in range(len(layers))]
-    return per_layer, 1000 * (marks["end"] - marks["start"]), faults
+    return per_layer, 1000 * (marks["end"] - marks["start"]), faults, run
 
 
 def measure(tokens: int, pipelines: list[str], runs: int) -> dict:
     model, processor, image = model_for(tokens)
-    inputs = dict(model_inputs(processor, model, [image], [build_prompt(processor, QUESTION)]))
+    inputs = dict(_inputs(model, processor, image))
     prepared = [prepare(model, p) for p in ["none", *pipelines]]
+    geometry = prepared[0].family.image_geometries(inputs)[0]
     image_tokens = prepared[0].family.count_image_tokens(inputs)
     text_tokens = inputs["input_ids"].shape[1] - image_tokens
     seen = [{"layers": [], "decoder": [], "faults": []} for _ in prepared]
+    ran = [None] * len(prepared)
     with torch.no_grad(), LoadMeter(torch.get_num_threads()) as meter:
         for r in range(runs + 1):
             order = list(range(len(prepared)))
             for i in order[r % len(order):] + order[:r % len(order)]:
-                per_layer, decoder, faults = timed_prefill(prepared[i], inputs)
+                per_layer, decoder, faults, ran[i] = timed_prefill(prepared[i], inputs)
                 if r:  # the first round warms up
                     seen[i]["layers"].append(per_layer)
                     seen[i]["decoder"].append(decoder)
                     seen[i]["faults"].append(faults)
     rows = []
-    for p, s in zip(prepared, seen, strict=True):
-        cost = plan_cost(p.plan, text_tokens=text_tokens)
+    for p, s, run in zip(prepared, seen, ran, strict=True):
+        cost = plan_as_run(run, geometry).cost(text_tokens=text_tokens)  # an adaptive stage: what it kept
         layer_ms = [statistics.median(run[i] for run in s["layers"]) for i in range(len(cost.layers))]
         rows.append({"pipeline": p.plan.canonical,
                      "decoder_ms": statistics.median(s["decoder"]),

@@ -23,8 +23,8 @@ def test_every_layer_is_timed_and_no_hook_stays(pipeline):
     with torch.no_grad():
         model(**inputs)  # transformers installs its own output-capturing hooks at the first forward
         before = count_hooks(model)
-        per_layer, decoder, faults = timed_prefill(prepared, inputs)
+        per_layer, decoder, _, run = timed_prefill(prepared, inputs)
     assert len(per_layer) == len(model.model.language_model.layers)
     assert all(ms > 0 for ms in per_layer) and sum(per_layer) <= decoder
-    assert faults >= 0
+    assert run.plan is prepared.plan
     assert count_hooks(model) == before
