@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.scaling import _inputs, model_for  # noqa: E402
+from benchmarks.scaling import inputs_for, model_for  # noqa: E402
 from lmmsqueeze.machine import LoadMeter  # noqa: E402
 from lmmsqueeze.runtime.run import prepare  # noqa: E402
 from lmmsqueeze.testing import plan_as_run  # noqa: E402
@@ -68,7 +68,7 @@ def timed_prefill(prepared, inputs: dict) -> tuple[list[float], float, int, Any]
 
 def measure(tokens: int, pipelines: list[str], runs: int) -> dict:
     model, processor, image = model_for(tokens)
-    inputs = dict(_inputs(model, processor, image))
+    inputs = dict(inputs_for(model, processor, image))
     prepared = [prepare(model, p) for p in ["none", *pipelines]]
     geometry = prepared[0].family.image_geometries(inputs)[0]
     image_tokens = prepared[0].family.count_image_tokens(inputs)

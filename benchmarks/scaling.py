@@ -81,14 +81,15 @@ def model_for(tokens: int):
     return model, processor, random_image(0, side * PATCH)
 
 
-def _inputs(model, processor, image, batch: int = 1):
+def inputs_for(model, processor, image, batch: int = 1):
+    """The benchmark prompt about ``image``, ``batch`` copies of it, as the model takes them."""
     return model_inputs(processor, model, [image] * batch, [build_prompt(processor, QUESTION)] * batch)
 
 
 def memory(tokens: int, pipelines: list[str], runs: int, batch: int = 1) -> list[dict]:
     """Peak tensor bytes and peak RSS of vanilla and each pipeline (run in the child process)."""
     model, processor, image = model_for(tokens)
-    inputs = dict(_inputs(model, processor, image, batch))
+    inputs = dict(inputs_for(model, processor, image, batch))
     prepared = [prepare(model, p) for p in ["none", *pipelines]]
     with torch.no_grad():
         model(**inputs, logits_to_keep=1, use_cache=True)  # warm-up: lazy buffers and one-time allocations
@@ -109,7 +110,7 @@ def peer(tokens: int, runs: int) -> dict:
     """Decoder prefill time and peak tensor memory: our fastv against FastV's reference ways (eager
     layer K-1 as the toolkits do it, and eager attention in every layer as FastV's own fork has it)."""
     model, processor, image = model_for(tokens)
-    inputs = _inputs(model, processor, image)
+    inputs = inputs_for(model, processor, image)
     lm = model.model.language_model
     marks = {}
     device = next(model.parameters()).device
