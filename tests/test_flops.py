@@ -169,6 +169,25 @@ def test_peak_tensor_memory_counts_live_bytes():
     assert mode.peak == 8000 and mode.live == 0
 
 
+def test_peak_tensor_memory_leaves_out_views_of_tensors_from_before():
+    """A linear layer views its weight (``t()``) under the mode: the weight's bytes existed before the
+    call and must not be counted; a view of a tensor made during the call keeps that tensor's bytes
+    live until the view goes."""
+    from lmmsqueeze.runtime.measure import PeakTensorMemory
+
+    weight = torch.ones(300, 100)  # 120,000 bytes, before the call
+    with PeakTensorMemory() as mode:
+        y = torch.nn.functional.linear(torch.ones(2, 100), weight)  # 800 + 2,400 bytes
+        weight.mul_(1.0)  # in place on a tensor from before: nothing new
+        del y
+        a = torch.ones(1000)  # 4,000 bytes
+        view = a[:10]
+        del a
+        b = torch.ones(500)  # a's storage is still live through the view: 6,000
+        del view, b
+    assert mode.peak == 6000 and mode.live == 0
+
+
 def test_qwen2_vl_preset_geometry_and_cls_note():
     """Qwen2-VL-7B: 28 layers, d=3584 with 4 KV heads (d_kv=512), 576 merged image tokens; no [CLS],
     so [CLS] reducers read the mean attention each token receives, and the plan says so."""

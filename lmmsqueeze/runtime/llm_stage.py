@@ -47,7 +47,7 @@ def run_llm_stage(run: Any, stage: PlannedStage, hidden: Tensor, layer: nn.Modul
     padding = p.current_padding(stage.layer - 1)
     ids = prev.ids if prev is not None else p.ids
     needs = stage.reducer.needs | (stage.reducer.optional & run.plan.geometry.signals)
-    measured = dict(p.llm_signals.get(stage.layer, {}))
+    measured = dict(p.llm_signals.pop(stage.layer, {}))  # read once: freed with the stage
     rope = tuple(t.expand(batch, -1, -1) for t in rope)
     start = time.perf_counter()
     with run.model_work():  # what layer K reuses of it is the layer's work; the rest is charged below

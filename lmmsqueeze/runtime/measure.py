@@ -51,12 +51,16 @@ class PeakTensorMemory(TorchDispatchMode):
             self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # storages of the inputs that existed before the mode (weights, the caller's tensors): an output
+        # on one of them is a view or an in-place result, no new memory (a weight's ``t()`` in a linear)
+        foreign = {_key(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0]
+                   if isinstance(t, torch.Tensor) and t.device.type != "meta"} - self._refs.keys()
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
-                key, nbytes = (storage.data_ptr(), storage.device.index or 0), storage.nbytes()
-                if nbytes == 0:
+                key, nbytes = _key(storage), storage.nbytes()
+                if nbytes == 0 or key in foreign:
                     continue
                 if key not in self._refs:
                     self.live += nbytes
@@ -64,6 +68,10 @@ class PeakTensorMemory(TorchDispatchMode):
                 self._refs[key] += 1
                 weakref.finalize(t, self._release, key, nbytes)
         return out
+
+
+def _key(storage: torch.UntypedStorage) -> tuple[int, int]:
+    return storage.data_ptr(), storage.device.index or 0
 
 
 def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
