@@ -19,6 +19,7 @@ import lmmsqueeze
 from lmmsqueeze import PipelineError
 from lmmsqueeze.cli import app
 from lmmsqueeze.reducers import Signals, TokenState, create_reducer, get_reducer, list_reducers
+from lmmsqueeze.reducers._common import GRAM_BLOCK, gram, gram_macs
 from lmmsqueeze.testing import flop_counter, random_signals, tiny_inputs, tiny_llava, tokens_per_layer_as_run
 
 #: the token reducers of the library (the registry also holds ProxyV, which is tested on its own)
@@ -316,6 +317,20 @@ def test_cost_macs_equals_the_flop_counter(name, params):
     with flop_counter() as counter:
         reducer.reduce(state, random_signals(n, width=d, seed=19, keys=d))
     assert counter.get_total_flops() == 2 * reducer.cost_macs(n, d, None) > 0
+
+
+@pytest.mark.parametrize("n", [1, 127, 128, 300])
+def test_blocked_gram_is_the_full_product_at_about_half_the_macs(n):
+    """The similarity matrix that DivPrune, VisPruner and SparseVLM share: ``x @ x.T`` (float64
+    reference), exactly symmetric, with the multiply-adds :func:`gram_macs` declares as torch counts them."""
+    x = torch.randn(n, 6, generator=torch.Generator().manual_seed(n))
+    with flop_counter() as counter:
+        got = gram(x)
+    assert torch.allclose(got.double(), x.double() @ x.double().T, atol=1e-5) and torch.equal(got, got.T)
+    assert counter.get_total_flops() == 2 * gram_macs(n, 6)
+    # row i is multiplied by every row from the start of its block on
+    assert gram_macs(n, 6) == 6 * sum(n - i // GRAM_BLOCK * GRAM_BLOCK for i in range(n))
+    assert n < 200 or gram_macs(n, 6) < 0.7 * n * n * 6
 
 
 # ----------------------------------------------------------------------------- end to end

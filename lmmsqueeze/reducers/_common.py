@@ -17,6 +17,30 @@ def unit_rows(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+#: rows per block of :func:`gram` (on one CPU thread 128 was fastest: 2,916 x 1,024 in 163 ms against
+#: 264 ms for the whole product, 2,552 x 128 in 14.5 against 22)
+GRAM_BLOCK = 128
+
+
+def gram(x: Tensor) -> Tensor:
+    """``x @ x.T`` with every product above the diagonal computed once: each block of ``GRAM_BLOCK`` rows
+    is multiplied by its own and all later rows, and the blocks below the diagonal are copies of their
+    transposes (about half the multiply-adds; the matrix is exactly symmetric). :func:`gram_macs` counts
+    them."""
+    n = x.shape[0]
+    out = x.new_empty(n, n)
+    for start in range(0, n, GRAM_BLOCK):
+        end = min(start + GRAM_BLOCK, n)
+        torch.mm(x[start:end], x[start:].T, out=out[start:end, start:])
+        out[end:, start:end] = out[start:end, end:].T
+    return out
+
+
+def gram_macs(n: int, dim: int) -> int:
+    """Multiply-adds of :func:`gram` on ``n`` rows of width ``dim``."""
+    return sum(min(GRAM_BLOCK, n - start) * (n - start) for start in range(0, n, GRAM_BLOCK)) * dim
+
+
 def bilinear_grids(hidden: Tensor, grids: Grids, out_grids: Grids) -> tuple[Tensor, Tensor]:
     """Resize each crop's token grid (``hidden``: ``[..., N, D]``, crops one after another in
     row-major order) to its output grid with bilinear interpolation (``align_corners=False``).

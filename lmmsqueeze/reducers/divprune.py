@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._common import unit_rows
+from ._common import gram, gram_macs, unit_rows
 from .base import Grids, ScoredPruner, Signals, TokenState, check_layer
 from .registry import register_reducer
 from .search import LAST_LAYER, searchable
@@ -31,7 +31,8 @@ class DivPruneReducer(ScoredPruner):
     to the picked set is largest, until ``keep`` tokens (paper: 0.098 of the tokens, 56 of 576).
 
     Works on the tokens' own hidden states (projected features by default, or the input of
-    decoder layer ``layer``); survivors keep their original order. One ``N x N`` similarity matrix.
+    decoder layer ``layer``); survivors keep their original order. One ``N x N`` similarity matrix
+    (each pair multiplied once: :func:`~._common.gram`).
     """
 
     keep: int | float = searchable(0.098, low=0.02, high=0.9, log=True)
@@ -42,14 +43,14 @@ class DivPruneReducer(ScoredPruner):
         check_layer(self.layer)
 
     def cost_macs(self, n: int, dim: int, grids: Grids) -> int:
-        return n * n * dim  # x @ x.T
+        return gram_macs(n, dim)  # x @ x.T, each pair once
 
     def reduce(self, state: TokenState, signals: Signals) -> TokenState:
         n, k = state.n, self.output_count(state.n, state.grids)
         if k >= n:
             return state
         x = unit_rows(state.hidden)
-        dist = 1.0 - x @ x.T
+        dist = gram(x).neg_().add_(1.0)  # 1 - cos, in place (negation is exact: the same values)
         # first the token with the largest nearest-neighbour distance (self-distance excluded), then
         # each time the farthest from the picked set; a picked token's distance is set to -inf, so
         # it is never picked again (argmax takes the first of equal values, in numpy and torch alike)

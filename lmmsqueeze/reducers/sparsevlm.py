@@ -9,7 +9,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from ._common import run_parts
+from ._common import gram, gram_macs, run_parts
 from .base import Grids, Reducer, Signals, TokenState, check_layer, top_k_slots, wide
 from .registry import register_reducer
 from .search import LAST_LAYER, searchable
@@ -126,7 +126,7 @@ class SparseVLMLayer(Reducer):
 
     def cost_macs(self, n: int, dim: int, grids: Grids) -> int:
         _, m, _ = self._counts(n)
-        return m * m * dim  # the recycled tokens' pairwise distances
+        return gram_macs(m, dim)  # the recycled tokens' pairwise distances (each pair once)
 
     @staticmethod
     def score(signals: Signals) -> Tensor:
@@ -194,5 +194,5 @@ def pairwise_distances(x: Tensor) -> Tensor:
         return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
     y = x.double()
     squared = (y * y).sum(dim=1)
-    dist = (squared[:, None] + squared[None, :] - 2.0 * (y @ y.T)).clamp_min_(0.0)
+    dist = (squared[:, None] + squared[None, :] - 2.0 * gram(y)).clamp_min_(0.0)
     return dist.fill_diagonal_(0.0).sqrt_().to(x.dtype)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._common import unit_rows
+from ._common import gram, gram_macs, unit_rows
 from .base import Grids, ScoredPruner, Signals, TokenState, resolve_keep, wide
 from .registry import register_reducer
 from .search import searchable
@@ -68,13 +68,13 @@ class VisPrunerReducer(ScoredPruner):
     def _once(rest: int, rounds: list[tuple[int, int, int]]) -> bool:
         """Whether one similarity matrix of the ``rest`` candidates takes fewer MACs than the rounds'
         ``A @ B.T`` products."""
-        return rest * rest < sum(a * b for a, b, _ in rounds)
+        return gram_macs(rest, 1) < sum(a * b for a, b, _ in rounds)
 
     def cost_macs(self, n: int, dim: int, grids: Grids) -> int:
         n_imp, n_div = self._split(n)
         rounds = self._rounds(n - n_imp, n_div)
         rest = n - n_imp
-        return (rest * rest if self._once(rest, rounds) else sum(a * b for a, b, _ in rounds)) * dim
+        return gram_macs(rest, dim) if self._once(rest, rounds) else sum(a * b for a, b, _ in rounds) * dim
 
     def score(self, state: TokenState, signals: Signals) -> Tensor:
         return signals.require("cls_attention")
@@ -93,9 +93,9 @@ class VisPrunerReducer(ScoredPruner):
         if not self._once(rest.numel(), rounds):
             order = _by_products(x, drops)
         elif x.device.type == "cpu":  # hundreds of tiny steps: numpy's per-call cost is a fraction of torch's
-            order = torch.from_numpy(_from_neighbours(x @ x.T, drops)).to(rest.device)
+            order = torch.from_numpy(_from_neighbours(gram(x), drops)).to(rest.device)
         else:
-            order = _from_matrix(x @ x.T, drops)
+            order = _from_matrix(gram(x), drops)
         return state.select(torch.cat([important, rest[order] if n_div else rest[:0]]))
 
 
