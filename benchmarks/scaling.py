@@ -233,6 +233,19 @@ def load_update(group: str) -> dict:
     return repeated(*(json.loads(Path(path).read_text()) for path in group.split(",")))
 
 
+def _commit() -> str | None:
+    """The checked-out commit (``+dirty`` when tracked files differ from it), None outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def _realized_runs(row: dict, base: dict) -> list[float] | None:
     if not row["analytic_saving"] > 0:
         return None
@@ -280,8 +293,9 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     machine = (f"{torch.cuda.get_device_name(args.device)}, {TARGET['dtype']}, {args.attn}" if cuda
                else f"{cpu}, {torch.get_num_threads()} threads") + f", torch {torch.__version__}"
+    started = time.perf_counter()
     result = {"machine": machine, "runs": args.runs, "batch": args.batch, "command": " ".join(sys.argv),
-              "sizes": [], "peer": []}
+              "commit": _commit(), "sizes": [], "peer": []}
     print(f"| image tokens | pipeline | decoder ms | measured | analytic | realized (min-max) | overhead "
           f"[own FLOPs] | tensor peak MB | RSS peak MB |  ({machine})")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -304,6 +318,7 @@ def main() -> None:
                   f"{100 * row['measured_saving']:.1f}% | {100 * row['analytic_saving']:.1f}% | {spread} | "
                   f"{overhead} | {row['peak_memory_mb']:.1f} | {row['peak_rss_mb'] or 0:.1f} |", flush=True)
         result["sizes"].append(size)
+        result["wall_s"] = round(time.perf_counter() - started)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
     print("\n| image tokens | ours (sdpa, one-query probe) ms | eager layer K-1 ms | ratio | "
@@ -314,6 +329,7 @@ def main() -> None:
             p = peer(tokens, args.runs)
         p["machine"] = meter.metrics()
         result["peer"].append(p)
+        result["wall_s"] = round(time.perf_counter() - started)
         busy = " !" if p["machine"]["busy"] else ""
         print(f"| {tokens}{busy} | {p['ours_ms']:.0f} | {p['theirs_ms']:.0f} | "
               f"{p['ratio']:.2f} ({min(p['ratio_runs']):.2f}-{max(p['ratio_runs']):.2f}) | "
