@@ -234,12 +234,14 @@ def load_update(group: str) -> dict:
 
 
 def _commit() -> str | None:
-    """The checked-out commit (``+dirty`` when tracked files differ from it), None outside a git checkout."""
+    """The checked-out commit (``+dirty`` when the code run differs from it: the package, the benchmarks and
+    pyproject.toml, results aside), None outside a git checkout."""
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "lmmsqueeze",
+                                "benchmarks", ":!benchmarks/results", "pyproject.toml"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
