@@ -333,6 +333,17 @@ def test_blocked_gram_is_the_full_product_at_about_half_the_macs(n):
     assert n < 200 or gram_macs(n, 6) < 0.7 * n * n * 6
 
 
+def test_similarity_reducers_select_from_states_that_carry_gradients():
+    """A reducer after a trainable stage (ProxyV adapters in training) gets hidden states that require
+    grad; its similarity matrix is for selection and must not refuse them (``mm(out=...)`` would)."""
+    hidden = torch.randn(300, 8, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    for name in ("divprune", "vispruner"):
+        state = TokenState.initial(hidden, grids=None)
+        signals = random_signals(300, width=8, seed=6, keys=8)
+        out = create_reducer(name, keep=40).reduce(state, signals)
+        assert out.n == 40 and out.hidden.requires_grad
+
+
 # ----------------------------------------------------------------------------- end to end
 
 #: parameters that fit the tiny model's 36 image tokens (6x6) and 6 decoder layers

@@ -26,7 +26,8 @@ def gram(x: Tensor) -> Tensor:
     """``x @ x.T`` with every product above the diagonal computed once: each block of ``GRAM_BLOCK`` rows
     is multiplied by its own and all later rows, and the blocks below the diagonal are copies of their
     transposes (about half the multiply-adds; the matrix is exactly symmetric). :func:`gram_macs` counts
-    them."""
+    them. For selection only: no gradient flows through it (products written into one matrix)."""
+    x = x.detach()
     n = x.shape[0]
     out = x.new_empty(n, n)
     for start in range(0, n, GRAM_BLOCK):
