@@ -48,7 +48,7 @@ def run_llm_stage(run: Any, stage: PlannedStage, hidden: Tensor, layer: nn.Modul
     ids = prev.ids if prev is not None else p.ids
     needs = stage.reducer.needs | (stage.reducer.optional & run.plan.geometry.signals)
     measured = dict(p.llm_signals.pop(stage.layer, {}))  # read once: freed with the stage
-    rope = tuple(t.expand(batch, -1, -1) for t in rope)
+    incoming, rope = rope, tuple(t.expand(batch, -1, -1) for t in rope)
     start = time.perf_counter()
     with run.model_work():  # what layer K reuses of it is the layer's work; the rest is charged below
         measured.update(input_signals(layer, run.family.final_norm, hidden, rope, padding, needs))
@@ -133,6 +133,8 @@ def run_llm_stage(run: Any, stage: PlannedStage, hidden: Tensor, layer: nn.Modul
     pos = prev.position_ids if prev is not None else None
     source = local_source if prev is None else prev.source.gather(1, local_source)
     seg = Segment(stage, keep, source, new_ids, delta, None if bool(local_alive.all()) else local_alive)
+    if torch.equal(new_ids, ids):  # positions unchanged (e.g. as many tokens, renumbered): the same cos/sin
+        seg.position_embeddings = incoming
     seg.position_ids = (new_ids[0] if ids.shape[0] == 1
                         else (None if pos is None else pos.gather(1, local_keep)))
     if projected is not None:

@@ -179,9 +179,6 @@ class LlmHooks:
             p.ids = p.mrope if p.mrope is not None else pos.expand(hidden.shape[0], -1)[None]
         rope = prev.position_embeddings if prev is not None else kwargs["position_embeddings"]
         seg, rows, keys = run_llm_stage(self.run, stage, hidden, layer, rope, prev)
-        ids = prev.ids if prev is not None else p.ids
-        if seg.ids.shape == ids.shape and torch.equal(seg.ids, ids):  # same positions: the same cos/sin
-            seg.position_embeddings = rope
         if keys is not None and stage.layer in self.reused:
             self.reused[stage.layer].pending = keys
         p.segments.append(seg)
