@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.scaling import inputs_for, model_for  # noqa: E402
 from lmmsqueeze.machine import LoadMeter  # noqa: E402
+from lmmsqueeze.runtime.measure import rotated  # noqa: E402
 from lmmsqueeze.runtime.run import prepare  # noqa: E402
 from lmmsqueeze.testing import plan_as_run  # noqa: E402
 
@@ -77,8 +78,7 @@ def measure(tokens: int, pipelines: list[str], runs: int) -> dict:
     ran = [None] * len(prepared)
     with torch.no_grad(), LoadMeter(torch.get_num_threads()) as meter:
         for r in range(runs + 1):
-            order = list(range(len(prepared)))
-            for i in order[r % len(order):] + order[:r % len(order)]:
+            for i in rotated(len(prepared), r):
                 per_layer, decoder, faults, ran[i] = timed_prefill(prepared[i], inputs)
                 if r:  # the first round warms up
                     seen[i]["layers"].append(per_layer)

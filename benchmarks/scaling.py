@@ -45,7 +45,7 @@ import torch
 
 from lmmsqueeze.machine import LoadMeter
 from lmmsqueeze.runtime.loading import build_prompt, model_inputs
-from lmmsqueeze.runtime.measure import peak_memory_bytes, peak_prefill_memory, peak_prefill_rss
+from lmmsqueeze.runtime.measure import peak_memory_bytes, peak_prefill_memory, peak_prefill_rss, rotated
 from lmmsqueeze.runtime.run import prepare
 from lmmsqueeze.runtime.scaling import scaling
 
@@ -138,7 +138,7 @@ def peer(tokens: int, runs: int) -> dict:
         embeds = decoder_input(model, inputs)  # vision tower and merge: outside the decoder's span, as ours
         order = list(times)
         for r in range(runs + 1):
-            for who in order[r % 3:] + order[:r % 3]:
+            for who in (order[i] for i in rotated(len(order), r)):
                 if who == "ours":
                     ours()
                     elapsed = marks["end"] - marks["start"]

@@ -158,6 +158,12 @@ class Timing:
                 "iqr": q[2] - q[0]}
 
 
+def rotated(n: int, r: int) -> list[int]:
+    """``0 .. n-1`` started at ``r % n``: the order of interleaved round ``r``, so that no item is always
+    timed first."""
+    return [(r + i) % n for i in range(n)]
+
+
 def time_prefills(
     model: Any, inputs: dict, prepared: list[Prepared], runs: int = 5, warmup: int = 1
 ) -> list[Timing]:
@@ -173,9 +179,7 @@ def time_prefills(
         hooks.pre(decoder, lambda m, a, k: marks.__setitem__("lm_start", clock.mark()))
         hooks.post(decoder, lambda m, a, k, o: marks.__setitem__("lm_end", clock.mark()))
         for r in range(warmup + runs):
-            order = list(range(len(prepared)))
-            shift = r % len(prepared)
-            for i in order[shift:] + order[:shift]:
+            for i in rotated(len(prepared), r):
                 timer = HookTimer()
                 with prepared[i].apply(timer):
                     start = clock.mark()
